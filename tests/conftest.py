@@ -1,0 +1,43 @@
+"""Test-wide setup: an isolated state dir per worker, shared converted models, tiny targets."""
+
+import os
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Before drafter is imported: keep Prefect/MLflow state out of the user's .drafter/, but
+# share the converted target models (content-addressed, immutable) with it.
+os.environ["DRAFTER_HOME"] = tempfile.mkdtemp(prefix="drafter-test-")
+os.environ.setdefault("DRAFTER_MODELS", str(ROOT / ".drafter" / "models"))
+
+import pytest  # noqa: E402
+
+from drafter.config import Config, TargetConfig, TinyTargetConfig, load_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Config:
+    return load_config(ROOT / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen3", "gemma3"])
+def tiny_target_any(request):
+    """One tiny target of each shape, through the same API as a real one."""
+    from drafter.target import load_target
+
+    return load_target(TargetConfig(source="tiny", tiny=TinyTargetConfig(shape=request.param)))
+
+
+@pytest.fixture(scope="session")
+def tiny_target():
+    from drafter.target import load_target
+
+    return load_target(TargetConfig(source="tiny", tiny=TinyTargetConfig(shape="llama")))
+
+
+@pytest.fixture(scope="session")
+def smollm2_target():
+    """The real default target (SmolLM2-135M-Instruct from its PyPI GGUF)."""
+    from drafter.target import load_target
+
+    return load_target(load_config(ROOT / "configs" / "smollm2-135m-dspark.yaml"))

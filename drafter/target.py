@@ -319,6 +319,25 @@ def _name_for(cfg: TargetConfig) -> str:
     return f"tiny-{cfg.tiny.shape}"
 
 
+def load_tokenizer(config: Config | TargetConfig) -> Any:
+    """Only the target's tokenizer (with its chat template), without loading weights."""
+    from transformers import AutoTokenizer
+
+    cfg = config.target if isinstance(config, Config) else config
+    if cfg.source == "tiny":
+        from drafter.tiny import tiny_tokenizer
+
+        return tiny_tokenizer()
+    if cfg.source == "gguf-package":
+        ref = str(convert_gguf(locate_packaged_gguf(cfg.package, cfg.file), _name_for(cfg)))
+    else:
+        ref = str(cfg.path) if cfg.source == "hf-folder" else cfg.hub_id
+    try:
+        return AutoTokenizer.from_pretrained(ref, revision=cfg.revision)
+    except OSError as exc:
+        raise ConfigError(f"target: cannot load the tokenizer of {ref!r}: {exc}") from exc
+
+
 def load_target(config: Config | TargetConfig) -> Target:
     """Load the configured target, frozen, with its fingerprint and feature layers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

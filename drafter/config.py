@@ -187,19 +187,33 @@ class GateConfig(Section):
 
 
 class RegistryConfig(Section):
+    """MLflow Model Registry: one registered model per target, aliases candidate/production/previous."""
+
     model_name: str | None = None  # default: drafter-<target name>
-    approval_timeout_s: int = Field(3600, ge=1)
+    experiment: str | None = None  # MLflow experiment of the runs; default: run.name
+    approval_timeout_s: int = Field(3600, ge=1)  # Prefect pause waiting for a decision; then not promoted
+    approval_poll_s: int = Field(10, ge=1)  # how often the paused flow checks for a decision
+    reevaluate_production: bool = True  # gate against production re-evaluated on today's data
 
 
 class ScheduleConfig(Section):
-    cron: str = "0 3 * * 1"
+    cron: str = "0 3 * * 1"  # scheduled retraining (needs a Prefect server); runs end awaiting approval
     timezone: str = "UTC"
+    deployment: str = "drafter-retrain"  # deployment name under the flow `drafter-retrain`
 
 
 class MonitorConfig(Section):
-    metrics_url: str | None = None  # Prometheus endpoint of the serving engine
+    metrics_url: str | None = None  # Prometheus endpoint (or file) of the serving engine
+    request_logs: list[Path] = []  # JSONL response logs with vLLM's metrics.speculative_decoding
+    traffic: Path | None = None  # ingested folder (or Conversation JSONL) of new traffic; None: data/ingested
+    out_dir: Path = Path("data/monitor")  # scrape history, drift records, reports
+    window_s: int = Field(3600, ge=1)  # production tau over the last window_s seconds of scrapes
+    min_drafts: int = Field(200, ge=1)  # fewer drafts in the window: no acceptance verdict
     tau_drop_tolerance: float = Field(0.1, ge=0)  # relative drop of production tau that counts as drift
-    drift_pvalue: float = Field(0.01, gt=0, lt=1)
+    drift_pvalue: float = Field(0.01, gt=0, lt=1)  # chi-square test of the domain mix
+    mix_min_shift: float = Field(0.05, ge=0, le=1)  # ... and at least this total-variation distance
+    min_traces: int = Field(50, ge=1)  # fewer new traces: no traffic-mix verdict
+    trigger_retrain: bool = True  # on drift, start the retraining deployment when a Prefect server is there
 
 
 class Config(Section):

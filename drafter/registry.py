@@ -1,0 +1,540 @@
+"""The serving registry: MLflow Model Registry with human approval before rollout.
+
+One registered model per target (`cfg.registry.model_name`, default `drafter-<target>`).
+Each candidate is a model version whose files are what vLLM needs plus the evidence
+behind it:
+
+    config.json, model.safetensors   the speculators-format drafter (calibration.json beside)
+    sps_cost_table.json              the SPS(B) cost table of the prefix scheduler, if profiled
+    reports/eval/...                 evaluation report (report.json/.md, acceptance.csv, PNGs)
+    reports/gate/verdict.json|.md    the gate verdict
+    lineage.json, data_profile.json  lineage and the training data's domain mix (for monitoring)
+
+How it is logged: the folder is not a Python-callable model on its own (it needs the
+target's embeddings and LM head, and vLLM reads the raw folder), so a pyfunc wrapper
+would be a fake `predict` and would pickle code. We use MLflow 3's LoggedModel for
+non-flavour models instead: `create_logged_model` (linked to the run), upload the folder
+with `log_model_artifacts`, finalize, then `create_model_version(source="models:/<id>")`.
+`models:/<name>@<alias>` then downloads exactly those files.
+
+Aliases (stages are deprecated): `candidate` (latest registered, awaiting a decision),
+`production` (served) and `previous` (what `rollback` returns to). Approval records are
+version tags `approval.state|by|at|reason|via` plus a JSON `approval.history`.
+
+The rule: `production` only ever points at a version whose approval state is
+`approved`. `_set_production` is the one place that moves it and it checks the record.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import re
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from drafter.config import Config
+from drafter.errors import DrafterError
+from drafter.manifest import atomic_dir, atomic_write_json, atomic_write_text
+
+CANDIDATE, PRODUCTION, PREVIOUS = "candidate", "production", "previous"
+PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
+MODEL_TYPE = "speculators-drafter"
+_HISTORY_MAX_CHARS = 4000
+
+
+class RegistryError(DrafterError):
+    """A registry action that cannot be done (missing version, bad folder, nothing to roll back)."""
+
+
+class ApprovalRequired(RegistryError):
+    """Refused: production would move to a version without an approval record."""
+
+
+class GateFailed(RegistryError):
+    """Refused: the candidate failed its gate, so the registry stays unchanged."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    version: str
+    run_id: str
+    model_id: str
+
+
+# ----- names and connections -------------------------------------------------
+def model_name(cfg: Config) -> str:
+    """The registered model of this run's target: one per target."""
+    if cfg.registry.model_name:
+        return cfg.registry.model_name
+    from drafter.lineage import _target_name
+
+    return "drafter-" + re.sub(r"[^A-Za-z0-9._-]+", "-", _target_name(cfg)).strip("-")
+
+
+def client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def is_local_store(uri: str | None = None) -> bool:
+    uri = uri or tracking_uri()
+    return not uri.startswith(("http://", "https://", "databricks"))
+
+
+def experiment_id(cfg: Config, mlflow_client=None) -> str:
+    """The run's experiment; on a local store its artifacts live in the state dir."""
+    from mlflow.exceptions import MlflowException
+
+    from drafter.state import state_paths
+
+    c = mlflow_client or client()
+    name = cfg.registry.experiment or cfg.run.name
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = state_paths().mlflow_artifacts.as_uri() if is_local_store() else None
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created concurrently
+        return c.get_experiment_by_name(name).experiment_id
+
+
+def run_url(run_id: str, mlflow_client=None) -> str:
+    """A link to the run in the MLflow UI (on a local store: where `mlflow ui` serves it)."""
+    c = mlflow_client or client()
+    run = c.get_run(run_id)
+    base = tracking_uri().rstrip("/") if not is_local_store() else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ----- reading reports (the stages' outputs) ---------------------------------
+def eval_summary(report: dict[str, Any] | None) -> dict[str, Any]:
+    """`{"tau_macro", "tau_by_dataset", "accept_rate"}` from an evaluation report.
+
+    Reads `report["datasets"]` as `{name: {"tau": ..}}` or `[{"dataset"|"name": .., "tau": ..}]`,
+    the macro tau from `report["macro"]["tau"]` or `report["tau_macro"]` (else the mean),
+    and per-position acceptance from `accept_rate` (a list) at the top level or in `macro`.
+    """
+    if not report:
+        return {"tau_macro": None, "tau_by_dataset": {}, "accept_rate": []}
+    datasets = report.get("datasets") or {}
+    if isinstance(datasets, list):
+        datasets = {d.get("dataset") or d.get("name"): d for d in datasets}
+    taus = {str(k): float(v["tau"]) for k, v in datasets.items() if isinstance(v, dict) and v.get("tau") is not None}
+    macro = report.get("macro") if isinstance(report.get("macro"), dict) else {}
+    tau = macro.get("tau", report.get("tau_macro", report.get("tau")))
+    if tau is None and taus:
+        tau = sum(taus.values()) / len(taus)
+    accept = macro.get("accept_rate") or report.get("accept_rate") or []
+    return {
+        "tau_macro": None if tau is None else float(tau),
+        "tau_by_dataset": taus,
+        "accept_rate": [float(a) for a in accept] if isinstance(accept, list) else [],
+    }
+
+
+def gate_passed(verdict: dict[str, Any]) -> bool:
+    """The gate's decision: `passed: bool` (or `verdict: "pass"|"fail"`)."""
+    if "passed" in verdict:
+        return bool(verdict["passed"])
+    return str(verdict.get("verdict", verdict.get("decision", ""))).lower() in ("pass", "passed", "promote")
+
+
+def _read_json(path_or_obj: Any) -> dict[str, Any] | None:
+    if path_or_obj is None or isinstance(path_or_obj, dict):
+        return path_or_obj
+    path = Path(path_or_obj)
+    if not path.is_file():
+        raise RegistryError(f"{path}: not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"{path}: not valid JSON ({exc})") from None
+
+
+def speculators_folder(path: str | Path) -> Path:
+    """The folder vLLM loads: `path` itself or its `best/` (a train output folder)."""
+    path = Path(path)
+    folder = path / "best" if (path / "best" / "config.json").is_file() else path
+    for name in ("config.json", "model.safetensors"):
+        if not (folder / name).is_file():
+            raise RegistryError(f"{folder}: no {name}; expected a speculators-format drafter folder")
+    _check_safetensors(folder / "model.safetensors")
+    try:
+        json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"{folder / 'config.json'}: not valid JSON ({exc})") from None
+    return folder
+
+
+def _check_safetensors(path: Path) -> None:
+    """Read the header only: an 8-byte length, then that much JSON naming the tensors."""
+    try:
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict) or not any(k != "__metadata__" for k in header):
+            raise ValueError("no tensors")
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"{path}: not a safetensors file ({exc})") from None
+
+
+def drafter_facts(folder: Path, cfg: Config | None = None) -> dict[str, Any]:
+    """Algorithm and tokens per round, from the speculators config (else the run config)."""
+    config = json.loads((folder / "config.json").read_text())
+    spec = config.get("speculators_config") or {}
+    algorithm = config.get("speculators_model_type") or spec.get("algorithm")
+    tokens = None
+    for method in spec.get("proposal_methods") or []:
+        tokens = method.get("speculative_tokens") or tokens
+    tokens = tokens or config.get("block_size") or config.get("num_speculative_tokens")
+    verifier = (spec.get("verifier") or {}).get("name_or_path")
+    if cfg is not None:
+        algorithm = algorithm or cfg.drafter.algorithm
+        tokens = tokens or cfg.drafter.block_size
+    return {"algorithm": algorithm, "num_speculative_tokens": tokens, "verifier": verifier}
+
+
+# ----- registering a candidate -----------------------------------------------
+def _stage(
+    tmp: Path,
+    folder: Path,
+    eval_dir: Path | None,
+    verdict: dict | None,
+    verdict_md: str | None,
+    calibration: Path | None,
+    sps_table: dict | None,
+    lineage: dict,
+    data_profile: dict | None,
+) -> None:
+    for item in folder.iterdir():
+        if item.is_file():
+            shutil.copy2(item, tmp / item.name)
+    if calibration is not None and not (tmp / "calibration.json").exists():
+        shutil.copy2(calibration, tmp / "calibration.json")
+    if sps_table is not None:
+        atomic_write_json(tmp / "sps_cost_table.json", sps_table)
+    if eval_dir is not None:
+        dest = tmp / "reports" / "eval"
+        dest.mkdir(parents=True)
+        for item in Path(eval_dir).iterdir():
+            if item.is_file() and item.suffix in (".json", ".md", ".csv", ".png", ".yaml"):
+                shutil.copy2(item, dest / item.name)
+    if verdict is not None:
+        atomic_write_json(tmp / "reports" / "gate" / "verdict.json", verdict)
+        if verdict_md:
+            atomic_write_text(tmp / "reports" / "gate" / "verdict.md", verdict_md)
+    atomic_write_json(tmp / "lineage.json", lineage)
+    if data_profile is not None:
+        atomic_write_json(tmp / "data_profile.json", data_profile)
+
+
+def register_candidate(
+    cfg: Config,
+    drafter_dir: str | Path,
+    *,
+    eval_dir: str | Path | None = None,
+    gate_verdict: dict | str | Path | None = None,
+    gate_markdown: str | None = None,
+    calibration: str | Path | None = None,
+    sps_table: dict | str | Path | None = None,
+    lineage: dict | None = None,
+    data_profile: dict | None = None,
+    run_id: str | None = None,
+) -> Candidate:
+    """Log a new version of the target's drafter and point `candidate` at it.
+
+    Refuses (GateFailed, registry unchanged) when the gate verdict says the candidate did
+    not pass. The version starts `approval.state=pending`: only `approve` promotes it.
+    """
+    from drafter.lineage import collect_lineage, domain_counts, lineage_tags
+
+    folder = speculators_folder(drafter_dir)
+    verdict = _read_json(gate_verdict)
+    if verdict is not None and not gate_passed(verdict):
+        reasons = verdict.get("reasons") or verdict.get("reason") or "see the gate report"
+        raise GateFailed(f"the candidate failed its gate ({reasons}); the registry is unchanged")
+    eval_dir = Path(eval_dir) if eval_dir is not None else None
+    report = _read_json(eval_dir / "report.json") if eval_dir and (eval_dir / "report.json").is_file() else None
+    summary = eval_summary(report)
+    if calibration is None:
+        default = cfg.data_dir / "calibration" / "calibration.json"
+        calibration = default if default.is_file() and not (folder / "calibration.json").is_file() else None
+    sps = _read_json(sps_table)
+    lineage = lineage if lineage is not None else collect_lineage(cfg)
+    if data_profile is None and (cfg.data_dir / "ingested" / "train").is_dir():
+        data_profile = {"domains": domain_counts(cfg.data_dir / "ingested", ("train",))}
+    facts = drafter_facts(folder, cfg)
+
+    name = model_name(cfg)
+    c = client()
+    exp_id = experiment_id(cfg, c)
+    own_run = run_id is None
+    if own_run:
+        run_id = c.create_run(exp_id, run_name=f"register {name}", tags={"drafter.stage": "register"}).info.run_id
+    tags = {
+        **lineage_tags(lineage),
+        "drafter.algorithm": str(facts["algorithm"]),
+        "drafter.num_speculative_tokens": str(facts["num_speculative_tokens"]),
+        "target.name": str(lineage.get("target_name")),
+        "eval.tau_macro": "" if summary["tau_macro"] is None else f"{summary['tau_macro']:.4f}",
+        "gate.passed": "unknown" if verdict is None else "true",
+        "approval.state": PENDING,
+        "approval.requested_at": _now(),
+    }
+    try:
+        logged = c.create_logged_model(
+            exp_id, name=name, source_run_id=run_id, model_type=MODEL_TYPE,
+            params={"algorithm": str(facts["algorithm"]), "config_hash": cfg.hash()},
+        )
+        with tempfile.TemporaryDirectory(prefix="drafter-register-") as tmp:
+            _stage(Path(tmp), folder, eval_dir, verdict, gate_markdown, calibration and Path(calibration),
+                   sps, lineage, data_profile)
+            c.log_model_artifacts(logged.model_id, tmp)
+            # The run keeps the evidence too (reports, lineage), not a second copy of the weights.
+            for sub in ("reports", "lineage.json", "data_profile.json", "sps_cost_table.json"):
+                if (Path(tmp) / sub).is_dir():
+                    c.log_artifacts(run_id, str(Path(tmp) / sub), sub)
+                elif (Path(tmp) / sub).is_file():
+                    c.log_artifact(run_id, str(Path(tmp) / sub))
+        c.finalize_logged_model(logged.model_id, "READY")
+        if summary["tau_macro"] is not None:
+            c.log_metric(run_id, "tau_macro", summary["tau_macro"])
+        for dataset, tau in summary["tau_by_dataset"].items():
+            c.log_metric(run_id, f"tau.{_metric_key(dataset)}", tau)
+        _ensure_registered_model(c, name, lineage.get("target_name"))
+        mv = c.create_model_version(
+            name, source=f"models:/{logged.model_id}", run_id=run_id, tags=tags, model_id=logged.model_id,
+            description=f"{facts['algorithm']} drafter for {lineage.get('target_name')}, "
+            f"tau {tags['eval.tau_macro'] or 'n/a'}; awaiting approval",
+        )
+        c.set_registered_model_alias(name, CANDIDATE, mv.version)
+    except Exception:
+        if own_run:
+            c.set_terminated(run_id, "FAILED")
+        raise
+    if own_run:
+        c.set_terminated(run_id, "FINISHED")
+    return Candidate(name=name, version=str(mv.version), run_id=run_id, model_id=logged.model_id)
+
+
+def _metric_key(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_./ -]+", "_", name)
+
+
+def _ensure_registered_model(c, name: str, target: str | None) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        try:
+            c.create_registered_model(
+                name, tags={"target.name": str(target)},
+                description=f"Speculative-decoding drafters for {target}. Aliases: candidate, production, previous.",
+            )
+        except MlflowException:  # created concurrently
+            c.get_registered_model(name)
+
+
+# ----- reading the registry --------------------------------------------------
+def aliases(name: str, mlflow_client=None) -> dict[str, str]:
+    """`{alias: version}` (search_model_versions does not fill aliases; the model does)."""
+    from mlflow.exceptions import MlflowException
+
+    c = mlflow_client or client()
+    try:
+        return {k: str(v) for k, v in c.get_registered_model(name).aliases.items()}
+    except MlflowException as exc:
+        raise RegistryError(f"no registered model {name!r} at {tracking_uri()}") from exc
+
+
+def _version(c, name: str, version: str | int):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_model_version(name, str(version))
+    except MlflowException as exc:
+        raise RegistryError(f"{name} has no version {version}") from exc
+
+
+def list_versions(name: str) -> list[dict[str, Any]]:
+    """Versions, newest first, with aliases, approval state and evaluated tau."""
+    c = client()
+    by_version: dict[str, list[str]] = {}
+    for alias, version in aliases(name, c).items():
+        by_version.setdefault(version, []).append(alias)
+    rows = []
+    for mv in c.search_model_versions(f"name='{name}'"):
+        t = mv.tags
+        rows.append({
+            "version": str(mv.version),
+            "aliases": sorted(by_version.get(str(mv.version), [])),
+            "approval": t.get("approval.state", "none"),
+            "by": t.get("approval.by", ""),
+            "at": t.get("approval.at", ""),
+            "reason": t.get("approval.reason", ""),
+            "tau": t.get("eval.tau_macro", ""),
+            "algorithm": t.get("drafter.algorithm", ""),
+            "rolled_back": t.get("rollback.at", ""),
+            "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds"),
+            "run_id": mv.run_id,
+        })
+    return sorted(rows, key=lambda r: int(r["version"]), reverse=True)
+
+
+def version_for(name: str, alias: str) -> str | None:
+    return aliases(name).get(alias)
+
+
+# ----- decisions ---------------------------------------------------------------
+def _record_decision(c, name: str, version: str, decision: str, by: str, reason: str, via: str) -> None:
+    if not (by or "").strip() or not (reason or "").strip():
+        raise RegistryError(f"a {decision} record needs who decided (--by) and why (--reason)")
+    mv = _version(c, name, version)
+    entry = {"decision": decision, "by": by.strip(), "at": _now(), "reason": reason.strip(), "via": via}
+    history = json.loads(mv.tags.get("approval.history", "[]")) + [entry]
+    while len(json.dumps(history)) > _HISTORY_MAX_CHARS and len(history) > 1:
+        history.pop(0)
+    for key, value in [
+        ("approval.state", decision), ("approval.by", entry["by"]), ("approval.at", entry["at"]),
+        ("approval.reason", entry["reason"][:1000]), ("approval.via", via), ("approval.history", json.dumps(history)),
+    ]:
+        c.set_model_version_tag(name, version, key, value)
+
+
+def _set_production(c, name: str, version: str) -> dict[str, Any]:
+    """The only code that moves `production`: it requires an approval record."""
+    mv = _version(c, name, version)
+    if mv.tags.get("approval.state") != APPROVED or not mv.tags.get("approval.by"):
+        raise ApprovalRequired(
+            f"{name} version {version} has no approval record (state: "
+            f"{mv.tags.get('approval.state', 'none')}); production is unchanged. "
+            f"Approve it first: drafter approve {name} {version} --by WHO --reason ..."
+        )
+    current = aliases(name, c)
+    old = current.get(PRODUCTION)
+    if old != version:
+        if old is not None:
+            c.set_registered_model_alias(name, PREVIOUS, old)
+        c.set_registered_model_alias(name, PRODUCTION, version)
+        c.set_model_version_tag(name, version, "production.promoted_at", _now())
+    if current.get(CANDIDATE) == version:
+        c.delete_registered_model_alias(name, CANDIDATE)
+    return {"name": name, "production": version, "previous": old if old != version else current.get(PREVIOUS)}
+
+
+def approve(name: str, version: str | int, by: str, reason: str, via: str = "cli") -> dict[str, Any]:
+    """Record an approval and promote: production -> this version, previous -> the old one."""
+    c = client()
+    version = str(version)
+    _record_decision(c, name, version, APPROVED, by, reason, via)
+    return _set_production(c, name, version)
+
+
+def promote(name: str, version: str | int) -> dict[str, Any]:
+    """Put an already approved version back into production (refused without a record)."""
+    return _set_production(client(), name, str(version))
+
+
+def reject(name: str, version: str | int, by: str, reason: str, via: str = "cli") -> dict[str, Any]:
+    """Record a rejection; the version loses the `candidate` alias and is never promoted by it."""
+    c = client()
+    version = str(version)
+    current = aliases(name, c)
+    if current.get(PRODUCTION) == version:
+        raise RegistryError(f"{name} version {version} is in production: use `drafter rollback {name}`")
+    _record_decision(c, name, version, REJECTED, by, reason, via)
+    if current.get(CANDIDATE) == version:
+        c.delete_registered_model_alias(name, CANDIDATE)
+    return {"name": name, "rejected": version, "production": current.get(PRODUCTION)}
+
+
+def record_timeout(name: str, version: str | int, waited_s: int) -> None:
+    """The approval window closed without a decision: not promoted, still awaiting the CLI."""
+    c = client()
+    c.set_model_version_tag(name, str(version), "approval.timed_out_at", _now())
+    c.set_model_version_tag(name, str(version), "approval.timed_out_after_s", str(waited_s))
+
+
+def rollback(name: str, by: str | None = None, reason: str | None = None) -> dict[str, Any]:
+    """production -> previous (which must carry an approval record); `previous` is then cleared."""
+    c = client()
+    current = aliases(name, c)
+    old, target = current.get(PRODUCTION), current.get(PREVIOUS)
+    if target is None:
+        raise RegistryError(f"{name} has no previous version to roll back to (production: {old})")
+    result = _set_production(c, name, target)
+    c.delete_registered_model_alias(name, PREVIOUS)
+    if old is not None:
+        for key, value in [
+            ("rollback.at", _now()), ("rollback.by", by or getpass.getuser()), ("rollback.reason", reason or "rollback"),
+        ]:
+            c.set_model_version_tag(name, old, key, value)
+    return {**result, "previous": None, "rolled_back": old}
+
+
+# ----- export for serving -----------------------------------------------------
+def speculative_config(folder: Path, facts: dict[str, Any]) -> dict[str, Any]:
+    """The `--speculative-config` JSON vLLM takes (methods eagle3 | dflash | dspark)."""
+    return {
+        "method": facts["algorithm"],
+        "model": str(folder.resolve()),
+        "num_speculative_tokens": int(facts["num_speculative_tokens"]),
+    }
+
+
+def export_alias(name: str, alias: str, out: str | Path) -> dict[str, Any]:
+    """Write the version behind `alias` to `out`: the drafter folder vLLM loads, its evidence,
+    `speculative_config.json` and `SERVE.md` with the `vllm serve` command."""
+    import mlflow
+
+    c = client()
+    version = aliases(name, c).get(alias)
+    if version is None:
+        raise RegistryError(f"{name} has no version with alias {alias!r} (aliases: {aliases(name, c)})")
+    mv = _version(c, name, version)
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
+        speculators_folder(tmp)
+        facts = drafter_facts(tmp)
+        if not facts["algorithm"] or not facts["num_speculative_tokens"]:
+            facts["algorithm"] = facts["algorithm"] or mv.tags.get("drafter.algorithm")
+            facts["num_speculative_tokens"] = facts["num_speculative_tokens"] or mv.tags.get(
+                "drafter.num_speculative_tokens")
+        spec = speculative_config(out, facts)
+        target = facts["verifier"] or mv.tags.get("target.name") or "TARGET"
+        atomic_write_json(tmp / "speculative_config.json", spec)
+        atomic_write_json(tmp / "registry.json", {
+            "name": name, "version": version, "alias": alias, "exported_at": _now(),
+            "tracking_uri": tracking_uri(), "tags": dict(mv.tags),
+        })
+        atomic_write_text(tmp / "SERVE.md", (
+            f"# {name} version {version} (@{alias})\n\n"
+            f"Serve the target with this drafter:\n\n```bash\nvllm serve {target} \\\n"
+            f"  --speculative-config '{json.dumps(spec)}'\n```\n\n"
+            "Add `--per-request-spec-decode-metrics summary` to log per-request acceptance, and point "
+            "`drafter monitor --metrics http://HOST:PORT/metrics` at the server to watch tau.\n"
+        ))
+    return {"name": name, "version": version, "alias": alias, "out": str(out), "speculative_config": spec}

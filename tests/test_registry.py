@@ -1,0 +1,228 @@
+"""The serving registry on a real MLflow SQLite store: register, approve, reject, rollback, export."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from lifecycle_fixtures import make_drafter, make_eval, passing_verdict
+
+from drafter import registry
+from drafter.config import Config, load_config
+from drafter.lineage import collect_lineage, dvc_lock_hashes, lineage_tags
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One real SQLite tracking/registry store for the module (each test uses its own model name)."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+    mp.undo()
+
+
+def config(tmp_path: Path, name: str) -> Config:
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"registry.model_name={name}", f"run.data_dir={tmp_path / 'data'}"])
+    return cfg
+
+
+def register(cfg: Config, tmp_path: Path, tag: str, taus=None, **kw) -> registry.Candidate:
+    folder = make_drafter(tmp_path / f"drafter-{tag}", seed=hash(tag) % 1000)
+    eval_dir = make_eval(tmp_path / f"eval-{tag}", taus or {"gsm8k": 2.5, "humaneval": 2.1})
+    return registry.register_candidate(cfg, folder, eval_dir=eval_dir, gate_verdict=passing_verdict(), **kw)
+
+
+def test_model_name_defaults_to_target():
+    cfg = load_config(ROOT / "configs" / "smollm2-135m-dspark.yaml")
+    assert registry.model_name(cfg) == "drafter-SmolLM2-135M-Instruct"
+    assert registry.model_name(load_config(ROOT / "configs" / "tiny.yaml")) == "drafter-tiny-llama"
+
+
+def test_register_logs_folder_reports_lineage_and_sets_candidate(store, tmp_path):
+    cfg = config(tmp_path, "reg-basic")
+    lineage = collect_lineage(cfg)
+    lineage["target_fingerprint"] = "abc123"
+    cand = register(cfg, tmp_path, "a", sps_table={"sps": {"1": 100.0, "8": 80.0}}, lineage=lineage)
+    assert cand.version == "1"
+    assert registry.aliases("reg-basic") == {"candidate": "1"}
+
+    c = registry.client()
+    mv = c.get_model_version("reg-basic", "1")
+    assert mv.tags["approval.state"] == "pending"
+    assert mv.tags["lineage.target_fingerprint"] == "abc123"
+    assert mv.tags["lineage.config_hash"] == cfg.hash()
+    assert mv.tags["lineage.packages.mlflow"].startswith("3.")
+    assert mv.tags["eval.tau_macro"] == "2.3000"
+    assert mv.tags["drafter.algorithm"] == "dspark" and mv.tags["drafter.num_speculative_tokens"] == "4"
+    assert mv.run_id == cand.run_id
+    # The run has the metrics and the evidence; the version has the files vLLM needs.
+    run = c.get_run(cand.run_id)
+    assert run.data.metrics["tau.gsm8k"] == pytest.approx(2.5)
+    assert {a.path for a in c.list_artifacts(cand.run_id)} >= {"reports", "lineage.json", "sps_cost_table.json"}
+    out = registry.export_alias("reg-basic", "candidate", tmp_path / "export")
+    files = {p.relative_to(tmp_path / "export").as_posix() for p in (tmp_path / "export").rglob("*") if p.is_file()}
+    assert {"config.json", "model.safetensors", "calibration.json", "sps_cost_table.json", "lineage.json",
+            "reports/eval/report.json", "reports/eval/acceptance.csv", "reports/gate/verdict.json",
+            "speculative_config.json", "registry.json", "SERVE.md"} <= files
+    assert (tmp_path / "export" / "model.safetensors").read_bytes() == (tmp_path / "drafter-a" / "model.safetensors").read_bytes()
+    spec = json.loads((tmp_path / "export" / "speculative_config.json").read_text())
+    assert spec == {"method": "dspark", "model": str((tmp_path / "export").resolve()), "num_speculative_tokens": 4}
+    assert out["speculative_config"] == spec
+    assert "vllm serve HuggingFaceTB/SmolLM2-135M-Instruct" in (tmp_path / "export" / "SERVE.md").read_text()
+
+
+def test_train_output_folder_uses_best(store, tmp_path):
+    cfg = config(tmp_path, "reg-best")
+    make_drafter(tmp_path / "train-out" / "best", tokens=6)
+    (tmp_path / "train-out" / "metrics.json").write_text("{}")
+    registry.register_candidate(cfg, tmp_path / "train-out", gate_verdict=passing_verdict())
+    registry.export_alias("reg-best", "candidate", tmp_path / "x")
+    assert json.loads((tmp_path / "x" / "speculative_config.json").read_text())["num_speculative_tokens"] == 6
+    assert not (tmp_path / "x" / "metrics.json").exists()
+
+
+def test_failed_gate_leaves_registry_unchanged(store, tmp_path):
+    cfg = config(tmp_path, "reg-gate")
+    register(cfg, tmp_path, "ok")
+    before = registry.list_versions("reg-gate")
+    with pytest.raises(registry.GateFailed, match="tau below production"):
+        registry.register_candidate(
+            cfg, make_drafter(tmp_path / "bad"), gate_verdict={"passed": False, "reasons": ["tau below production"]}
+        )
+    assert registry.list_versions("reg-gate") == before
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: (d / "model.safetensors").unlink(), "no model.safetensors"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{bad}"), "not a safetensors"),
+    (lambda d: (d / "config.json").write_text("{"), "not valid JSON"),
+])
+def test_bad_drafter_folder_is_refused(store, tmp_path, mutate, message):
+    folder = make_drafter(tmp_path / "d")
+    mutate(folder)
+    with pytest.raises(registry.RegistryError, match=message):
+        registry.register_candidate(config(tmp_path, "reg-bad"), folder)
+
+
+def test_approve_promotes_and_rollback_returns(store, tmp_path):
+    cfg = config(tmp_path, "reg-life")
+    v1 = register(cfg, tmp_path, "1").version
+    registry.approve("reg-life", v1, by="alice", reason="first drafter, tau 2.3")
+    assert registry.aliases("reg-life") == {"production": "1"}
+    v2 = register(cfg, tmp_path, "2", taus={"gsm8k": 3.0, "humaneval": 2.6}).version
+    assert registry.aliases("reg-life") == {"production": "1", "candidate": "2"}
+    registry.approve("reg-life", v2, by="bob", reason="better on gsm8k")
+    assert registry.aliases("reg-life") == {"production": "2", "previous": "1"}
+
+    rows = {r["version"]: r for r in registry.list_versions("reg-life")}
+    assert rows["2"]["approval"] == "approved" and rows["2"]["by"] == "bob" and rows["2"]["aliases"] == ["production"]
+    history = json.loads(registry.client().get_model_version("reg-life", "2").tags["approval.history"])
+    assert [h["decision"] for h in history] == ["approved"] and history[0]["reason"] == "better on gsm8k"
+
+    result = registry.rollback("reg-life", by="carol", reason="latency regression")
+    assert result["production"] == "1" and result["rolled_back"] == "2"
+    assert registry.aliases("reg-life") == {"production": "1"}
+    assert registry.client().get_model_version("reg-life", "2").tags["rollback.by"] == "carol"
+    with pytest.raises(registry.RegistryError, match="no previous version"):
+        registry.rollback("reg-life")
+
+
+def test_reject_removes_candidate_and_never_promotes(store, tmp_path):
+    cfg = config(tmp_path, "reg-reject")
+    v1 = register(cfg, tmp_path, "1").version
+    registry.reject("reg-reject", v1, by="alice", reason="regresses on code")
+    assert registry.aliases("reg-reject") == {}
+    assert registry.list_versions("reg-reject")[0]["approval"] == "rejected"
+    with pytest.raises(registry.ApprovalRequired):
+        registry.promote("reg-reject", v1)
+    registry.approve("reg-reject", v1, by="alice", reason="re-checked: the regression was a bad eval set")
+    assert registry.aliases("reg-reject") == {"production": "1"}
+    with pytest.raises(registry.RegistryError, match="in production"):
+        registry.reject("reg-reject", v1, by="bob", reason="x")
+    history = json.loads(registry.client().get_model_version("reg-reject", "1").tags["approval.history"])
+    assert [h["decision"] for h in history] == ["rejected", "approved"]
+
+
+def test_nothing_moves_production_without_an_approval_record(store, tmp_path):
+    """Every route to `production` is tried: none works without a recorded approval."""
+    cfg = config(tmp_path, "reg-guard")
+    v1 = register(cfg, tmp_path, "1").version
+    with pytest.raises(registry.ApprovalRequired):
+        registry.promote("reg-guard", v1)  # pending candidate
+    for by, reason in [("", "looks fine"), ("alice", ""), ("  ", "  ")]:
+        with pytest.raises(registry.RegistryError, match="--by.*--reason"):
+            registry.approve("reg-guard", v1, by=by, reason=reason)
+    assert "production" not in registry.aliases("reg-guard")
+
+    # A `previous` alias set behind the product's back onto an unapproved version:
+    # rollback refuses to promote it.
+    registry.approve("reg-guard", v1, by="alice", reason="ok")
+    v2 = register(cfg, tmp_path, "2").version
+    registry.client().set_registered_model_alias("reg-guard", "previous", v2)
+    with pytest.raises(registry.ApprovalRequired):
+        registry.rollback("reg-guard")
+    assert registry.aliases("reg-guard")["production"] == "1"
+
+    # Structural: only registry._set_production may set the production alias.
+    pattern = re.compile(r"set_registered_model_alias\(")
+    offenders = []
+    for folder in ("drafter", "flows", "monitoring"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for i, line in enumerate(path.read_text().splitlines(), 1):
+                if pattern.search(line):
+                    offenders.append(f"{path.relative_to(ROOT)}:{i}")
+    src = (ROOT / "drafter" / "registry.py").read_text()
+    lines = src.splitlines()
+    fn_start = next(i for i, l in enumerate(lines) if l.startswith("def _set_production"))
+    fn_end = next(i for i in range(fn_start + 1, len(lines)) if lines[i].startswith("def "))
+    allowed = {f"drafter/registry.py:{i + 1}" for i in range(fn_start, fn_end)}
+    allowed |= {f"drafter/registry.py:{i + 1}" for i, l in enumerate(lines) if "CANDIDATE, mv.version" in l}
+    assert set(offenders) <= allowed, f"production alias moved outside _set_production: {set(offenders) - allowed}"
+
+
+def test_unknown_model_and_version_are_clear_errors(store, tmp_path):
+    with pytest.raises(registry.RegistryError, match="no registered model 'nope'"):
+        registry.list_versions("nope")
+    register(config(tmp_path, "reg-err"), tmp_path, "1")
+    with pytest.raises(registry.RegistryError, match="has no version 9"):
+        registry.approve("reg-err", 9, by="a", reason="b")
+    with pytest.raises(registry.RegistryError, match="no version with alias 'production'"):
+        registry.export_alias("reg-err", "production", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_lineage_reads_manifests_and_dvc_lock(tmp_path, monkeypatch):
+    cfg = config(tmp_path, "x")
+    data = cfg.data_dir
+    (data / "cache").mkdir(parents=True)
+    (data / "cache" / "manifest.json").write_text(json.dumps({"stage": "build_cache", "target": {"target_fingerprint": "fp1", "template_hash": "th1"}}))
+    (data / "cache" / "train.json").write_text(json.dumps({"key": "k-train", "path": "/x"}))
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"ingest": {
+        "cmd": "drafter ingest", "deps": [{"path": "data/raw", "hash": "md5", "md5": "aaa.dir"}],
+        "outs": [{"path": "data/ingested", "hash": "md5", "md5": "bbb.dir"}]}}}))
+    lineage = collect_lineage(cfg, dvc_root=tmp_path)
+    assert lineage["target_fingerprint"] == "fp1" and lineage["template_hash"] == "th1"
+    assert lineage["cache_keys"] == {"train": "k-train"}
+    assert lineage["dvc"] == {"data/raw": "aaa.dir", "data/ingested": "bbb.dir"}
+    assert dvc_lock_hashes(tmp_path / "missing.lock") == {}
+    tags = lineage_tags(lineage)
+    assert tags["lineage.dvc.data/ingested"] == "bbb.dir" and tags["lineage.manifests.cache"]
+
+
+def test_eval_summary_shapes():
+    assert registry.eval_summary({"datasets": [{"dataset": "a", "tau": 2}, {"dataset": "b", "tau": 4}]})["tau_macro"] == 3
+    s = registry.eval_summary({"datasets": {"a": {"tau": 2.0}}, "macro": {"tau": 2.5, "accept_rate": [0.9, 0.5]}})
+    assert s == {"tau_macro": 2.5, "tau_by_dataset": {"a": 2.0}, "accept_rate": [0.9, 0.5]}
+    assert registry.eval_summary(None)["tau_macro"] is None
+    assert registry.gate_passed({"verdict": "pass"}) and not registry.gate_passed({"passed": False})

@@ -83,7 +83,7 @@ def collect_lineage(
     else:  # the stages record the target they ran against
         fingerprint = _find_key(manifests, _FINGERPRINT_KEYS)
         template = _find_key(manifests, _TEMPLATE_KEYS)
-    git = git_state(dvc_root)
+    git = git_state(Path(__file__).parent)  # the drafter code that produced it
     return {
         "run_name": cfg.run.name,
         "target_name": _target_name(cfg),

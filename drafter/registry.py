@@ -40,7 +40,7 @@ from typing import Any
 
 from drafter.config import Config
 from drafter.errors import DrafterError
-from drafter.manifest import atomic_dir, atomic_write_json, atomic_write_text
+from drafter.manifest import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
 
 CANDIDATE, PRODUCTION, PREVIOUS = "candidate", "production", "previous"
 PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
@@ -66,6 +66,7 @@ class Candidate:
     version: str
     run_id: str
     model_id: str
+    reused: bool = False  # the same weights were already registered as this version
 
 
 # ----- names and connections -------------------------------------------------
@@ -266,6 +267,7 @@ def register_candidate(
 
     Refuses (GateFailed, registry unchanged) when the gate verdict says the candidate did
     not pass. The version starts `approval.state=pending`: only `approve` promotes it.
+    Registering the same weights again returns the existing version (`reused=True`).
     """
     from drafter.lineage import collect_lineage, domain_counts, lineage_tags
 
@@ -285,9 +287,15 @@ def register_candidate(
     if data_profile is None and (cfg.data_dir / "ingested" / "train").is_dir():
         data_profile = {"domains": domain_counts(cfg.data_dir / "ingested", ("train",))}
     facts = drafter_facts(folder, cfg)
+    weights = sha256_file(folder / "model.safetensors")
 
     name = model_name(cfg)
     c = client()
+    existing = _find_by_weights(c, name, weights)
+    if existing is not None:
+        if existing.tags.get("approval.state") == PENDING:
+            c.set_registered_model_alias(name, CANDIDATE, existing.version)
+        return Candidate(name, str(existing.version), existing.run_id, existing.model_id or "", reused=True)
     exp_id = experiment_id(cfg, c)
     own_run = run_id is None
     if own_run:
@@ -296,6 +304,7 @@ def register_candidate(
         **lineage_tags(lineage),
         "drafter.algorithm": str(facts["algorithm"]),
         "drafter.num_speculative_tokens": str(facts["num_speculative_tokens"]),
+        "drafter.weights_sha256": weights,
         "target.name": str(lineage.get("target_name")),
         "eval.tau_macro": "" if summary["tau_macro"] is None else f"{summary['tau_macro']:.4f}",
         "gate.passed": "unknown" if verdict is None else "true",
@@ -336,6 +345,16 @@ def register_candidate(
     if own_run:
         c.set_terminated(run_id, "FINISHED")
     return Candidate(name=name, version=str(mv.version), run_id=run_id, model_id=logged.model_id)
+
+
+def _find_by_weights(c, name: str, sha256: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = c.search_model_versions(f"name='{name}' and tags.`drafter.weights_sha256` = '{sha256}'")
+    except MlflowException:
+        return None
+    return found[0] if found else None
 
 
 def _metric_key(name: str) -> str:

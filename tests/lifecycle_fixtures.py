@@ -77,8 +77,9 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> MlflowServer:
-        import httpx
+        return self.start().wait()
 
+    def start(self) -> MlflowServer:
         self.root.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
         self.log = (self.root / "server.log").open("w")
@@ -88,6 +89,11 @@ class MlflowServer:
              "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
             stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )
+        return self
+
+    def wait(self) -> MlflowServer:
+        import httpx
+
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -108,3 +114,87 @@ class MlflowServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.log.close()
+
+
+# ----- stand-in stages ---------------------------------------------------------
+# The retraining flow chains functions other engineers write (drafter/CONTRACTS.md). Until
+# they merge, these stand-ins with the contract's signatures and outputs check the wiring:
+# the order, the arguments, caching, MLflow runs, artifacts and the release. They do real
+# file work (manifests, a HF dataset, safetensors) so every downstream reader is real.
+def install_standin_stages(monkeypatch, calls: list, taus: dict) -> None:
+    """`taus[str(drafter_dir)]` (or `taus["default"]`) is what `evaluate` reports for a drafter."""
+    import types
+
+    from drafter.manifest import write_manifest
+
+    def module(name: str, **functions) -> None:
+        mod = types.ModuleType(name)
+        for key, fn in functions.items():
+            setattr(mod, key, fn)
+        monkeypatch.setitem(sys.modules, name, mod)
+
+    def ingest(cfg, inputs, out_dir):
+        from datasets import Dataset
+
+        calls.append(("ingest", [str(p) for p in inputs], str(out_dir)))
+        lines = [l for p in inputs for f in sorted(Path(p).glob("*.jsonl")) for l in f.read_text().splitlines() if l]
+        domains = [json.loads(l).get("domain", "chat") for l in lines]
+        out_dir = Path(out_dir)
+        Dataset.from_dict({"id": [str(i) for i in range(len(domains))], "domain": domains}).save_to_disk(
+            str(out_dir / "train"))
+        write_manifest(out_dir, "ingest", counts={"read": len(lines), "kept": len(lines)})
+        return json.loads((out_dir / "manifest.json").read_text())
+
+    def passthrough(stage):
+        def run(cfg, in_dir, out_dir, target=None):
+            calls.append((stage, str(in_dir), str(out_dir)))
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            if stage == "build_cache":
+                store = Path(out_dir).parent / "store" / "k1"
+                store.mkdir(parents=True, exist_ok=True)
+                (Path(out_dir) / "train.json").write_text(json.dumps({"key": "k1", "path": str(store)}))
+            write_manifest(out_dir, stage, counts={"input": 1, "succeeded": 1})
+            return json.loads((Path(out_dir) / "manifest.json").read_text())
+        return run
+
+    def train(cfg, cache_dir, out_dir, target=None):
+        calls.append(("train", str(cache_dir), str(out_dir)))
+        make_drafter(Path(out_dir) / "best", tokens=cfg.drafter.block_size, seed=len(calls))
+        write_manifest(out_dir, "train", counts={"steps": 4})
+        return json.loads((Path(out_dir) / "manifest.json").read_text())
+
+    def calibrate(cfg, drafter_dir, cache_dir, out_dir):
+        calls.append(("calibrate", str(drafter_dir), str(cache_dir), str(out_dir)))
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "calibration.json").write_text(json.dumps({"temperatures": [1.0] * 4}))
+        write_manifest(out_dir, "calibrate", counts={"positions": 4})
+        return json.loads((Path(out_dir) / "manifest.json").read_text())
+
+    def evaluate(cfg, drafter_dir, out_dir, ingested_dir=None, target=None):
+        calls.append(("evaluate", str(drafter_dir), str(out_dir), str(ingested_dir)))
+        make_eval(Path(out_dir), taus.get(str(drafter_dir), taus["default"]))
+        write_manifest(out_dir, "evaluate", counts={"datasets": 2})
+        return json.loads((Path(out_dir) / "manifest.json").read_text())
+
+    def gate(cfg, candidate_report, production_report=None):
+        calls.append(("gate", str(candidate_report), str(production_report) if production_report else None))
+        cand = json.loads(Path(candidate_report).read_text())["macro"]["tau"]
+        prod = json.loads(Path(production_report).read_text())["macro"]["tau"] if production_report else None
+        passed = cand >= (prod if prod is not None else cfg.gate.min_tau)
+        return {"passed": passed, "reasons": [f"candidate {cand:.2f} vs production {prod}"],
+                "candidate_tau": cand, "production_tau": prod}
+
+    def write_demo_logs(out, n, seed):
+        calls.append(("demo", str(out), n, seed))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        rows = [{"domain": ["chat", "code", "math"][i % 3], "messages": []} for i in range(n)]
+        (Path(out) / "demo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    module("drafter.traces.ingest", ingest=ingest)
+    module("drafter.traces.demo", write_demo_logs=write_demo_logs)
+    module("drafter.regenerate", regenerate=passthrough("regenerate"))
+    module("drafter.cache", build_cache=passthrough("build_cache"))
+    module("drafter.train", train=train)
+    module("drafter.calibrate", calibrate=calibrate)
+    module("drafter.evaluate", evaluate=evaluate)
+    module("drafter.gates", gate=gate)

@@ -206,7 +206,7 @@ class MonitorConfig(Section):
     metrics_url: str | None = None  # Prometheus endpoint (or file) of the serving engine
     request_logs: list[Path] = []  # JSONL response logs with vLLM's metrics.speculative_decoding
     traffic: Path | None = None  # ingested folder (or Conversation JSONL) of new traffic; None: data/ingested
-    out_dir: Path = Path("data/monitor")  # scrape history, drift records, reports
+    out_dir: Path | None = None  # scrape history, drift records, reports; None: <run.data_dir>/monitor
     window_s: int = Field(3600, ge=1)  # production tau over the last window_s seconds of scrapes
     min_drafts: int = Field(200, ge=1)  # fewer drafts in the window: no acceptance verdict
     tau_drop_tolerance: float = Field(0.1, ge=0)  # relative drop of production tau that counts as drift

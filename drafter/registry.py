@@ -422,8 +422,24 @@ def list_versions(name: str) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: int(r["version"]), reverse=True)
 
 
-def version_for(name: str, alias: str) -> str | None:
-    return aliases(name).get(alias)
+def version_evidence(name: str, alias: str) -> dict[str, Any] | None:
+    """The evaluation report and training-data profile of the version behind `alias`
+    (read from its run, without downloading the weights); None when the alias is unset."""
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    version = aliases(name, c).get(alias)
+    if version is None:
+        return None
+    mv = _version(c, name, version)
+    found: dict[str, Any] = {"version": version, "tags": dict(mv.tags)}
+    with tempfile.TemporaryDirectory(prefix="drafter-evidence-") as tmp:
+        for key, path in (("eval_report", "reports/eval/report.json"), ("data_profile", "data_profile.json")):
+            try:
+                found[key] = json.loads(Path(c.download_artifacts(mv.run_id, path, tmp)).read_text())
+            except (MlflowException, OSError, json.JSONDecodeError):
+                found[key] = None
+    return found
 
 
 # ----- decisions ---------------------------------------------------------------

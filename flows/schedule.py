@@ -1,0 +1,65 @@
+"""Scheduled retraining: serve the `drafter-retrain` deployment on the config's cron.
+
+Needs a Prefect server (schedules and deployments do not exist on the temporary local
+API):
+
+    prefect server start                                   # UI and API on http://127.0.0.1:4200
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+    drafter schedule -c configs/smollm2-135m-dspark.yaml   # serves until stopped
+
+Scheduled runs never wait for a human: they end with the new version awaiting
+`drafter approve` (the `wait_for_approval=False` parameter of the deployment). The
+monitoring loop starts the same deployment when it detects drift.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from drafter.config import Config
+from drafter.errors import DrafterError
+
+FLOW_NAME = "drafter-retrain"
+
+
+class NoPrefectServer(DrafterError):
+    """Schedules and deployments need a Prefect server."""
+
+
+def deployment_name(cfg: Config) -> str:
+    """`flow/deployment`, as `run_deployment` and `prefect deployment run` take it."""
+    return f"{FLOW_NAME}/{cfg.schedule.deployment}"
+
+
+def retraining_deployment(cfg: Config, config_path: str | Path, overrides: list[str] | None = None):
+    """The deployment of the retraining flow with the cron schedule of `cfg.schedule`."""
+    from prefect.schedules import Cron
+
+    from flows.retrain import retrain_flow
+
+    return retrain_flow.to_deployment(
+        name=cfg.schedule.deployment,
+        schedule=Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone),
+        parameters={
+            "config": str(Path(config_path).resolve()),
+            "overrides": list(overrides or []),
+            "wait_for_approval": False,
+        },
+        tags=["drafter", cfg.run.name],
+        description=f"Retrain the {cfg.drafter.algorithm} drafter of {cfg.run.name} on `{cfg.schedule.cron}` "
+        f"({cfg.schedule.timezone}); new versions await `drafter approve`.",
+    )
+
+
+def serve(cfg: Config, config_path: str | Path, overrides: list[str] | None = None) -> None:
+    """Register the deployment and run its schedule in this process until interrupted."""
+    from prefect import serve as prefect_serve
+
+    from flows.approval import prefect_server
+
+    if not prefect_server():
+        raise NoPrefectServer(
+            "scheduling needs a Prefect server: run `prefect server start` and "
+            "`export PREFECT_API_URL=http://127.0.0.1:4200/api`, then `drafter schedule` again"
+        )
+    prefect_serve(retraining_deployment(cfg, config_path, overrides))

@@ -64,6 +64,150 @@ def target_info(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, as_json
     print_mapping(f"target {target.name}", target.info(), as_json)
 
 
+# ----- lifecycle: the retraining flow, registry and approvals, schedule, monitoring -----
+registry_app = typer.Typer(help="The serving registry (MLflow): versions, aliases, approvals, export.",
+                           no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+NameArg = Annotated[str, typer.Argument(help="Registered model (one per target), e.g. drafter-SmolLM2-135M-Instruct.")]
+VersionArg = Annotated[str, typer.Argument(help="Model version number.")]
+ByOpt = Annotated[str, typer.Option("--by", help="Who decides (recorded on the version).")]
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Why (recorded on the version).")]
+
+
+@app.command("run")
+def run_cmd(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+    wait: Annotated[Optional[bool], typer.Option(
+        "--wait-for-approval/--no-wait-for-approval",
+        help="Pause for a decision in the Prefect UI (default: when a Prefect server is configured).")] = None,
+    demo_logs: Annotated[int, typer.Option(help="Demo conversations to write when the inputs are empty.")] = 200,
+) -> None:
+    """Run the whole pipeline as a Prefect flow: logs -> ... -> a registered candidate awaiting approval."""
+    from flows.retrain import ensure_demo_logs, retrain_flow
+
+    cfg = load(config, set_)
+    written = ensure_demo_logs(cfg, demo_logs)
+    if written:
+        console.print(f"no production logs in {written}: wrote {demo_logs} demo conversations there")
+    result = retrain_flow(config=str(config), overrides=set_ or [], wait_for_approval=wait)
+    release = result["release"]
+    table = Table(title="tau per dataset")
+    for column in ("dataset", "candidate", "production", "change"):
+        table.add_column(column)
+    for row in release.get("tau", []):
+        table.add_row(*(str(row[k]) if row[k] is not None else "" for k in ("dataset", "candidate", "production", "change")))
+    out.print(table)
+    if not release.get("registered"):
+        out.print(f"gate failed: {release.get('reasons')}; the registry is unchanged")
+        return
+    decision = release["approval"]["decision"]
+    out.print(f"registered {release['name']} version {release['version']}: {decision}")
+    if decision in ("awaiting", "timeout"):
+        out.print(f"approve with: drafter approve {release['name']} {release['version']} --by WHO --reason '...'")
+
+
+@app.command("approve")
+def approve_cmd(name: NameArg, version: VersionArg, by: ByOpt, reason: ReasonOpt) -> None:
+    """Record an approval and promote the version to production (the old one becomes previous)."""
+    from drafter import registry
+
+    print_mapping("approved", registry.approve(name, version, by=by, reason=reason))
+
+
+@app.command("reject")
+def reject_cmd(name: NameArg, version: VersionArg, by: ByOpt, reason: ReasonOpt) -> None:
+    """Record a rejection; the version is never promoted by it."""
+    from drafter import registry
+
+    print_mapping("rejected", registry.reject(name, version, by=by, reason=reason))
+
+
+@app.command("rollback")
+def rollback_cmd(
+    name: NameArg,
+    by: Annotated[Optional[str], typer.Option("--by", help="Who rolls back (default: current user).")] = None,
+    reason: Annotated[Optional[str], typer.Option("--reason", help="Why.")] = None,
+) -> None:
+    """Move production back to the previous (approved) version."""
+    from drafter import registry
+
+    print_mapping("rolled back", registry.rollback(name, by=by, reason=reason))
+
+
+@registry_app.command("list")
+def registry_list_cmd(name: NameArg, as_json: JsonOpt = False) -> None:
+    """Versions with aliases, approval state (who, when, why) and evaluated tau."""
+    from drafter import registry
+
+    rows = registry.list_versions(name)
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title=name)
+    for column in ("version", "aliases", "approval", "by", "reason", "tau", "created"):
+        table.add_column(column)
+    for r in rows:
+        approval = r["approval"] + (" (rolled back)" if r["rolled_back"] else "")
+        table.add_row(r["version"], ", ".join(r["aliases"]), approval, r["by"], r["reason"][:30], r["tau"],
+                      r["created"][:10])
+    out.print(table)
+
+
+@registry_app.command("export")
+def registry_export_cmd(
+    name: NameArg,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write (replaced atomically).")],
+    alias: Annotated[str, typer.Option(help="candidate | production | previous")] = "production",
+) -> None:
+    """Write the version behind an alias as vLLM loads it, with an example --speculative-config."""
+    from drafter import registry
+
+    result = registry.export_alias(name, alias, out_dir)
+    print_mapping(f"{name} @{alias}", {k: v for k, v in result.items() if k != "speculative_config"})
+    out.print(f"vllm serve TARGET --speculative-config '{json.dumps(result['speculative_config'])}'")
+
+
+@app.command("schedule")
+def schedule_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None) -> None:
+    """Serve the retraining deployment on schedule.cron (needs `prefect server start`)."""
+    from flows.schedule import deployment_name, serve
+
+    cfg = load(config, set_)
+    console.print(f"serving {deployment_name(cfg)} on '{cfg.schedule.cron}' ({cfg.schedule.timezone}); Ctrl-C stops")
+    serve(cfg, config, set_ or [])
+
+
+@app.command("monitor")
+def monitor_cmd(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+    metrics: Annotated[Optional[str], typer.Option(help="Prometheus /metrics URL or a saved scrape.")] = None,
+    logs: Annotated[Optional[list[Path]], typer.Option(
+        "--logs", help="JSONL response logs with metrics.speculative_decoding.")] = None,
+    traffic: Annotated[Optional[Path], typer.Option(help="Ingested folder (or JSONL) of new traffic.")] = None,
+    trigger: Annotated[Optional[bool], typer.Option(
+        "--trigger/--no-trigger", help="Start retraining on drift (default: monitor.trigger_retrain).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Production tau and traffic mix against the production drafter; on drift, record and retrain."""
+    from monitoring.monitor import monitor
+
+    result = monitor(load(config, set_), metrics=metrics, request_logs=logs, traffic=traffic, trigger=trigger)
+    if as_json:
+        out.print_json(json.dumps(result, default=str))
+        return
+    acc, mix = result["acceptance"], result["mix"]
+    print_mapping(f"monitor {result['model']}", {
+        "production version": result["production_version"],
+        "acceptance": f"{acc['status']}: {acc['message']}",
+        "traffic mix": f"{mix['status']}: {mix['message']}",
+        "drift": ", ".join(result["drift"]) or "none",
+        **{k: v for k, v in result["actions"].items() if k != "flow_run_id"},
+        "report": result["report"],
+    })
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -1,0 +1,79 @@
+"""The registry commands a user types: approve, reject, rollback, registry list/export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from lifecycle_fixtures import make_drafter, make_eval, passing_verdict
+from typer.testing import CliRunner
+
+from drafter import registry
+from drafter.cli import app
+from drafter.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def registered(tmp_path, monkeypatch):
+    """Two registered candidates of `cli-model` in a fresh SQLite store."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["registry.model_name=cli-model", f"run.data_dir={tmp_path}/data"])
+    for i in (1, 2):
+        registry.register_candidate(cfg, make_drafter(tmp_path / f"d{i}", seed=i),
+                                    eval_dir=make_eval(tmp_path / f"e{i}", {"gsm8k": 2.0 + i}),
+                                    gate_verdict=passing_verdict())
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(app, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def test_approve_list_rollback_export(registered, tmp_path):
+    assert invoke("approve", "cli-model", "1", "--by", "alice", "--reason", "baseline").exit_code == 0
+    assert invoke("approve", "cli-model", "2", "--by", "bob", "--reason", "tau +33%").exit_code == 0
+    listed = json.loads(invoke("registry", "list", "cli-model", "--json").stdout)
+    assert [(r["version"], r["aliases"], r["approval"], r["by"]) for r in listed] == [
+        ("2", ["production"], "approved", "bob"), ("1", ["previous"], "approved", "alice")]
+    table = invoke("registry", "list", "cli-model").stdout
+    assert "production" in table and "tau +33%" in table
+
+    assert invoke("rollback", "cli-model", "--by", "carol", "--reason", "latency").exit_code == 0
+    assert registry.aliases("cli-model") == {"production": "1"}
+    exported = invoke("registry", "export", "cli-model", "--alias", "production", "--out", str(tmp_path / "serve"))
+    assert exported.exit_code == 0 and "--speculative-config" in exported.stdout
+    spec = json.loads((tmp_path / "serve" / "speculative_config.json").read_text())
+    assert spec["method"] == "dspark" and spec["model"] == str((tmp_path / "serve").resolve())
+    assert json.loads((tmp_path / "serve" / "registry.json").read_text())["version"] == "1"
+
+
+def test_reject_and_missing_options(registered):
+    assert invoke("reject", "cli-model", "2", "--by", "alice", "--reason", "worse on code").exit_code == 0
+    assert registry.aliases("cli-model") == {}
+    missing = invoke("approve", "cli-model", "1", "--by", "alice")
+    assert missing.exit_code == 2 and "--reason" in missing.output  # typer refuses: no approval without a reason
+    assert "production" not in registry.aliases("cli-model")
+
+
+def test_errors_are_clear_messages_not_tracebacks(registered):
+    """The real entry point: a refused action prints `error: ...` and exits 2."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "drafter", "rollback", "cli-model"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "error:" in proc.stderr and "no previous version to roll back to" in proc.stderr
+    assert "Traceback" not in proc.stderr

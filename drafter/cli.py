@@ -168,6 +168,18 @@ def registry_export_cmd(
     out.print(f"vllm serve TARGET --speculative-config '{json.dumps(result['speculative_config'])}'")
 
 
+@app.command("params")
+def params_cmd(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+    out_file: Annotated[Path, typer.Option("--out", help="Where to write.")] = Path("params.yaml"),
+) -> None:
+    """Write params.yaml for `dvc repro`: the full resolved run config the DVC stages read."""
+    from drafter.dvcpipe import write_params
+
+    console.print(f"wrote {write_params(load(config, set_), out_file)}")
+
+
 @app.command("schedule")
 def schedule_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None) -> None:
     """Serve the retraining deployment on schedule.cron (needs `prefect server start`)."""

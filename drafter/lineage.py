@@ -11,10 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from drafter import __version__
 from drafter.config import Config
+from drafter.dvcpipe import dvc_lock_hashes
 from drafter.manifest import git_state, package_versions, sha256_file
 
 # Stage output folders under run.data_dir, in pipeline order.
@@ -39,21 +38,6 @@ def _find_key(obj: Any, keys: tuple[str, ...]) -> Any:
             if found is not None:
                 return found
     return None
-
-
-def dvc_lock_hashes(lock_path: str | Path) -> dict[str, str]:
-    """`{path: md5}` of every stage output (and dependency) recorded in `dvc.lock`."""
-    lock_path = Path(lock_path)
-    if not lock_path.is_file():
-        return {}
-    lock = yaml.safe_load(lock_path.read_text()) or {}
-    hashes: dict[str, str] = {}
-    for stage in (lock.get("stages") or {}).values():
-        for entry in (stage.get("deps") or []) + (stage.get("outs") or []):
-            digest = entry.get("md5") or entry.get("etag") or entry.get("checksum")
-            if entry.get("path") and digest:
-                hashes[entry["path"]] = str(digest)
-    return hashes
 
 
 def collect_lineage(

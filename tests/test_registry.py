@@ -12,7 +12,8 @@ from lifecycle_fixtures import make_drafter, make_eval, passing_verdict
 
 from drafter import registry
 from drafter.config import Config, load_config
-from drafter.lineage import collect_lineage, dvc_lock_hashes, lineage_tags
+from drafter.dvcpipe import dvc_lock_hashes
+from drafter.lineage import collect_lineage, lineage_tags
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,62 @@
+"""`drafter run` and `drafter schedule` without a Prefect server: the temporary local API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lifecycle_fixtures import install_standin_stages
+from typer.testing import CliRunner
+
+from drafter import registry
+from drafter.cli import app
+from drafter.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def test_schedule_needs_a_server_and_builds_the_cron_deployment(tmp_path):
+    from flows.schedule import NoPrefectServer, deployment_name, retraining_deployment, serve
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["schedule.cron=30 2 * * *", "schedule.timezone=Europe/Paris"])
+    with pytest.raises(NoPrefectServer, match="prefect server start"):
+        serve(cfg, ROOT / "configs" / "tiny.yaml")
+    deployment = retraining_deployment(cfg, ROOT / "configs" / "tiny.yaml", ["train.lr=1e-4"])
+    assert deployment_name(cfg) == "drafter-retrain/drafter-retrain"
+    schedule = deployment.schedules[0].schedule
+    assert (schedule.cron, schedule.timezone) == ("30 2 * * *", "Europe/Paris")
+    assert deployment.parameters == {"config": str((ROOT / "configs" / "tiny.yaml").resolve()),
+                                     "overrides": ["train.lr=1e-4"], "wait_for_approval": False}
+
+
+@pytest.mark.integration
+def test_drafter_run_without_a_server_ends_awaiting_approval(store, tmp_path, monkeypatch):
+    """The README's main command on the temporary local API: demo logs in, a candidate awaiting
+    `drafter approve` out, then approve promotes it (stages are stand-ins until they merge)."""
+    from flows import retrain
+
+    calls: list = []
+    install_standin_stages(monkeypatch, calls, {"default": {"gsm8k": 2.2, "humaneval": 1.8}})
+    monkeypatch.setattr(retrain, "code_version", lambda: "test-code")
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    sets = ["-s", "registry.model_name=cli-run", "-s", f"run.data_dir={tmp_path / 'data'}",
+            "-s", f"ingest.inputs=[{tmp_path / 'raw'}]"]
+    result = CliRunner().invoke(app, ["run", "-c", str(ROOT / "configs" / "tiny.yaml"), *sets, "--demo-logs", "12"])
+    assert result.exit_code == 0, result.output
+    assert calls[0] == ("demo", str(tmp_path / "raw"), 12, 0)
+    assert "registered cli-run version 1: awaiting" in result.stdout
+    assert "drafter approve cli-run 1 --by WHO" in result.stdout
+    assert registry.aliases("cli-run") == {"candidate": "1"}
+    approved = CliRunner().invoke(app, ["approve", "cli-run", "1", "--by", "dana", "--reason", "demo looks right"])
+    assert approved.exit_code == 0 and registry.aliases("cli-run") == {"production": "1"}

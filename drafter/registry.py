@@ -277,6 +277,8 @@ def register_candidate(
         reasons = verdict.get("reasons") or verdict.get("reason") or "see the gate report"
         raise GateFailed(f"the candidate failed its gate ({reasons}); the registry is unchanged")
     eval_dir = Path(eval_dir) if eval_dir is not None else None
+    if eval_dir is not None and not eval_dir.is_dir():
+        raise RegistryError(f"{eval_dir}: no evaluation folder")
     report = _read_json(eval_dir / "report.json") if eval_dir and (eval_dir / "report.json").is_file() else None
     summary = eval_summary(report)
     if calibration is None:
@@ -311,6 +313,7 @@ def register_candidate(
         "approval.state": PENDING,
         "approval.requested_at": _now(),
     }
+    logged = None
     try:
         logged = c.create_logged_model(
             exp_id, name=name, source_run_id=run_id, model_type=MODEL_TYPE,
@@ -339,6 +342,8 @@ def register_candidate(
         )
         c.set_registered_model_alias(name, CANDIDATE, mv.version)
     except Exception:
+        if logged is not None and c.get_logged_model(logged.model_id).status != "READY":
+            c.finalize_logged_model(logged.model_id, "FAILED")
         if own_run:
             c.set_terminated(run_id, "FAILED")
         raise

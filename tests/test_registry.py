@@ -116,6 +116,16 @@ def test_bad_drafter_folder_is_refused(store, tmp_path, mutate, message):
         registry.register_candidate(config(tmp_path, "reg-bad"), folder)
 
 
+def test_missing_evidence_is_refused_before_anything_is_logged(store, tmp_path):
+    cfg = config(tmp_path, "reg-noeval")
+    with pytest.raises(registry.RegistryError, match="no evaluation folder"):
+        registry.register_candidate(cfg, make_drafter(tmp_path / "d"), eval_dir=tmp_path / "missing")
+    with pytest.raises(registry.RegistryError, match="not found"):
+        registry.register_candidate(cfg, make_drafter(tmp_path / "d"), gate_verdict=tmp_path / "verdict.json")
+    with pytest.raises(registry.RegistryError, match="no registered model"):
+        registry.aliases("reg-noeval")
+
+
 def test_approve_promotes_and_rollback_returns(store, tmp_path):
     cfg = config(tmp_path, "reg-life")
     v1 = register(cfg, tmp_path, "1").version

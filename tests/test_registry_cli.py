@@ -19,21 +19,29 @@ from drafter.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def registered(tmp_path, monkeypatch):
-    """Two registered candidates of `cli-model` in a fresh SQLite store."""
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["registry.model_name=cli-model", f"run.data_dir={tmp_path}/data"])
+    yield uri
+    mlflow.set_tracking_uri(None)
+    mp.undo()
+
+
+@pytest.fixture
+def registered(store, tmp_path, request):
+    """Two registered candidates of a model named after the test."""
+    name = "cli-" + request.node.name.removeprefix("test_")[:40].replace("_", "-")
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"registry.model_name={name}", f"run.data_dir={tmp_path}/data"])
     for i in (1, 2):
         registry.register_candidate(cfg, make_drafter(tmp_path / f"d{i}", seed=i),
                                     eval_dir=make_eval(tmp_path / f"e{i}", {"gsm8k": 2.0 + i}),
                                     gate_verdict=passing_verdict())
-    yield uri
-    mlflow.set_tracking_uri(None)
+    return name
 
 
 def invoke(*args: str):
@@ -44,17 +52,18 @@ def invoke(*args: str):
 
 
 def test_approve_list_rollback_export(registered, tmp_path):
-    assert invoke("approve", "cli-model", "1", "--by", "alice", "--reason", "baseline").exit_code == 0
-    assert invoke("approve", "cli-model", "2", "--by", "bob", "--reason", "tau +33%").exit_code == 0
-    listed = json.loads(invoke("registry", "list", "cli-model", "--json").stdout)
+    name = registered
+    assert invoke("approve", name, "1", "--by", "alice", "--reason", "baseline").exit_code == 0
+    assert invoke("approve", name, "2", "--by", "bob", "--reason", "tau +33%").exit_code == 0
+    listed = json.loads(invoke("registry", "list", name, "--json").stdout)
     assert [(r["version"], r["aliases"], r["approval"], r["by"]) for r in listed] == [
         ("2", ["production"], "approved", "bob"), ("1", ["previous"], "approved", "alice")]
-    table = invoke("registry", "list", "cli-model").stdout
+    table = invoke("registry", "list", name).stdout
     assert "production" in table and "tau +33%" in table
 
-    assert invoke("rollback", "cli-model", "--by", "carol", "--reason", "latency").exit_code == 0
-    assert registry.aliases("cli-model") == {"production": "1"}
-    exported = invoke("registry", "export", "cli-model", "--alias", "production", "--out", str(tmp_path / "serve"))
+    assert invoke("rollback", name, "--by", "carol", "--reason", "latency").exit_code == 0
+    assert registry.aliases(name) == {"production": "1"}
+    exported = invoke("registry", "export", name, "--alias", "production", "--out", str(tmp_path / "serve"))
     assert exported.exit_code == 0 and "--speculative-config" in exported.stdout
     spec = json.loads((tmp_path / "serve" / "speculative_config.json").read_text())
     assert spec["method"] == "dspark" and spec["model"] == str((tmp_path / "serve").resolve())
@@ -62,17 +71,19 @@ def test_approve_list_rollback_export(registered, tmp_path):
 
 
 def test_reject_and_missing_options(registered):
-    assert invoke("reject", "cli-model", "2", "--by", "alice", "--reason", "worse on code").exit_code == 0
-    assert registry.aliases("cli-model") == {}
-    missing = invoke("approve", "cli-model", "1", "--by", "alice")
+    name = registered
+    assert invoke("reject", name, "2", "--by", "alice", "--reason", "worse on code").exit_code == 0
+    assert registry.aliases(name) == {}
+    missing = invoke("approve", name, "1", "--by", "alice")
     assert missing.exit_code == 2 and "--reason" in missing.output  # typer refuses: no approval without a reason
-    assert "production" not in registry.aliases("cli-model")
+    assert "production" not in registry.aliases(name)
 
 
-def test_errors_are_clear_messages_not_tracebacks(registered):
+def test_errors_are_clear_messages_not_tracebacks(store, registered):
+    name = registered
     """The real entry point: a refused action prints `error: ...` and exits 2."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registered, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "drafter", "rollback", "cli-model"], cwd=ROOT, env=env,
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "drafter", "rollback", name], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "error:" in proc.stderr and "no previous version to roll back to" in proc.stderr

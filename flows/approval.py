@@ -57,7 +57,10 @@ def approval_flow(
 ) -> dict[str, Any]:
     """Wait for a decision in the Prefect UI (or leave it to the CLI) and act on it."""
     log = get_run_logger()
-    wait = bool(prefect_server()) if wait is None else wait
+    server = prefect_server()
+    if wait and not server:
+        log.warning("no Prefect server: nobody could resume a paused run, so the decision goes to the CLI")
+    wait = bool(server) and wait is not False
     request = (
         f"# Approve `{name}` version {version}?\n\n{gate_markdown}\n\n"
         + (f"Decide in the Resume form of this flow run within {timeout_s} s, or from a shell:\n\n"

@@ -68,7 +68,13 @@ def layer_config_dict(layer_config: Any) -> dict[str, Any]:
 
 def verifier_of(target_config: Any, name_or_path: str | None = None) -> dict[str, Any]:
     name = name_or_path or getattr(target_config, "_name_or_path", None) or None
-    return {"name_or_path": name, "architectures": list(getattr(target_config, "architectures", None) or [])}
+    archs = list(getattr(target_config, "architectures", None) or [])
+    if not archs:  # a model built in-process: its family's causal-LM class
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(target_config.model_type)
+        archs = [arch] if isinstance(arch, str) else []
+    return {"name_or_path": name, "architectures": archs}
 
 
 def config_json(

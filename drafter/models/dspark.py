@@ -429,6 +429,8 @@ class DSpark(DraftModel):
             )
         fmt.check_target(config, heads, Path(path))
         model = cls(cls.config_from_speculators(config), heads)
+        for key in (*fmt.FROZEN_KEYS, "lm_head.weight"):  # the target's own, if a tool saved them
+            state.pop(key, None)
         model.load_state_dict(state)
         model.verifier = config["speculators_config"]["verifier"]
         model.meta = {k: v for k, v in config.get("drafter", {}).items() if k not in ("algorithm", "config")}

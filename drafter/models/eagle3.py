@@ -279,9 +279,14 @@ class Eagle3(DraftModel):
             "norm_output": False,
             "embed_requires_grad": False,
         }
+        # Unlike DFlash/DSpark, speculators' EAGLE-3 loader (0.9.0) does not refill the
+        # verifier's embedding and LM head when a checkpoint lacks them (they stay
+        # uninitialised; bench/check_speculators.py shows it), and its own EAGLE-3
+        # checkpoints carry both: so ship copies. `load` ignores them (frozen, the target's).
         state = dict(self.state_dict())
-        if self.d2t is not None:  # runtimes cannot derive the reduced head: ship it
-            state["lm_head.weight"] = self.heads.lm_head.weight[self.draft_ids]
+        state["embed_tokens.weight"] = self.heads.embed_tokens.weight.detach().clone()  # may be tied to the head
+        head = self.heads.lm_head.weight
+        state["lm_head.weight"] = head if self.d2t is None else head[self.draft_ids]
         config = fmt.config_json(
             model_type=self.algorithm,
             architecture=self.architecture,
@@ -309,7 +314,8 @@ class Eagle3(DraftModel):
                 draft_vocab_size=config.get("draft_vocab_size"),
             )
         model = cls(model_cfg, heads)
-        state.pop("lm_head.weight", None)  # the frozen target head restricted by d2t
+        for key in (*fmt.FROZEN_KEYS, "lm_head.weight"):  # lm_head: the frozen target head restricted by d2t
+            state.pop(key, None)
         model.load_state_dict(state)
         model.verifier = config["speculators_config"]["verifier"]
         model.meta = {k: v for k, v in config.get("drafter", {}).items() if k not in ("algorithm", "config")}

@@ -6,9 +6,10 @@ Field names follow the `speculators` package (0.9.0): `speculators_model_type`,
 `aux_hidden_state_layer_ids` / `eagle_aux_hidden_state_layer_ids`, `block_size`,
 `mask_token_id`, `sample_from_anchor`, `markov_rank`, `markov_head_type`,
 `enable_confidence_head`, ... Weight names are the drafters' own state-dict names,
-which match speculators' modules. The frozen target embedding and LM head are not
-written (speculators and vLLM take them from the verifier); EAGLE-3's reduced-vocabulary
-LM head is, because no runtime can derive it.
+which match speculators' modules. DFlash/DSpark folders do not hold the frozen target
+embedding and LM head (speculators and vLLM reload them from the verifier); EAGLE-3
+folders carry copies of both (the reduced-vocabulary head restricted to the draft ids),
+because speculators' EAGLE-3 loader does not refill them. Loading ignores those copies.
 
 Layer ids: speculators (and vLLM) number auxiliary hidden states like transformers'
 `output_hidden_states` (0 = embeddings, i = output of decoder layer i-1), while this
@@ -123,6 +124,10 @@ def write(out_dir: Path, config: dict[str, Any], state: dict[str, torch.Tensor])
     return out_dir
 
 
+# Verifier-owned tensors a speculators-saved folder may carry; drafters take them from the target.
+FROZEN_KEYS = ("embed_tokens.weight", "verifier_lm_head.weight", "verifier_norm.weight")
+
+
 def read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
@@ -148,3 +153,41 @@ def check_target(config: dict[str, Any], heads: Any, path: Path) -> None:
             raise DrafterFormatError(
                 f"{path}: drafter was built for a target with {key}={want}, this target has {have}"
             )
+
+
+def export_drafter(
+    drafter_dir: str | Path, out_dir: str | Path, verifier: str | None = None, which: str = "best"
+) -> dict[str, Any]:
+    """Copy a trained drafter into a standalone speculators folder (what `vllm serve` loads).
+
+    `drafter_dir` is a training output (its `best/` or `last/` is taken) or a drafter
+    folder itself. `verifier` sets `speculators_config.verifier.name_or_path` (a hub id or
+    a path the serving machine can read). A calibration.json beside it is copied along.
+    """
+    import shutil
+
+    from drafter.manifest import atomic_dir
+
+    src = Path(drafter_dir)
+    if not (src / CONFIG_FILE).is_file():
+        src = src / which
+    config, state = read(src)
+    if verifier:
+        config["speculators_config"]["verifier"]["name_or_path"] = verifier
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        shutil.copy2(src / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
+        atomic_write_json(tmp / CONFIG_FILE, config)
+        for extra in (src / "calibration.json", src.parent / "calibration.json"):
+            if extra.is_file():
+                shutil.copy2(extra, tmp / "calibration.json")
+                break
+    return {
+        "algorithm": config["speculators_model_type"],
+        "source": str(src),
+        "out": str(out_dir),
+        "verifier": config["speculators_config"]["verifier"]["name_or_path"],
+        "tensors": len(state),
+        "parameters": sum(t.numel() for k, t in state.items() if k not in ("d2t", "t2d", "lm_head.weight")),
+        "block_size": config.get("block_size", config["speculators_config"]["proposal_methods"][0]["speculative_tokens"]),
+    }

@@ -38,7 +38,7 @@ from torch import nn
 from drafter.models import register, speculators_format as fmt
 from drafter.models.base import DraftModel, Proposal, TargetHeads, TrainBatch, TrainOutput
 from drafter.models.layers import DecoderLayer, RMSNorm, Rotary, block_attention, draft_layer_config, init_weights
-from drafter.models.metrics import acceptance, per_position, sample
+from drafter.models.metrics import acceptance, per_position, sample, target_probs
 
 Generators = torch.Generator | list[torch.Generator] | None
 
@@ -298,8 +298,7 @@ class DSpark(DraftModel):
         logits, prev_emb = self.draft_logits(h, prev)
         logp = torch.log_softmax(logits.float(), -1)
         p_draft = logp.exp()
-        with torch.no_grad():
-            p_target = torch.softmax(self.heads.logits(batch.final_hidden[bi, pos]).float(), -1)
+        p_target = target_probs(self.heads, batch.final_hidden, bi, pos)
         l1 = (p_draft - p_target).abs().sum(-1)
         weight = torch.exp(-slot.float() / cfg.loss_decay)
 

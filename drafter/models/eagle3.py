@@ -38,7 +38,7 @@ from torch import nn
 from drafter.models import register, speculators_format as fmt
 from drafter.models.base import DraftModel, Proposal, TargetHeads, TrainBatch, TrainOutput
 from drafter.models.layers import DecoderLayer, RMSNorm, Rotary, draft_layer_config, init_weights, ttt_attention
-from drafter.models.metrics import acceptance, per_position, sample
+from drafter.models.metrics import acceptance, per_position, sample, target_prob_table
 
 QK_NORM_FAMILIES = ("qwen3", "gemma3")
 
@@ -180,23 +180,29 @@ class Eagle3(DraftModel):
         outs = self.ttt_hidden(batch)
         ok = batch.loss_mask & batch.attention_mask
         b, T = ok.shape
-        run = torch.ones(b, T - 1, dtype=torch.bool, device=ok.device)
-        total = torch.zeros((), device=ok.device)
-        slots, accepts, corrects = [], [], []
-        for i, normed in enumerate(outs):
-            # index t at step i predicts position t+2+i: valid while the chain stays in assistant tokens
+        # index t at step i predicts position t+2+i: valid while the chain stays in assistant tokens
+        valid, run = [], torch.ones(b, T - 1, dtype=torch.bool, device=ok.device)
+        for i in range(steps):
             nxt = ok[:, 2 + i :]
             run = run & F.pad(nxt, (0, T - 1 - nxt.shape[1]), value=False)
-            bi, ti = run.nonzero(as_tuple=True)
+            valid.append(run.nonzero(as_tuple=True))
+        table, inverse = target_prob_table(  # p_t at position t+1+i, computed once per position
+            self.heads, batch.final_hidden, torch.cat([bi for bi, _ in valid]),
+            torch.cat([ti + 1 + i for i, (_, ti) in enumerate(valid)]),
+        )
+        total = torch.zeros((), device=ok.device)
+        slots, accepts, corrects = [], [], []
+        start = 0
+        for i, (normed, (bi, ti)) in enumerate(zip(outs, valid)):
             with torch.no_grad():
-                target_logits = self.heads.logits(batch.final_hidden[bi, ti + 1 + i]).float()
-                p_target = torch.softmax(target_logits, -1)
+                p_target = table[inverse[start : start + bi.numel()]]
+                start += bi.numel()
+                soft = p_target
                 if self.t2d is not None:  # mask targets the draft vocabulary cannot express
                     keep = self.t2d[p_target.argmax(-1)]
-                    bi, ti, target_logits, p_target = bi[keep], ti[keep], target_logits[keep], p_target[keep]
-                    soft = torch.softmax(target_logits[:, self.draft_ids], -1)
-                else:
-                    soft = p_target
+                    bi, ti, p_target = bi[keep], ti[keep], p_target[keep]
+                    soft = p_target[:, self.draft_ids]
+                    soft = soft / soft.sum(-1, keepdim=True)  # renormalised over the draft vocabulary
             logp = torch.log_softmax(self.logits(normed[bi, ti]).float(), -1)
             total = total + self.config.ttt_decay**i * -(soft * logp).sum()
             with torch.no_grad():

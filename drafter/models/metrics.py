@@ -27,6 +27,27 @@ def sample(
     return token, probs
 
 
+@torch.no_grad()
+def target_prob_table(
+    heads, final_hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """p_t (temperature 1) at final_hidden[rows, cols] through the frozen LM head, as
+    (table of distinct positions [U, V], index of each request into it).
+
+    Overlapping blocks and unrolled steps ask for the same positions many times: the
+    LM head (an H x V matmul per row, the dominant cost) runs once per distinct position.
+    """
+    flat = rows * final_hidden.shape[1] + cols
+    unique, inverse = torch.unique(flat, return_inverse=True)
+    logits = heads.logits(final_hidden.flatten(0, 1)[unique]).float()
+    return torch.softmax(logits, -1), inverse
+
+
+def target_probs(heads, final_hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    table, inverse = target_prob_table(heads, final_hidden, rows, cols)
+    return table[inverse]
+
+
 def acceptance(p_draft: torch.Tensor, p_target: torch.Tensor) -> torch.Tensor:
     """Rejection sampling's analytic acceptance rate 1 - 0.5 * ||p_d - p_t||_1, per row."""
     return (1.0 - 0.5 * (p_draft - p_target).abs().sum(-1)).clamp(0.0, 1.0)

@@ -145,6 +145,7 @@ class DrafterConfig(Section):
     tv_weight: float = Field(0.9, ge=0)
     bce_weight: float = Field(1.0, ge=0)
     loss_decay: float = Field(4.0, gt=0)
+    mask_token_id: int | None = Field(None, ge=0)  # DFlash/DSpark block filler; None: the target's mask (else pad) token
 
 
 class TrainConfig(Section):

@@ -90,11 +90,15 @@ def sample_generator(seed: int, salt: int, i: int) -> torch.Generator:
 
 
 def verifier_name(target: Any) -> str | None:
-    """What a serving engine should load as the verifier: a folder or hub id when known."""
+    """What a serving engine should load as the verifier: the HF folder or hub id when
+    known (a packaged GGUF's converted folder), else the target's name."""
     source = getattr(target, "source", "") or ""
     for prefix in ("hf-folder:", "hub:"):
         if source.startswith(prefix):
             return source[len(prefix):]
+    folder = getattr(getattr(target, "config", None), "_name_or_path", "") or ""
+    if folder and Path(folder).is_dir():
+        return folder
     return getattr(target, "name", None)
 
 

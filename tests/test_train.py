@@ -153,3 +153,43 @@ def test_two_processes_match_one(target, data, tmp_path):
     manifest = json.loads((tmp_path / "ddp" / "manifest.json").read_text())
     assert manifest["counts"]["processes"] == 2
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+
+
+@pytest.mark.integration
+def test_real_smollm2_target_trains_exports_and_drafts(smollm2_target, tmp_path):
+    """The real SmolLM2-135M target: its own answers to two prompts, captured, a few DSpark
+    steps at the real width and vocabulary, export, load, and drafting on real features."""
+    from tests.tiny_data import MemoryDataset
+
+    target = smollm2_target
+    tok = target.tokenizer
+    prompts = [json.loads(line)["turns"][0][:200] for line in (ROOT / "drafter/data/eval_datasets/gsm8k.jsonl").open()][:3]
+    samples = []
+    for prompt in prompts:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            full = target.model.generate(ids, max_new_tokens=20, do_sample=False)
+        feats = target.capture(full)
+        mask = torch.zeros(full.shape[1], dtype=torch.bool)
+        mask[ids.shape[1]:] = True
+        samples.append({"input_ids": full[0], "loss_mask": mask, "features": feats.layers[0], "final_hidden": feats.final[0]})
+    meta = {"layer_ids": target.layer_ids}
+    data = MemoryDataset(samples[:2], meta), MemoryDataset(samples[2:], meta)
+    cfg = load_config(ROOT / "configs" / "smollm2-135m-dspark.yaml", [
+        "train.max_steps=2", "train.batch_size=2", "train.max_anchors=8", "train.eval_every=2",
+        "train.system_metrics=false"])
+    manifest = train(cfg, out_dir=tmp_path, target=target, data=data, collate=collate)
+    assert manifest["counts"]["steps"] == 2 and manifest["counts"]["sequences_with_targets"] == 4
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in json.loads((tmp_path / "metrics.json").read_text())["history"])
+    config = json.loads((tmp_path / "best" / "config.json").read_text())
+    assert config["aux_hidden_state_layer_ids"] == [2, 8, 15, 21, 28]  # layers [1, 7, 14, 20, 27]
+    assert config["transformer_layer_config"]["hidden_size"] == 576 and config["draft_vocab_size"] == 49152
+    assert config["speculators_config"]["verifier"]["architectures"] == ["LlamaForCausalLM"]
+    model = load_drafter(tmp_path / "best", TargetHeads.from_target(target))
+    state = model.init_state()
+    s = samples[2]
+    model.extend(state, s["features"][None, :-5], s["input_ids"][None, :-5])
+    prop = model.propose(state, s["input_ids"][-5:-4], 7, 0.0)
+    assert prop.tokens.shape == (1, 7) and prop.confidences.shape == (1, 7)
+    assert torch.equal(prop.probs.argmax(-1), prop.tokens)

@@ -215,6 +215,7 @@ class DSpark(DraftModel):
             markov_rank=d.markov_rank, markov_head_type=d.markov_head_type,
             confidence_head=d.confidence_head, ce_weight=d.ce_weight, tv_weight=d.tv_weight,
             bce_weight=d.bce_weight, loss_decay=d.loss_decay, max_anchors=cfg.train.max_anchors,
+            mask_token_id=d.mask_token_id,
         )
 
     @property

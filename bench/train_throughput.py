@@ -121,23 +121,34 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.device == "cpu" else f"_{args.device}"
     (out / f"train_throughput{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
+    render(report, out / f"train_throughput{suffix}.md")
+
+
+def render(report: dict, path: Path) -> None:
     lines = [
-        f"# Drafter training throughput ({device})",
+        f"# Drafter training throughput ({report['device']})",
         "",
-        f"Command: `{command}`  ",
-        f"Target shapes: {target.name} (width {target.hidden_size}, vocabulary {target.vocab_size}); "
-        f"batch {args.batch} x {args.seq_len} tokens, mean of {args.steps} steps after one warm-up; "
-        f"load average at the end {tuple(round(x, 1) for x in os.getloadavg())} (a shared machine: noisy).",
+        f"Command: `{report['command']}`  ",
+        f"Target shapes: {report['target']} (width 576, vocabulary 49152); batch {report['batch']} x "
+        f"{report['seq_len']} tokens, mean of {report['steps']} steps after one warm-up; load average "
+        f"{tuple(round(x, 1) for x in report['load_average'])} on a machine shared with other jobs: noisy.",
         "",
         "| algorithm | s / step | sequence tokens / s | vs DFlash | draft positions / step | trainable params |",
         "|---|---|---|---|---|---|",
     ]
-    for r in results:
+    for r in report["results"]:
         lines.append(f"| {r['algorithm']} | {r['seconds_per_step']} | {r['tokens_per_s']} | {r['vs_dflash']}x "
                      f"| {r['draft_positions_per_step']} | {r['trainable_parameters']:,} |")
-    (out / f"train_throughput{suffix}.md").write_text("\n".join(lines) + "\n")
+    lines += [
+        "",
+        "Draft positions: (block, slot) pairs trained per step (DFlash/DSpark: up to 64 blocks of 7 a "
+        "sequence), or (position, unrolled step) pairs for EAGLE-3 (7 steps). With the 8k draft vocabulary, "
+        "positions whose target argmax lies outside it are masked (most of them here: the features are random). "
+        "Each position costs H x V products (the LM head, DSpark's Markov W2 and the target distribution), "
+        "which dominate on this 49k vocabulary; DSpark's Markov head (r = 256) adds a 256 x 49152 projection.",
+    ]
+    path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
 
 if __name__ == "__main__":
     main()

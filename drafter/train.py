@@ -22,6 +22,7 @@ loss) is exported to `best/`, the final one to `last/` (speculators format).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -164,6 +165,80 @@ class Totals:
         }
 
 
+@dataclass
+class Session:
+    """One process's view of a run: the prepared model and optimizer, the data, and how a
+    step and an evaluation split their sequences across processes and micro-batches."""
+
+    cfg: Config
+    accelerator: Any
+    model: Any  # DDP-wrapped when distributed
+    optimizer: Any
+    scheduler: Any
+    train_ds: Any
+    holdout_ds: Any
+    collate: Callable
+    holdout_n: int
+
+    def __post_init__(self) -> None:
+        self.stream = Stream(len(self.train_ds), self.cfg.run.seed)
+        self.inner = self.accelerator.unwrap_model(self.model)
+        self.trainable = [p for p in self.inner.parameters() if p.requires_grad]
+        tc, W = self.cfg.train, self.accelerator.num_processes
+        self.micro_size = max(1, tc.batch_size // (W * tc.grad_accum))
+
+    def batch(self, ds: Any, indices: list[int]) -> tuple[TrainBatch, list[dict[str, torch.Tensor]]]:
+        samples = [ds[i] for i in indices]
+        return self.collate(samples).to(self.accelerator.device, torch.float32), samples
+
+    def train_step(self, step: int) -> tuple[Totals, int, float, float]:
+        """One optimizer step over global batch `step`. -> (totals, tokens, lr, grad norm)."""
+        acc, tc, seed = self.accelerator, self.cfg.train, self.cfg.run.seed
+        W = acc.num_processes
+        positions = torch.arange(step * tc.batch_size, (step + 1) * tc.batch_size)
+        chunks = [c.tolist() for c in torch.tensor_split(positions, W * tc.grad_accum)]
+        totals, tokens = Totals(self.inner.gamma), 0
+        for m in range(tc.grad_accum):
+            mine = chunks[m * W + acc.process_index]
+            batch, samples = self.batch(self.train_ds, [self.stream[i] for i in mine])
+            tokens += int(batch.attention_mask.sum())
+            totals.add_samples(samples)
+            gens = [sample_generator(seed, 0, i) for i in mine]
+            sync = m == tc.grad_accum - 1  # DDP all-reduces on the last micro-batch only
+            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                out = self.model(batch, generator=gens, reduction="sum")
+                acc.backward(out.loss)
+            totals.add(out)
+        totals.reduce(acc)
+        scale = W / max(totals.positions, 1.0)  # DDP averaged over W: make it the global per-position mean
+        for p in self.trainable:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        grad_norm = float(acc.clip_grad_norm_(self.trainable, tc.grad_clip))
+        self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), "sum"))
+        return totals, tokens, lr, grad_norm
+
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out losses and per-position rates (fixed anchors: comparable across evals)."""
+        acc = self.accelerator
+        totals = Totals(self.inner.gamma)
+        mine = list(range(acc.process_index, self.holdout_n, acc.num_processes))
+        self.model.eval()
+        with torch.no_grad(), acc.autocast():
+            for start in range(0, len(mine), self.micro_size):
+                idx = mine[start : start + self.micro_size]
+                batch, _ = self.batch(self.holdout_ds, idx)
+                gens = [sample_generator(self.cfg.run.seed, 1, i) for i in idx]
+                totals.add(self.inner.forward_train(batch, generator=gens, reduction="sum"))
+        self.model.train()
+        totals.reduce(acc)
+        return totals.summary()
+
+
 # ----- checkpoints ------------------------------------------------------------------------
 def _optimizer_split(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, scalars = {}, {}
@@ -217,6 +292,12 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict[str, Any]
         if len(states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states)
     return json.loads((folder / STATE_FILE).read_text())
+
+
+def _checkpoint(root: Path, model, optimizer, scheduler, loop: dict[str, Any], keep: int) -> None:
+    save_checkpoint(root / f"step-{loop['step']:08d}", model, optimizer, scheduler, loop)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -310,9 +391,16 @@ def train(
             "rebuild the cache or set target.layer_ids to match"
         )
 
+    if meta.get("hidden_size") not in (None, target.hidden_size):
+        raise TrainError(f"the cache holds width-{meta['hidden_size']} features; the target is {target.hidden_size} wide")
+
     steps = tc.max_steps or math.ceil(tc.epochs * len(train_ds) / tc.batch_size)
+    # What determines the weights (not logging or checkpoint cadence): a changed key means
+    # another run, which must not resume these checkpoints.
+    cosmetic = {"log_every", "system_metrics", "checkpoint_every", "keep_checkpoints"}
     run_key = sha256_json({
-        "drafter": cfg.drafter.model_dump(mode="json"), "train": tc.model_dump(mode="json"), "seed": cfg.run.seed,
+        "drafter": cfg.drafter.model_dump(mode="json"), "train": tc.model_dump(mode="json", exclude=cosmetic),
+        "seed": cfg.run.seed,
         "target": target.fingerprint, "layer_ids": layer_ids, "train_sequences": len(train_ds),
         "holdout_sequences": len(holdout_ds), "cache": meta.get("key"),
     })[:16]
@@ -336,8 +424,8 @@ def train(
     model.verifier["name_or_path"] = verifier_name(target) or model.verifier["name_or_path"]
     model.meta = {"target_fingerprint": target.fingerprint, "target_name": getattr(target, "name", None)}
     model.to(accelerator.device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
+                                  weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, tc.warmup_ratio))
 
     ckpt_root = out_dir / "checkpoints"
@@ -356,29 +444,9 @@ def train(
         resumed_from = latest.name
         log.warning("resuming from %s (step %d of %d)", latest, loop["step"], steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    inner = accelerator.unwrap_model(model)
-
-    stream = Stream(len(train_ds), cfg.run.seed)
-    holdout_n = min(len(holdout_ds), tc.holdout_limit or len(holdout_ds))
-    micro_size = max(1, tc.batch_size // (W * tc.grad_accum))
-
-    def batch_of(ds, indices: list[int]) -> tuple[TrainBatch, list[dict[str, torch.Tensor]]]:
-        samples = [ds[i] for i in indices]
-        return collate(samples).to(accelerator.device, torch.float32), samples
-
-    def evaluate() -> dict[str, Any]:
-        totals = Totals(inner.gamma)
-        mine = list(range(accelerator.process_index, holdout_n, W))
-        model.eval()
-        with torch.no_grad(), accelerator.autocast():
-            for start in range(0, len(mine), micro_size):
-                idx = mine[start : start + micro_size]
-                batch, _ = batch_of(holdout_ds, idx)
-                gens = [sample_generator(cfg.run.seed, 1, i) for i in idx]
-                totals.add(inner.forward_train(batch, generator=gens, reduction="sum"))
-        model.train()
-        totals.reduce(accelerator)
-        return totals.summary()
+    run = Session(cfg, accelerator, model, optimizer, scheduler, train_ds, holdout_ds, collate,
+                  holdout_n=min(len(holdout_ds), tc.holdout_limit or len(holdout_ds)))
+    inner = run.inner
 
     # ----- MLflow -----
     mlflow_run = _start_mlflow(cfg, loop, main)
@@ -388,7 +456,7 @@ def train(
     select = "sim_tau_greedy" if cfg.evaluate.temperature == 0 else "sim_tau"
 
     def record_eval(step: int) -> None:
-        result = evaluate()
+        result = run.evaluate()
         tau = result[select]
         loop["evals"].append({"step": step, **result})
         improved = loop["best_tau"] is None or tau > loop["best_tau"]
@@ -411,45 +479,17 @@ def train(
             record_eval(0)  # the untrained baseline
     bar = tqdm(total=steps, initial=loop["step"], disable=not main, desc=f"train {cfg.drafter.algorithm}", unit="step",
                mininterval=2.0)
-    parts = W * tc.grad_accum
     try:
         while loop["step"] < steps:
             step = loop["step"]
             started = time.perf_counter()
-            positions = list(range(step * tc.batch_size, (step + 1) * tc.batch_size))
-            chunks = [c.tolist() for c in torch.tensor_split(torch.tensor(positions), parts)]
-            totals = Totals(inner.gamma)
-            tokens = 0
             with timer("train"):
-                for m in range(tc.grad_accum):
-                    mine = chunks[m * W + accelerator.process_index]
-                    batch, samples = batch_of(train_ds, [stream[i] for i in mine])
-                    tokens += int(batch.attention_mask.sum())
-                    totals.add_samples(samples)
-                    gens = [sample_generator(cfg.run.seed, 0, i) for i in mine]
-                    last = m == tc.grad_accum - 1
-                    ctx = accelerator.no_sync(model) if not last else _nullcontext()
-                    with ctx:
-                        out = model(batch, generator=gens, reduction="sum")
-                        accelerator.backward(out.loss)
-                    totals.add(out)
-                totals.reduce(accelerator)
-                n = totals.positions
-                scale = W / max(n, 1.0)  # DDP averaged over W; make it the global per-position mean
-                for p in trainable:
-                    if p.grad is not None:
-                        p.grad.mul_(scale)
-                grad_norm = accelerator.clip_grad_norm_(trainable, tc.grad_clip)
-                optimizer.step()
-                lr = scheduler.get_last_lr()[0]
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum"))
+                totals, tokens, lr, grad_norm = run.train_step(step)
             elapsed = time.perf_counter() - started
             summary = totals.summary()
-            record = {"step": step + 1, "loss": summary["loss"], **{k: v for k, v in summary["losses"].items()},
-                      "sim_tau": summary["sim_tau"], "lr": lr, "grad_norm": float(grad_norm),
-                      "tokens_per_s": tokens / max(elapsed, 1e-9), "positions": n}
+            n = totals.positions
+            record = {"step": step + 1, "loss": summary["loss"], **summary["losses"], "sim_tau": summary["sim_tau"],
+                      "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / max(elapsed, 1e-9), "positions": n}
             loop["history"].append(record)
             loop["tokens"] += tokens
             loop["with_targets"] += int(totals.sequences[0])
@@ -457,7 +497,8 @@ def train(
             loop["positions"] += n
             loop["step"] = step + 1
             if main and mlflow_run is not None and (loop["step"] % tc.log_every == 0 or loop["step"] == steps):
-                _log_metrics(mlflow_run, loop["step"], "train", summary, extra={"lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": record["tokens_per_s"]})
+                _log_metrics(mlflow_run, loop["step"], "train", summary,
+                             extra={"lr": lr, "grad_norm": grad_norm, "tokens_per_s": record["tokens_per_s"]})
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tau=f"{summary['sim_tau']:.2f}")
             if loop["step"] % tc.eval_every == 0 or loop["step"] == steps:
@@ -466,25 +507,27 @@ def train(
             if loop["step"] % tc.checkpoint_every == 0 and loop["step"] < steps:
                 with timer("checkpoint"):
                     if main:
-                        save_checkpoint(ckpt_root / f"step-{loop['step']:08d}", inner, optimizer, scheduler, loop)
-                        for old in sorted(ckpt_root.glob("step-*"))[: -tc.keep_checkpoints]:
-                            shutil.rmtree(old, ignore_errors=True)
+                        _checkpoint(ckpt_root, inner, optimizer, scheduler, loop, tc.keep_checkpoints)
                     accelerator.wait_for_everyone()
             if callback is not None:
                 callback(loop["step"], record)
-    finally:
-        bar.close()
+    except BaseException:
         if mlflow_run is not None:
             import mlflow
 
-            mlflow.end_run()
+            mlflow.end_run(status="KILLED")  # resumed (same run id) by the next call
+        raise
+    finally:
+        bar.close()
+    if mlflow_run is not None:
+        import mlflow
+
+        mlflow.end_run()
 
     # ----- outputs -----
     if main:
         _export(inner, out_dir / "last", loop["step"], loop["evals"][-1])
-        save_checkpoint(ckpt_root / f"step-{loop['step']:08d}", inner, optimizer, scheduler, loop)
-        for old in sorted(ckpt_root.glob("step-*"))[: -tc.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        _checkpoint(ckpt_root, inner, optimizer, scheduler, loop, tc.keep_checkpoints)
         atomic_write_json(out_dir / "metrics.json", {
             "algorithm": cfg.drafter.algorithm, "selected_by": select, "best_step": loop["best_step"],
             "best_tau": loop["best_tau"], "evals": loop["evals"], "history": loop["history"],
@@ -492,7 +535,7 @@ def train(
         cfg.save(out_dir / "config.yaml")
     seen = loop["step"] * tc.batch_size
     counts = {
-        "train_sequences": len(train_ds), "holdout_sequences": len(holdout_ds), "holdout_evaluated": holdout_n,
+        "train_sequences": len(train_ds), "holdout_sequences": len(holdout_ds), "holdout_evaluated": run.holdout_n,
         "steps": loop["step"], "sequences_seen": seen,
         "sequences_with_targets": loop["with_targets"], "sequences_without_targets": loop["without_targets"],
         "tokens_seen": loop["tokens"], "positions_trained": int(loop["positions"]), "evaluations": len(loop["evals"]),
@@ -502,7 +545,7 @@ def train(
                             "without_targets": counts["sequences_without_targets"]}, "training sequences")
     params = {"run_key": run_key, "algorithm": cfg.drafter.algorithm, "drafter": cfg.drafter.model_dump(mode="json"),
               "train": tc.model_dump(mode="json"), "seed": cfg.run.seed, "layer_ids": layer_ids,
-              "trainable_parameters": sum(p.numel() for p in trainable), "selected_by": select}
+              "trainable_parameters": sum(p.numel() for p in run.trainable), "selected_by": select}
     outputs = {"best": str(out_dir / "best"), "last": str(out_dir / "last"), "best_step": loop["best_step"],
                "best_tau": loop["best_tau"], "final_holdout": loop["evals"][-1], "resumed_from": resumed_from,
                "mlflow_run_id": loop.get("mlflow_run_id")}
@@ -516,14 +559,6 @@ def train(
     accelerator.wait_for_everyone()
     return json.loads(manifest_path.read_text()) if manifest_path.is_file() else {
         "stage": "train", "params": params, "counts": counts, "outputs": outputs}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _export(model, folder: Path, step: int, result: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ Deviations, and why:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,6 @@ def sample_anchors(
     return anchors.to(loss_mask.device), valid.to(loss_mask.device)
 
 
-@dataclass
 class BlockLayout:
     """Where the blocks sit and what their queries may attend to.
 
@@ -101,16 +100,17 @@ class BlockLayout:
     not known at inference), all of its own block (bidirectional) and no other block.
     """
 
-    anchors: torch.Tensor  # [b, A] long
-    anchor_valid: torch.Tensor  # [b, A] bool
-    block_size: int
-    ctx_visible: torch.Tensor = field(init=False)  # [b, A, T] bool
-
-    def __init__(self, anchors, anchor_valid, attention_mask, block_size):
+    def __init__(
+        self,
+        anchors: torch.Tensor,  # [b, A] long
+        anchor_valid: torch.Tensor,  # [b, A] bool (False: padding, no block)
+        attention_mask: torch.Tensor,  # [b, T] bool
+        block_size: int,
+    ) -> None:
         self.anchors, self.anchor_valid, self.block_size = anchors, anchor_valid, block_size
         T = attention_mask.shape[1]
         before = torch.arange(T, device=anchors.device) < anchors[..., None]
-        self.ctx_visible = before & attention_mask[:, None, :] & anchor_valid[..., None]
+        self.ctx_visible = before & attention_mask[:, None, :] & anchor_valid[..., None]  # [b, A, T]
 
     @property
     def positions(self) -> torch.Tensor:
@@ -329,8 +329,8 @@ class DSpark(DraftModel):
     @torch.no_grad()
     def extend(self, state: BlockState, features: torch.Tensor, input_ids: torch.Tensor) -> None:
         t = features.shape[1]
-        positions = torch.arange(state.length, state.length + t, device=features.device)[None]
-        ctx = self.context(features.to(self.fc.weight.dtype))
+        positions = torch.arange(state.length, state.length + t, device=self.fc.weight.device)[None]
+        ctx = self.context(features.to(self.fc.weight))  # its dtype and device
         for i, (k, v) in enumerate(self.context_kv(ctx, positions)):
             state.k[i] = torch.cat([state.k[i], k], dim=2)
             state.v[i] = torch.cat([state.v[i], v], dim=2)

@@ -226,7 +226,7 @@ class Eagle3(DraftModel):
     @torch.no_grad()
     def extend(self, state: Eagle3State, features: torch.Tensor, input_ids: torch.Tensor) -> None:
         attn = self.layers[0].self_attn
-        fused = self.fc(features.to(self.fc.weight.dtype).flatten(-2))  # [1, t, H]
+        fused = self.fc(features.to(self.fc.weight).flatten(-2))  # [1, t, H], its dtype and device
         t = fused.shape[1]
         positions = torch.arange(state.length, state.length + t, device=fused.device)
         if state.last is None:  # position 0 has no previous feature: it gets no key

@@ -307,7 +307,10 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 # ----- the stage --------------------------------------------------------------------------
 def _open_data(cfg: Config, cache_dir: Path, target) -> tuple[Any, Any, Callable]:
-    from drafter import cache  # lazily: the cache module is another stage's
+    try:
+        from drafter import cache  # lazily: the cache module is another stage's
+    except ImportError as exc:
+        raise TrainError(f"cannot read the target cache: {exc}") from exc
 
     train_ds = cache.open_split(cache_dir, "train", expect_fingerprint=target.fingerprint)
     holdout_ds = cache.open_split(cache_dir, "holdout", expect_fingerprint=target.fingerprint)

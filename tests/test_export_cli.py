@@ -22,7 +22,7 @@ def test_export_command(tiny_target, tmp_path):
     result = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "serve"),
                                       "--verifier", "HuggingFaceTB/SmolLM2-135M-Instruct", "--json"])
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)
     assert summary["algorithm"] == "dspark" and summary["block_size"] == 4
     config = json.loads((tmp_path / "serve" / "config.json").read_text())
     assert config["speculators_config"]["verifier"]["name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -146,7 +147,10 @@ def test_two_processes_match_one(target, data, tmp_path):
     sets = ["train.max_steps=3", "train.eval_every=3", "train.checkpoint_every=10"]
     train(tiny_cfg(*sets), out_dir=tmp_path / "single", target=target, data=data, collate=collate)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    with socket.socket() as sock:  # a free port: other test runs may share the machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path / "ddp"), str(SHARPNESS), *sets]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -193,3 +197,38 @@ def test_real_smollm2_target_trains_exports_and_drafts(smollm2_target, tmp_path)
     prop = model.propose(state, s["input_ids"][-5:-4], 7, 0.0)
     assert prop.tokens.shape == (1, 7) and prop.confidences.shape == (1, 7)
     assert torch.equal(prop.probs.argmax(-1), prop.tokens)
+
+
+def test_cli_trains_from_the_cache_api(tmp_path, monkeypatch):
+    """`drafter train --cache DIR --out DIR` through drafter.cache's reader API
+    (open_split + collate), stood in here by an in-memory module."""
+    import types
+
+    import drafter
+    from typer.testing import CliRunner
+
+    from drafter.cli import app
+    from drafter.target import load_target
+
+    cfg_path = ROOT / "configs" / "tiny.yaml"
+    target = load_target(load_config(cfg_path))
+    splits = {"train": make_dataset(target, 6, answer_len=12, seed=1), "holdout": make_dataset(target, 2, seed=2)}
+    opened = []
+
+    def open_split(cache_dir, split, expect_fingerprint=None):
+        assert expect_fingerprint == target.fingerprint  # the trainer checks the cache's target
+        opened.append((str(cache_dir), split))
+        return splits[split]
+
+    fake = types.ModuleType("drafter.cache")
+    fake.open_split, fake.collate = open_split, collate
+    monkeypatch.setitem(sys.modules, "drafter.cache", fake)
+    monkeypatch.setattr(drafter, "cache", fake, raising=False)
+    result = CliRunner().invoke(app, ["train", "-c", str(cfg_path), "--cache", str(tmp_path / "cache"),
+                                      "--out", str(tmp_path / "out"), "-s", "train.max_steps=2", "--json"])
+    assert result.exit_code == 0, result.output
+    assert opened == [(str(tmp_path / "cache"), "train"), (str(tmp_path / "cache"), "holdout")]
+    summary = json.loads(result.stdout)  # (the progress bar goes to stderr)
+    assert summary["steps"] == 2 and summary["algorithm"] == "dspark"
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["inputs"]["cache"] == str(tmp_path / "cache")

@@ -265,7 +265,8 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, loop: dict[str, A
     from safetensors.torch import save
 
     with atomic_dir(folder) as tmp:
-        atomic_write_bytes(tmp / "model.safetensors", save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        atomic_write_bytes(tmp / "model.safetensors", save(weights))
         tensors, meta = _optimizer_split(optimizer.state_dict())
         atomic_write_bytes(tmp / "optimizer.safetensors", save(tensors))
         atomic_write_json(tmp / "optimizer.json", meta)
@@ -395,7 +396,9 @@ def train(
         )
 
     if meta.get("hidden_size") not in (None, target.hidden_size):
-        raise TrainError(f"the cache holds width-{meta['hidden_size']} features; the target is {target.hidden_size} wide")
+        raise TrainError(
+            f"the cache holds width-{meta['hidden_size']} features; the target is {target.hidden_size} wide"
+        )
 
     steps = tc.max_steps or math.ceil(tc.epochs * len(train_ds) / tc.batch_size)
     # What determines the weights (not logging or checkpoint cadence): a changed key means
@@ -565,8 +568,8 @@ def train(
 
 
 def _export(model, folder: Path, step: int, result: dict[str, Any]) -> None:
-    model.meta |= {"step": step, "holdout_sim_tau": result["sim_tau"], "holdout_sim_tau_greedy": result["sim_tau_greedy"],
-                   "holdout_accept_rate": result["accept_rate"]}
+    model.meta |= {"step": step, "holdout_sim_tau": result["sim_tau"],
+                   "holdout_sim_tau_greedy": result["sim_tau_greedy"], "holdout_accept_rate": result["accept_rate"]}
     with atomic_dir(folder) as tmp:
         model.export(tmp)
 

@@ -72,7 +72,8 @@ class Eagle3(DraftModel):
         self.layer_config = draft_layer_config(heads.config, 1)
         qk_norm = str(heads.config.model_type).startswith(QK_NORM_FAMILIES)
         self.fc = nn.Linear(len(config.layer_ids) * H, H, bias=False)
-        self.layers = nn.ModuleList([DecoderLayer(self.layer_config, attn_in_dim=2 * H, qk_norm=qk_norm, hidden_norm=True)])
+        layer = DecoderLayer(self.layer_config, attn_in_dim=2 * H, qk_norm=qk_norm, hidden_norm=True)
+        self.layers = nn.ModuleList([layer])
         self.norm = RMSNorm(H, self.layer_config.rms_norm_eps)
         self.rotary = Rotary(self.layer_config)
         if config.draft_vocab_size is not None and config.draft_vocab_size < V:

@@ -219,6 +219,44 @@ def monitor_cmd(
         "report": result["report"],
     })
 
+# ----- drafter training and export (drafter/train.py, drafter/models/) --------------------
+@app.command("train")
+def train_cmd(
+    cache: Annotated[Optional[Path], typer.Option("--cache", help="Target cache pointers (default: <data_dir>/cache).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <data_dir>/drafter).")] = None,
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the configured drafter (EAGLE-3, DFlash or DSpark) on the target cache; resumes if interrupted."""
+    from drafter.train import train
+
+    manifest = train(load(config, set_), cache, out_dir)
+    outputs, counts = manifest["outputs"], manifest["counts"]
+    print_mapping("trained drafter", {
+        "algorithm": manifest["params"]["algorithm"],
+        "steps": counts["steps"],
+        "tokens seen": counts["tokens_seen"],
+        "best held-out tau (simulated)": round(outputs["best_tau"], 3),
+        "best step": outputs["best_step"],
+        "best": outputs["best"],
+        "last": outputs["last"],
+    }, as_json)
+
+
+@app.command("export")
+def export_cmd(
+    drafter_dir: Annotated[Path, typer.Argument(help="A training output folder (or a drafter folder).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the speculators checkpoint.")],
+    verifier: Annotated[Optional[str], typer.Option(help="Verifier hub id or path to record in config.json.")] = None,
+    which: Annotated[str, typer.Option(help="Which checkpoint of a training folder: best or last.")] = "best",
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a trained drafter in the speculators format vLLM loads (config.json + model.safetensors)."""
+    from drafter.models.speculators_format import export_drafter
+
+    print_mapping("exported drafter", export_drafter(drafter_dir, out_dir, verifier, which), as_json)
+
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

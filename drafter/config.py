@@ -138,7 +138,14 @@ class DrafterConfig(Section):
     markov_head_type: Literal["vanilla", "gated"] = "vanilla"
     confidence_head: bool = True
     ttt_steps: int = Field(7, ge=1)  # EAGLE-3 training-time test unroll
+    ttt_decay: float = Field(0.8, gt=0, le=1)  # EAGLE-3 loss weight of unrolled step i: ttt_decay**i
     draft_vocab_size: int | None = Field(None, ge=2)  # EAGLE-3 reduced vocabulary; None = full
+    # DSpark loss: ce_weight*CE + tv_weight*TV + bce_weight*BCE, position weight exp(-k/loss_decay)
+    ce_weight: float = Field(0.1, ge=0)
+    tv_weight: float = Field(0.9, ge=0)
+    bce_weight: float = Field(1.0, ge=0)
+    loss_decay: float = Field(4.0, gt=0)
+    mask_token_id: int | None = Field(None, ge=0)  # DFlash/DSpark block filler; None: the target's mask (else pad) token
 
 
 class TrainConfig(Section):
@@ -154,6 +161,10 @@ class TrainConfig(Section):
     eval_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    log_every: int = Field(10, ge=1)  # steps between MLflow metric batches
+    keep_checkpoints: int = Field(2, ge=1)  # most recent resumable checkpoints kept
+    holdout_limit: int | None = Field(None, ge=1)  # held-out sequences per evaluation (None = all)
+    system_metrics: bool = True  # MLflow system metrics (CPU, memory, GPU) during training
 
 
 class CalibrateConfig(Section):

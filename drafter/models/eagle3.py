@@ -1,0 +1,329 @@
+"""EAGLE-3: a sequential one-layer drafter over fused target features (ALGORITHMS.md section 3).
+
+At sequence position s the layer reads [norm(embed(x_s)) ; norm(h)] (2H wide) where h is
+the fused target feature of position s-1, `fc(concat(feature layers))`, and predicts
+x_{s+1}; its own output hidden state then replaces h for the next drafted token.
+Training unrolls this k times (training-time test): at step i, index s, the input token
+is the ground truth x_{s+i} (teacher forcing, as speculators/SpecForge), the hidden is
+the step-(i-1) output, and attention sees the step-0 keys up to s plus the keys steps
+1..i produced at s (`ttt_attention`): exactly what chain drafting sees at inference.
+Loss: soft cross-entropy against the target distribution, weight ttt_decay**i (0.8).
+
+Optional reduced draft vocabulary (`draft_vocab_size`): the N most frequent target tokens
+of the training data (assistant tokens); `d2t[i]` = target id - i, `t2d` = bool mask over
+the target vocabulary; the LM head is the frozen target head restricted to those rows;
+the target distribution is renormalised over the draft vocabulary and positions whose
+target argmax lies outside it are masked from the loss (the official recipe).
+
+Deviations, and why:
+- The fused features are all the cached feature layers (n*H -> H), DeepSpec's variant,
+  so one target cache (default 5 layers) serves all three algorithms; the EAGLE-3
+  paper fuses three (low/mid/high).
+- Loss terms are averaged over all valid (position, step) pairs of the batch rather than
+  per step, so sums across micro-batches and processes divide once (exact DDP).
+- The draft layer's q/k norms follow the target family (Qwen3/Gemma3 have them, Llama
+  does not), like speculators' per-family EAGLE-3 layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from drafter.models import register, speculators_format as fmt
+from drafter.models.base import DraftModel, Proposal, TargetHeads, TrainBatch, TrainOutput
+from drafter.models.layers import DecoderLayer, RMSNorm, Rotary, draft_layer_config, init_weights, ttt_attention
+from drafter.models.metrics import acceptance, per_position, sample, target_prob_table
+
+QK_NORM_FAMILIES = ("qwen3", "gemma3")
+
+
+@dataclass
+class Eagle3Config:
+    layer_ids: list[int]  # target feature layers fused by fc (decoder layer index, -1 = embeddings)
+    ttt_steps: int = 7
+    ttt_decay: float = 0.8
+    block_size: int = 7  # tokens drafted per round by default (the exported proposal length)
+    draft_vocab_size: int | None = None  # None or >= target vocabulary: full vocabulary
+    initializer_range: float = 0.02
+
+
+@dataclass
+class Eagle3State:
+    k: torch.Tensor  # [1, kv_heads, L', d]: keys of confirmed positions 1..L-1
+    v: torch.Tensor
+    last: torch.Tensor | None = None  # fused feature of the last confirmed position [1, H]
+    length: int = 0
+
+
+@register
+class Eagle3(DraftModel):
+    algorithm = "eagle3"
+    architecture = "Eagle3Speculator"
+
+    def __init__(self, config: Eagle3Config, heads: TargetHeads) -> None:
+        super().__init__(config, heads)
+        H, V = heads.hidden_size, heads.vocab_size
+        self.layer_config = draft_layer_config(heads.config, 1)
+        qk_norm = str(heads.config.model_type).startswith(QK_NORM_FAMILIES)
+        self.fc = nn.Linear(len(config.layer_ids) * H, H, bias=False)
+        layer = DecoderLayer(self.layer_config, attn_in_dim=2 * H, qk_norm=qk_norm, hidden_norm=True)
+        self.layers = nn.ModuleList([layer])
+        self.norm = RMSNorm(H, self.layer_config.rms_norm_eps)
+        self.rotary = Rotary(self.layer_config)
+        if config.draft_vocab_size is not None and config.draft_vocab_size < V:
+            self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+            self.register_buffer("t2d", torch.zeros(V, dtype=torch.bool))
+        else:
+            self.d2t = self.t2d = None
+        init_weights(self, config.initializer_range)
+        self.verifier = fmt.verifier_of(heads.config)
+        self.meta: dict[str, Any] = {}
+
+    @classmethod
+    def config_from(cls, cfg: Any, layer_ids: list[int]) -> Eagle3Config:
+        d = cfg.drafter
+        return Eagle3Config(
+            layer_ids=list(layer_ids), ttt_steps=d.ttt_steps, ttt_decay=d.ttt_decay,
+            block_size=d.block_size, draft_vocab_size=d.draft_vocab_size,
+        )
+
+    @property
+    def gamma(self) -> int:
+        return self.config.ttt_steps
+
+    # ----- vocabulary ------------------------------------------------------------------------
+    def set_draft_vocab(self, token_counts: torch.Tensor) -> None:
+        """Keep the most frequent target tokens (counts [V] over the training data)."""
+        if self.d2t is None:
+            return
+        n = self.d2t.numel()
+        ids = torch.topk(token_counts.float().to(self.t2d.device), n).indices.sort().values
+        self.d2t.copy_(ids - torch.arange(n, device=ids.device))
+        self.t2d.zero_()
+        self.t2d[ids] = True
+
+    @property
+    def draft_ids(self) -> torch.Tensor | None:
+        """Target id of each draft id (None with the full vocabulary)."""
+        if self.d2t is None:
+            return None
+        return torch.arange(self.d2t.numel(), device=self.d2t.device) + self.d2t
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden -> draft-vocabulary logits via the frozen target LM head."""
+        if self.d2t is None:
+            return self.heads.logits(normed)
+        head = self.heads.lm_head
+        logits = F.linear(normed, head.weight[self.draft_ids], None if head.bias is None else head.bias[self.draft_ids])
+        cap = self.heads.final_logit_softcapping
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def to_target(self, probs: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary distributions [..., Vd] -> target vocabulary [..., V] (zeros elsewhere)."""
+        if self.d2t is None:
+            return probs
+        out = probs.new_zeros(*probs.shape[:-1], self.heads.vocab_size)
+        return out.index_copy_(-1, self.draft_ids, probs)
+
+    # ----- the layer ---------------------------------------------------------------------------
+    def _inputs(self, tok_emb: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        layer = self.layers[0]
+        return torch.cat([layer.input_layernorm(tok_emb), layer.hidden_norm(hidden)], -1)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.heads.embed_tokens(ids).to(self.fc.weight.dtype)
+
+    def ttt_hidden(self, batch: TrainBatch) -> list[torch.Tensor]:
+        """The unrolled training forward: per step i, final-normed hidden [b, T-1, H] whose
+        index t predicts the token at position t+2+i (index t <-> position s = t+1)."""
+        ids = batch.input_ids
+        b, T = ids.shape
+        N = T - 1
+        device = ids.device
+        attn, layer = self.layers[0].self_attn, self.layers[0]
+        hidden = self.fc(batch.features.flatten(-2))[:, :-1]  # h_{s-1} at index s-1
+        idx = torch.arange(N, device=device)
+        causal = idx[None, :] <= idx[:, None]  # [query, key]
+        mask = (causal[None] & batch.attention_mask[:, 1:][:, None, :]) | torch.eye(N, dtype=torch.bool, device=device)
+        k0 = v0 = None
+        diag_k: list[torch.Tensor] = []
+        diag_v: list[torch.Tensor] = []
+        outs = []
+        for i in range(self.config.ttt_steps):
+            tok = F.pad(ids[:, 1 + i :], (0, i), value=0)  # teacher forcing: x_{s+i}
+            cos, sin = self.rotary((idx + 1 + i).expand(b, N), hidden.dtype)
+            x2 = self._inputs(self._embed(tok), hidden)
+            q = attn.q(x2, cos, sin)
+            k, v = attn.kv(x2, cos, sin)
+            if i == 0:
+                k0, v0 = k, v
+            else:
+                diag_k.append(k)
+                diag_v.append(v)
+            out = ttt_attention(q, k0, v0, mask, diag_k, diag_v, attn.scale)
+            hidden = layer.feed_forward(hidden + attn.out(out))  # the draft's own state replaces h
+            outs.append(self.norm(hidden))
+        return outs
+
+    # ----- training ------------------------------------------------------------------------------
+    def forward(self, batch: TrainBatch, **kwargs: Any) -> TrainOutput:
+        return self.forward_train(batch, **kwargs)  # so DDP wrappers see a forward()
+
+    def forward_train(self, batch: TrainBatch, *, generator: Any = None, reduction: str = "mean") -> TrainOutput:
+        """Soft cross-entropy over the unrolled steps (`generator` unused: nothing is sampled)."""
+        steps = self.config.ttt_steps
+        outs = self.ttt_hidden(batch)
+        ok = batch.loss_mask & batch.attention_mask
+        b, T = ok.shape
+        # index t at step i predicts position t+2+i: valid while the chain stays in assistant tokens
+        valid, run = [], torch.ones(b, T - 1, dtype=torch.bool, device=ok.device)
+        for i in range(steps):
+            nxt = ok[:, 2 + i :]
+            run = run & F.pad(nxt, (0, T - 1 - nxt.shape[1]), value=False)
+            valid.append(run.nonzero(as_tuple=True))
+        table, inverse = target_prob_table(  # p_t at position t+1+i, computed once per position
+            self.heads, batch.final_hidden, torch.cat([bi for bi, _ in valid]),
+            torch.cat([ti + 1 + i for i, (_, ti) in enumerate(valid)]),
+        )
+        total = torch.zeros((), device=ok.device)
+        slots, accepts, corrects = [], [], []
+        start = 0
+        for i, (normed, (bi, ti)) in enumerate(zip(outs, valid)):
+            with torch.no_grad():
+                p_target = table[inverse[start : start + bi.numel()]]
+                start += bi.numel()
+                soft = p_target
+                if self.t2d is not None:  # mask targets the draft vocabulary cannot express
+                    keep = self.t2d[p_target.argmax(-1)]
+                    bi, ti, p_target = bi[keep], ti[keep], p_target[keep]
+                    soft = p_target[:, self.draft_ids]
+                    soft = soft / soft.sum(-1, keepdim=True)  # renormalised over the draft vocabulary
+            logp = torch.log_softmax(self.logits(normed[bi, ti]).float(), -1)
+            total = total + self.config.ttt_decay**i * -(soft * logp).sum()
+            with torch.no_grad():
+                p_draft = logp.exp()
+                draft_top = logp.argmax(-1) if self.d2t is None else self.draft_ids[logp.argmax(-1)]
+                accepts.append(acceptance(self.to_target(p_draft), p_target))
+                corrects.append(draft_top == p_target.argmax(-1))
+                slots.append(torch.full_like(bi, i))
+        slot = torch.cat(slots)
+        count = slot.numel()
+        loss = total if reduction == "sum" else total / max(count, 1)
+        metrics = per_position(slot, steps, torch.cat(accepts), torch.cat(corrects))
+        return TrainOutput(loss=loss, losses={"soft_ce": loss.detach()}, metrics=metrics)
+
+    # ----- inference ---------------------------------------------------------------------------
+    def init_state(self) -> Eagle3State:
+        lay, p = self.layer_config, self.fc.weight
+        empty = p.new_zeros(1, lay.num_key_value_heads, 0, lay.head_dim)
+        return Eagle3State(k=empty, v=empty.clone())
+
+    @torch.no_grad()
+    def extend(self, state: Eagle3State, features: torch.Tensor, input_ids: torch.Tensor) -> None:
+        attn = self.layers[0].self_attn
+        fused = self.fc(features.to(self.fc.weight).flatten(-2))  # [1, t, H], its dtype and device
+        t = fused.shape[1]
+        positions = torch.arange(state.length, state.length + t, device=fused.device)
+        if state.last is None:  # position 0 has no previous feature: it gets no key
+            hidden, tokens, positions = fused[:, :-1], input_ids[:, 1:], positions[1:]
+        else:
+            hidden, tokens = torch.cat([state.last[:, None], fused[:, :-1]], 1), input_ids
+        if tokens.shape[1]:
+            cos, sin = self.rotary(positions[None], fused.dtype)
+            k, v = attn.kv(self._inputs(self._embed(tokens.to(fused.device)), hidden), cos, sin)
+            state.k, state.v = torch.cat([state.k, k], 2), torch.cat([state.v, v], 2)
+        state.last = fused[:, -1]
+        state.length += t
+
+    @torch.no_grad()
+    def propose(
+        self,
+        state: Eagle3State,
+        anchor: torch.Tensor,
+        gamma: int,
+        temperature: float,
+        generator: torch.Generator | None = None,
+    ) -> Proposal:
+        if state.last is None:
+            raise ValueError("EAGLE-3 drafts after at least one confirmed position (call extend first)")
+        if gamma < 1:
+            raise ValueError(f"gamma must be >= 1, got {gamma}")
+        layer = self.layers[0]
+        attn = layer.self_attn
+        k, v = state.k, state.v  # local copies grow; the confirmed state is untouched
+        hidden = state.last[:, None]
+        token = anchor.reshape(1).to(hidden.device)
+        tokens, probs = [], []
+        for i in range(gamma):
+            cos, sin = self.rotary(torch.tensor([[state.length + i]], device=hidden.device), hidden.dtype)
+            x2 = self._inputs(self._embed(token[None]), hidden)
+            k_new, v_new = attn.kv(x2, cos, sin)
+            k, v = torch.cat([k, k_new], 2), torch.cat([v, v_new], 2)
+            out = ttt_attention(attn.q(x2, cos, sin), k, v, None, [], [], attn.scale)
+            hidden = layer.feed_forward(hidden + attn.out(out))
+            draft, p = sample(self.logits(self.norm(hidden))[:, 0], temperature, generator)
+            token = draft if self.d2t is None else self.draft_ids[draft]
+            tokens.append(token)
+            probs.append(self.to_target(p))
+        return Proposal(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1), confidences=None)
+
+    # ----- persistence ---------------------------------------------------------------------------
+    def export(self, out_dir: Path) -> Path:
+        cfg = self.config
+        fields = {
+            "draft_vocab_size": self.d2t.numel() if self.d2t is not None else self.heads.vocab_size,
+            "norm_before_residual": False,
+            "target_hidden_size": None,
+            "eagle_aux_hidden_state_layer_ids": fmt.to_speculators_layer_ids(cfg.layer_ids),
+            "norm_before_fc": False,
+            "fc_norm": False,
+            "norm_output": False,
+            "embed_requires_grad": False,
+        }
+        # Unlike DFlash/DSpark, speculators' EAGLE-3 loader (0.9.0) does not refill the
+        # verifier's embedding and LM head when a checkpoint lacks them (they stay
+        # uninitialised; bench/check_speculators.py shows it), and its own EAGLE-3
+        # checkpoints carry both: so ship copies. `load` ignores them (frozen, the target's).
+        state = dict(self.state_dict())
+        state["embed_tokens.weight"] = self.heads.embed_tokens.weight.detach().clone()  # may be tied to the head
+        head = self.heads.lm_head.weight
+        state["lm_head.weight"] = head if self.d2t is None else head[self.draft_ids]
+        config = fmt.config_json(
+            model_type=self.algorithm,
+            architecture=self.architecture,
+            layer_config=self.layer_config,
+            verifier=self.verifier,
+            speculative_tokens=cfg.block_size,
+            fields=fields,
+            drafter={"algorithm": self.algorithm, "config": asdict(cfg), **self.meta},
+        )
+        return fmt.write(Path(out_dir), config, state)
+
+    @classmethod
+    def load(cls, path: Path, heads: TargetHeads) -> Eagle3:
+        config, state = fmt.read(Path(path))
+        if config["speculators_model_type"] != cls.algorithm:
+            raise fmt.DrafterFormatError(f"{path}: a {config['speculators_model_type']} checkpoint, not eagle3")
+        fmt.check_target(config, heads, Path(path))
+        saved = config.get("drafter", {}).get("config")
+        if saved:
+            model_cfg = Eagle3Config(**saved)
+        else:
+            model_cfg = Eagle3Config(
+                layer_ids=fmt.from_speculators_layer_ids(config["eagle_aux_hidden_state_layer_ids"]),
+                block_size=config["speculators_config"]["proposal_methods"][0]["speculative_tokens"],
+                draft_vocab_size=config.get("draft_vocab_size"),
+            )
+        model = cls(model_cfg, heads)
+        for key in (*fmt.FROZEN_KEYS, "lm_head.weight"):  # lm_head: the frozen target head restricted by d2t
+            state.pop(key, None)
+        model.load_state_dict(state)
+        model.verifier = config["speculators_config"]["verifier"]
+        model.meta = {k: v for k, v in config.get("drafter", {}).items() if k not in ("algorithm", "config")}
+        return model.eval()

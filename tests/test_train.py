@@ -1,0 +1,234 @@
+"""The training stage: learning, exact resume, DDP = one process, accumulation, MLflow, outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import torch
+
+from drafter.config import load_config
+from drafter.models import TargetHeads, load_drafter
+from drafter.train import train
+from tests.conftest import ROOT
+from tests.tiny_data import collate, make_dataset, sharp_target
+
+SHARPNESS = 60.0
+
+
+def tiny_cfg(*sets):
+    base = ["drafter.block_size=4", "train.batch_size=4", "train.lr=3e-3", "train.system_metrics=false"]
+    return load_config(ROOT / "configs" / "tiny.yaml", base + list(sets))
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads; on a shared CPU they lose a lot (spin-waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+@pytest.fixture(scope="module")
+def target():
+    return sharp_target(sharpness=SHARPNESS)
+
+
+@pytest.fixture(scope="module")
+def data(target):
+    return make_dataset(target, 48, seed=1), make_dataset(target, 8, seed=2)
+
+
+def losses(out_dir):
+    return [h["loss"] for h in json.loads((out_dir / "metrics.json").read_text())["history"]]
+
+
+def test_tiny_drafter_learns_held_out_tau_rises(target, data, tmp_path):
+    cfg = tiny_cfg("train.max_steps=40", "train.batch_size=8", "train.eval_every=20", "train.checkpoint_every=100")
+    manifest = train(cfg, out_dir=tmp_path, target=target, data=data, collate=collate)
+    evals = json.loads((tmp_path / "metrics.json").read_text())["evals"]
+    assert [e["step"] for e in evals] == [0, 20, 40]
+    start, best = evals[0]["sim_tau_greedy"], manifest["outputs"]["best_tau"]
+    assert start < 1.1 and best > 1.35, (start, best)  # held-out tau rises well above 1
+    assert manifest["outputs"]["best_step"] in (20, 40)
+    # outputs: best/ and last/ load back; counts add up; nothing pickled anywhere
+    heads = TargetHeads.from_target(target)
+    best_model = load_drafter(tmp_path / "best", heads)
+    assert best_model.meta["step"] == manifest["outputs"]["best_step"]
+    assert load_drafter(tmp_path / "last", heads).meta["step"] == 40
+    counts = manifest["counts"]
+    assert counts["sequences_seen"] == 40 * 8 == counts["sequences_with_targets"] + counts["sequences_without_targets"]
+    assert (tmp_path / "config.yaml").is_file() and manifest["params"]["selected_by"] == "sim_tau_greedy"
+    suffixes = {p.suffix for p in tmp_path.rglob("*") if p.is_file()}
+    assert suffixes <= {".json", ".safetensors", ".yaml"}, suffixes
+    # idempotent: the same config and data again is a no-op
+    calls = []
+    again = train(cfg, out_dir=tmp_path, target=target, data=data, collate=collate,
+                  callback=lambda step, rec: calls.append(step))
+    assert calls == [] and again["params"]["run_key"] == manifest["params"]["run_key"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("algo", ["dspark", "eagle3"])
+def test_resume_is_exact(target, data, tmp_path, algo):
+    cfg = tiny_cfg(f"drafter.algorithm={algo}", "train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=2")
+    whole = tmp_path / "whole"
+    train(cfg, out_dir=whole, target=target, data=data, collate=collate)
+
+    def stop(step, record):
+        if step == 5:
+            raise Interrupt
+
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupt):
+        train(cfg, out_dir=cut, target=target, data=data, collate=collate, callback=stop)
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    manifest = train(cfg, out_dir=cut, target=target, data=data, collate=collate)
+    assert manifest["outputs"]["resumed_from"] == "step-00000004"
+    assert losses(cut) == losses(whole)  # bit-identical on CPU
+    heads = TargetHeads.from_target(target)
+    a, b = load_drafter(whole / "last", heads), load_drafter(cut / "last", heads)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_other_run_in_the_same_folder_is_refused(target, data, tmp_path):
+    from drafter.train import TrainError
+
+    cfg = tiny_cfg("train.max_steps=2", "train.checkpoint_every=1", "train.eval_every=2")
+
+    def stop(step, record):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, out_dir=tmp_path, target=target, data=data, collate=collate, callback=stop)
+    with pytest.raises(TrainError, match="different run"):
+        train(tiny_cfg("train.max_steps=2", "train.lr=1e-3"), out_dir=tmp_path, target=target, data=data, collate=collate)
+
+
+def test_gradient_accumulation_matches_one_big_batch(target, data, tmp_path):
+    common = ["train.max_steps=3", "train.eval_every=3", "train.checkpoint_every=10"]
+    train(tiny_cfg(*common), out_dir=tmp_path / "one", target=target, data=data, collate=collate)
+    train(tiny_cfg(*common, "train.grad_accum=2"), out_dir=tmp_path / "acc", target=target, data=data, collate=collate)
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "acc"), rel=1e-5)
+
+
+def test_mlflow_run_nested_with_params_and_metrics(target, data, tmp_path):
+    mlflow.set_experiment("lifecycle-test")
+    with mlflow.start_run(run_name="lifecycle") as parent:
+        manifest = train(tiny_cfg("train.max_steps=2", "train.eval_every=2", "train.log_every=1"), out_dir=tmp_path,
+                         target=target, data=data, collate=collate)
+    run = mlflow.get_run(manifest["outputs"]["mlflow_run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert run.data.params["drafter.algorithm"] == "dspark" and run.data.params["train.max_anchors"] == "512"
+    keys = set(run.data.metrics)
+    for key in ("train/loss", "train/loss_ce", "train/loss_tv", "train/loss_bce", "train/accuracy_pos1",
+                "train/accept_rate_pos4", "train/sim_tau", "holdout/sim_tau", "holdout/sim_tau_greedy",
+                "holdout/accuracy_pos2", "lr", "tokens_per_s", "grad_norm"):
+        assert key in keys, key
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "lr")
+    assert [m.step for m in history] == [1, 2]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "train")}
+    assert "train/manifest.json" in artifacts
+
+
+@pytest.mark.integration
+def test_two_processes_match_one(target, data, tmp_path):
+    """`torchrun --nproc_per_node 2` (gloo, what `accelerate launch` does on GPUs) gives
+    the losses of one process with the same global batch."""
+    sets = ["train.max_steps=3", "train.eval_every=3", "train.checkpoint_every=10"]
+    train(tiny_cfg(*sets), out_dir=tmp_path / "single", target=target, data=data, collate=collate)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    with socket.socket() as sock:  # a free port: other test runs may share the machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path / "ddp"), str(SHARPNESS), *sets]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "ddp" / "manifest.json").read_text())
+    assert manifest["counts"]["processes"] == 2
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+
+
+@pytest.mark.integration
+def test_real_smollm2_target_trains_exports_and_drafts(smollm2_target, tmp_path):
+    """The real SmolLM2-135M target: its own answers to two prompts, captured, a few DSpark
+    steps at the real width and vocabulary, export, load, and drafting on real features."""
+    from tests.tiny_data import MemoryDataset
+
+    target = smollm2_target
+    tok = target.tokenizer
+    prompts = [json.loads(line)["turns"][0][:200] for line in (ROOT / "drafter/data/eval_datasets/gsm8k.jsonl").open()][:3]
+    samples = []
+    for prompt in prompts:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            full = target.model.generate(ids, max_new_tokens=20, do_sample=False)
+        feats = target.capture(full)
+        mask = torch.zeros(full.shape[1], dtype=torch.bool)
+        mask[ids.shape[1]:] = True
+        samples.append({"input_ids": full[0], "loss_mask": mask, "features": feats.layers[0], "final_hidden": feats.final[0]})
+    meta = {"layer_ids": target.layer_ids}
+    data = MemoryDataset(samples[:2], meta), MemoryDataset(samples[2:], meta)
+    cfg = load_config(ROOT / "configs" / "smollm2-135m-dspark.yaml", [
+        "train.max_steps=2", "train.batch_size=2", "train.max_anchors=8", "train.eval_every=2",
+        "train.system_metrics=false"])
+    manifest = train(cfg, out_dir=tmp_path, target=target, data=data, collate=collate)
+    assert manifest["counts"]["steps"] == 2 and manifest["counts"]["sequences_with_targets"] == 4
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in json.loads((tmp_path / "metrics.json").read_text())["history"])
+    config = json.loads((tmp_path / "best" / "config.json").read_text())
+    assert config["aux_hidden_state_layer_ids"] == [2, 8, 15, 21, 28]  # layers [1, 7, 14, 20, 27]
+    assert config["transformer_layer_config"]["hidden_size"] == 576 and config["draft_vocab_size"] == 49152
+    assert config["speculators_config"]["verifier"]["architectures"] == ["LlamaForCausalLM"]
+    model = load_drafter(tmp_path / "best", TargetHeads.from_target(target))
+    state = model.init_state()
+    s = samples[2]
+    model.extend(state, s["features"][None, :-5], s["input_ids"][None, :-5])
+    prop = model.propose(state, s["input_ids"][-5:-4], 7, 0.0)
+    assert prop.tokens.shape == (1, 7) and prop.confidences.shape == (1, 7)
+    assert torch.equal(prop.probs.argmax(-1), prop.tokens)
+
+
+def test_cli_trains_from_the_cache_api(tmp_path, monkeypatch):
+    """`drafter train --cache DIR --out DIR` through drafter.cache's reader API
+    (open_split + collate), stood in here by an in-memory module."""
+    import types
+
+    import drafter
+    from typer.testing import CliRunner
+
+    from drafter.cli import app
+    from drafter.target import load_target
+
+    cfg_path = ROOT / "configs" / "tiny.yaml"
+    target = load_target(load_config(cfg_path))
+    splits = {"train": make_dataset(target, 6, answer_len=12, seed=1), "holdout": make_dataset(target, 2, seed=2)}
+    opened = []
+
+    def open_split(cache_dir, split, expect_fingerprint=None):
+        assert expect_fingerprint == target.fingerprint  # the trainer checks the cache's target
+        opened.append((str(cache_dir), split))
+        return splits[split]
+
+    fake = types.ModuleType("drafter.cache")
+    fake.open_split, fake.collate = open_split, collate
+    monkeypatch.setitem(sys.modules, "drafter.cache", fake)
+    monkeypatch.setattr(drafter, "cache", fake, raising=False)
+    result = CliRunner().invoke(app, ["train", "-c", str(cfg_path), "--cache", str(tmp_path / "cache"),
+                                      "--out", str(tmp_path / "out"), "-s", "train.max_steps=2", "--json"])
+    assert result.exit_code == 0, result.output
+    assert opened == [(str(tmp_path / "cache"), "train"), (str(tmp_path / "cache"), "holdout")]
+    summary = json.loads(result.stdout)  # (the progress bar goes to stderr)
+    assert summary["steps"] == 2 and summary["algorithm"] == "dspark"
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["inputs"]["cache"] == str(tmp_path / "cache")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from functools import lru_cache
 from pathlib import Path
 
 from drafter.errors import DrafterError
@@ -96,3 +97,15 @@ class EvalIndex:
                 if hit is not None:
                     return self.names[hit]
         return None
+
+
+def eval_index(paths: list[Path], n: int) -> EvalIndex:
+    """The index of these evaluation files, built once per process while they are unchanged."""
+    files = eval_files(paths)
+    stamp = tuple((str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+    return _cached_index(tuple(str(p) for p in paths), n, stamp)
+
+
+@lru_cache(maxsize=4)
+def _cached_index(paths: tuple[str, ...], n: int, stamp: tuple) -> EvalIndex:
+    return EvalIndex([Path(p) for p in paths], n)

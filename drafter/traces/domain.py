@@ -42,6 +42,13 @@ CODE_WORDS = frozenset(
     "numpy docker kubernetes git github database query array list string integer variable loop recursion "
     "recursive return returns input output terminal linux backend frontend repository endpoint vba excel".split()
 )
+# Words that only come up around software: 3 points each, at most 6.
+TECH_WORDS = frozenset(
+    "python javascript typescript java c++ c# golang kotlin php sql mysql postgresql sqlite html css jquery react "
+    "angular vue nodejs django flask fastapi spring laravel numpy pandas dataframe matplotlib pytorch tensorflow "
+    "arraylist hashmap regex json yaml xml api apis npm pip git github docker kubernetes bash powershell vba "
+    "stacktrace traceback compiler runtime boolean struct enum async await lambda localhost http https".split()
+)
 MATH_SIGNS = [
     re.compile(r"\\(?:frac|sqrt|boxed|int|sum|prod|lim|cdot|times|le|ge|neq|pi|theta|alpha|log|sin|cos|binom|"
                r"mathbb|begin|left|right|dfrac|overline|angle|triangle|circ)\b|\\\[|\\\("),
@@ -84,7 +91,7 @@ def scores(text: str) -> tuple[float, float, bool]:
     task = bool((wordset & TASK_VERBS and CODE_TASK.search(lower))
                 or any(f"in {lang}" in lower for lang in wordset & LANGUAGES))
     code = 3.0 * sum(1 for rx in CODE_SIGNS if rx.search(text)) + (6.0 if task else 0.0)
-    code += min(sum(1 for w in words if w in CODE_WORDS), 6)
+    code += min(sum(1 for w in words if w in CODE_WORDS), 6) + 3.0 * min(len(wordset & TECH_WORDS), 2)
     math = 3.0 * sum(1 for rx in MATH_SIGNS if rx.search(text))
     numbers = len(NUMBER.findall(lower))
     if wordset & {"how", "what", "calculate", "compute"} and WORD_PROBLEM.search(lower) and numbers:

@@ -175,10 +175,10 @@ class IngestRun:
     @property
     def eval_index(self):
         if self._eval is None:
-            from drafter.traces.decontam import EvalIndex
+            from drafter.traces.decontam import eval_index
 
             with self.timer("load_eval_sets"):
-                self._eval = EvalIndex(list(self.icfg.eval_sets), self.icfg.ngram)
+                self._eval = eval_index(list(self.icfg.eval_sets), self.icfg.ngram)
         return self._eval
 
     @property
@@ -418,7 +418,11 @@ class IngestRun:
         if not cands:
             return []
         texts = [m["content"] for c in cands for m in c.parsed.messages]
-        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and hasattr(backend, "encode_batch_fast"):  # Rust, no offsets: lengths only
+            lengths = [len(enc.ids) for enc in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        else:
+            lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
         out, i = [], 0
         for cand in cands:
             n = len(cand.parsed.messages)

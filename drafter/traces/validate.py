@@ -59,6 +59,7 @@ class Validator:
             from great_expectations.data_context.types.base import ProgressBarsConfig
 
         self._gx = gx
+        logging.getLogger("great_expectations").setLevel(logging.ERROR)  # GX sets its own levels on import
         context = gx.get_context(mode="ephemeral")
         context.variables.progress_bars = ProgressBarsConfig(globally=False)
         asset = context.data_sources.add_pandas("ingest").add_dataframe_asset("conversations")

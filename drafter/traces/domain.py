@@ -24,6 +24,7 @@ CODE_SIGNS = [
     re.compile(r"^[ \t]*(?:def |class |import |from [\w.]+ import|#include|using namespace|public |private |"
                r"fn |func |let |const |var |function |async |return |print\(|console\.log|SELECT |<div|<\?php)", re.M),
     re.compile(r"[;{]$", re.M),
+    re.compile(r"\b(?:for|while|if|switch)\s*\([^)\n]*[;=<>]"),
     re.compile(r"(?:==|!=|=>|->|::|\+\+|&&|\|\|)"),
     re.compile(r"_[a-z]+\(|\.[a-z_]+\("),  # snake_case(, obj.method(
     re.compile(r"Traceback|Exception|Error:|stdin|stdout|Sample Input|Sample Output|Input Format|Constraints\b"),
@@ -33,6 +34,7 @@ TASK_VERBS = frozenset("write implement create generate fix debug refactor compl
 CODE_TASK = re.compile(
     r"\b(?:write|implement|create|generate|fix|debug|refactor|complete|develop|build)\s+(?:me\s+)?(?:a|an|the|this|my|some)?\s*"
     r"(?:\w+\s+){0,2}(?:function|program|script|class|method|code|query|regex|snippet|api|unit tests?|website|web page|app)\b"
+    r"|\bfix (?:the|this|my) bug\b"
 )
 LANGUAGES = frozenset("python javascript typescript java c++ c# golang rust kotlin swift php ruby sql bash html css".split())
 CODE_WORDS = frozenset(
@@ -46,7 +48,7 @@ CODE_WORDS = frozenset(
 TECH_WORDS = frozenset(
     "python javascript typescript java c++ c# golang kotlin php sql mysql postgresql sqlite html css jquery react "
     "angular vue nodejs django flask fastapi spring laravel numpy pandas dataframe matplotlib pytorch tensorflow "
-    "arraylist hashmap regex json yaml xml api apis npm pip git github docker kubernetes bash powershell vba "
+    "postgres arraylist hashmap regex json yaml xml api apis npm pip git github docker kubernetes bash powershell vba "
     "stacktrace traceback compiler runtime boolean struct enum async await lambda localhost http https".split()
 )
 MATH_SIGNS = [
@@ -62,10 +64,13 @@ MATH_SIGNS = [
 # A quantitative question with numbers in it (a word problem) is worth 6.
 WORD_PROBLEM = re.compile(
     r"\b(?:how many|how much|how long|how far|how fast|how old|how often|calculate|compute|what percent(?:age)?|"
-    r"in how many ways|what(?: is|'s) -?\d+|what are (?:their|the) (?:combined|total)|what(?: is|'s) the "
+    r"solve for|solve the equation|prove that|derivative|integral|simplify|factori[sz]e|evaluate the|"
+    r"find the value|find all|in how many ways|what(?: is|'s) -?\d+|what are (?:their|the) (?:combined|total)|what(?: is|'s) the "
     r"(?:total|sum|value|probability|area|volume|perimeter|average|remainder|product|least|greatest|smallest|largest|"
     r"distance|difference|maximum|minimum|number))\b"
 )
+QUESTION_WORDS = frozenset("how what calculate compute solve prove derivative integral simplify factorise factorize "
+                           "evaluate find in".split())
 MATH_WORDS = frozenset(
     "solve calculate compute evaluate simplify equation equations integral derivative differentiate integrate "
     "probability prove proof theorem lemma polynomial matrix vector prime primes divisible remainder factor "
@@ -94,7 +99,7 @@ def scores(text: str) -> tuple[float, float, bool]:
     code += min(sum(1 for w in words if w in CODE_WORDS), 6) + 3.0 * min(len(wordset & TECH_WORDS), 2)
     math = 3.0 * sum(1 for rx in MATH_SIGNS if rx.search(text))
     numbers = len(NUMBER.findall(lower))
-    if wordset & {"how", "what", "calculate", "compute"} and WORD_PROBLEM.search(lower) and numbers:
+    if wordset & QUESTION_WORDS and WORD_PROBLEM.search(lower) and numbers:
         math += 6.0
     math += 2.0 if numbers >= 3 else 0.0
     math += 0.75 * min(sum(1 for w in words if w in MATH_WORDS), 6)
@@ -103,9 +108,10 @@ def scores(text: str) -> tuple[float, float, bool]:
 
 def classify_text(text: str) -> str:
     sample = text[:SAMPLE_CHARS]
-    if len(WORD.findall(sample.lower())) < 2 and len(sample.strip()) < 3 * len(NON_LATIN.findall(sample)) + 3:
+    non_latin = len(NON_LATIN.findall(sample))
+    if non_latin > 0.25 * len(sample.strip()):
         return "other"
-    if len(NON_LATIN.findall(sample)) > 0.25 * len(sample.strip()):
+    if len(WORD.findall(sample.lower())) < 2 and non_latin < 2:
         return "other"
     code, math, task = scores(sample)
     if code >= 6 and (code >= math or task):

@@ -249,7 +249,7 @@ DETECTORS: list[Detector] = [
 # North American numbers are grouped 3-3-4; other countries' national formats vary.
 NANP_HINT = re.compile(r"\d{3}\)?[\s.\-]?\d{3}[\s.\-]\d{4}|\+\d[\d\s().\-]{5,}\d|\d{10,11}")
 ANY_HINT = re.compile(r"\d{2,5}\)?[\s.\-]\d{2,4}[\s.\-]?\d{2,5}|\+\d[\d\s().\-]{5,}\d|\d{10,11}")
-THREE_DIGITS = re.compile(r"\d\d\d")
+TWO_DIGITS = re.compile(r"\d\d")  # every phone number format has two adjacent digits somewhere
 # A bare run of digits is a phone number only after a word that says so.
 PHONE_WORDS = re.compile(r"(?i)(?:phone|tel|call|mobile|cell|fax|whatsapp|sms|text me|contact|number|reach me|ring)\W{0,3}(?:\w+\W{1,3}){0,3}$")
 
@@ -291,7 +291,7 @@ class Redactor:
         return "".join(out)
 
     def _phones(self, text: str, found: Counter) -> str:
-        if not THREE_DIGITS.search(text):
+        if not TWO_DIGITS.search(text):
             return text
         spans = set()
         hint = NANP_HINT if set(self.phone_regions) <= {"US", "CA"} else ANY_HINT

@@ -118,16 +118,22 @@ class _ChunkReader(io.RawIOBase):
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks = chunks
         self._pending = b""
+        self._error: BaseException | None = None  # raised again on every later read
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
         while not self._pending:
+            if self._error is not None:
+                raise self._error
             try:
                 self._pending = next(self._chunks)
             except StopIteration:
                 return 0
+            except DECOMPRESS_ERRORS as exc:
+                self._error = exc
+                raise
         n = min(len(buffer), len(self._pending))
         buffer[:n] = self._pending[:n]
         self._pending = self._pending[n:]
@@ -216,7 +222,7 @@ class SourceReader:
                     stream = open_decompressed(self.path)
                     hasher, head = hashlib.sha256(), b""
             state = {"hasher": hasher, "offset": offset, "count": count, "head": head, "damaged": False}
-            if offset == 0 and self._starts_with_bracket(stream):
+            if offset == 0 and self._is_array():
                 yield from self._array_records(stream, state)
             else:
                 yield from self._line_records(stream, state)
@@ -249,16 +255,15 @@ class SourceReader:
             return False, hasher, head
         return hasher.hexdigest() == wm.sha256, hasher, head
 
-    @staticmethod
-    def _starts_with_bracket(stream: BinaryIO) -> bool:
-        peek = getattr(stream, "peek", None)
-        if peek is None:
-            return False
+    def _is_array(self) -> bool:
+        """Does the file hold one JSON array (first non-blank byte '[')? Checked on a separate
+        stream, so that damaged data is reported by the main read, not here."""
         try:
-            head = peek(CHUNK)[:CHUNK].lstrip(b"\xef\xbb\xbf \t\r\n")
+            with open_decompressed(self.path) as probe:
+                head = probe.read(CHUNK)
         except DECOMPRESS_ERRORS:
             return False
-        return head[:1] == b"["
+        return head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"["
 
     def _consume(self, state: dict, data: bytes, records: int = 1) -> None:
         state["hasher"].update(data)

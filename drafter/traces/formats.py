@@ -208,8 +208,10 @@ def _meta(obj: dict, request: dict, response: dict) -> dict:
 def _choice_message(response: dict, flags: set[str]) -> list[dict]:
     """The assistant turn of a chat completion: the choice with the lowest index."""
     choices = response.get("choices")
-    if not isinstance(choices, list) or not choices:
+    if choices is None or choices == []:
         return []
+    if not isinstance(choices, list):
+        raise NotAConversation("not_a_conversation", f"response choices of type {type(choices).__name__}")
     valid = [c for c in choices if isinstance(c, dict) and isinstance(c.get("message"), dict)]
     if not valid:
         raise NotAConversation("not_a_conversation", "response choices hold no message")

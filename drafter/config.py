@@ -98,7 +98,7 @@ class IngestConfig(Section):
     quarantine_keep_bytes: int = Field(65_536, ge=256)  # raw bytes of a bad record kept in quarantine.jsonl
     sniff_records: int = Field(20, ge=1)  # records read to detect a file's format
     batch_size: int = Field(1024, ge=1)  # conversations per redact/tokenize/dedup batch
-    validate_rows: int = Field(20_000, ge=1)  # rows per Great Expectations batch
+    validate_rows: int = Field(5_000, ge=1)  # rows per Great Expectations batch (bounds memory)
     max_invalid_fraction: float = Field(0.05, ge=0, lt=1)  # row-level failures allowed per batch
 
     @model_validator(mode="after")

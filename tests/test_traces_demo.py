@@ -99,3 +99,24 @@ def test_ingest_the_packaged_sharegpt_dump_directly(tmp_path):
     assert c["conversations"]["train"] + c["conversations"]["holdout"] > 150
     assert c["filtered_by_reason"].get("too_many_tokens", 0) > 0  # long ShareGPT chats exceed 2048 tokens
     assert c["domains"].get("other", 0) > 0  # non-English conversations
+
+
+@pytest.mark.integration
+def test_token_size_bounds_hold_for_smollm2():
+    """Ingest skips tokenizing conversations whose byte size settles the token bounds; with the
+    real tokenizer the bounds must hold on real prompts of every kind (and their cut-offs)."""
+    from drafter.config import BUNDLED_EVAL_DIR
+    from drafter.target import load_tokenizer
+    from drafter.traces.ingest import TokenSize
+
+    size = TokenSize(load_tokenizer(load_config(ROOT / "configs" / "smollm2-135m-dspark.yaml")))
+    assert not size.exact_only and size.longest_plain < size.longest
+    texts = []
+    for path in sorted(BUNDLED_EVAL_DIR.glob("*.jsonl")):
+        for line in path.read_text().rstrip("\n").split("\n")[:150]:
+            turn = json.loads(line)["turns"][0]
+            texts += [turn, turn[:9], "    " + turn[:40] + "\n\n\n" + "#" * 90]
+    counts = size.count(texts)
+    for text, n in zip(texts, counts):
+        low, high = size.bounds([text], len(text.encode()), floor=1 << 30)
+        assert low <= n <= high, text[:80]

@@ -11,7 +11,7 @@ BOILERPLATE = "Please reason step by step, and put your final answer within \\bo
 
 
 def first_turns(name):
-    lines = (BUNDLED_EVAL_DIR / f"{name}.jsonl").read_text().splitlines()
+    lines = (BUNDLED_EVAL_DIR / f"{name}.jsonl").read_text().rstrip("\n").split("\n")
     # The maths sets end every prompt with the same instruction: leave it out, users do not write it.
     return [json.loads(line)["turns"][0].replace(BOILERPLATE, "").strip() for line in lines]
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import zstandard
 from datasets import load_from_disk
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from drafter.config import BUNDLED_EVAL_DIR, load_config
 from drafter.manifest import check_accounting, sha256_tree
@@ -42,7 +44,7 @@ def write_mixed(root: Path) -> dict:
     """A folder of every supported format, with broken, duplicate, contaminated and secret-bearing lines.
     Returns what each line should become, for the checks."""
     root.mkdir(parents=True, exist_ok=True)
-    gsm8k = json.loads((BUNDLED_EVAL_DIR / "gsm8k.jsonl").read_text().splitlines()[3])["turns"][0]
+    gsm8k = json.loads((BUNDLED_EVAL_DIR / "gsm8k.jsonl").read_text().rstrip("\n").split("\n")[3])["turns"][0]
     lines = [chat_line(prompt(i)) for i in range(12)]
     lines += [
         chat_line(prompt(0)),  # exact duplicate of line 1
@@ -144,7 +146,9 @@ def places(out: Path) -> dict[tuple[str, int], list[str]]:
         for row in load_from_disk(str(out / split)):
             where.setdefault((row["source"], row["line"]), []).append(split)
     for name in ("quarantine", "dropped"):
-        for line in (out / f"{name}.jsonl").read_text().splitlines():
+        for line in (out / f"{name}.jsonl").read_text().rstrip("\n").split("\n"):
+            if not line:
+                continue
             rec = json.loads(line)
             where.setdefault((rec["source"], rec["line"]), []).append(f"{name}:{rec['reason']}")
     return where
@@ -296,7 +300,7 @@ def test_row_level_failures_go_to_quarantine(cfg, tmp_path):
     m = ingest(cfg, [raw], tmp_path / "out")
     assert m["counts"]["conversations"]["quarantined"] == 1
     assert m["counts"]["quarantined_by_reason"] == {"validation:no_secret_left": 1}
-    q = [json.loads(x) for x in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
+    q = [json.loads(x) for x in (tmp_path / "out" / "quarantine.jsonl").read_text().rstrip("\n").split("\n")]
     assert q[0]["line"] == 31 and q[0]["stage"] == "validate"
     assert json.loads((tmp_path / "out" / "validation.json").read_text())["row_failures_quarantined"] == 1
 
@@ -321,3 +325,23 @@ def test_batch_level_failure_stops_and_publishes_nothing(cfg, tmp_path, monkeypa
     assert sha256_tree(out) == before  # previous output and watermarks untouched
     monkeypatch.undo()
     assert ingest(cfg, [raw], out)["counts"]["records"]["read"] == 5  # the lines are read again once fixed
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(st.text(max_size=300), min_size=1, max_size=3))
+def test_fuzz_token_size_bounds_hold(tiny_tokenizer_size, texts):
+    """The size bounds that spare most conversations from tokenization never contradict the count."""
+    nbytes = sum(len(t.encode()) for t in texts)
+    low, high = tiny_tokenizer_size.bounds(texts, nbytes, floor=1 << 30)
+    n = sum(tiny_tokenizer_size.count(texts))
+    assert low <= n <= high
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer_size():
+    from drafter.tiny import tiny_tokenizer
+    from drafter.traces.ingest import TokenSize
+
+    size = TokenSize(tiny_tokenizer())
+    assert not size.exact_only and size.longest_plain <= size.longest
+    return size

@@ -9,7 +9,7 @@ from drafter.config import BUNDLED_EVAL_DIR
 from drafter.traces.redact import Redactor, luhn_ok, placeholder, secret_patterns
 
 DATA = Path(__file__).parent / "data" / "redaction_labelled.jsonl"
-CASES = [json.loads(line) for line in DATA.read_text().splitlines()]
+CASES = [json.loads(line) for line in DATA.read_text().rstrip("\n").split("\n")]
 
 
 def test_labelled_set_recall_and_no_false_positives():
@@ -41,7 +41,7 @@ def test_no_false_positive_on_evaluation_prompts(name):
     (arena-hard-v2 is left out: some of its prompts paste real-looking e-mail addresses.)"""
     redactor = Redactor()
     changed = []
-    for line in (BUNDLED_EVAL_DIR / f"{name}.jsonl").read_text().splitlines():
+    for line in (BUNDLED_EVAL_DIR / f"{name}.jsonl").read_text().rstrip("\n").split("\n"):
         for turn in json.loads(line)["turns"]:
             out, counts = redactor.redact(turn)
             if counts:

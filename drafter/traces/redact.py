@@ -254,6 +254,23 @@ TWO_DIGITS = re.compile(r"\d\d")  # every phone number format has two adjacent d
 PHONE_WORDS = re.compile(r"(?i)(?:phone|tel|call|mobile|cell|fax|whatsapp|sms|text me|contact|number|reach me|ring)\W{0,3}(?:\w+\W{1,3}){0,3}$")
 
 
+# Which detectors each hint switches on, and the detectors gated by a regex instead:
+# one pass of plain substring tests per text decides what runs.
+HINT_TABLE: list[tuple[str, tuple[int, ...]]] = sorted(
+    {h: tuple(i for i, d in enumerate(DETECTORS) if d.gate is None and h in d.hints)
+     for d in DETECTORS for h in d.hints}.items()
+)
+GATED = [i for i, d in enumerate(DETECTORS) if d.gate is not None]
+
+
+def _active(text: str) -> list[int]:
+    active = {i for i in GATED if DETECTORS[i].gate.search(text)}
+    for hint, idxs in HINT_TABLE:
+        if hint in text:
+            active.update(idxs)
+    return sorted(active)
+
+
 @dataclass
 class Redactor:
     """`redact(text) -> (clean_text, Counter of kinds)`; counts accumulate in `totals`."""
@@ -265,9 +282,8 @@ class Redactor:
         found: Counter = Counter()
         if not text:
             return text, found
-        for det in DETECTORS:
-            if det.applies(text):
-                text = self._apply(det, text, found)
+        for i in _active(text):
+            text = self._apply(DETECTORS[i], text, found)
         text = self._phones(text, found)
         self.totals.update(found)
         return text, found

@@ -52,7 +52,7 @@ from drafter.traces.domain import classify
 from drafter.traces.formats import NotAConversation, Parsed
 from drafter.traces.redact import Redactor
 from drafter.traces.schema import COLUMNS, ROLES, Conversation, record_id
-from drafter.traces.sources import RawRecord, SourceError, SourceReader, Watermark, discover, head_hash
+from drafter.traces.sources import RawRecord, SourceReader, Watermark, discover, head_hash
 from drafter.traces.validate import Validator, ValidationFailed, markdown
 
 log = logging.getLogger(__name__)
@@ -735,4 +735,4 @@ def _gx_version() -> str:
     return metadata.version("great-expectations")
 
 
-__all__ = ["ingest", "SourceError", "ValidationFailed"]
+__all__ = ["ingest", "ValidationFailed"]

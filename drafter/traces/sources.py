@@ -26,16 +26,11 @@ from typing import BinaryIO, Iterator
 
 import zstandard
 
-from drafter.errors import DrafterError
 
 LOG_SUFFIXES = (".jsonl", ".json", ".ndjson", ".log")
 COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
 HEAD_BYTES = 4096  # prefix hashed to recognise a file seen before under another name
 CHUNK = 1 << 16
-
-
-class SourceError(DrafterError, OSError):
-    """A source file cannot be read at all (missing, permission, a folder of nothing)."""
 
 
 @dataclass

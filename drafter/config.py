@@ -84,14 +84,22 @@ class TargetConfig(Section):
 
 
 class IngestConfig(Section):
-    inputs: list[Path] = [Path("data/raw")]
+    inputs: list[Path] = [Path("data/raw")]  # log files or folders read when the command names none
     eval_sets: list[Path] = [BUNDLED_EVAL_DIR]  # files or folders of {"turns": [...]} JSONL
     ngram: int = Field(13, ge=3)  # decontamination n-gram length (words)
     near_dup_threshold: float = Field(0.85, gt=0, le=1)  # MinHash Jaccard threshold
     num_perm: int = Field(128, ge=16)
-    min_tokens: int = Field(4, ge=1)
+    min_tokens: int = Field(4, ge=1)  # conversation length bounds, target tokenizer, message text only
     max_tokens: int = Field(4096, ge=16)
     holdout_fraction: float = Field(0.1, gt=0, lt=1)
+    require_assistant: bool = True  # drop conversations with no assistant turn
+    phone_regions: list[str] = ["US"]  # national phone formats recognised without a +country code
+    max_line_bytes: int = Field(8_000_000, ge=1024)  # longer lines are quarantined, never held whole
+    quarantine_keep_bytes: int = Field(65_536, ge=256)  # raw bytes of a bad record kept in quarantine.jsonl
+    sniff_records: int = Field(20, ge=1)  # records read to detect a file's format
+    batch_size: int = Field(1024, ge=1)  # conversations per redact/tokenize/dedup batch
+    validate_rows: int = Field(5_000, ge=1)  # rows per Great Expectations batch (bounds memory)
+    max_invalid_fraction: float = Field(0.05, ge=0, lt=1)  # row-level failures allowed per batch
 
     @model_validator(mode="after")
     def _bounds(self) -> IngestConfig:

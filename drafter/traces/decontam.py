@@ -1,0 +1,111 @@
+"""Decontamination: drop conversations whose user turns overlap the evaluation prompts.
+
+An evaluation prompt contaminates a conversation when a user turn shares a word n-gram
+(default 13 words, the GPT-3 / Llama convention) with it after normalisation; prompts
+shorter than n words must match a user turn exactly. N-grams shared by many evaluation
+prompts are instruction boilerplate ("You are an expert Python programmer ...", "Please
+reason step by step ..."), not content, and are ignored so that ordinary prompts using
+the same phrasing stay.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from functools import lru_cache
+from pathlib import Path
+
+from drafter.errors import DrafterError
+from drafter.traces.dedup import normalize
+
+BOILERPLATE_PROMPTS = 5  # an n-gram in this many evaluation prompts or more is boilerplate
+
+
+class EvalSetError(DrafterError, ValueError):
+    """An evaluation set to decontaminate against cannot be read."""
+
+
+def eval_files(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            files += sorted(path.glob("*.jsonl"))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise EvalSetError(f"ingest.eval_sets: {path} does not exist")
+    if not files:
+        raise EvalSetError(f"ingest.eval_sets: no *.jsonl files in {', '.join(map(str, paths))}")
+    return files
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts of one evaluation file: `{"turns": [...]}` lines (also `prompt`/`question`)."""
+    prompts = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as exc:
+                raise EvalSetError(f"{path}:{n}: not JSON ({exc})") from None
+            turns = obj.get("turns") if isinstance(obj, dict) else None
+            if turns is None and isinstance(obj, dict):
+                turns = [obj[k] for k in ("prompt", "question", "problem") if isinstance(obj.get(k), str)][:1]
+            prompts += [t for t in turns or [] if isinstance(t, str)]
+    return prompts
+
+
+class EvalIndex:
+    def __init__(self, paths: list[Path], n: int = 13) -> None:
+        self.n = n
+        self.files = eval_files(paths)
+        self.names = [p.stem for p in self.files]
+        owner: dict[int, int] = {}
+        df: Counter = Counter()
+        self.short: dict[str, int] = {}
+        self.prompts = 0
+        for idx, path in enumerate(self.files):
+            for prompt in read_prompts(path):
+                self.prompts += 1
+                words = normalize(prompt).split()
+                if len(words) < n:
+                    if words:
+                        self.short.setdefault(" ".join(words), idx)
+                    continue
+                grams = {hash(tuple(words[i : i + n])) for i in range(len(words) - n + 1)}
+                df.update(grams)
+                for g in grams:
+                    owner.setdefault(g, idx)
+        self.grams = {g: idx for g, idx in owner.items() if df[g] < BOILERPLATE_PROMPTS}
+        self.boilerplate = len(owner) - len(self.grams)
+
+    def match(self, texts: list[str]) -> str | None:
+        """Name of the first evaluation set one of the texts overlaps, else None."""
+        n = self.n
+        for text in texts:
+            words = normalize(text).split()
+            if len(words) < n:
+                hit = self.short.get(" ".join(words))
+                if hit is not None:
+                    return self.names[hit]
+                continue
+            for i in range(len(words) - n + 1):
+                hit = self.grams.get(hash(tuple(words[i : i + n])))
+                if hit is not None:
+                    return self.names[hit]
+        return None
+
+
+def eval_index(paths: list[Path], n: int) -> EvalIndex:
+    """The index of these evaluation files, built once per process while they are unchanged."""
+    files = eval_files(paths)
+    stamp = tuple((str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+    return _cached_index(tuple(str(p) for p in paths), n, stamp)
+
+
+@lru_cache(maxsize=4)
+def _cached_index(paths: tuple[str, ...], n: int, stamp: tuple) -> EvalIndex:
+    return EvalIndex([Path(p) for p in paths], n)

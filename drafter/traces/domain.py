@@ -1,0 +1,133 @@
+"""A cheap domain tag for a conversation: chat, code, math or other.
+
+Drafter acceptance differs a lot between domains, so the tag drives per-domain
+sampling, gates and drift. It only needs to be cheap and right most of the time, so it
+is a weighted count of tell-tale signs in the user turns (code fences, program syntax,
+programming words; equations, LaTeX, maths words and word problems), checked against
+the labelled evaluation sets and hand-labelled examples in tests/test_traces_domain.py.
+
+- code: writing, fixing or explaining programs (including programming puzzles);
+- math: calculation, word problems, proofs, equations;
+- other: text mostly in a non-Latin script, or with hardly any words (data dumps);
+- chat: everything else (questions, writing, advice, role play, ...).
+"""
+
+from __future__ import annotations
+
+import re
+
+SAMPLE_CHARS = 1000  # the opening says what a prompt is about; keeps the cost bounded
+
+# Signs worth 3 points each (counted once per pattern).
+CODE_SIGNS = [
+    re.compile(r"```"),
+    re.compile(r"^[ \t]*(?:def |class |import |from [\w.]+ import|#include|using namespace|public |private |"
+               r"fn |func |let |const |var |function |async |return |print\(|console\.log|SELECT |<div|<\?php)", re.M),
+    re.compile(r"[;{]$", re.M),
+    re.compile(r"\b(?:for|while|if|switch)\s*\([^)\n]*[;=<>]"),
+    re.compile(r"(?:==|!=|=>|->|::|\+\+|&&|\|\|)"),
+    re.compile(r"_[a-z]+\(|\.[a-z_]+\("),  # snake_case(, obj.method(
+    re.compile(r"Traceback|Exception|Error:|stdin|stdout|Sample Input|Sample Output|Input Format|Constraints\b"),
+]
+# A request to write a program is worth 6.
+TASK_VERBS = frozenset("write implement create generate fix debug refactor complete develop build".split())
+CODE_TASK = re.compile(
+    r"\b(?:write|implement|create|generate|fix|debug|refactor|complete|develop|build)\s+(?:me\s+)?(?:a|an|the|this|my|some)?\s*"
+    r"(?:\w+\s+){0,2}(?:function|program|script|class|method|code|query|regex|snippet|api|unit tests?|website|web page|app)\b"
+    r"|\bfix (?:the|this|my) bug\b"
+)
+LANGUAGES = frozenset("python javascript typescript java c++ c# golang rust kotlin swift php ruby sql bash html css".split())
+CODE_WORDS = frozenset(
+    "python javascript typescript java c++ c# golang rust kotlin swift php ruby scala sql html css bash shell "
+    "powershell regex json yaml api sdk code coding program programming function functions method class script "
+    "algorithm implement compile compiler debug bug refactor library framework react django flask nodejs pandas "
+    "numpy docker kubernetes git github database query array list string integer variable loop recursion "
+    "recursive return returns input output terminal linux backend frontend repository endpoint vba excel".split()
+)
+# Words that only come up around software: 3 points each, at most 6.
+TECH_WORDS = frozenset(
+    "python javascript typescript java c++ c# golang kotlin php sql mysql postgresql sqlite html css jquery react "
+    "angular vue nodejs django flask fastapi spring laravel numpy pandas dataframe matplotlib pytorch tensorflow "
+    "postgres arraylist hashmap regex json yaml xml api apis npm pip git github docker kubernetes bash powershell vba "
+    "stacktrace traceback compiler runtime boolean struct enum async await lambda localhost http https".split()
+)
+MATH_SIGNS = [
+    re.compile(r"\\(?:frac|sqrt|boxed|int|sum|prod|lim|cdot|times|le|ge|neq|pi|theta|alpha|log|sin|cos|binom|"
+               r"mathbb|begin|left|right|dfrac|overline|angle|triangle|circ)\b|\\\[|\\\("),
+    re.compile(r"\$[^$\n]{1,200}\$|\[asy\]"),
+    re.compile(r"\d\s*[-+*/×÷^]\s*\d"),
+    re.compile(r"[=<>] ?-?\d"),
+    re.compile(r"\^[\d{]|\|[a-z]|\b[a-z] ?[-+*/] ?[a-z\d]\b ?[=<>]"),
+    re.compile(r"\$\d"),
+    re.compile(r"\d\s*%"),
+]
+# A quantitative question with numbers in it (a word problem) is worth 6.
+WORD_PROBLEM = re.compile(
+    r"\b(?:how many|how much|how long|how far|how fast|how old|how often|calculate|compute|what percent(?:age)?|"
+    r"solve for|solve the equation|prove that|derivative|integral|simplify|factori[sz]e|evaluate the|"
+    r"find the value|find all|in how many ways|what(?: is|'s) -?\d+|what are (?:their|the) (?:combined|total)|what(?: is|'s) the "
+    r"(?:total|sum|value|probability|area|volume|perimeter|average|remainder|product|least|greatest|smallest|largest|"
+    r"distance|difference|maximum|minimum|number))\b"
+)
+QUESTION_WORDS = frozenset("how what calculate compute solve prove derivative integral simplify factorise factorize "
+                           "evaluate find in".split())
+MATH_WORDS = frozenset(
+    "solve calculate compute evaluate simplify equation equations integral derivative differentiate integrate "
+    "probability prove proof theorem lemma polynomial matrix vector prime primes divisible remainder factor "
+    "factorial fraction ratio percent percentage average mean median sum product total area volume perimeter "
+    "radius diameter triangle circle square angle geometry algebra calculus arithmetic logarithm exponent "
+    "sequence series digit digits real integers positive negative maximum minimum inequality expected cost "
+    "costs price profit dollars cents hours minutes miles twice half find determine distance speed rate each "
+    "value consecutive smallest largest greatest least express units paid earn earns spend spent".split()
+)
+WORD = re.compile(r"[a-z][a-z+#]*")
+NUMBER = re.compile(r"\d+|\b(?:two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|twenty|hundred|thousand|"
+                    r"half|twice|dozen)\b")
+# Scripts other than Latin (Cyrillic, Greek, Hebrew, Arabic, Indic, Thai, CJK, Hangul, ...).
+NON_LATIN = re.compile(r"[\u0370-\u03ff\u0400-\u052f\u0590-\u06ff\u0900-\u0dff\u0e00-\u0eff\u1100-\u11ff"
+                       r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
+
+
+def scores(text: str) -> tuple[float, float, bool]:
+    """(code score, math score, asks for a program) of a text."""
+    lower = text.lower()
+    words = WORD.findall(lower)
+    wordset = set(words)
+    task = bool((wordset & TASK_VERBS and CODE_TASK.search(lower))
+                or any(f"in {lang}" in lower for lang in wordset & LANGUAGES))
+    code = 3.0 * sum(1 for rx in CODE_SIGNS if rx.search(text)) + (6.0 if task else 0.0)
+    code += min(sum(1 for w in words if w in CODE_WORDS), 6) + 3.0 * min(len(wordset & TECH_WORDS), 2)
+    math = 3.0 * sum(1 for rx in MATH_SIGNS if rx.search(text))
+    numbers = len(NUMBER.findall(lower))
+    if wordset & QUESTION_WORDS and WORD_PROBLEM.search(lower) and numbers:
+        math += 6.0
+    math += 2.0 if numbers >= 3 else 0.0
+    math += 0.75 * min(sum(1 for w in words if w in MATH_WORDS), 6)
+    return code, math, task
+
+
+def classify_text(text: str) -> str:
+    sample = text[:SAMPLE_CHARS]
+    non_latin = len(NON_LATIN.findall(sample))
+    if non_latin > 0.25 * len(sample.strip()):
+        return "other"
+    if len(WORD.findall(sample.lower())) < 2 and non_latin < 2:
+        return "other"
+    code, math, task = scores(sample)
+    if code >= 6 and (code >= math or task):
+        return "code"
+    if math >= 6:
+        return "math"
+    if code >= 6:
+        return "code"
+    return "chat"
+
+
+def classify(user_turns: list[str]) -> str:
+    """Domain of a conversation from its user turns (the first one decides unless it is chat)."""
+    if not user_turns:
+        return "other"
+    first = classify_text(user_turns[0])
+    if first != "chat" or len(user_turns) == 1:
+        return first
+    return classify_text("\n".join(user_turns)[:SAMPLE_CHARS])

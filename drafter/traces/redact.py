@@ -1,0 +1,352 @@
+"""Redaction of personal data and secrets, before anything is written.
+
+Each finding is replaced by a typed placeholder (`[EMAIL]`, `[OPENAI_KEY]`, ...) and
+counted by type. Libraries do what they are good at: `detect-secrets` supplies the
+vendor token patterns (AWS, GitHub, GitLab, Slack, JWT, Stripe, ...), `phonenumbers`
+finds phone numbers (valid numbers only, so ordinary numbers in code and maths stay).
+Patterns of our own cover what they lack: whole private key blocks, current OpenAI and
+Anthropic keys, bearer tokens, high-entropy `api_key = "..."` assignments, e-mail
+addresses, Luhn-checked card numbers and globally routable IP addresses.
+
+Every detector has cheap literal hints: a text containing none of them skips the regex,
+which keeps redaction fast on ordinary text.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import phonenumbers
+from detect_secrets.plugins.aws import AWSKeyDetector
+from detect_secrets.plugins.azure_storage_key import AzureStorageKeyDetector
+from detect_secrets.plugins.basic_auth import BasicAuthDetector
+from detect_secrets.plugins.discord import DiscordBotTokenDetector
+from detect_secrets.plugins.github_token import GitHubTokenDetector
+from detect_secrets.plugins.gitlab_token import GitLabTokenDetector
+from detect_secrets.plugins.jwt import JwtTokenDetector
+from detect_secrets.plugins.openai import OpenAIDetector
+from detect_secrets.plugins.pypi_token import PypiTokenDetector
+from detect_secrets.plugins.sendgrid import SendGridDetector
+from detect_secrets.plugins.slack import SlackDetector
+from detect_secrets.plugins.square_oauth import SquareOAuthDetector
+from detect_secrets.plugins.stripe import StripeDetector
+
+
+@dataclass(frozen=True)
+class Detector:
+    kind: str  # placeholder type, e.g. "email" -> "[EMAIL]"
+    pattern: re.Pattern
+    hints: tuple[str, ...] = ()  # the regex runs only if one of these is in the text ("" = always)
+    group: int = 0  # the part of the match to replace (e.g. the password inside a URL)
+    check: Callable[[str], bool] | None = None  # extra validation of the replaced part
+    gate: re.Pattern | None = None  # instead of hints: a cheap regex that must match first
+
+    def applies(self, text: str) -> bool:
+        if self.gate is not None:
+            return self.gate.search(text) is not None
+        return any(h in text for h in self.hints)
+
+
+def placeholder(kind: str) -> str:
+    return f"[{kind.upper()}]"
+
+
+# ----- validators --------------------------------------------------------------------
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _card_ok(text: str) -> bool:
+    digits = re.sub(r"[ -]", "", text)
+    if not 13 <= len(digits) <= 19 or not luhn_ok(digits):
+        return False
+    # Issuer prefixes (IIN) of the card networks: a random Luhn-valid number rarely has one.
+    two, four = int(digits[:2]), int(digits[:4])
+    return (
+        digits[0] == "4"  # Visa
+        or 51 <= two <= 55 or 2221 <= four <= 2720  # Mastercard
+        or two in (34, 37)  # American Express
+        or digits.startswith(("6011", "65")) or 644 <= int(digits[:3]) <= 649  # Discover
+        or 3528 <= four <= 3589  # JCB
+        or 300 <= int(digits[:3]) <= 305 or two in (36, 38)  # Diners
+        or two == 62  # UnionPay
+        or two in (50, 56, 57, 58) or digits.startswith("67")  # Maestro
+    )
+
+
+def _ip_ok(text: str) -> bool:
+    """Only globally routable addresses: loopback, private, documentation, netmasks stay."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    if ip.version == 6 and sum(1 for g in text.split(":") if g) < 3:
+        return False  # "1::2" is also a Python slice
+    return ip.is_global and not text.startswith("255.")
+
+
+def entropy(text: str) -> float:
+    counts = Counter(text)
+    return -sum(c / len(text) * math.log2(c / len(text)) for c in counts.values())
+
+
+PLACEHOLDER_WORDS = re.compile(r"(?i)your|example|sample|dummy|placeholder|xxxx|redacted|changeme|token_here|<|>|\$\{|\{\{")
+
+
+def _random_looking(token: str, min_len: int = 16) -> bool:
+    """Secrets are random strings: long, letters and digits, high entropy, not a placeholder."""
+    return (
+        len(token) >= min_len
+        and any(c.isdigit() for c in token)
+        and any(c.isalpha() for c in token)
+        and entropy(token) >= 3.0
+        and not PLACEHOLDER_WORDS.search(token)
+    )
+
+
+def _jwt_ok(token: str) -> bool:
+    return JwtTokenDetector.is_formally_valid(token)
+
+
+# Generic TLDs seen in real addresses; any two-letter country code is accepted too. A list
+# (rather than any word) keeps `y = x@self.weight` (matrix product in Python) from matching.
+COMMON_TLDS = frozenset(
+    "com org net edu gov mil int info biz name pro mobi app dev io ai co me tv cc ly gg sh "
+    "cloud online site tech store shop blog email mail live life world today news media "
+    "agency company business solutions services consulting digital network systems group "
+    "global international academy school university college health care clinic law legal "
+    "finance bank money capital fund insurance travel space studio design art photo "
+    "xyz top club link click work works page one zone team social family love asia eu "
+    "museum aero coop jobs tel travel cat post berlin london nyc paris tokyo".split()
+)
+
+
+def _email_ok(text: str) -> bool:
+    if text.startswith("git@"):
+        return False  # an SSH remote (git@github.com:owner/repo), not a person
+    tld = text.rsplit(".", 1)[-1]
+    if not (tld.islower() or tld.isupper()):
+        return False
+    tld = tld.lower()
+    return len(tld) == 2 or tld in COMMON_TLDS
+
+
+# ----- detectors, in the order they run -----------------------------------------------
+def _ds(plugin, kind: str, hints: tuple[str, ...], group: int = 0, check=None) -> list[Detector]:
+    """Detectors from a detect-secrets plugin's own patterns."""
+    return [Detector(kind, rx, hints, group, check) for rx in plugin.denylist]
+
+
+DETECTORS: list[Detector] = [
+    # Whole PEM/OpenSSH/PGP private key blocks (detect-secrets only flags the header line);
+    # a block cut off before its END line is redacted to the end of its base64 body.
+    Detector(
+        "private_key",
+        re.compile(
+            r"-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----"
+            r"(?:.*?-----END \1-----|[A-Za-z0-9+/=\s:,\-\\n]*)",
+            re.S,
+        ),
+        ("PRIVATE KEY",),
+    ),
+    Detector("jwt", JwtTokenDetector.denylist[0], ("eyJ",), check=_jwt_ok),
+    Detector("anthropic_key", re.compile(r"sk-ant-[A-Za-z0-9_\-]{20,}"), ("sk-ant-",)),
+    *_ds(OpenAIDetector, "openai_key", ("T3BlbkFJ",)),
+    # Current OpenAI keys (sk-proj-, sk-svcacct-, sk-admin-, legacy sk-): long and random.
+    Detector(
+        "openai_key",
+        re.compile(r"(?<![\w-])sk-(?:proj-|svcacct-|admin-|None-)?[A-Za-z0-9_\-]{20,}"),
+        ("sk-",),
+        check=lambda s: _random_looking(s.split("-", 2)[-1] if s.count("-") > 1 else s[3:], 20),
+    ),
+    Detector("aws_access_key", AWSKeyDetector.denylist[0], ("AKIA", "ASIA", "ABIA", "ACCA", "A3T")),
+    Detector("aws_secret_key", AWSKeyDetector.denylist[1], ("aws", "AWS", "Aws"), group=1),
+    Detector("github_token", re.compile(r"github_pat_[A-Za-z0-9_]{50,}"), ("github_pat_",)),
+    *_ds(GitHubTokenDetector, "github_token", ("ghp_", "gho_", "ghu_", "ghs_", "ghr_")),
+    *_ds(GitLabTokenDetector, "gitlab_token", ("gl", "GR1348941")),
+    *_ds(SlackDetector, "slack_token", ("xox", "XOX", "hooks.slack.com")),
+    *_ds(StripeDetector, "stripe_key", ("k_live_",)),
+    *_ds(SendGridDetector, "sendgrid_key", ("SG.",)),
+    *_ds(PypiTokenDetector, "pypi_token", ("pypi-",)),
+    *_ds(SquareOAuthDetector, "square_token", ("sq0csp-",)),
+    *_ds(AzureStorageKeyDetector, "azure_storage_key", ("AccountKey=",)),
+    *[
+        Detector("discord_token", rx, gate=re.compile(r"\.[\w-]{6}\.[\w-]{27}"), check=lambda s: _random_looking(s, 24))
+        for rx in DiscordBotTokenDetector.denylist
+    ],
+    Detector(
+        "bearer_token",
+        re.compile(r"(?i)\bbearer\s+([A-Za-z0-9\-._~+/]{16,}=*)"),
+        ("earer", "EARER"),
+        group=1,
+        check=_random_looking,
+    ),
+    # `api_key = "..."`, `"secret": "..."`, `token: ...` with a random-looking value.
+    Detector(
+        "secret",
+        re.compile(
+            r"(?i)(?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|client[_-]?secret|"
+            r"password|passwd)[\"']?\s*[:=]\s*[\"'`]?([^\s\"'`,;]{12,})"
+        ),
+        ("key", "KEY", "Key", "ecret", "ECRET", "oken", "OKEN", "assw", "ASSW"),
+        group=1,
+        check=lambda s: _random_looking(s, 12),
+    ),
+    # Passwords in URLs (user:password@host); detect-secrets' pattern, group 1 = the password.
+    *_ds(BasicAuthDetector, "url_password", ("://",), group=1, check=lambda s: not PLACEHOLDER_WORDS.search(s)),
+    Detector(
+        "email",
+        re.compile(r"(?<![\w.+%-])[A-Za-z0-9][A-Za-z0-9._%+\-]*@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])"),
+        ("@",),
+        check=_email_ok,
+    ),
+    # Grouped card numbers (4-4-4-4, Amex 4-6-5) that are not part of a longer list of
+    # numbers; a bare run of 13-19 digits only next to a payment word (ids and big numbers
+    # in code and maths pass the Luhn check one time in ten).
+    Detector(
+        "credit_card",
+        re.compile(r"(?<![\d.\-])(?<!\d[ -])(?:\d{4}([ -])\d{4}\1\d{4}\1\d{1,7}|\d{4}([ -])\d{6}\2\d{4,5})(?![\d\-]|\.\d|[ -]\d)"),
+        gate=re.compile(r"\d{4}[ -]\d{4}"),
+        check=_card_ok,
+    ),
+    Detector(
+        "credit_card",
+        re.compile(
+            r"(?i)(?:card|visa|mastercard|amex|american express|discover|credit|debit|\bcc\b|payment|"
+            r"karte|tarjeta|carte|cartão|carta)[^\d\n]{0,40}(?<![\d.\-])(\d{13,19})(?![\d\-]|\.\d)"
+        ),
+        gate=re.compile(r"\d{13}"),
+        group=1,
+        check=_card_ok,
+    ),
+    Detector(
+        "ip_address",
+        re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)"),
+        gate=re.compile(r"\d\.\d{1,3}\.\d{1,3}\.\d"),
+        check=_ip_ok,
+    ),
+    Detector(
+        "ip_address",
+        re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:){1,7}:?(?:[0-9A-Fa-f]{1,4}:?){0,7}[0-9A-Fa-f]{1,4}(?![\w:])"),
+        gate=re.compile(r"[0-9A-Fa-f]:[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:?[0-9A-Fa-f]"),
+        check=_ip_ok,
+    ),
+]
+
+# Where a phone number may be: international (+CC ...), grouped national, or a bare run of
+# 10-11 digits. The matcher then runs on a small window around each candidate only.
+# North American numbers are grouped 3-3-4; other countries' national formats vary.
+NANP_HINT = re.compile(r"\d{3}\)?[\s.\-]?\d{3}[\s.\-]\d{4}|\+\d[\d\s().\-]{5,}\d|\d{10,11}")
+ANY_HINT = re.compile(r"\d{2,5}\)?[\s.\-]\d{2,4}[\s.\-]?\d{2,5}|\+\d[\d\s().\-]{5,}\d|\d{10,11}")
+TWO_DIGITS = re.compile(r"\d\d")  # every phone number format has two adjacent digits somewhere
+# A bare run of digits is a phone number only after a word that says so.
+PHONE_WORDS = re.compile(r"(?i)(?:phone|tel|call|mobile|cell|fax|whatsapp|sms|text me|contact|number|reach me|ring)\W{0,3}(?:\w+\W{1,3}){0,3}$")
+
+
+# Which detectors each hint switches on, and the detectors gated by a regex instead:
+# one pass of plain substring tests per text decides what runs.
+HINT_TABLE: list[tuple[str, tuple[int, ...]]] = sorted(
+    {h: tuple(i for i, d in enumerate(DETECTORS) if d.gate is None and h in d.hints)
+     for d in DETECTORS for h in d.hints}.items()
+)
+GATED = [i for i, d in enumerate(DETECTORS) if d.gate is not None]
+
+
+def _active(text: str) -> list[int]:
+    active = {i for i in GATED if DETECTORS[i].gate.search(text)}
+    for hint, idxs in HINT_TABLE:
+        if hint in text:
+            active.update(idxs)
+    return sorted(active)
+
+
+@dataclass
+class Redactor:
+    """`redact(text) -> (clean_text, Counter of kinds)`; counts accumulate in `totals`."""
+
+    phone_regions: tuple[str, ...] = ("US",)
+    totals: Counter = field(default_factory=Counter)
+
+    def redact(self, text: str) -> tuple[str, Counter]:
+        found: Counter = Counter()
+        if not text:
+            return text, found
+        for i in _active(text):
+            text = self._apply(DETECTORS[i], text, found)
+        text = self._phones(text, found)
+        self.totals.update(found)
+        return text, found
+
+    @staticmethod
+    def _apply(det: Detector, text: str, found: Counter) -> str:
+        out, last = [], 0
+        for m in det.pattern.finditer(text):
+            start, end = m.span(det.group)
+            if start < last or start == end:
+                continue
+            if det.check is not None and not det.check(m.group(det.group)):
+                continue
+            out.append(text[last:start])
+            out.append(placeholder(det.kind))
+            found[det.kind] += 1
+            last = end
+        if not out:
+            return text
+        out.append(text[last:])
+        return "".join(out)
+
+    def _phones(self, text: str, found: Counter) -> str:
+        if not TWO_DIGITS.search(text):
+            return text
+        spans = set()
+        hint = NANP_HINT if set(self.phone_regions) <= {"US", "CA"} else ANY_HINT
+        for cand in hint.finditer(text):
+            if cand.group(0).isdigit() and not PHONE_WORDS.search(text[max(0, cand.start() - 40) : cand.start()]):
+                continue
+            lo, hi = max(0, cand.start() - 24), cand.end() + 24
+            for region in self.phone_regions:
+                # EXACT_GROUPING: digits grouped the way the number is written in that country,
+                # so lists of numbers, decimals and grid rows in code and maths do not match.
+                for m in phonenumbers.PhoneNumberMatcher(text[lo:hi], region, leniency=phonenumbers.Leniency.EXACT_GROUPING):
+                    start, end = lo + m.start, lo + m.end
+                    if not (m.raw_string.isdigit() and not PHONE_WORDS.search(text[max(0, start - 40) : start])):
+                        spans.add((start, end))
+        if not spans:
+            return text
+        out, last = [], 0
+        for start, end in sorted(set(spans)):
+            if start < last:
+                continue
+            out.append(text[last:start])
+            out.append(placeholder("phone"))
+            found["phone"] += 1
+            last = end
+        out.append(text[last:])
+        return "".join(out)
+
+
+def secret_patterns() -> list[str]:
+    """Regexes a validated row must not match (for the Great Expectations suite): the
+    unambiguous secret formats, so a hit means redaction missed something."""
+    return [
+        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY",
+        r"(?:AKIA|ASIA)[0-9A-Z]{16}",
+        r"sk-ant-[A-Za-z0-9_\-]{20,}",
+        r"sk-[A-Za-z0-9_\-]*T3BlbkFJ",
+        r"(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9_]{36}",
+        r"github_pat_[A-Za-z0-9_]{50,}",
+        r"xox[abposr]-(?:\d+-)+[a-z0-9]+",
+        r"eyJ[A-Za-z0-9_\-]{10,}\.eyJ[A-Za-z0-9_\-]{10,}\.",
+        r"(?:r|s)k_live_[0-9a-zA-Z]{24}",
+    ]

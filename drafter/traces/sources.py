@@ -1,0 +1,409 @@
+"""Reading log files: discovery, decompression, bounded line reading and watermarks.
+
+A source file is plain, gzip or zstd (told by its magic bytes), holding either one JSON
+record a line (JSONL) or one JSON array of records (such as the ShareGPT dump). Records
+are read with bounded memory: a line longer than `max_line_bytes` is skipped through
+and reported, never held whole.
+
+A watermark per file remembers how far it was read (decompressed bytes and records) and
+the SHA-256 of what was read. On the next run the reader checks that prefix is unchanged
+and carries on after it, so only new lines are read; a file whose prefix changed
+(rotated, rewritten) is read again from the start.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import hashlib
+import io
+import json
+import os
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import zstandard
+
+
+LOG_SUFFIXES = (".jsonl", ".json", ".ndjson", ".log")
+COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
+HEAD_BYTES = 4096  # prefix hashed to recognise a file seen before under another name
+CHUNK = 1 << 16
+
+
+@dataclass
+class Watermark:
+    path: str
+    offset: int = 0  # decompressed bytes consumed
+    records: int = 0  # lines (or array elements) consumed
+    sha256: str = ""  # of the consumed bytes
+    head: str = ""  # sha256 of the first HEAD_BYTES consumed bytes
+    size: int = 0  # file size on disk when read
+    format: str | None = None
+    damaged: bool = False  # compressed data cut short: read again only once the file changes
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Watermark:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass
+class RawRecord:
+    """One line (or array element) of a source, or the reason it cannot be used."""
+
+    source: str
+    line: int  # 1-based line number (of the element's start, for arrays)
+    data: bytes  # the record's bytes (a bounded prefix when `error` is set)
+    size: int  # full size in bytes
+    error: str | None = None  # line_too_long | truncated_file | malformed_json | invalid_utf8
+    detail: str = ""
+    obj: object = None  # already parsed (JSON array elements)
+
+
+# ----- discovery -----------------------------------------------------------------------
+def is_log_name(name: str) -> bool:
+    base = name
+    for suffix in COMPRESSED_SUFFIXES:
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    stem, _, rotation = base.rpartition(".")
+    if rotation.isdigit():  # app.log.1
+        base = stem
+    return base.endswith(LOG_SUFFIXES)
+
+
+def discover(inputs: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files to read (sorted, each once) and (path, error) for inputs that cannot be read.
+
+    Files named explicitly are always read; folders contribute their log-like files
+    (*.jsonl, *.json, *.ndjson, *.log, rotated *.log.1, each optionally .gz/.zst).
+    """
+    files: dict[str, Path] = {}
+    errors: list[tuple[str, str]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and is_log_name(p.name) and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            if not found:
+                errors.append((str(path), "folder holds no log files (*.jsonl, *.json, *.ndjson, *.log, optionally .gz/.zst)"))
+            for p in found:
+                files.setdefault(str(p.resolve()), p)
+        elif path.is_file():
+            files.setdefault(str(path.resolve()), path)
+        elif path.exists():
+            errors.append((str(path), "not a regular file"))
+        else:
+            errors.append((str(path), "no such file or folder"))
+    return [files[k] for k in sorted(files)], errors
+
+
+# ----- decompression ---------------------------------------------------------------------
+class _ChunkReader(io.RawIOBase):
+    """A raw stream over an iterator of byte chunks (so BufferedReader can readline it)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._pending = b""
+        self._error: BaseException | None = None  # raised again on every later read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            if self._error is not None:
+                raise self._error
+            try:
+                self._pending = next(self._chunks)
+            except StopIteration:
+                return 0
+            except DECOMPRESS_ERRORS as exc:
+                self._error = exc
+                raise
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+def _zstd_chunks(raw: BinaryIO) -> Iterator[bytes]:
+    """Decompress zstd frames one after another; a frame cut short raises EOFError
+    (zstandard's stream reader would just stop, losing the fact that data is missing)."""
+    dctx = zstandard.ZstdDecompressor()
+    obj, in_frame = dctx.decompressobj(), False
+    while True:
+        data = raw.read(CHUNK)
+        if not data:
+            if in_frame:
+                raise EOFError("zstd data ended in the middle of a frame")
+            return
+        while data:
+            in_frame = True
+            out = obj.decompress(data)
+            if out:
+                yield out
+            if obj.eof:
+                data, obj, in_frame = obj.unused_data, dctx.decompressobj(), False
+            else:
+                data = b""
+
+
+def compression_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] == b"\x1f\x8b":
+        return "gzip"
+    if magic == b"\x28\xb5\x2f\xfd":
+        return "zstd"
+    return "none"
+
+
+def open_decompressed(path: Path) -> BinaryIO:
+    kind = compression_of(path)
+    if kind == "gzip":
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    raw = open(path, "rb")
+    if kind == "zstd":
+        return io.BufferedReader(_ChunkReader(_zstd_chunks(raw)), CHUNK)  # type: ignore[arg-type]
+    return raw
+
+
+# The errors a damaged compressed stream raises while being read.
+DECOMPRESS_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError)
+
+
+# ----- reading -----------------------------------------------------------------------------
+@dataclass
+class SourceReader:
+    """Iterate the new records of one file; afterwards `watermark` says how far it got."""
+
+    path: Path
+    previous: Watermark | None = None
+    max_line_bytes: int = 8_000_000
+    keep_bytes: int = 65_536  # bytes of a bad record kept for the quarantine
+    watermark: Watermark = field(init=False)
+    restarted: bool = field(init=False, default=False)  # prefix changed: read from the start
+    pending_partial: bool = field(init=False, default=False)  # unterminated last line left for later
+    compression: str = field(init=False, default="none")
+
+    def __post_init__(self) -> None:
+        self.watermark = Watermark(path=str(self.path))
+
+    def records(self) -> Iterator[RawRecord]:
+        self.compression = compression_of(self.path)
+        prev = self.previous
+        if prev is not None and prev.damaged and prev.size == os.path.getsize(self.path):
+            self.watermark = prev  # the damaged tail was quarantined already
+            return
+        stream = open_decompressed(self.path)
+        try:
+            hasher, offset, count, head = hashlib.sha256(), 0, 0, b""
+            if self.previous is not None and self.previous.offset > 0:
+                ok, hasher, head = self._verify_prefix(stream, self.previous)
+                if ok:
+                    offset, count = self.previous.offset, self.previous.records
+                else:
+                    self.restarted = True
+                    stream.close()
+                    stream = open_decompressed(self.path)
+                    hasher, head = hashlib.sha256(), b""
+            state = {"hasher": hasher, "offset": offset, "count": count, "head": head, "damaged": False}
+            if offset == 0 and self._is_array():
+                yield from self._array_records(stream, state)
+            else:
+                yield from self._line_records(stream, state)
+            self.watermark = Watermark(
+                path=str(self.path),
+                offset=state["offset"],
+                records=state["count"],
+                sha256=state["hasher"].hexdigest(),
+                head=hashlib.sha256(state["head"]).hexdigest(),
+                size=os.path.getsize(self.path),
+                damaged=state["damaged"],
+            )
+        finally:
+            stream.close()
+
+    # -- helpers
+    @staticmethod
+    def _verify_prefix(stream: BinaryIO, wm: Watermark) -> tuple[bool, "hashlib._Hash", bytes]:
+        hasher, left, head = hashlib.sha256(), wm.offset, b""
+        try:
+            while left > 0:
+                block = stream.read(min(CHUNK, left))
+                if not block:
+                    return False, hasher, head
+                if len(head) < HEAD_BYTES:
+                    head += block[: HEAD_BYTES - len(head)]
+                hasher.update(block)
+                left -= len(block)
+        except DECOMPRESS_ERRORS:
+            return False, hasher, head
+        return hasher.hexdigest() == wm.sha256, hasher, head
+
+    def _is_array(self) -> bool:
+        """Does the file hold one JSON array (first non-blank byte '[')? Checked on a separate
+        stream, so that damaged data is reported by the main read, not here."""
+        try:
+            with open_decompressed(self.path) as probe:
+                head = probe.read(CHUNK)
+        except DECOMPRESS_ERRORS:
+            return False
+        return head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"["
+
+    def _consume(self, state: dict, data: bytes, records: int = 1) -> None:
+        state["hasher"].update(data)
+        state["offset"] += len(data)
+        state["count"] += records
+        if len(state["head"]) < HEAD_BYTES:
+            state["head"] += data[: HEAD_BYTES - len(state["head"])]
+
+    def _line_records(self, stream: BinaryIO, state: dict) -> Iterator[RawRecord]:
+        source, limit = str(self.path), self.max_line_bytes
+        while True:
+            line_no = state["count"] + 1
+            try:
+                chunk = stream.readline(limit + 1)
+            except DECOMPRESS_ERRORS as exc:
+                yield self._truncated(line_no, exc)
+                self._note_truncation(state)
+                return
+            if not chunk:
+                return
+            if len(chunk) > limit and not chunk.endswith(b"\n"):
+                # Too long to hold: skip through to the end of the line, keep a prefix.
+                size, kept, truncated = len(chunk), chunk[: self.keep_bytes], None
+                self._consume(state, chunk, records=0)
+                while not chunk.endswith(b"\n"):
+                    try:
+                        chunk = stream.readline(CHUNK)
+                    except DECOMPRESS_ERRORS as exc:
+                        truncated = exc
+                        break
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    self._consume(state, chunk, records=0)
+                state["count"] += 1
+                yield RawRecord(source, line_no, kept, size, "line_too_long",
+                                f"line of {size:,} bytes is over the {limit:,}-byte limit (ingest.max_line_bytes)")
+                if truncated is not None:
+                    yield self._truncated(line_no + 1, truncated)
+                    self._note_truncation(state)
+                    return
+                continue
+            if not chunk.endswith(b"\n") and self.compression == "none" and not _is_json(chunk):
+                # An unterminated last line of a plain file is probably still being
+                # written: leave it (unread, uncounted) for the next run.
+                self.pending_partial = True
+                return
+            self._consume(state, chunk)
+            data = chunk.rstrip(b"\r\n")
+            yield RawRecord(source, line_no, data, len(chunk))
+
+    def _truncated(self, line_no: int, exc: BaseException) -> RawRecord:
+        return RawRecord(str(self.path), line_no, b"", 0, "truncated_file",
+                         f"{self.compression} data is damaged or cut short: {exc}")
+
+    def _note_truncation(self, state: dict) -> None:
+        state["count"] += 1  # the unreadable rest counts as one record (quarantined)
+        state["damaged"] = True
+
+    def _array_records(self, stream: BinaryIO, state: dict) -> Iterator[RawRecord]:
+        """Stream the elements of one top-level JSON array (bounded by max_line_bytes)."""
+        source, decoder = str(self.path), json.JSONDecoder()
+        utf8 = codecs.getincrementaldecoder("utf-8")()
+        buf, pos, line, eof, want = "", 0, 1, False, CHUNK
+        started = False
+
+        def fail(reason: str, detail: str) -> RawRecord:
+            # The rest of an array cannot be resynchronised: it is one quarantined record.
+            state["count"] += 1
+            return RawRecord(source, line, buf[pos : pos + self.keep_bytes].encode(), len(buf) - pos, reason, detail)
+
+        while True:
+            # Make sure a whole element is in the buffer (or the input is exhausted).
+            while not eof and len(buf) - pos < want:
+                try:
+                    block = stream.read(CHUNK)
+                except DECOMPRESS_ERRORS as exc:
+                    yield fail("truncated_file", f"{self.compression} data is damaged or cut short: {exc}")
+                    state["damaged"] = True
+                    return
+                if not block:
+                    eof = True
+                    block = b""
+                try:
+                    text = utf8.decode(block, final=eof)
+                except UnicodeDecodeError as exc:
+                    yield fail("invalid_utf8", f"invalid UTF-8 in a JSON array: {exc}")
+                    return
+                self._consume(state, block, records=0)
+                buf = buf[pos:] + text
+                pos = 0
+            # Skip whitespace, the opening bracket and separators.
+            while pos < len(buf) and buf[pos] in " \t\r\n,\ufeff[":
+                if buf[pos] == "\n":
+                    line += 1
+                if buf[pos] == "[":
+                    if started:
+                        break
+                    started = True
+                pos += 1
+            if pos >= len(buf):
+                if eof:
+                    yield fail("malformed_json", "JSON array is not closed")
+                    return
+                want = CHUNK
+                continue
+            if buf[pos] == "]":
+                rest = buf[pos + 1 :].strip()
+                if rest or not eof:
+                    # Drain what is left to be sure nothing follows the array.
+                    if not eof:
+                        want = len(buf) - pos + CHUNK
+                        continue
+                    yield fail("malformed_json", "data after the end of the JSON array")
+                return
+            try:
+                obj, end = decoder.raw_decode(buf, pos)
+            except json.JSONDecodeError as exc:
+                if not eof and len(buf) - pos <= self.max_line_bytes:
+                    want = (len(buf) - pos) * 2 + CHUNK
+                    continue
+                if len(buf) - pos > self.max_line_bytes:
+                    yield fail("line_too_long", f"JSON array element over {self.max_line_bytes:,} bytes")
+                else:
+                    yield fail("malformed_json", f"malformed JSON in array: {exc.msg} (line {line + buf.count(chr(10), pos, exc.pos)})")
+                return
+            text = buf[pos:end]
+            state["count"] += 1
+            yield RawRecord(source, line, text.encode(), len(text), obj=obj)
+            line += buf.count("\n", pos, end)
+            pos, want = end, CHUNK
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
+def head_hash(path: Path, n: int = HEAD_BYTES) -> str | None:
+    """sha256 of the first n decompressed bytes (None if unreadable)."""
+    try:
+        with open_decompressed(path) as stream:
+            return hashlib.sha256(stream.read(n)).hexdigest()
+    except (OSError, *DECOMPRESS_ERRORS):
+        return None

@@ -1,0 +1,74 @@
+"""The domain classifier against labelled prompts: the bundled evaluation sets and hand-labelled examples."""
+
+import json
+
+import pytest
+
+from drafter.config import BUNDLED_EVAL_DIR
+from drafter.traces.domain import classify, classify_text
+
+BOILERPLATE = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def first_turns(name):
+    lines = (BUNDLED_EVAL_DIR / f"{name}.jsonl").read_text().rstrip("\n").split("\n")
+    # The maths sets end every prompt with the same instruction: leave it out, users do not write it.
+    return [json.loads(line)["turns"][0].replace(BOILERPLATE, "").strip() for line in lines]
+
+
+@pytest.mark.parametrize(
+    "name, domain, minimum",
+    [("gsm8k", "math", 0.9), ("math500", "math", 0.9), ("aime25", "math", 0.9),
+     ("humaneval", "code", 0.95), ("mbpp", "code", 0.95), ("livecodebench", "code", 0.95)],
+)
+def test_evaluation_sets(name, domain, minimum):
+    prompts = first_turns(name)
+    share = sum(classify_text(p) == domain for p in prompts) / len(prompts)
+    assert share >= minimum, f"{name}: {share:.2%} tagged {domain}"
+
+
+def test_mt_bench_categories():
+    """MT-bench comes in blocks of 10: writing, roleplay, reasoning, math, coding, extraction, stem, humanities."""
+    labels = ["chat"] * 30 + ["math"] * 10 + ["code"] * 10 + ["chat"] * 30
+    prompts = first_turns("mt-bench")
+    right = sum(classify_text(p) == label for p, label in zip(prompts, labels))
+    assert right / len(prompts) >= 0.85
+
+
+HAND_LABELLED = [
+    ("What's a good name for a golden retriever puppy?", "chat"),
+    ("Write a short poem about autumn leaves.", "chat"),
+    ("Can you summarise the causes of the French Revolution in three bullet points?", "chat"),
+    ("Draft a polite email asking my landlord to fix the heating.", "chat"),
+    ("What are some tips for sleeping better?", "chat"),
+    ("Is Python a good first language?", "chat"),
+    ("Tell me a joke about cats.", "chat"),
+    ("Explain the difference between weather and climate.", "chat"),
+    ("Write a python function that checks whether a string is a palindrome.", "code"),
+    ("Why does this give a TypeError?\n```python\nx = '1' + 2\n```", "code"),
+    ("How do I make an HTTP request in JavaScript?", "code"),
+    ("Java add to the arraylist of a class type", "code"),
+    ("SELECT name FROM users WHERE age > 30; why is this query slow on postgres?", "code"),
+    ("Fix the bug: for (int i = 0; i <= n; i++) { sum += a[i]; }", "code"),
+    ("What is 15% of 80?", "math"),
+    ("Solve for x: 3x + 7 = 22", "math"),
+    ("A train travels 120 miles in 2 hours. How fast is it going?", "math"),
+    ("What is the derivative of x^3 * sin(x)?", "math"),
+    ("Prove that the square root of 2 is irrational.", "math"),
+    ("If I have 3 apples and buy 5 more, how many do I have?", "math"),
+    ("고등교육의 필요성에 관한 영어 에세이를 1000자 이내로 작성하시오.", "other"),
+    ("我需要建立一個powerpoint你幫我摘要一篇內容", "other"),
+    ("Напиши стихотворение о весне", "other"),
+    ("!!! ??? ...", "other"),
+]
+
+
+def test_hand_labelled():
+    wrong = [(t, want, classify_text(t)) for t, want in HAND_LABELLED if classify_text(t) != want]
+    assert len(wrong) <= 1, wrong
+
+
+def test_conversation_uses_first_turn_then_all_turns():
+    assert classify(["Write a function in Python to sort a list", "thanks, now make it faster"]) == "code"
+    assert classify(["hi there", "solve 2x + 3 = 11 for x and compute x^2"]) == "math"
+    assert classify([]) == "other"

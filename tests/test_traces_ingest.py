@@ -1,0 +1,347 @@
+"""The ingest stage end to end on tiny targets: accounting, idempotence, increments, bad input, validation."""
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+import zstandard
+from datasets import load_from_disk
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from drafter.config import BUNDLED_EVAL_DIR, load_config
+from drafter.manifest import check_accounting, sha256_tree
+from drafter.traces.ingest import ingest
+from drafter.traces.validate import ValidationFailed
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRETS = ["jane.doe@gmail.com", "AKIAQ7XK3MZ4PL2N8RTW", "(415) 867-5309", "ghp_" + "a1B2c3D4e5" * 3 + "f6G7h8"]
+TOPICS = ["volcanoes", "the Roman empire", "jazz history", "sourdough bread", "black holes", "chess openings",
+          "coral reefs", "the printing press", "honey bees", "glaciers", "origami", "the Silk Road"]
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(ROOT / "configs" / "tiny.yaml")
+
+
+def chat_line(user, answer="Here is a clear and helpful answer to that question.", **extra):
+    line = {"timestamp": "2026-11-20T10:00:00Z", "tenant": "acme", "route": "/v1/chat/completions",
+            "request": {"model": "m", "messages": [{"role": "user", "content": user}]},
+            "response": {"model": "m", "created": 1763632800,
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]}}
+    line.update(extra)
+    return json.dumps(line)
+
+
+def prompt(i):
+    return f"Tell me three surprising facts about {TOPICS[i % len(TOPICS)]}, number {i}, in plain words please."
+
+
+def write_mixed(root: Path) -> dict:
+    """A folder of every supported format, with broken, duplicate, contaminated and secret-bearing lines.
+    Returns what each line should become, for the checks."""
+    root.mkdir(parents=True, exist_ok=True)
+    gsm8k = json.loads((BUNDLED_EVAL_DIR / "gsm8k.jsonl").read_text().rstrip("\n").split("\n")[3])["turns"][0]
+    lines = [chat_line(prompt(i)) for i in range(12)]
+    lines += [
+        chat_line(prompt(0)),  # exact duplicate of line 1
+        chat_line(prompt(1).upper() + "!!"),  # same prompt after normalisation
+        chat_line("Quick question: " + gsm8k),  # evaluation prompt
+        chat_line("Please write me a haiku about rain and umbrellas", answer=""),  # no assistant text
+        json.dumps({"request": {"messages": [{"role": "user", "content": "hello there friend"}]}, "status": 500,
+                    "error": {"message": "timeout"}}),
+        chat_line(f"My email is {SECRETS[0]} and my phone is {SECRETS[2]}; what is a good password manager?"),
+        chat_line(f"Why does boto3 reject my key {SECRETS[1]} with an access denied error?"),
+        '{"request": {"messages": [',  # cut short
+        "",  # blank
+        json.dumps({"event": "healthcheck", "status": "ok"}),  # JSON, unknown shape
+        json.dumps([1, 2, 3]),  # JSON, not an object
+        json.dumps({"request": {"messages": [{"role": "user", "content": "Hi"}]}, "response": {"choices": "nope"}}),
+    ]
+    (root / "gateway.jsonl").write_bytes("\n".join(lines).encode() + b"\n" + b'{"request": "caf\xe9"}\n')
+    # a 50 MB single line between two good ones
+    with (root / "huge.jsonl").open("wb") as f:
+        f.write(chat_line(prompt(20)).encode() + b"\n")
+        f.write(b'{"request": {"messages": [{"role": "user", "content": "' + b"y" * 50_000_000 + b'"}]}}\n')
+        f.write(chat_line(prompt(21)).encode() + b"\n")
+    # gzip cut short
+    body = "\n".join(chat_line(prompt(30 + i)) for i in range(400)).encode() + b"\n"
+    gz = gzip.compress(body)
+    (root / "rotated.jsonl.gz").write_bytes(gz[: int(len(gz) * 0.6)])
+    # zstd, complete
+    (root / "archive.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        ("\n".join(chat_line(prompt(500 + i)) for i in range(3)) + "\n").encode()))
+    # ShareGPT as one JSON array
+    share = [{"id": f"s{i}", "conversations": [{"from": "human", "value": prompt(600 + i)},
+                                               {"from": "gpt", "value": "A good answer with several words."}]}
+             for i in range(3)]
+    share.append({"id": "broken-roles", "conversations": [{"from": "gpt", "value": "I start the talk, oddly."},
+                                                          {"from": "human", "value": "That is not how it works."}]})
+    (root / "sharegpt.json").write_text(json.dumps(share, indent=1))
+    # plain {"messages"} lines
+    (root / "finetune.ndjson").write_text("\n".join(json.dumps({"messages": [
+        {"role": "system", "content": "You are concise."}, {"role": "user", "content": prompt(700 + i)},
+        {"role": "assistant", "content": "Short answer with some words in it."}]}) for i in range(2)) + "\n")
+    # OpenAI Batch API: input and output joined by custom_id (r3 has no output, x9 has no input)
+    batch_in = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                            "body": {"model": "m", "messages": [{"role": "user", "content": prompt(800 + i)}]}})
+                for i in range(4)]
+    batch_out = [json.dumps({"id": f"b{i}", "custom_id": cid, "response": {"status_code": 200, "body": {
+        "model": "m", "created": 1763632800,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": f"Batch answer {cid} in words."}}]}},
+        "error": None}) for i, cid in enumerate(["r0", "r1", "r2", "x9"])]
+    (root / "batch_input.jsonl").write_text("\n".join(batch_in) + "\n")
+    (root / "batch_output.jsonl").write_text("\n".join(batch_out) + "\n")
+    # OpenTelemetry: one line with a GenAI span and an HTTP span, one with no GenAI span
+    def span(sid, attrs):
+        return {"traceId": "t", "spanId": sid, "startTimeUnixNano": "1763632800000000000",
+                "attributes": [{"key": k, "value": {"stringValue": v}} for k, v in attrs.items()]}
+    otel = {"resourceSpans": [{"resource": {"attributes": []}, "scopeSpans": [{"spans": [
+        span("a", {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m",
+                   "gen_ai.input.messages": json.dumps([{"role": "user", "parts": [{"type": "text", "content": prompt(900)}]}]),
+                   "gen_ai.output.messages": json.dumps([{"role": "assistant", "parts": [
+                       {"type": "text", "content": "An answer from a span."}]}])}),
+        span("b", {"http.method": "GET"})]}]}]}
+    no_genai = {"resourceSpans": [{"scopeSpans": [{"spans": [span("c", {"db.system": "postgres"})]}]}]}
+    (root / "traces.otlp.json").write_text(json.dumps(otel) + "\n" + json.dumps(no_genai) + "\n")
+    return {"gsm8k": gsm8k}
+
+
+def input_lines(root: Path) -> set[tuple[str, int]]:
+    """Every (file, line) that holds a record, as the reader numbers them."""
+    out = set()
+    for path in sorted(root.iterdir()):
+        key = str(path)
+        if path.name == "sharegpt.json":
+            text = path.read_text()
+            out |= {(key, text[: m].count("\n") + 1) for m in _element_starts(text)}
+        elif path.name == "rotated.jsonl.gz":
+            continue  # checked separately: how much of it is readable depends on zlib's buffering
+        elif path.name == "huge.jsonl":
+            out |= {(key, 1), (key, 2), (key, 3)}
+        else:
+            data = zstandard.ZstdDecompressor().decompress(path.read_bytes()) if path.suffix == ".zst" else path.read_bytes()
+            out |= {(key, i + 1) for i in range(data.count(b"\n"))}
+    return out
+
+
+def _element_starts(text):
+    decoder, pos, starts = json.JSONDecoder(), text.index("[") + 1, []
+    while True:
+        while text[pos] in " \n\t,":
+            pos += 1
+        if text[pos] == "]":
+            return starts
+        starts.append(pos)
+        _, pos = decoder.raw_decode(text, pos)
+
+
+def places(out: Path) -> dict[tuple[str, int], list[str]]:
+    """(source, line) -> where it went: train, holdout, quarantine, dropped (several for multi-conversation lines)."""
+    where: dict[tuple[str, int], list[str]] = {}
+    for split in ("train", "holdout"):
+        for row in load_from_disk(str(out / split)):
+            where.setdefault((row["source"], row["line"]), []).append(split)
+    for name in ("quarantine", "dropped"):
+        for line in (out / f"{name}.jsonl").read_text().rstrip("\n").split("\n"):
+            if not line:
+                continue
+            rec = json.loads(line)
+            where.setdefault((rec["source"], rec["line"]), []).append(f"{name}:{rec['reason']}")
+    return where
+
+
+def test_mixed_partly_broken_input_every_line_ends_in_one_place(cfg, tmp_path):
+    raw = tmp_path / "raw"
+    write_mixed(raw)
+    out = tmp_path / "ingested"
+    m = ingest(cfg, [raw], out)
+    c, r = m["counts"]["conversations"], m["counts"]["records"]
+    check_accounting(r["read"], {k: r[k] for k in ("parsed", "quarantined", "blank", "joined")})
+    check_accounting(c["parsed"], {k: c[k] for k in ("train", "holdout", "duplicate", "decontaminated", "filtered",
+                                                     "quarantined")})
+    assert json.loads((out / "manifest.json").read_text())["counts"]["records"] == r
+
+    where = places(out)
+    gw = str(raw / "gateway.jsonl")
+    blank = {(gw, 21)}
+    joined = {(str(raw / "batch_output.jsonl"), i) for i in (1, 2, 3)}
+    expected = input_lines(raw)
+    placed = {k for k in where if not k[0].endswith(".gz")}
+    assert placed | blank | joined == expected  # nothing lost ...
+    assert not placed & (blank | joined)
+    assert all(len(v) == 1 for v in where.values())  # ... nothing twice (one conversation per line here)
+
+    def reason(path, line):
+        return where[(str(raw / path), line)][0]
+
+    assert reason("gateway.jsonl", 13) == "dropped:exact" and reason("gateway.jsonl", 14) == "dropped:exact"
+    assert reason("gateway.jsonl", 15) == "dropped:gsm8k"
+    assert reason("gateway.jsonl", 16) == "dropped:no_assistant"
+    assert reason("gateway.jsonl", 17) == "dropped:error_response"
+    assert reason("gateway.jsonl", 20) == "quarantine:malformed_json"
+    assert reason("gateway.jsonl", 22) == "quarantine:unknown_shape"
+    assert reason("gateway.jsonl", 23) == "quarantine:not_a_conversation"  # [1, 2, 3]
+    assert reason("gateway.jsonl", 24) == "quarantine:not_a_conversation"  # choices is not a list
+    assert reason("gateway.jsonl", 25) == "quarantine:invalid_utf8"
+    assert reason("huge.jsonl", 2) == "quarantine:line_too_long"
+    assert {reason("huge.jsonl", 1), reason("huge.jsonl", 3)} <= {"train", "holdout"}
+    last_element = max(line for src, line in expected if src.endswith("sharegpt.json"))
+    assert reason("sharegpt.json", last_element) == "dropped:role_order"
+    assert reason("batch_output.jsonl", 4) == "quarantine:batch_output_without_input"
+    assert reason("batch_input.jsonl", 4) == "dropped:no_assistant"
+    assert reason("traces.otlp.json", 2) == "quarantine:not_a_conversation"
+    assert m["counts"]["quarantined_by_reason"]["truncated_file"] == 1
+    gz_rows = [k for k in where if k[0].endswith(".gz")]
+    assert len(gz_rows) > 100 and where[max(gz_rows)] == ["quarantine:truncated_file"]
+
+    # joined batch conversations carry the output's answer; redaction reached every output file
+    rows = [row for split in ("train", "holdout") for row in load_from_disk(str(out / split))]
+    batch = [row for row in rows if row["source"].endswith("batch_input.jsonl")]
+    assert sorted(row["messages"][-1]["content"] for row in batch) == [f"Batch answer r{i} in words." for i in range(3)]
+    assert m["counts"]["redactions"] == {"aws_access_key": 1, "email": 1, "phone": 1}
+    for path in out.rglob("*"):
+        if path.is_file() and path.suffix != ".sqlite":
+            data = path.read_bytes()
+            assert not any(s.encode() in data for s in SECRETS), path
+    assert {row["domain"] for row in rows} <= {"chat", "code", "math", "other"}
+    assert len({row["id"] for row in rows}) == len(rows)
+    assert (out / "validation.json").is_file() and "PASSED" in (out / "validation.md").read_text()
+    assert m["inputs"][str(raw / "sharegpt.json")]["format"] == "sharegpt"
+    assert m["inputs"][str(raw / "traces.otlp.json")]["format"] == "otlp"
+
+
+def test_rerun_changes_nothing_and_increments_read_only_new_lines(cfg, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    log = raw / "app.jsonl"
+    log.write_text("\n".join(chat_line(prompt(i)) for i in range(30)) + "\n")
+    out = tmp_path / "out"
+    first = ingest(cfg, [raw], out)
+    before = sha256_tree(out)
+    again = ingest(cfg, [raw], out)
+    assert again["changed"] is False and again["counts"]["records"]["read"] == 0
+    assert sha256_tree(out) == before
+    # the same file under another name (copied or rotated) is recognised by its content
+    (raw / "app-copy.jsonl").write_bytes(log.read_bytes())
+    assert ingest(cfg, [raw], out)["counts"]["records"]["read"] == 0
+
+    with log.open("a") as f:
+        f.write(chat_line(prompt(100)) + "\n" + chat_line(prompt(3)) + "\n")  # one new, one seen in run 1
+    third = ingest(cfg, [log], out)
+    assert third["counts"]["records"]["read"] == 2
+    assert third["counts"]["conversations"]["duplicate"] == 1  # the index remembers earlier runs
+    kept = first["counts"]["totals"]["train"] + first["counts"]["totals"]["holdout"]
+    assert third["counts"]["totals"]["train"] + third["counts"]["totals"]["holdout"] == kept + 1
+    marks = json.loads((out / "watermarks.json").read_text())["files"]
+    assert marks[str(log.resolve())]["records"] == 32
+
+
+def test_split_is_deterministic_and_keeps_conversation_prefixes_together(cfg, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    lines = []
+    for i in range(60):
+        opening = prompt(i)
+        lines.append(chat_line(opening))
+        # the same session logged again with a follow-up turn (gateways log the whole history)
+        follow = json.loads(chat_line(opening))
+        follow["request"]["messages"] += [{"role": "assistant", "content": "First answer in a few words."},
+                                          {"role": "user", "content": f"Now explain item {i} in more depth with examples."}]
+        lines.append(json.dumps(follow))
+    (raw / "a.jsonl").write_text("\n".join(lines) + "\n")
+    outs = [ingest(cfg, [raw], tmp_path / f"out{k}") for k in range(2)]
+    sides = []
+    for k in range(2):
+        side = {}
+        for split in ("train", "holdout"):
+            for row in load_from_disk(str(tmp_path / f"out{k}" / split)):
+                side.setdefault(row["messages"][0]["content"], set()).add(split)
+        sides.append(side)
+    assert sides[0] == sides[1]  # deterministic
+    assert all(len(s) == 1 for s in sides[0].values())  # a session never straddles the split
+    assert outs[0]["counts"]["totals"]["holdout"] > 0
+
+
+def test_unreadable_file_is_named_and_the_rest_ingests(cfg, tmp_path):
+    from typer.testing import CliRunner
+
+    from drafter.cli import app
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "good.jsonl").write_text("\n".join(chat_line(prompt(i)) for i in range(5)) + "\n")
+    bad = raw / "locked.jsonl"
+    bad.write_text(chat_line(prompt(9)) + "\n")
+    os.chmod(bad, 0)
+    if os.access(bad, os.R_OK):  # running as root: permissions do not stop us; use a file reads fail on
+        bad.unlink()
+        bad.symlink_to("/proc/self/mem")
+    result = CliRunner().invoke(app, ["ingest", str(raw), "--out", str(tmp_path / "out"),
+                                      "-c", str(ROOT / "configs" / "tiny.yaml")])
+    assert result.exit_code == 1
+    assert "locked.jsonl" in result.output and "cannot read" in result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["errors"][0]["path"].endswith("locked.jsonl")
+    assert manifest["counts"]["totals"]["train"] + manifest["counts"]["totals"]["holdout"] == 5
+
+
+def test_row_level_failures_go_to_quarantine(cfg, tmp_path):
+    """A token that looks like a JWT but is not one passes redaction; the validation suite's
+    secret check still catches it and quarantines that row only."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    fake_jwt = "eyJhbGciOiJIUzI1NiJ9zz.eyJzdWIiOiIxMjM0NTY3ODkwIn0zz.c2lnbmF0dXJl"
+    lines = [chat_line(prompt(i)) for i in range(30)] + [chat_line(f"Is this token safe to share? {fake_jwt}")]
+    (raw / "a.jsonl").write_text("\n".join(lines) + "\n")
+    m = ingest(cfg, [raw], tmp_path / "out")
+    assert m["counts"]["conversations"]["quarantined"] == 1
+    assert m["counts"]["quarantined_by_reason"] == {"validation:no_secret_left": 1}
+    q = [json.loads(x) for x in (tmp_path / "out" / "quarantine.jsonl").read_text().rstrip("\n").split("\n")]
+    assert q[0]["line"] == 31 and q[0]["stage"] == "validate"
+    assert json.loads((tmp_path / "out" / "validation.json").read_text())["row_failures_quarantined"] == 1
+
+
+def test_batch_level_failure_stops_and_publishes_nothing(cfg, tmp_path, monkeypatch):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.jsonl").write_text("\n".join(chat_line(prompt(i)) for i in range(5)) + "\n")
+    out = tmp_path / "out"
+    ingest(cfg, [raw], out)
+    before = sha256_tree(out)
+    with (raw / "a.jsonl").open("a") as f:
+        f.write("\n".join(chat_line(prompt(50 + i)) for i in range(5)) + "\n")
+    # a bug that gives every conversation the same id: the unique-id expectation stops the stage
+    monkeypatch.setattr("drafter.traces.ingest.record_id", lambda raw, sub="": "0" * 16)
+    with pytest.raises(ValidationFailed, match="unique_ids"):
+        ingest(cfg, [raw], out)
+    report = (out / "validation.failed.md").read_text()
+    assert "FAILED" in report and "unique_ids" in report
+    (out / "validation.failed.md").unlink()
+    (out / "validation.failed.json").unlink()
+    assert sha256_tree(out) == before  # previous output and watermarks untouched
+    monkeypatch.undo()
+    assert ingest(cfg, [raw], out)["counts"]["records"]["read"] == 5  # the lines are read again once fixed
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(st.text(max_size=300), min_size=1, max_size=3))
+def test_fuzz_token_size_bounds_hold(tiny_tokenizer_size, texts):
+    """The size bounds that spare most conversations from tokenization never contradict the count."""
+    nbytes = sum(len(t.encode()) for t in texts)
+    low, high = tiny_tokenizer_size.bounds(texts, nbytes, floor=1 << 30)
+    n = sum(tiny_tokenizer_size.count(texts))
+    assert low <= n <= high
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer_size():
+    from drafter.tiny import tiny_tokenizer
+    from drafter.traces.ingest import TokenSize
+
+    size = TokenSize(tiny_tokenizer())
+    assert not size.exact_only and size.longest_plain <= size.longest
+    return size

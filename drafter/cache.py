@@ -9,8 +9,10 @@ Layout of one cache (a folder under the state dir's `cache/`, named by its key):
 <key>/index.json                  meta (fingerprints, layer ids, dtype, counts, sizes) + shard list
 <key>/shards/shard-000000.safetensors   the samples of one chunk of conversations, concatenated:
        input_ids [N] int32, loss_mask [N] bool, offsets [S+1] int64,
-       features [N, n, H], final_hidden [N, H]     (bf16 | fp16 | fp32, or int8 with
-       features_scale [N, n], final_scale [N] float32: one absmax scale per token and layer)
+       features [N, n, H], final_hidden [N, H]     (bf16 | fp16 | fp32; or the compact
+       int8 mode: features int8 + features_scale [N, n] float32, one absmax scale per token
+       and layer, and final_hidden kept in bf16, because p_t, what the losses train
+       against, comes from it through the LM head and 8 bits visibly distort it)
 <key>/shards/shard-000000.json    sidecar: sha256, bytes, ids, lengths, skipped samples
 ```
 - Content-addressed: the key hashes the target fingerprint (weights, tokenizer,
@@ -177,10 +179,10 @@ class ShardWriter:
         return out
 
     def _store(self, name: str, x: torch.Tensor, tensors: dict[str, torch.Tensor], where: str) -> None:
-        if self.dtype == "int8":
-            tensors[name], tensors[f"{name.removesuffix('_hidden')}_scale"] = quantize_int8(x)
+        if self.dtype == "int8" and name == "features":
+            tensors["features"], tensors["features_scale"] = quantize_int8(x)
             return
-        stored = x.to(_FLOAT_DTYPES[self.dtype])
+        stored = x.to(_FLOAT_DTYPES["bfloat16" if self.dtype == "int8" else self.dtype])
         if not torch.isfinite(stored).all():
             raise CacheError(f"{where}: {name} overflows {self.dtype}; use cache.dtype=bfloat16 or float32")
         tensors[name] = stored.contiguous()
@@ -547,9 +549,9 @@ class CacheReader:
 
         if self.meta["dtype"] == "int8":
             features = dequantize_int8(part("features"), part("features_scale"))
-            final = dequantize_int8(part("final_hidden"), part("final_scale"))
         else:
-            features, final = part("features").float(), part("final_hidden").float()
+            features = part("features").float()
+        final = part("final_hidden").float()
         return {
             "input_ids": part("input_ids").long(),
             "loss_mask": part("loss_mask").bool(),

@@ -126,7 +126,8 @@ class RegenerateConfig(Section):
 
 
 class CacheConfig(Section):
-    # Hidden-state storage: bf16/fp16/fp32, or int8 with one float32 scale per token and layer.
+    # Hidden-state storage: bf16/fp16/fp32, or int8 feature layers (one float32 scale per token
+    # and layer) with a bf16 final hidden state: about 0.6x the size of bf16.
     dtype: Literal["bfloat16", "float16", "float32", "int8"] = "bfloat16"
     max_seq_len: int = Field(2048, ge=16)  # longer conversations are truncated (tokens beyond are dropped)
     batch_size: int = Field(4, ge=1)  # conversations per target forward pass

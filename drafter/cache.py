@@ -115,8 +115,10 @@ def encode_record(
     A `LossMaskError` (template mismatch) is not caught: it fails the whole build.
     """
     messages = [{"role": m["role"], "content": m.get("content") or ""} for m in record["messages"]]
+    finish = (record.get("regen") or {}).get("finish_reasons") or []
+    unfinished = {k for k, reason in enumerate(finish) if reason == "length"}  # cut off: no end token
     try:
-        enc = chat.encode(tokenizer, messages, end_strings, enable_thinking)
+        enc = chat.encode(tokenizer, messages, end_strings, enable_thinking, unfinished)
     except chat.ChatTemplateError as exc:
         return f"chat template: {exc}"
     ids, mask = enc.input_ids[:max_seq_len], enc.loss_mask[:max_seq_len]

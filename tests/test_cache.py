@@ -268,6 +268,18 @@ def test_truncation_and_unmaskable_samples_are_counted(tiny_config, tiny_target,
     assert reader.ids == ["conv-0000", "long-answer"] and max(reader.lengths) == 64
 
 
+def test_cut_off_answers_leave_their_end_token_unmasked(tiny_target):
+    end = chat.end_of_turn_strings(tiny_target.tokenizer, tiny_target.eos_token_ids)
+    record = {**conversation(0), "regen": {"finish_reasons": ["length"]}}
+    cut = cache_mod.encode_record(tiny_target.tokenizer, record, end, 256)
+    whole = cache_mod.encode_record(tiny_target.tokenizer, conversation(0), end, 256)
+    assert cut.input_ids == whole.input_ids
+    assert sum(whole.loss_mask) == sum(cut.loss_mask) + 1
+    last = max(i for i, m in enumerate(whole.loss_mask) if m)
+    assert tiny_target.tokenizer.convert_ids_to_tokens(whole.input_ids[last]) == "<|im_end|>"
+    assert not cut.loss_mask[last]
+
+
 def test_nothing_to_learn_fails_loudly(tiny_config, tiny_target, tmp_path):
     rows = [{**conversation(i), "messages": [{"role": "user", "content": "word " * 100},
                                              {"role": "assistant", "content": "yes"}]} for i in range(3)]

@@ -79,6 +79,12 @@ def test_mask_is_exactly_the_answers_and_their_end_token():
     assert enc.input_ids == tok.apply_chat_template(CONV, tokenize=True, return_dict=True)["input_ids"]
 
 
+def test_answers_cut_off_at_the_limit_do_not_teach_the_end_token():
+    tok = tiny_tokenizer()
+    enc = chat.encode(tok, CONV, unfinished={1})
+    assert masked_runs(tok, enc) == ["Paris.<|im_end|>", "\nRome, of course.  "]
+
+
 def test_content_that_looks_like_the_template_is_still_masked_right():
     tok = tiny_tokenizer()
     conv = [{"role": "user", "content": "assistant"}, {"role": "assistant", "content": "assistant"},

@@ -118,6 +118,9 @@ def plan(row: dict[str, Any]) -> list[dict] | str:
     last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
     if last is None:
         return "no assistant turn"
+    first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), len(messages))
+    if any(m.get("role") == "assistant" for m in messages[:first_user]):
+        return "assistant turn before any user turn"  # nothing to condition the answer on
     return [{"role": m["role"], "content": m.get("content") or ""} for m in messages[: last + 1]]
 
 

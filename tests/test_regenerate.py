@@ -30,7 +30,11 @@ def config(tiny_config, **regen):
 
 @pytest.fixture
 def ingested(tmp_path):
-    train = make_rows(7) + [{**conversation(50), "messages": [{"role": "user", "content": "no answer logged"}]}]
+    train = make_rows(7) + [
+        {**conversation(50), "messages": [{"role": "user", "content": "no answer logged"}]},
+        {**conversation(51), "messages": [{"role": "assistant", "content": "Hello! How can I help?"},
+                                          {"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+    ]
     return write_ingested(tmp_path / "ingested", train, make_rows(3, start=100))
 
 
@@ -51,8 +55,8 @@ def test_local_regenerates_turn_by_turn(tiny_config, tiny_target, ingested, tmp_
     manifest = regenerate(cfg, ingested, tmp_path / "out", target=tiny_target)
 
     c = manifest["counts"]["train"]
-    assert (c["input"], c["succeeded"], c["errors"], c["skipped"]) == (8, 7, 0, 1)
-    assert c["skipped_by_reason"] == {"no assistant turn": 1}
+    assert (c["input"], c["succeeded"], c["errors"], c["skipped"]) == (9, 7, 0, 2)
+    assert c["skipped_by_reason"] == {"no assistant turn": 1, "assistant turn before any user turn": 1}
     assert manifest["counts"]["holdout"]["succeeded"] == 3
     records = by_id(tmp_path / "out" / "train.jsonl")
     source = {r["id"]: r for r in make_rows(7)}
@@ -84,7 +88,7 @@ def test_local_regenerates_turn_by_turn(tiny_config, tiny_target, ingested, tmp_
 def test_rerun_is_a_noop(tiny_config, tiny_target, ingested, tmp_path, monkeypatch):
     cfg = config(tiny_config, limit=3)
     first = regenerate(cfg, ingested, tmp_path / "out", target=tiny_target)
-    assert first["counts"]["train"]["skipped_by_reason"]["limit"] == 5
+    assert first["counts"]["train"]["skipped_by_reason"]["limit"] == 6
     monkeypatch.setattr(LocalBackend, "generate", lambda *a: pytest.fail("regenerated again"))
     assert regenerate(cfg, ingested, tmp_path / "out", target=tiny_target) == first
 
@@ -170,7 +174,7 @@ def test_failures_go_to_errors_and_are_retried(tiny_config, tiny_target, ingeste
     monkeypatch.setattr(LocalBackend, "generate", flaky)
     manifest = regenerate(cfg, ingested, out, target=tiny_target)
     c = manifest["counts"]["train"]
-    assert (c["succeeded"], c["errors"], c["skipped"]) == (6, 1, 1)
+    assert (c["succeeded"], c["errors"], c["skipped"]) == (6, 1, 2)
     errors = read_jsonl(out / "errors.jsonl")
     assert [(e["split"], e["id"]) for e in errors] == [("train", "conv-0002")]
     assert "out of memory" in errors[0]["reason"]

@@ -30,7 +30,6 @@ import logging
 import os
 import random
 import shutil
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -474,6 +473,95 @@ def _record(conv: Conversation, backend: Backend) -> dict:
 
 
 # ----- the stage -----------------------------------------------------------------------
+def _open_partial(out_dir: Path, run_key: str, splits: list[str], same_run: bool) -> Path:
+    """The working folder of this run: resumed when its key matches, else started afresh."""
+    partial = out_dir / ".partial"
+    state_path = partial / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    if state is not None and state.get("run_key") == run_key:
+        return partial
+    if state is not None:
+        log.warning("discarding partial regeneration in %s (made with other inputs or parameters)", partial)
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    if same_run:  # a finished run with errors left or a raised limit: start from its records
+        for s in splits:
+            if (out_dir / f"{s}.jsonl").is_file():
+                shutil.copyfile(out_dir / f"{s}.jsonl", partial / f"{s}.jsonl")
+    atomic_write_text(state_path, json.dumps({"run_key": run_key}))
+    return partial
+
+
+def _select(ds, done: dict[str, dict], limit: int | None):
+    """Split the input rows into: ids in output order, conversations to do, skipped ids by reason."""
+    order: list[str] = []
+    todo: list[Conversation] = []
+    skipped: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    for i, row in enumerate(ds):
+        cid = str(row["id"])
+        reason = "duplicate id" if cid in seen else "limit" if limit is not None and i >= limit else None
+        seen.add(cid)
+        source = plan(row) if reason is None else reason
+        if isinstance(source, str):
+            skipped.setdefault(source, []).append(cid)
+            continue
+        order.append(cid)
+        if cid not in done:
+            todo.append(Conversation(row=dict(row), source=source))
+    return order, todo, skipped
+
+
+def _tokens(record: dict) -> int:
+    return sum(t or 0 for t in record["regen"]["completion_tokens"])
+
+
+def _regenerate_split(backend: Backend, split: str, ds, partial: Path, out_dir: Path, limit: int | None,
+                      error_log: Appender) -> tuple[dict, list[dict], int]:
+    """Regenerate one split (resuming), write it in input order; its counts, errors, new tokens."""
+    done = {str(r["id"]): r for r in read_jsonl(partial / f"{split}.jsonl", repair=True)}
+    order, todo, skipped = _select(ds, done, limit)
+    errors: dict[str, dict] = {}
+    out_log = Appender(partial / f"{split}.jsonl")
+    bar = tqdm(total=len(todo), desc=f"regenerate {split}", unit="conv", disable=not todo)
+
+    def finished(conv: Conversation) -> None:
+        if conv.error is None:
+            done[conv.id] = _record(conv, backend)
+            out_log.write(done[conv.id])
+        else:
+            errors[conv.id] = {"split": split, "id": conv.id, "reason": conv.error, "turn": len(conv.turns),
+                               "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            error_log.write(errors[conv.id])
+        bar.update(1)
+
+    try:
+        backend.run(todo, finished)
+    finally:
+        out_log.close()
+        bar.close()
+    records = [done[c] for c in order if c in done]
+    _write_jsonl(out_dir / f"{split}.jsonl", records)
+    finish: dict[str, int] = {}
+    for r in records:
+        for reason in r["regen"]["finish_reasons"]:
+            finish[reason] = finish.get(reason, 0) + 1
+    counts = {
+        "input": len(ds),
+        "succeeded": len(records),
+        "errors": len(errors),
+        "skipped": sum(len(v) for v in skipped.values()),
+        "skipped_by_reason": {k: len(v) for k, v in skipped.items()},
+        "turns": sum(len(r["regen"]["finish_reasons"]) for r in records),
+        "finish_reasons": finish,
+        "completion_tokens": sum(_tokens(r) for r in records),
+    }
+    check_accounting(counts["input"], {k: counts[k] for k in ("succeeded", "errors", "skipped")},
+                     f"regenerate {split}")
+    new = {c.id for c in todo}
+    return counts, list(errors.values()), sum(_tokens(r) for r in records if str(r["id"]) in new)
+
+
 def regenerate(cfg: Config, in_dir: Path, out_dir: Path, target=None) -> dict[str, Any]:
     """Replace the assistant turns of `in_dir/{train,holdout}` with the target's answers."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
@@ -498,104 +586,24 @@ def regenerate(cfg: Config, in_dir: Path, out_dir: Path, target=None) -> dict[st
         log.info("regeneration in %s is up to date (run key %s)", out_dir, run_key)
         return previous
 
-    partial = out_dir / ".partial"
-    state_path = partial / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else None
-    if state is not None and state.get("run_key") != run_key:
-        log.warning("discarding partial regeneration in %s (made with other inputs or parameters)", partial)
-        shutil.rmtree(partial)
-        state = None
-    if state is None:
-        partial.mkdir(parents=True, exist_ok=True)
-        if same_run:
-            # A finished run with errors left or a raised limit: start from its records.
-            for s in splits:
-                if (out_dir / f"{s}.jsonl").is_file():
-                    shutil.copyfile(out_dir / f"{s}.jsonl", partial / f"{s}.jsonl")
-        atomic_write_text(state_path, json.dumps({"run_key": run_key}))
-
+    partial = _open_partial(out_dir, run_key, splits, same_run)
     if backend.name == "local":
         torch.manual_seed(cfg.run.seed)
-    error_log = Appender(partial / "errors.jsonl")
-    counts: dict[str, dict[str, Any]] = {}
-    generated_tokens, generate_seconds = 0, 0.0
-    final_errors: list[dict] = []
+    counts, errors, new_tokens = {}, [], 0
+    error_log = Appender(partial / "errors.jsonl")  # a log of every failure, for a killed run
     try:
         for split in splits:
-            ds = _load_split(in_dir / split)
-            done_records = {str(r["id"]): r for r in read_jsonl(partial / f"{split}.jsonl", repair=True)}
-            skipped: dict[str, list[str]] = {}
-            todo: list[Conversation] = []
-            seen: set[str] = set()
-            order: list[str] = []
-            for i, row in enumerate(ds):
-                cid = str(row["id"])
-                if cid in seen:
-                    skipped.setdefault("duplicate id", []).append(cid)
-                    continue
-                seen.add(cid)
-                if rcfg.limit is not None and i >= rcfg.limit:
-                    skipped.setdefault("limit", []).append(cid)
-                    continue
-                source = plan(row)
-                if isinstance(source, str):
-                    skipped.setdefault(source, []).append(cid)
-                    continue
-                order.append(cid)
-                if cid not in done_records:
-                    todo.append(Conversation(row=dict(row), source=source))
-            errors: dict[str, dict] = {}
-            out_log = Appender(partial / f"{split}.jsonl")
-            bar = tqdm(total=len(todo), desc=f"regenerate {split}", unit="conv", disable=not todo)
-
-            def done(conv: Conversation, split=split, errors=errors, out_log=out_log, bar=bar) -> None:
-                if conv.error is None:
-                    record = _record(conv, backend)
-                    out_log.write(record)
-                    done_records[conv.id] = record
-                else:
-                    err = {"split": split, "id": conv.id, "reason": conv.error, "turn": len(conv.turns),
-                           "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-                    error_log.write(err)
-                    errors[conv.id] = err
-                bar.update(1)
-
-            start = time.perf_counter()
-            try:
-                with timer(f"generate_{split}"):
-                    backend.run(todo, done)
-            finally:
-                out_log.close()
-                bar.close()
-            generate_seconds += time.perf_counter() - start
-            records = [done_records[c] for c in order if c in done_records]
-            new_ids = {c.id for c in todo}
-            generated_tokens += sum(sum(t or 0 for t in r["regen"]["completion_tokens"])
-                                    for r in records if str(r["id"]) in new_ids)
-            _write_jsonl(out_dir / f"{split}.jsonl", records)
-            final_errors.extend(errors.values())
-            finish = {}
-            for r in records:
-                for reason in r["regen"]["finish_reasons"]:
-                    finish[reason] = finish.get(reason, 0) + 1
-            counts[split] = {
-                "input": len(ds),
-                "succeeded": len(records),
-                "errors": len(errors),
-                "skipped": sum(len(v) for v in skipped.values()),
-                "skipped_by_reason": {k: len(v) for k, v in skipped.items()},
-                "turns": sum(len(r["regen"]["finish_reasons"]) for r in records),
-                "finish_reasons": finish,
-                "completion_tokens": sum(sum(t or 0 for t in r["regen"]["completion_tokens"]) for r in records),
-            }
-            c = counts[split]
-            check_accounting(c["input"], {"succeeded": c["succeeded"], "errors": c["errors"], "skipped": c["skipped"]},
-                             f"regenerate {split}")
+            with timer(f"generate_{split}"):
+                counts[split], split_errors, tokens = _regenerate_split(
+                    backend, split, _load_split(in_dir / split), partial, out_dir, rcfg.limit, error_log)
+            errors += split_errors
+            new_tokens += tokens
     finally:
         error_log.close()
 
-    _write_jsonl(out_dir / "errors.jsonl", final_errors)
+    _write_jsonl(out_dir / "errors.jsonl", errors)
     cfg.save(out_dir / "config.yaml")
+    seconds = sum(timer.durations.get(f"generate_{s}", 0.0) for s in splits)
     ingest_manifest = in_dir / "manifest.json"
     write_manifest(
         out_dir,
@@ -609,8 +617,8 @@ def regenerate(cfg: Config, in_dir: Path, out_dir: Path, target=None) -> dict[st
         outputs={f"{s}.jsonl": sha256_file(out_dir / f"{s}.jsonl") for s in splits}
         | {"errors.jsonl": sha256_file(out_dir / "errors.jsonl")},
         extra={"throughput": {
-            "generated_tokens_this_run": generated_tokens,
-            "tokens_per_s": round(generated_tokens / generate_seconds, 2) if generate_seconds > 0 else None,
+            "generated_tokens_this_run": new_tokens,
+            "tokens_per_s": round(new_tokens / seconds, 2) if seconds > 0 else None,
             "retries": getattr(backend, "retries", 0),
         }},
     )

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from drafter import chat
-from drafter.manifest import read_manifest
 from drafter.regenerate import (
     LocalBackend,
     OpenAIBackend,

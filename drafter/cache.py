@@ -318,11 +318,14 @@ def build_cache(cfg: Config, in_dir: Path, out_dir: Path, target=None) -> dict[s
         dataset_hash = sha256_file(path)
         key = cache_key(target, dataset_hash, ccfg.dtype, ccfg.max_seq_len, thinking)
         final = root / key
-        if (final / "index.json").is_file():
+        if dist.main and (final / "index.json").is_file():
+            with timer(f"verify_{split}"):
+                _check_before_reuse(final, target.fingerprint)
+        dist.barrier()
+        reused = (final / "index.json").is_file()
+        if reused:
             log.info("reusing the %s cache %s", split, final)
-            reused = True
         else:
-            reused = False
             with timer(f"build_{split}"):
                 _build(cfg, target, _read_records(path), final, key, split, dataset_hash, end_strings, dist)
         reader = CacheReader(final, expect_fingerprint=target.fingerprint, verify=False)
@@ -363,6 +366,16 @@ def build_cache(cfg: Config, in_dir: Path, out_dir: Path, target=None) -> dict[s
     )
     dist.barrier()
     return read_manifest(out_dir)
+
+
+def _check_before_reuse(final: Path, fingerprint: str) -> None:
+    """Verify every checksum of a cache about to be reused; move a damaged one aside."""
+    try:
+        CacheReader(final, expect_fingerprint=fingerprint).verify_all()
+    except CacheCorruptError as exc:
+        damaged = final.with_name(f"{final.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        log.warning("%s; moving the cache to %s and building it again", exc, damaged)
+        os.replace(final, damaged)
 
 
 def _build(cfg, target, records, final: Path, key, split, dataset_hash, end_strings, dist: _Dist) -> None:
@@ -527,7 +540,10 @@ class CacheReader:
 
             file = self.path / "shards" / self.shards[s]["file"]
             if self.verify and sha256_file(file) != self.shards[s]["sha256"]:
-                raise CacheCorruptError(f"cache shard {file} fails its checksum (altered or damaged): rebuild the cache")
+                raise CacheCorruptError(
+                    f"cache shard {file} fails its checksum (altered or damaged); `drafter build-cache` "
+                    "verifies a cache before reusing it and rebuilds a damaged one"
+                )
             try:
                 handle = safe_open(str(file), framework="pt")
                 offsets = handle.get_tensor("offsets")

@@ -230,6 +230,19 @@ def test_altered_shard_fails_its_checksum(damageable):
     assert CacheReader(damageable, verify=False)[9]["input_ids"].numel()
 
 
+def test_a_damaged_cache_is_rebuilt_not_reused(tiny_config, tiny_target, regenerated, tmp_path):
+    cfg = config(tiny_config, tmp_path)
+    build_cache(cfg, regenerated, tmp_path / "cache", target=tiny_target)
+    path = open_split(tmp_path / "cache", "train").path / "shards" / "shard-000000.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    manifest = build_cache(cfg, regenerated, tmp_path / "cache", target=tiny_target)
+    assert not manifest["counts"]["train"]["reused"] and manifest["counts"]["holdout"]["reused"]
+    open_split(tmp_path / "cache", "train").verify_all()  # whole again
+    assert len(list(cfg.cache.root.glob("*.damaged-*"))) == 1  # the damaged copy is kept aside, not deleted
+
+
 def test_missing_shard_is_named(damageable):
     (damageable / "shards" / "shard-000000.safetensors").unlink()
     with pytest.raises(CacheCorruptError, match="shard-000000.safetensors is missing"):

@@ -34,7 +34,7 @@ def ingested(tmp_path):
         {**conversation(51), "messages": [{"role": "assistant", "content": "Hello! How can I help?"},
                                           {"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]},
     ]
-    return write_ingested(tmp_path / "ingested", train, make_rows(3, start=100))
+    return write_ingested(tmp_path / "ingested", train, make_rows(2, start=100))
 
 
 def by_id(path):
@@ -56,7 +56,7 @@ def test_local_regenerates_turn_by_turn(tiny_config, tiny_target, ingested, tmp_
     c = manifest["counts"]["train"]
     assert (c["input"], c["succeeded"], c["errors"], c["skipped"]) == (9, 7, 0, 2)
     assert c["skipped_by_reason"] == {"no assistant turn": 1, "assistant turn before any user turn": 1}
-    assert manifest["counts"]["holdout"]["succeeded"] == 3
+    assert manifest["counts"]["holdout"]["succeeded"] == 2
     records = by_id(tmp_path / "out" / "train.jsonl")
     source = {r["id"]: r for r in make_rows(7)}
     assert list(records) == [r["id"] for r in make_rows(7)]  # input order
@@ -103,7 +103,7 @@ def test_raising_the_limit_keeps_finished_records(tiny_config, tiny_target, inge
 
 
 def test_batched_left_padding_matches_one_at_a_time(tiny_config, tiny_target):
-    backend = LocalBackend(config(tiny_config, temperature=0.0, max_new_tokens=12).regenerate, tiny_target)
+    backend = LocalBackend(config(tiny_config, temperature=0.0, max_new_tokens=6).regenerate, tiny_target)
     tok = tiny_target.tokenizer
     prompts = [chat.prompt_ids(tok, [{"role": "user", "content": q}]) for q in ("Hi", "What is 17 times 3?",
                                                                               "Explain binary search in detail.")]
@@ -111,7 +111,7 @@ def test_batched_left_padding_matches_one_at_a_time(tiny_config, tiny_target):
     batched = backend.generate(prompts)
     single = [backend.generate([p])[0] for p in prompts]
     assert [t.text for t in batched] == [t.text for t in single]
-    assert all(t.tokens == 12 and t.finish_reason == "length" for t in batched)
+    assert all(t.tokens == 6 and t.finish_reason == "length" for t in batched)
 
 
 def test_stop_on_eos_reports_finish_reason(tiny_config, tiny_target, monkeypatch):

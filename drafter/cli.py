@@ -304,6 +304,48 @@ def ingest_cmd(
     if manifest.get("errors"):
         raise typer.Exit(1)
 
+# ----- regenerate and build-cache ---------------------------------------------------
+InOpt = Annotated[Optional[Path], typer.Option("--in", help="Input folder (default under run.data_dir).")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Output folder (default under run.data_dir).")]
+
+
+@app.command("regenerate")
+def regenerate_cmd(
+    in_dir: InOpt = None, out_dir: OutOpt = None, config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replace every assistant turn with the target's own answer (local transformers or an OpenAI-compatible server)."""
+    from drafter.regenerate import regenerate
+
+    cfg = load(config, set_)
+    manifest = regenerate(cfg, in_dir or cfg.data_dir / "ingested", out_dir or cfg.data_dir / "regenerated")
+    summary = {f"{split} {k}": v for split, c in manifest["counts"].items()
+               for k, v in c.items() if k in ("input", "succeeded", "errors", "skipped", "completion_tokens")}
+    print_mapping("regenerate", {"backend": manifest["params"]["backend"], "model": manifest["params"]["model"],
+                                 **summary, "tokens/s": manifest["throughput"]["tokens_per_s"]}, as_json)
+
+
+@app.command("build-cache")
+def build_cache_cmd(
+    in_dir: InOpt = None, out_dir: OutOpt = None, config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cache the target's feature-layer and final hidden states over the regenerated data."""
+    from drafter.cache import build_cache
+
+    cfg = load(config, set_)
+    manifest = build_cache(cfg, in_dir or cfg.data_dir / "regenerated", out_dir or cfg.data_dir / "cache")
+    if not manifest:  # a non-zero rank under accelerate launch
+        return
+    summary = {}
+    for split, c in manifest["counts"].items():
+        size = manifest["size"][split]
+        summary |= {f"{split} samples": c["samples"], f"{split} skipped": c["skipped"], f"{split} tokens": c["tokens"],
+                    f"{split} reused": c["reused"], f"{split} bytes/token": size["bytes_per_token"],
+                    f"{split} vs plain bf16": size["size_vs_plain"], f"{split} tokens/s": size["tokens_per_s"],
+                    f"{split} cache": manifest["outputs"][f"{split}.json"]["path"]}
+    print_mapping("build-cache", summary, as_json)
+
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

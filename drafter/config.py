@@ -111,16 +111,19 @@ class IngestConfig(Section):
 class RegenerateConfig(Section):
     backend: Literal["local", "openai"] = "local"
     base_url: str | None = None  # openai: e.g. http://127.0.0.1:8000/v1
-    model: str | None = None  # openai: served model name
+    model: str | None = None  # openai: served model name (None: the first of GET /models)
     api_key_env: str = "OPENAI_API_KEY"
-    temperature: float = Field(0.7, ge=0)
+    temperature: float = Field(0.7, ge=0)  # 0 = greedy
     top_p: float = Field(0.8, gt=0, le=1)
-    top_k: int = Field(20, ge=0)
+    top_k: int = Field(20, ge=0)  # 0 = off; openai: sent unless the server rejects the field
     max_new_tokens: int = Field(256, ge=1)
+    enable_thinking: bool = False  # passed to templates that have the switch (Qwen3 and the like)
     batch_size: int = Field(8, ge=1)  # local
-    concurrency: int = Field(8, ge=1)  # openai
-    timeout_s: float = Field(120.0, gt=0)
-    max_retries: int = Field(5, ge=0)
+    concurrency: int = Field(8, ge=1)  # openai: requests in flight
+    timeout_s: float = Field(120.0, gt=0)  # openai: per request
+    max_retries: int = Field(5, ge=0)  # openai: on 429, 5xx, timeouts and connection errors
+    backoff_base_s: float = Field(1.0, gt=0)  # openai: first retry delay, doubled each time, jittered
+    backoff_max_s: float = Field(30.0, gt=0)
     limit: int | None = Field(None, ge=1)  # conversations per split (small CPU runs)
 
     @model_validator(mode="after")
@@ -131,10 +134,12 @@ class RegenerateConfig(Section):
 
 
 class CacheConfig(Section):
+    # Hidden-state storage: bf16/fp16/fp32, or int8 feature layers (one float32 scale per token
+    # and layer) with a bf16 final hidden state: about 0.6x the size of bf16.
     dtype: Literal["bfloat16", "float16", "float32", "int8"] = "bfloat16"
-    max_seq_len: int = Field(2048, ge=16)
-    batch_size: int = Field(4, ge=1)
-    shard_samples: int = Field(256, ge=1)
+    max_seq_len: int = Field(2048, ge=16)  # longer conversations are truncated (tokens beyond are dropped)
+    batch_size: int = Field(4, ge=1)  # conversations per target forward pass
+    shard_samples: int = Field(64, ge=1)  # conversations per shard (the unit of resume)
     root: Path | None = None  # None: the state dir's content-addressed cache folder
 
 

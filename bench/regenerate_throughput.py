@@ -1,0 +1,134 @@
+"""Generated tokens per second of the `local` regeneration backend: batched vs one at a time.
+
+    python bench/regenerate_throughput.py [--prompts 16] [--max-new-tokens 48] [--batch-sizes 1,4,8,16]
+                                          [--repeats 2] [--threads N] [--config configs/smollm2-135m-dspark.yaml]
+
+The real target (default SmolLM2-135M-Instruct) answers the first turns of the bundled
+MT-bench questions through `LocalBackend.run`, the path `drafter regenerate` takes
+(chat template, prompts sorted by length, left padding, KV cache), once per batch size,
+side by side in one process with the same prompts and the configured sampling
+(temperature 0.7, top-p 0.8, top-k 20; seeded), in interleaved rounds (the best round of
+each batch size is reported, every round is listed). Batch size 1 is one request at a time.
+Generated tokens are counted up to and including each answer's end-of-turn token (the
+padding a finished row keeps producing while its batch runs on is not counted).
+Writes bench/results/regenerate_throughput.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+
+def prompts(n: int) -> list[str]:
+    from drafter.config import BUNDLED_EVAL_DIR
+
+    lines = (BUNDLED_EVAL_DIR / "mt-bench.jsonl").read_text().splitlines()
+    return [json.loads(line)["turns"][0] for line in lines[:n]]
+
+
+def measure(target, cfg, questions: list[str], batch_size: int) -> dict:
+    import torch
+
+    from drafter.regenerate import Conversation, LocalBackend
+
+    backend = LocalBackend(cfg.regenerate.model_copy(update={"batch_size": batch_size}), target)
+    convs = [Conversation(row={"id": str(i)}, source=[{"role": "user", "content": q},
+                                                      {"role": "assistant", "content": ""}])
+             for i, q in enumerate(questions)]
+    finished = []
+    torch.manual_seed(cfg.run.seed)
+    start = time.perf_counter()
+    backend.run(convs, finished.append)
+    seconds = time.perf_counter() - start
+    errors = [c.error for c in finished if c.error]
+    if errors:
+        raise RuntimeError(f"batch {batch_size}: {errors[0]}")
+    tokens = sum(t.tokens for c in finished for t in c.turns)
+    stops = sum(t.finish_reason == "stop" for c in finished for t in c.turns)
+    return {"batch_size": batch_size, "requests": len(finished), "generated_tokens": tokens,
+            "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 2),
+            "stopped_on_eos": stops}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--batch-sizes", default="1,4,8,16")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "smollm2-135m-dspark.yaml")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="rounds over all batch sizes, interleaved; the best round of each is reported")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 keeps a shared, oversubscribed machine from thrashing)")
+    args = parser.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from drafter.config import load_config
+    from drafter.target import load_target
+
+    cfg = load_config(args.config, [f"regenerate.max_new_tokens={args.max_new_tokens}"])
+    target = load_target(cfg)
+    questions = prompts(args.prompts)
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    measure(target, cfg, questions[:2], 2)  # warm-up: first-call allocations and lazy inits
+    runs: dict[int, list[dict]] = {size: [] for size in sizes}
+    for _ in range(args.repeats):  # interleaved, so a busy spell on a shared machine hits all sizes alike
+        for size in sizes:
+            runs[size].append(measure(target, cfg, questions, size))
+            print(json.dumps(runs[size][-1]), flush=True)
+    rows = []
+    for size in sizes:
+        best = max(runs[size], key=lambda r: r["tokens_per_s"])
+        rows.append({**best, "all_tokens_per_s": [r["tokens_per_s"] for r in runs[size]]})
+    base = next((r for r in rows if r["batch_size"] == 1), rows[0])
+    for r in rows:
+        r["speedup_vs_one_at_a_time"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
+
+    command = "python bench/regenerate_throughput.py " + " ".join(sys.argv[1:])
+    result = {
+        "benchmark": "regenerate_throughput",
+        "command": command.strip(),
+        "target": target.info() | {"dtype": str(target.dtype)},
+        "sampling": {k: getattr(cfg.regenerate, k) for k in ("temperature", "top_p", "top_k", "max_new_tokens")},
+        "prompts": f"first turns of the first {len(questions)} bundled MT-bench questions",
+        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(),
+                    "device": str(target.device), "load_average": os.getloadavg()},
+        "results": rows,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "regenerate_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        "# Regeneration throughput (`local` backend)",
+        "",
+        f"Target {target.name} ({target.info()['parameters']:,} parameters, {target.dtype}, {target.device}); "
+        f"{result['prompts']}; sampling {result['sampling']}.",
+        "",
+        "| batch size | requests | generated tokens | seconds | tokens/s (best) | every round | vs one at a time |",
+        "|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        label = "1 (one at a time)" if r["batch_size"] == 1 else str(r["batch_size"])
+        lines.append(f"| {label} | {r['requests']} | {r['generated_tokens']} | {r['seconds']} | "
+                     f"{r['tokens_per_s']} | {', '.join(map(str, r['all_tokens_per_s']))} | "
+                     f"{r['speedup_vs_one_at_a_time']}x |")
+    lines += ["", f"Command: `{result['command']}`", f"Machine: {result['machine']}", ""]
+    (RESULTS / "regenerate_throughput.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

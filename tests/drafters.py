@@ -4,9 +4,12 @@ probabilities it returns are exactly the ones its tokens were drawn from.
 
 - `LMDrafter`: any causal LM sharing the target's vocabulary, used as a sequential draft
   model with its own KV cache (a perturbed copy of a tiny target gives partial
-  acceptance; the target itself gives acceptance ~1; `early_exit_lm` gives a cheap
-  self-drafter of a real target). Optional confidences: the draft's own max probability,
-  optionally made over-confident on purpose (for calibration tests).
+  acceptance; the target itself gives acceptance ~1). Optional confidences: the draft's
+  own max probability, optionally made over-confident on purpose (calibration tests).
+- `ScriptedDrafter`: proposes a known continuation (e.g. the target's greedy answer)
+  with random corruptions whose per-position rate is drawn before the token and reported
+  as the confidence: partial acceptance and an informative, honest confidence signal on a
+  real target at the cost of a table lookup (greedy tests and scheduler benchmarks).
 - `RandomDrafter`: uniform random tokens (acceptance ~1/V).
 - `BigramDrafter`: a fixed bigram table; microseconds a proposal, so statistical tests
   can afford tens of thousands of samples. Exportable and registered as `test-bigram`
@@ -157,6 +160,46 @@ class BigramDrafter(DraftModel):
         return out
 
 
+class ScriptedDrafter(DraftModel):
+    """Proposes `script[prompt]` continued from the current position, each token replaced by a
+    uniform random one with probability q_k ~ Beta(a, b) drawn per position before the
+    token. The confidence is 1 - q_k (mixed with the chance a random token is right), so
+    it depends on the drafted prefix only, as a confidence head's does; the probabilities
+    are the exact mixture each token is drawn from, so the engine stays lossless."""
+
+    algorithm = "test-scripted"
+
+    def __init__(self, scripts: dict[tuple[int, ...], list[int]], vocab_size: int, error: tuple[float, float] = (1.0, 3.0)):
+        super().__init__({}, heads=None)
+        self.scripts, self.vocab_size = scripts, vocab_size
+        self.error = torch.distributions.Beta(*error)
+
+    def init_state(self):
+        return {"ids": []}
+
+    def extend(self, state, features, input_ids) -> None:
+        state["ids"] += input_ids.reshape(-1).tolist()
+
+    def _script(self, ids: list[int]) -> tuple[list[int], int]:
+        for prompt, answer in self.scripts.items():
+            if tuple(ids[: len(prompt)]) == prompt:
+                return answer, len(ids) - len(prompt)
+        return [], 0
+
+    def propose(self, state, anchor, gamma, temperature, generator=None) -> Proposal:
+        answer, offset = self._script(state["ids"] + [int(anchor.reshape(-1)[0])])
+        q = self.error.sample((gamma,))  # before any token: the confidence cannot see it
+        tokens, probs = [], []
+        for k in range(gamma):
+            planned = answer[offset + k] if offset + k < len(answer) else 0
+            p = torch.full((self.vocab_size,), float(q[k]) / self.vocab_size)
+            p[planned] += 1 - float(q[k])
+            tokens.append(int(torch.multinomial(p, 1, generator=generator)))
+            probs.append(p)
+        conf = (1 - q) + q / self.vocab_size
+        return Proposal(tokens=torch.tensor([tokens]), probs=torch.stack(probs)[None], confidences=conf[None])
+
+
 class RecordingDrafter(DraftModel):
     algorithm = "test-recording"
 
@@ -186,18 +229,6 @@ def perturbed_copy(model: nn.Module, noise: float, seed: int = 0) -> nn.Module:
             if p.numel() > 1:
                 p.add_(torch.randn(p.shape, generator=g) * noise * float(p.std()))
     return out.eval()
-
-
-def early_exit_lm(target, num_layers: int) -> nn.Module:
-    """The target's first `num_layers` decoder layers + its final norm and LM head (a self-drafter)."""
-    cfg = copy.deepcopy(target.model.config)
-    cfg.num_hidden_layers = num_layers
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = cfg.layer_types[:num_layers]
-    lm = type(target.model)(cfg)
-    missing, _ = lm.load_state_dict(target.model.state_dict(), strict=False)
-    assert not missing, missing
-    return lm.eval().requires_grad_(False)
 
 
 def tiny_vocab_target(vocab_size: int = 16, seed: int = 0, scale: float = 8.0):

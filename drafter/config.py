@@ -174,8 +174,21 @@ class EvaluateConfig(Section):
 
 
 class SchedulerConfig(Section):
+    """Confidence-scheduled verification (see drafter/scheduler.py)."""
+
     mode: Literal["fixed", "threshold", "prefix"] = "fixed"
-    threshold: float = Field(0.5, ge=0, le=1)
+    threshold: float = Field(0.5, ge=0, le=1)  # threshold mode: cut at the first calibrated c_k below it
+    cost_table: Path | None = None  # prefix mode: SPS table from `drafter profile`; None = data_dir/profile/cost_table.json
+    profile_rows: list[int] = [1, 2, 4, 8, 16]  # batch sizes R to profile
+    profile_max_width: int | None = Field(None, ge=1)  # tokens per row; None = drafter.block_size + 1
+    profile_context: int = Field(256, ge=1)  # cached tokens before the profiled forward
+    profile_reps: int = Field(3, ge=1)  # timed repetitions per shape (median)
+
+    @model_validator(mode="after")
+    def _rows(self) -> SchedulerConfig:
+        if not self.profile_rows or any(r < 1 for r in self.profile_rows) or self.profile_rows != sorted(set(self.profile_rows)):
+            raise ValueError("profile_rows must be distinct positive batch sizes in increasing order")
+        return self
 
 
 class GateConfig(Section):

@@ -1,0 +1,134 @@
+"""Confidence-scheduled verification: Algorithm 1 with its early stop, threshold truncation,
+and losslessness with the scheduler on (greedy equality, distribution preserved)."""
+
+import json
+
+import pytest
+import torch
+
+from drafter.decoding import SpecEngine, round_totals
+from drafter.scheduler import (
+    CostTable,
+    Scheduler,
+    SchedulerError,
+    apply_temperatures,
+    load_temperatures,
+    prefix_lengths,
+    prefix_survival,
+    profile_target,
+    threshold_lengths,
+)
+from tests.drafters import LMDrafter, ScriptedDrafter, perturbed_copy
+from tests.test_decoding import ALPHA, QUESTIONS, chat, make_small_world, reference, sample_pvalue
+
+
+def table(rows, line_per_row):
+    widths = list(range(1, len(line_per_row[0]) + 1))
+    return CostTable(rows=rows, widths=widths, sps=line_per_row)
+
+
+def test_algorithm1_by_hand():
+    # SPS falls 25% per extra token of width; two requests.
+    sps = table([2], [[1 / (1 + 0.25 * k) for k in range(5)]])
+    survival = [torch.tensor([0.9, 0.8, 0.1]), torch.tensor([0.5, 0.2])]
+    # Admitted in order 0.9 (theta 2.32), 0.8 (2.47), 0.5 (2.8), 0.2 (2.93); 0.1 would need
+    # width 4: 4.5 / 1.75 = 2.57 < 2.93 -> stop.
+    assert prefix_lengths(survival, sps) == [2, 2]
+
+
+def test_algorithm1_stops_early_where_a_global_search_would_not():
+    # Width 2 costs half the throughput; width 5 would pay off overall (4.5 x 0.42 = 1.89 > 1),
+    # but the first admission already loses (1.95 x 0.5 < 1): Algorithm 1 stops there.
+    sps = table([1], [[1.0, 0.5, 0.45, 0.42, 0.40]])
+    assert prefix_lengths([torch.tensor([0.95, 0.9, 0.85, 0.8])], sps) == [0]
+    cheap = table([1], [[1.0, 0.9, 0.85, 0.8, 0.75]])
+    assert prefix_lengths([torch.tensor([0.95, 0.9, 0.85, 0.8])], cheap) == [4]
+    assert prefix_lengths([torch.tensor([0.0, 0.0])], cheap) == [0]  # a = 0 is never a candidate
+
+
+def test_threshold_and_temperatures():
+    conf = torch.tensor([0.9, 0.6, 0.7, 0.2])
+    assert threshold_lengths([conf, torch.tensor([0.3, 0.9])], 0.5) == [3, 0]
+    torch.testing.assert_close(apply_temperatures(conf, [1.0]), conf)
+    hot = apply_temperatures(conf, [2.0, 2.0, 2.0, 2.0])
+    assert torch.all((hot - 0.5).abs() < (conf - 0.5).abs())  # T > 1 pulls towards 1/2
+    assert torch.equal(hot.argsort(), conf.argsort())  # order-preserving
+    torch.testing.assert_close(prefix_survival(torch.tensor([0.5, 0.5, 0.5])), torch.tensor([0.5, 0.25, 0.125], dtype=torch.float64))
+
+
+def test_cost_table_lookup_and_errors(tmp_path):
+    t = CostTable(rows=[1, 4], widths=[1, 2, 3], sps=[[10.0, 8.0, 6.0], [4.0, 3.0, 2.0]])
+    assert t(1, 2) == 8.0 and t(4, 3) == 2.0
+    assert t(2, 1) == pytest.approx(8.0)  # linear between rows 1 and 4
+    assert t(16, 1) == 4.0  # clamped beyond the last row
+    assert t(1, 6) == pytest.approx(3.0)  # per-token extrapolation past the widest shape
+    t.save(tmp_path / "c.json")
+    assert CostTable.load(tmp_path / "c.json") == t
+    with pytest.raises(SchedulerError, match="drafter profile"):
+        CostTable.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"rows": [1], "widths": [1, 2], "sps": [[1.0]]}))
+    with pytest.raises(SchedulerError, match="rows x widths"):
+        CostTable.load(tmp_path / "bad.json")
+    with pytest.raises(SchedulerError, match="cost table"):
+        Scheduler("prefix")
+
+
+def test_profile_measures_every_shape(tiny_target):
+    t = profile_target(tiny_target, rows=[1, 2], max_width=3, context=16, reps=1, progress=False)
+    assert (t.rows, t.widths) == ([1, 2], [1, 2, 3])
+    assert all(v > 0 for line in t.sps for v in line) and t.target == tiny_target.fingerprint
+
+
+def test_load_temperatures(tmp_path):
+    (tmp_path / "best").mkdir()
+    assert load_temperatures(tmp_path / "best") is None
+    (tmp_path / "calibration.json").write_text(json.dumps({"temperatures": [1.5, 2.0]}))
+    assert load_temperatures(tmp_path / "best") == [1.5, 2.0]  # found in the drafter folder above best/
+
+
+@pytest.mark.parametrize("mode", ["threshold", "prefix"])
+def test_greedy_equality_with_scheduler(tiny_target, mode):
+    prompts = [chat(tiny_target, q) for q in QUESTIONS]
+    refs = [reference(tiny_target, p, 30) for p in prompts]
+    torch.manual_seed(0)
+    drafter = ScriptedDrafter({tuple(p): r for p, r in zip(prompts, refs)}, tiny_target.vocab_size)
+    # A steep synthetic cost so that Algorithm 1 really cuts some drafts.
+    sps = table([1, 2, 4], [[1 / (r * (1 + 0.3 * k)) for k in range(6)] for r in (1, 2, 4)])
+    scheduler = Scheduler(mode, threshold=0.7, temperatures=[1.2, 1.0], cost_table=sps)
+    gens = SpecEngine(tiny_target, drafter, gamma=5, scheduler=scheduler).generate_batch(prompts, 30)
+    assert [g.tokens for g in gens] == refs
+    rounds = [r for g in gens for r in g.rounds]
+    assert any(r.verified < r.proposed for r in rounds)  # the scheduler did cut
+    assert any(r.verified > 0 for r in rounds)
+    assert all(r.accepted <= r.verified <= r.proposed for r in rounds)
+
+
+def test_scheduler_needs_confidences(tiny_target):
+    drafter = LMDrafter(perturbed_copy(tiny_target.model, 0.3, seed=1))  # no confidence head
+    engine = SpecEngine(tiny_target, drafter, gamma=3, scheduler=Scheduler("threshold"))
+    with pytest.raises(SchedulerError, match="confidence head"):
+        engine.generate(chat(tiny_target, "hi"), 5)
+
+
+def test_sampling_lossless_with_prefix_scheduler():
+    """Algorithm 1 across 2000 concurrent requests at temperature 0.8: the chi-square test of
+    test_decoding (false-alarm rate 1e-3) still passes; truncating on a confidence that
+    peeks at the drafted token it scores fails it."""
+    target, drafter, joint = make_small_world(confidences=True)
+    sps = table([1, 2000], [[1.0, 0.8, 0.7], [1.0, 0.8, 0.7]])
+    pvalue, totals = sample_pvalue(target, drafter, joint, scheduler=Scheduler("prefix", cost_table=sps))
+    assert pvalue > ALPHA
+    assert totals["verified"] < totals["proposed"]  # it did schedule
+
+    # The same drafter with a confidence that looks at the token it scores (c_k = p_d(x_k)):
+    # truncating on it biases which drafts reach the target.
+    original = drafter.propose
+
+    def peeking(state, anchor, gamma, temperature, generator=None):
+        prop = original(state, anchor, gamma, temperature, generator)
+        prop.confidences = prop.probs[0].gather(1, prop.tokens[0][:, None]).T
+        return prop
+
+    drafter.propose = peeking
+    pvalue, _ = sample_pvalue(target, drafter, joint, scheduler=Scheduler("threshold", threshold=0.3))
+    assert pvalue < ALPHA

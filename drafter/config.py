@@ -157,10 +157,24 @@ class TrainConfig(Section):
 
 
 class CalibrateConfig(Section):
-    bins: int = Field(20, ge=2)
-    t_min: float = Field(0.05, gt=0)
+    """Sequential Temperature Scaling of the confidence head on held-out prompts (drafter/calibrate.py)."""
+
+    bins: int = Field(20, ge=2)  # ECE bins (DeepSpec: 20)
+    t_min: float = Field(0.05, gt=0)  # temperature grid, log-spaced
     t_max: float = Field(20.0, gt=0)
     grid_points: int = Field(400, ge=10)
+    samples: int = Field(64, ge=1)  # held-out prompts decoded for labels
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float | None = Field(None, ge=0)  # decoding temperature of the labels; None = evaluate.temperature
+    eval_fraction: float = Field(0.5, ge=0, lt=1)  # prompts kept out of the fit to report before/after
+    block_size: int | None = Field(None, ge=1)  # None = the drafter's own block size
+    concurrency: int = Field(8, ge=1)  # prompts decoded together (batched verification; same labels)
+
+    @model_validator(mode="after")
+    def _grid(self) -> CalibrateConfig:
+        if self.t_min >= self.t_max:
+            raise ValueError("t_min must be below t_max")
+        return self
 
 
 class EvaluateConfig(Section):

@@ -21,8 +21,10 @@ is exact for sliding-window attention too. With one request this is a plain crop
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -391,3 +393,37 @@ def round_totals(generations: Sequence[Generation]) -> dict[str, float]:
         "accepted": sum(r.accepted for r in rounds),
         "tau": emitted / len(rounds) if rounds else float("nan"),
     }
+
+
+# ----- loading a trained drafter ----------------------------------------------------------
+def resolve_drafter_dir(path) -> Path:
+    """A model folder (config.json + weights), or a training output folder holding `best/`."""
+    path = Path(path)
+    for folder in (path, path / "best"):
+        if (folder / "config.json").is_file():
+            return folder
+    raise DecodingError(f"no drafter at {path}: expected config.json there or in {path / 'best'}")
+
+
+def load_drafter(path, target) -> tuple[DraftModel, Path]:
+    """Load a speculators-format drafter for `target`; returns (model, its folder)."""
+    from drafter.models import REGISTRY, TargetHeads, model_class
+
+    folder = resolve_drafter_dir(path)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise DecodingError(f"{folder / 'config.json'}: not valid JSON ({exc})") from None
+    algorithm = config.get("speculators_model_type")
+    if not algorithm:
+        raise DecodingError(f"{folder / 'config.json'}: no speculators_model_type")
+    cls = REGISTRY.get(algorithm) or model_class(algorithm)
+    model = cls.load(folder, TargetHeads.from_target(target))
+    return model.to(target.device).eval(), folder
+
+
+def block_size_of(drafter: DraftModel | None, default: int) -> int:
+    """The drafter's own block size when its config states one, else `default`."""
+    config = getattr(drafter, "config", None)
+    value = config.get("block_size") if isinstance(config, dict) else getattr(config, "block_size", None)
+    return int(value) if isinstance(value, int) and value > 0 else default

@@ -169,10 +169,19 @@ class ScriptedDrafter(DraftModel):
 
     algorithm = "test-scripted"
 
-    def __init__(self, scripts: dict[tuple[int, ...], list[int]], vocab_size: int, error: tuple[float, float] = (1.0, 3.0)):
+    def __init__(
+        self,
+        scripts: dict[tuple[int, ...], list[int]],
+        vocab_size: int,
+        error: tuple[float, float] = (1.0, 3.0),
+        overconfidence: float = 1.0,
+        shift: float = 0.0,
+    ):
         super().__init__({}, heads=None)
         self.scripts, self.vocab_size = scripts, vocab_size
         self.error = torch.distributions.Beta(*error)
+        # A deliberately mis-calibrated head: sigmoid(overconfidence * logit(c) + shift).
+        self.overconfidence, self.shift = overconfidence, shift
 
     def init_state(self):
         return {"ids": []}
@@ -196,7 +205,9 @@ class ScriptedDrafter(DraftModel):
             p[planned] += 1 - float(q[k])
             tokens.append(int(torch.multinomial(p, 1, generator=generator)))
             probs.append(p)
-        conf = (1 - q) + q / self.vocab_size
+        conf = ((1 - q) + q / self.vocab_size).clamp(1e-6, 1 - 1e-6)
+        if self.overconfidence != 1.0 or self.shift:
+            conf = torch.sigmoid(self.overconfidence * torch.logit(conf) + self.shift)
         return Proposal(tokens=torch.tensor([tokens]), probs=torch.stack(probs)[None], confidences=conf[None])
 
 
@@ -250,10 +261,3 @@ def tiny_vocab_target(vocab_size: int = 16, seed: int = 0, scale: float = 8.0):
     model.generation_config.eos_token_id = None
     return Target(model=model, tokenizer=None, name=f"tiny-v{vocab_size}", layer_ids=[0, 1],
                   weights_hash="test", tokenizer_hash="none", template_hash="none")
-
-
-def overconfident(drafter: LMDrafter, factor: float = 4.0, shift: float = 2.0) -> LMDrafter:
-    """Same drafter, confidence logits stretched and shifted up: confident and wrong."""
-    drafter.confidence, drafter.overconfidence, drafter.shift = "maxprob", factor, shift
-    return drafter
-

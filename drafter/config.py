@@ -178,13 +178,24 @@ class CalibrateConfig(Section):
 
 
 class EvaluateConfig(Section):
+    """Speculative-decoding evaluation (drafter/evaluate.py)."""
+
     datasets: list[str] = ["gsm8k", "math500", "humaneval", "mbpp", "mt-bench", "arena-hard-v2"]
-    samples_per_dataset: int = Field(8, ge=1)
-    include_holdout: bool = True
+    eval_dir: Path = BUNDLED_EVAL_DIR  # folder of <dataset>.jsonl files ({"turns": [...]} lines)
+    domains: dict[str, str] = {}  # domain of extra datasets; the bundled ones are known
+    samples_per_dataset: int = Field(8, ge=1)  # seeded subset per dataset (first turn only)
+    include_holdout: bool = True  # also the ingested holdout split, when given
+    holdout_samples: int | None = Field(None, ge=1)  # None = samples_per_dataset
+    max_prompt_tokens: int = Field(2048, ge=1)  # longer prompts are skipped (and listed)
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0)  # 0 = greedy (exact match with the target)
-    bootstrap: int = Field(1000, ge=0)
-    measure_speedup: bool = True
+    block_size: int | None = Field(None, ge=1)  # tokens drafted per round; None = the drafter's own
+    bootstrap: int = Field(1000, ge=0)  # resamples for the tau confidence interval
+    ci_level: float = Field(0.95, gt=0, lt=1)
+    measure_speedup: bool = True  # also decode without the drafter (same engine, same run)
+    warmup_tokens: int = Field(8, ge=1)  # one untimed warm-up generation of each kind
+    lossless_check_samples: int = Field(4, ge=0)  # temperature > 0: greedy comparisons on this many prompts
+    tie_tolerance: float = Field(1e-3, ge=0)  # top-2 logit gap under which a greedy divergence is a float tie
 
 
 class SchedulerConfig(Section):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from drafter.config import Config
-from drafter.decoding import Round, SpecEngine, block_size_of, load_drafter
+from drafter.decoding import Round, SpecEngine, block_size_of, load_drafter, resolve_drafter_dir
 from drafter.errors import DrafterError
 from drafter.manifest import Timer, atomic_write_json, atomic_write_text, check_accounting, write_manifest
 
@@ -169,6 +169,7 @@ def calibrate(cfg: Config, drafter_dir: Path, cache_dir: Path, out_dir: Path) ->
     """`drafter calibrate`: fit STS temperatures on held-out prompts; save them with the drafter."""
     from drafter.target import load_target
 
+    resolve_drafter_dir(drafter_dir)  # fail before loading the target
     timer = Timer()
     with timer("load"):
         target = load_target(cfg)

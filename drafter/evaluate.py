@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from drafter.config import Config
-from drafter.decoding import Generation, Round, SpecEngine, block_size_of, load_drafter
+from drafter.decoding import Generation, Round, SpecEngine, block_size_of, load_drafter, resolve_drafter_dir
 from drafter.errors import DrafterError
 from drafter.manifest import (
     Timer,
@@ -277,6 +277,7 @@ def evaluate(cfg: Config, drafter_dir: Path, out_dir: Path, ingested_dir: Path |
     """`drafter evaluate`: lossless speculative decoding of the eval sets and holdout; write the report."""
     from drafter.target import load_target
 
+    resolve_drafter_dir(drafter_dir)  # fail before loading the target
     timer = Timer()
     with timer("load"):
         target = target or load_target(cfg)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -139,9 +138,36 @@ def _interp(xs: list[int], ys: list[float], x: float) -> float:
     return ys[-1]
 
 
+def _isotonic(values: list[float]) -> list[float]:
+    """Least-squares non-decreasing fit (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, c2 = blocks.pop()
+            m1, c1 = blocks.pop()
+            blocks.append([(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2])
+    return [m for m, c in blocks for _ in range(int(c))]
+
+
+def monotone_times(times: list[list[float]], sweeps: int = 10) -> list[list[float]]:
+    """A forward with more rows or more tokens never takes less time: alternate isotonic fits
+    along widths and rows, so timing noise cannot tell the scheduler that wider is cheaper."""
+    t = [list(line) for line in times]
+    for _ in range(sweeps):
+        t = [_isotonic(line) for line in t]
+        cols = [_isotonic([t[i][k] for i in range(len(t))]) for k in range(len(t[0]))]
+        t = [[cols[k][i] for k in range(len(cols))] for i in range(len(t))]
+    return t
+
+
 @torch.inference_mode()
 def profile_target(target, rows: Sequence[int], max_width: int, context: int, reps: int = 3, progress: bool = True) -> CostTable:
-    """Median wall time of one target forward of [R, w] tokens after `context` cached tokens."""
+    """Wall time of one target forward of [R, w] tokens after `context` cached tokens.
+
+    Each shape keeps its fastest of `reps` timed runs (load from other processes only ever
+    adds time), then the table is made monotone in rows and width (`monotone_times`).
+    """
     from tqdm import tqdm
     from transformers import DynamicCache
 
@@ -166,13 +192,15 @@ def profile_target(target, rows: Sequence[int], max_width: int, context: int, re
                 if rep:
                     times.append(time.perf_counter() - start)
                 cache.crop(-w)
-            line.append(1.0 / statistics.median(times))
+            line.append(min(times))
             bar.update()
         table.append(line)
     bar.close()
+    smooth = monotone_times(table)
     return CostTable(
-        rows=list(rows), widths=widths, sps=table, context=context, target=target.fingerprint,
-        device=str(target.device), meta={"reps": reps, "threads": torch.get_num_threads()},
+        rows=list(rows), widths=widths, sps=[[1.0 / t for t in line] for line in smooth], context=context,
+        target=target.fingerprint, device=str(target.device),
+        meta={"reps": reps, "threads": torch.get_num_threads(), "raw_seconds": table},
     )
 
 

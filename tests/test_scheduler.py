@@ -13,6 +13,7 @@ from drafter.scheduler import (
     SchedulerError,
     apply_temperatures,
     load_temperatures,
+    monotone_times,
     prefix_lengths,
     prefix_survival,
     profile_target,
@@ -77,6 +78,19 @@ def test_profile_measures_every_shape(tiny_target):
     t = profile_target(tiny_target, rows=[1, 2], max_width=3, context=16, reps=1, progress=False)
     assert (t.rows, t.widths) == ([1, 2], [1, 2, 3])
     assert all(v > 0 for line in t.sps for v in line) and t.target == tiny_target.fingerprint
+    for i in range(2):  # steps/s never rise with more tokens or rows
+        assert all(a >= b for a, b in zip(t.sps[i], t.sps[i][1:]))
+    assert all(a >= b for a, b in zip(t.sps[0], t.sps[1]))
+
+
+def test_monotone_times_smooths_noise():
+    noisy = [[0.47, 1.0, 1.25, 0.9, 0.7], [0.6, 0.5, 1.3, 1.4, 1.5]]
+    t = monotone_times(noisy)
+    for line in t:
+        assert all(a <= b + 1e-12 for a, b in zip(line, line[1:]))
+    for k in range(5):
+        assert t[0][k] <= t[1][k] + 1e-12
+    assert monotone_times([[1.0, 2.0], [3.0, 4.0]]) == [[1.0, 2.0], [3.0, 4.0]]  # already monotone: unchanged
 
 
 def test_load_temperatures(tmp_path):

@@ -265,11 +265,16 @@ class SpecEngine:
                 raise DecodingError(f"drafter proposed {tokens.numel()} tokens when asked for {g}")
             if not self.greedy and (prop.probs is None or prop.probs.shape[-2] != tokens.numel()):
                 raise DecodingError("drafter must return the probabilities its tokens were drawn from")
+            p_d = None if prop.probs is None else prop.probs.reshape(tokens.numel(), -1).to(self.device).float()
+            if not self.greedy and not bool((p_d.gather(1, tokens[:, None]) > 0).all()):
+                raise DecodingError("drafter gave zero probability to a token it drafted: its probs are not its sampler's")
             drafts.append(tokens)
-            probs.append(None if prop.probs is None else prop.probs.reshape(tokens.numel(), -1).to(self.device).float())
+            probs.append(p_d)
             confs.append(None if prop.confidences is None else prop.confidences.reshape(-1).float().cpu())
         proposed = [d.numel() for d in drafts]
         lengths = list(proposed) if self.scheduler is None else self.scheduler.lengths(proposed, confs)
+        if len(lengths) != len(rows) or any(not 0 <= n <= p for n, p in zip(lengths, proposed)):
+            raise DecodingError(f"scheduler chose lengths {lengths} for drafts of {proposed}")
         width = max(lengths) + 1
 
         block = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=self.device)
@@ -417,7 +422,10 @@ def load_drafter(path, target) -> tuple[DraftModel, Path]:
     algorithm = config.get("speculators_model_type")
     if not algorithm:
         raise DecodingError(f"{folder / 'config.json'}: no speculators_model_type")
-    cls = REGISTRY.get(algorithm) or model_class(algorithm)
+    try:
+        cls = REGISTRY.get(algorithm) or model_class(algorithm)
+    except ValueError as exc:
+        raise DecodingError(f"{folder / 'config.json'}: {exc}") from None
     model = cls.load(folder, TargetHeads.from_target(target))
     return model.to(target.device).eval(), folder
 

@@ -41,14 +41,29 @@ def noisy_drafter(tiny_target):
 
 
 def test_greedy_equals_generate_every_shape(tiny_target_any):
-    """Partial acceptance (a perturbed copy of the target drafts), one request and a batch."""
+    """Llama, Qwen3 and Gemma3 shapes; a scripted drafter (the greedy answer with random
+    corruptions) gives rounds that accept some drafts and reject others; one request and a batch."""
     target = tiny_target_any
     prompts = [chat(target, q) for q in QUESTIONS]
-    refs = [reference(target, p, 40) for p in prompts]
-    drafter = LMDrafter(perturbed_copy(target.model, 0.3, seed=1))
+    refs = [reference(target, p, 32) for p in prompts]
+    torch.manual_seed(0)
+    drafter = ScriptedDrafter({tuple(p): r for p, r in zip(prompts, refs)}, target.vocab_size, error=(1.0, 2.0))
     engine = SpecEngine(target, drafter, gamma=4)
-    singles = [engine.generate(p, 40) for p in prompts]
-    batch = engine.generate_batch(prompts, 40)
+    singles = [engine.generate(p, 32) for p in prompts]
+    batch = engine.generate_batch(prompts, 32)
+    assert [g.tokens for g in singles] == refs
+    assert [g.tokens for g in batch] == refs
+    totals = round_totals(singles + batch)
+    assert 1.5 < totals["tau"] < 5.0 and totals["accepted"] < totals["verified"]
+
+
+def test_greedy_equals_generate_with_a_draft_lm(tiny_target):
+    """A second LM drafts sequentially with its own KV cache (a perturbed copy of the target)."""
+    prompts = [chat(tiny_target, q) for q in QUESTIONS[:2]]
+    refs = [reference(tiny_target, p, 32) for p in prompts]
+    engine = SpecEngine(tiny_target, LMDrafter(perturbed_copy(tiny_target.model, 0.3, seed=1)), gamma=4)
+    singles = [engine.generate(p, 32) for p in prompts]
+    batch = engine.generate_batch(prompts, 32)
     assert [g.tokens for g in singles] == refs
     assert [g.tokens for g in batch] == refs
     assert [g.rounds for g in batch] == [g.rounds for g in singles]  # batching changes nothing per request

@@ -86,7 +86,7 @@ def test_ece_falls_on_an_overconfident_head(tiny_target, scripted_world, tmp_pat
 
 def test_no_confidence_head_is_not_applicable(tiny_target, scripted_world, tmp_path):
     prompts, _ = scripted_world
-    drafter = LMDrafter(perturbed_copy(tiny_target.model, 0.3))
+    drafter = LMDrafter(perturbed_copy(tiny_target.model, 0.05))
     result = calibrate_drafter(tiny_cfg(), drafter, tiny_target, prompts[:2], tmp_path / "cal", tmp_path)
     assert not result["applicable"] and "confidence head" in result["reason"]
     assert not (tmp_path / "calibration.json").exists()

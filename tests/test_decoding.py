@@ -37,7 +37,7 @@ def reference(target, prompt, max_new_tokens, eos=None):
 
 @pytest.fixture(scope="module")
 def noisy_drafter(tiny_target):
-    return LMDrafter(perturbed_copy(tiny_target.model, 0.3, seed=1))
+    return LMDrafter(perturbed_copy(tiny_target.model, 0.05, seed=1))
 
 
 def test_greedy_equals_generate_every_shape(tiny_target_any):
@@ -61,7 +61,7 @@ def test_greedy_equals_generate_with_a_draft_lm(tiny_target):
     """A second LM drafts sequentially with its own KV cache (a perturbed copy of the target)."""
     prompts = [chat(tiny_target, q) for q in QUESTIONS[:2]]
     refs = [reference(tiny_target, p, 32) for p in prompts]
-    engine = SpecEngine(tiny_target, LMDrafter(perturbed_copy(tiny_target.model, 0.3, seed=1)), gamma=4)
+    engine = SpecEngine(tiny_target, LMDrafter(perturbed_copy(tiny_target.model, 0.05, seed=1)), gamma=4)
     singles = [engine.generate(p, 32) for p in prompts]
     batch = engine.generate_batch(prompts, 32)
     assert [g.tokens for g in singles] == refs

@@ -118,7 +118,7 @@ def test_greedy_equality_with_scheduler(tiny_target, mode):
 
 
 def test_scheduler_needs_confidences(tiny_target):
-    drafter = LMDrafter(perturbed_copy(tiny_target.model, 0.3, seed=1))  # no confidence head
+    drafter = LMDrafter(perturbed_copy(tiny_target.model, 0.05, seed=1))  # no confidence head
     engine = SpecEngine(tiny_target, drafter, gamma=3, scheduler=Scheduler("threshold"))
     with pytest.raises(SchedulerError, match="confidence head"):
         engine.generate(chat(tiny_target, "hi"), 5)

@@ -195,8 +195,7 @@ class SpecEngine:
             raise DecodingError("empty prompt: the target needs at least one token to condition on")
         start = time.perf_counter()
         cache, mask = self._prefill(reqs, max_new_tokens, on_tokens, start)
-        rows = [r for r in reqs if not r.done]  # row i of the cache belongs to rows[i]
-        cache, mask, rows = self._drop_finished(cache, mask, rows)
+        cache, mask, rows = self._drop_finished(cache, mask, reqs)  # row i of the cache belongs to rows[i]
         while rows:
             width = self._round(rows, cache, mask, max_new_tokens, on_tokens)
             mask = self._realign(cache, mask, rows, width)

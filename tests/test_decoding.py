@@ -112,6 +112,16 @@ def test_eos_stops_and_accepted_eos_has_no_bonus(tiny_target):
         assert last.emitted == last.accepted
 
 
+def test_batch_where_one_request_ends_at_its_first_token(tiny_target, noisy_drafter):
+    prompts = [chat(tiny_target, q) for q in QUESTIONS]
+    refs = [reference(tiny_target, p, 16) for p in prompts]
+    eos = refs[1][0]  # request 1 ends in the prefill; the others must carry on unharmed
+    gens = SpecEngine(tiny_target, noisy_drafter, gamma=3, eos_token_ids=[eos]).generate_batch(prompts, 16)
+    assert gens[1].tokens == [eos] and gens[1].rounds == [] and gens[1].finish_reason == "eos"
+    for g, p in zip(gens, prompts):
+        assert g.tokens == reference(tiny_target, p, 16, eos=eos)
+
+
 def test_max_tokens_exact_and_short_budgets(tiny_target, noisy_drafter):
     prompt = chat(tiny_target, QUESTIONS[2])
     ref = reference(tiny_target, prompt, 13)

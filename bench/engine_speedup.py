@@ -49,12 +49,18 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=2, help="prompts per dataset")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--gamma", type=int, default=7)
+    ap.add_argument("--clock", choices=["wall", "process"], default="wall",
+                    help="process = CPU time of this process (shared machines; use --threads 1)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     cfg = load_config(args.config, [
         f"evaluate.datasets=[{','.join(args.datasets)}]", f"evaluate.samples_per_dataset={args.samples}",
         f"evaluate.max_new_tokens={args.max_new_tokens}", f"evaluate.block_size={args.gamma}", "evaluate.bootstrap=200",
+        f"evaluate.clock={args.clock}",
     ])
     target = load_target(cfg)
     if args.drafter:
@@ -74,7 +80,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="engine-speedup-") as tmp:
         for name, drafter in drafters.items():
-            print(f"evaluating {name}", file=sys.stderr)
+            print(f"evaluating {name}", file=sys.stderr, flush=True)
             r = evaluate_drafter(cfg, drafter, target, Path(tmp) / name.replace(" ", "_").replace("/", "_"))
             o = r["overall"]
             rows.append({
@@ -91,6 +97,7 @@ def main() -> None:
                      "max_new_tokens": args.max_new_tokens, "temperature": 0.0},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "load_average": os.getloadavg()},
+        "clock": args.clock,
         "results": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +113,9 @@ def render(out: dict) -> str:
         "",
         f"Target {out['target']['name']} on {out['target']['device']} ({out['machine']['cpus']} CPUs, load average "
         f"{out['machine']['load_average'][0]:.1f} at the end); {', '.join(s['datasets'])}, {s['samples_per_dataset']} "
-        f"prompts each, block {s['gamma']}, greedy, {s['max_new_tokens']} new tokens.",
+        f"prompts each, block {s['gamma']}, greedy, {s['max_new_tokens']} new tokens; "
+        f"{'CPU time of the process' if out['clock'] == 'process' else 'wall clock'}, "
+        f"{out['machine']['torch_threads']} torch thread(s).",
         f"Command: `{out['command']}`",
         "",
         "| drafter | tau (pooled) | acceptance | tok/s | plain tok/s | speedup | decode-only speedup | speedup / tau | lossless |",

@@ -12,6 +12,11 @@ before each token and reported as its (calibrated) confidence. The synthetic dra
 drafts for free, so the table isolates the verification side the scheduler controls.
 
     python bench/scheduler_throughput.py [--drafter data/drafter] [--rows 1 2 4 8 16]
+                                         [--clock process --threads 1]
+
+On a machine shared with other jobs, `--clock process --threads 1` times the CPU work of
+this process (the SPS table and the throughput use the same clock), which other tenants
+barely disturb; the default is the wall clock.
 
 Writes bench/results/scheduler_throughput.{json,md}.
 """
@@ -35,7 +40,7 @@ import torch  # noqa: E402
 from drafter.config import load_config  # noqa: E402
 from drafter.decoding import SpecEngine, block_size_of, load_drafter, round_totals  # noqa: E402
 from drafter.evaluate import load_prompts  # noqa: E402
-from drafter.scheduler import Scheduler, load_temperatures, profile_target  # noqa: E402
+from drafter.scheduler import CLOCKS, Scheduler, load_temperatures, profile_target  # noqa: E402
 from drafter.target import load_target  # noqa: E402
 
 
@@ -50,8 +55,13 @@ def main() -> None:
     ap.add_argument("--error", type=float, nargs=2, default=[1.0, 3.0], help="synthetic drafter: Beta(a, b) corruption rate")
     ap.add_argument("--context", type=int, default=128, help="cached tokens when profiling SPS")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = CLOCKS[args.clock]
 
     cfg = load_config(args.config, ["evaluate.datasets=[gsm8k,humaneval,mt-bench,mbpp]",
                                     f"evaluate.samples_per_dataset={max(args.rows)}"])
@@ -74,9 +84,9 @@ def main() -> None:
         temps, name = None, f"synthetic (scripted greedy answer, corruption ~ Beta{tuple(args.error)})"
     gamma = args.gamma or block_size_of(drafter, cfg.drafter.block_size)
 
-    print(f"profiling SPS(R, w) for R in {args.rows}, w in 1..{gamma + 1}", file=sys.stderr)
+    print(f"profiling SPS(R, w) for R in {args.rows}, w in 1..{gamma + 1}", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    table = profile_target(target, args.rows, gamma + 1, args.context, args.reps)
+    table = profile_target(target, args.rows, gamma + 1, args.context, args.reps, progress=False, clock=clock)
     profile_s = time.perf_counter() - start
 
     policies = {
@@ -90,9 +100,9 @@ def main() -> None:
         for label, scheduler in policies.items():
             engine = SpecEngine(target, drafter, gamma=gamma, scheduler=scheduler, seed=0)
             engine.generate_batch(batch[:1], 4)  # warm-up, not measured
-            start = time.perf_counter()
+            start = clock()
             gens = engine.generate_batch(batch, args.max_new_tokens)
-            seconds = time.perf_counter() - start
+            seconds = clock() - start
             totals = round_totals(gens)
             tokens = sum(len(g.tokens) for g in gens)
             results.append({
@@ -102,7 +112,7 @@ def main() -> None:
                 "acceptance_rate": totals["accepted"] / max(totals["verified"], 1),
             })
             print(f"R={rows:>2} {label:<15} {tokens / seconds:7.1f} tok/s  tau {totals['tau']:.2f}  "
-                  f"verified/round {results[-1]['verified_per_round']:.2f}", file=sys.stderr)
+                  f"verified/round {results[-1]['verified_per_round']:.2f}", file=sys.stderr, flush=True)
 
     command = "python bench/scheduler_throughput.py " + " ".join(sys.argv[1:])
     out = {
@@ -113,6 +123,7 @@ def main() -> None:
         "max_new_tokens": args.max_new_tokens,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "load_average": os.getloadavg()},
+        "clock": args.clock,
         "profile_seconds": profile_s,
         "cost_table": {"rows": table.rows, "widths": table.widths, "sps": table.sps},
         "results": results,
@@ -130,10 +141,12 @@ def render(out: dict) -> str:
         "",
         f"Target {out['target']['name']} on {out['target']['device']} ({out['machine']['cpus']} CPUs, "
         f"load average {out['machine']['load_average'][0]:.1f} at the end); drafter: {out['drafter']}; "
-        f"block {out['gamma']}, greedy, {out['max_new_tokens']} new tokens per request.",
+        f"block {out['gamma']}, greedy, {out['max_new_tokens']} new tokens per request; "
+        f"{'CPU time of the process' if out['clock'] == 'process' else 'wall clock'}, "
+        f"{out['machine']['torch_threads']} torch thread(s).",
         f"Command: `{out['command']}`",
         "",
-        "Generated tokens per second over all R concurrent requests (tau; drafts verified per round):",
+        "Generated (accepted) tokens per second over all R concurrent requests (tau; drafts verified per round):",
         "",
         "| R | " + " | ".join(policies) + " | Alg. 1 / fixed |",
         "|---|" + "---|" * (len(policies) + 1),

@@ -193,6 +193,7 @@ class EvaluateConfig(Section):
     bootstrap: int = Field(1000, ge=0)  # resamples for the tau confidence interval
     ci_level: float = Field(0.95, gt=0, lt=1)
     measure_speedup: bool = True  # also decode without the drafter (same engine, same run)
+    clock: Literal["wall", "process"] = "wall"  # process: CPU time (shared machines; use one torch thread)
     warmup_tokens: int = Field(8, ge=1)  # one untimed warm-up generation of each kind
     lossless_check_samples: int = Field(4, ge=0)  # temperature > 0: greedy comparisons on this many prompts
     tie_tolerance: float = Field(1e-3, ge=0)  # top-2 logit gap under which a greedy divergence is a float tie

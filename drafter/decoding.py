@@ -150,6 +150,7 @@ class SpecEngine:
         scheduler: LengthPolicy | None = None,
         seed: int = 0,
         eos_token_ids: Sequence[int] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if temperature < 0:
             raise DecodingError(f"temperature must be >= 0, got {temperature}")
@@ -160,6 +161,7 @@ class SpecEngine:
         self.gamma = gamma if drafter is not None else 0
         self.temperature = float(temperature)
         self.scheduler = scheduler
+        self.clock = clock  # wall clock by default; time.process_time on a shared machine (one torch thread)
         self.eos = set(target.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.device = target.device
         self.generator = torch.Generator(device=self.device)
@@ -193,7 +195,7 @@ class SpecEngine:
         reqs = [_Request(i, Generation(prompt=self._as_list(p))) for i, p in enumerate(prompts)]
         if any(not r.gen.prompt for r in reqs):
             raise DecodingError("empty prompt: the target needs at least one token to condition on")
-        start = time.perf_counter()
+        start = self.clock()
         cache, mask = self._prefill(reqs, max_new_tokens, on_tokens, start)
         cache, mask, rows = self._drop_finished(cache, mask, reqs)  # row i of the cache belongs to rows[i]
         while rows:
@@ -232,7 +234,7 @@ class SpecEngine:
         cache = DynamicCache()  # plain layers (no sliding-window trimming): crop and realign stay exact
         feats = self.target.capture(ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
         logits = self.target.logits_from_hidden(feats.final[:, -1])
-        prefill_end = time.perf_counter()
+        prefill_end = self.clock()
         for i, r in enumerate(reqs):
             r.gen.prefill_seconds = prefill_end - start
             if self.drafter is not None:
@@ -242,7 +244,7 @@ class SpecEngine:
             r.anchor, r.position = token, lengths[i]
             self._emit(r, [token], max_new, on_tokens)
             if r.done:
-                r.t_end = time.perf_counter()
+                r.t_end = self.clock()
         return cache, mask
 
     def _round(self, rows: list[_Request], cache, mask: torch.Tensor, max_new: int, on_tokens) -> int:
@@ -310,7 +312,7 @@ class SpecEngine:
             r.gen.rounds.append(Round(proposed[i], n_ver, min(n, emitted), emitted, None if c is None else c.tolist()))
             r.keep = n + 1
             if r.done:
-                r.t_end = time.perf_counter()
+                r.t_end = self.clock()
                 continue
             if self.drafter is not None:
                 self.drafter.extend(r.state, feats.layers[i : i + 1, : n + 1], block[i : i + 1, : n + 1])

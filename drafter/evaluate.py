@@ -57,7 +57,7 @@ from drafter.manifest import (
     sha256_tree,
     write_manifest,
 )
-from drafter.scheduler import build_scheduler, cost_table_path, load_temperatures
+from drafter.scheduler import CLOCKS, build_scheduler, cost_table_path, load_temperatures
 
 log = logging.getLogger(__name__)
 
@@ -312,8 +312,10 @@ def evaluate_drafter(
         "scheduler": cfg.scheduler.model_dump(mode="json"), "gamma": gamma, "temperatures": temperatures,
         "seed": cfg.run.seed,
     })[:16]
-    spec = SpecEngine(target, drafter, gamma=gamma, temperature=ec.temperature, scheduler=scheduler, seed=cfg.run.seed)
-    plain = SpecEngine(target, None, temperature=ec.temperature, seed=cfg.run.seed)
+    clock = CLOCKS[ec.clock]
+    spec = SpecEngine(target, drafter, gamma=gamma, temperature=ec.temperature, scheduler=scheduler, seed=cfg.run.seed,
+                      clock=clock)
+    plain = SpecEngine(target, None, temperature=ec.temperature, seed=cfg.run.seed, clock=clock)
     greedy_spec = spec if ec.temperature == 0 else SpecEngine(target, drafter, gamma=gamma, scheduler=scheduler)
     greedy_plain = plain if ec.temperature == 0 else SpecEngine(target, None)
 
@@ -448,7 +450,7 @@ def build_report(cfg, target, drafter, samples, skipped, gamma, temperatures, dr
             "temperature": ec.temperature, "max_new_tokens": ec.max_new_tokens,
             "samples_per_dataset": ec.samples_per_dataset, "seed": seed, "scheduler": cfg.scheduler.mode,
             "threshold": cfg.scheduler.threshold if cfg.scheduler.mode == "threshold" else None,
-            "bootstrap": ec.bootstrap, "ci_level": ec.ci_level,
+            "bootstrap": ec.bootstrap, "ci_level": ec.ci_level, "clock": ec.clock, "torch_threads": torch.get_num_threads(),
             "tau_definition": "tau_pooled = tokens emitted in rounds / rounds (DeepSpec); "
                               "tau_per_sample_mean = mean of per-prompt tau",
         },

@@ -194,10 +194,11 @@ def gate_cmd(
     set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Apply the promotion policy; exit status 1 when the candidate fails."""
+    """Apply the promotion policy (verdict in DATA_DIR/gate/); exit status 1 when the candidate fails."""
     from drafter.gates import gate
 
-    verdict = gate(load(config, set_), candidate, production, out_dir)
+    cfg = load(config, set_)
+    verdict = gate(cfg, candidate, production, out_dir or cfg.data_dir / "gate")
     if as_json:
         out.print_json(json.dumps(verdict, default=str))
     else:

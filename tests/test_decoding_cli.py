@@ -58,7 +58,7 @@ def test_evaluate_profile_gate_commands(tiny_target, tmp_path):
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["gate", "-c", TINY, "--candidate", str(tmp_path / "eval"), "-s", "gate.min_tau=9"])
     assert res.exit_code == 1 and "FAIL" in res.stdout
-    assert json.loads((tmp_path / "eval" / "gate.json").read_text())["passed"] is False
+    assert json.loads((tmp_path / "gate" / "gate.json").read_text())["passed"] is False  # DATA_DIR/gate
 
 
 def test_missing_drafter_is_a_clear_error(tmp_path, monkeypatch, capsys):

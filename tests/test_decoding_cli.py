@@ -54,9 +54,10 @@ def test_evaluate_profile_gate_commands(tiny_target, tmp_path):
     assert (tmp_path / "eval-prefix" / "cost_table.json").is_file()
 
     res = runner.invoke(app, ["gate", "-c", TINY, "--candidate", str(tmp_path / "eval"), "-s", "gate.min_tau=1.0",
-                              "-s", "gate.min_speedup=0.0001"])
+                              "-s", "gate.min_speedup=0.0001", "-s", f"run.data_dir={tmp_path}"])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["gate", "-c", TINY, "--candidate", str(tmp_path / "eval"), "-s", "gate.min_tau=9"])
+    res = runner.invoke(app, ["gate", "-c", TINY, "--candidate", str(tmp_path / "eval"), "-s", "gate.min_tau=9",
+                              "-s", f"run.data_dir={tmp_path}"])
     assert res.exit_code == 1 and "FAIL" in res.stdout
     assert json.loads((tmp_path / "gate" / "gate.json").read_text())["passed"] is False  # DATA_DIR/gate
 

@@ -110,3 +110,25 @@ def test_calibrate_stage_reads_holdout_cache(tiny_target, tmp_path, monkeypatch)
     assert (tmp_path / "drafter" / "calibration.json").is_file()
     counts = read_manifest(tmp_path / "cal")["counts"]
     assert (counts["selected"], counts["used"], counts["skipped_no_prompt"]) == (4, 3, 1)
+
+
+@pytest.mark.integration
+def test_calibrate_on_smollm2(smollm2_target, tmp_path):
+    """The real target: held-out chat prompts, a scripted drafter following the target's
+    greedy answers with a deliberately over-confident head; STS softens it."""
+    target = smollm2_target
+    questions = ["What is the capital of France?", "Write a python function that adds two numbers.",
+                 "Name three colours.", "What is 12 times 12?", "Explain what a list is in Python.",
+                 "Give me a synonym for happy.", "How many days are in a week?", "Say hello in Spanish."]
+    prompts = [target.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)["input_ids"]
+               for q in questions]
+    answers = SpecEngine(target, None).generate_batch(prompts, 24)
+    torch.manual_seed(0)
+    drafter = ScriptedDrafter({tuple(p): g.tokens for p, g in zip(prompts, answers)}, target.vocab_size,
+                              overconfidence=3.0, shift=1.5)
+    cfg = load_config(ROOT / "configs" / "smollm2-135m-dspark.yaml",
+                      ["calibrate.max_new_tokens=24", "calibrate.concurrency=8", "drafter.block_size=4"])
+    result = calibrate_drafter(cfg, drafter, target, prompts, tmp_path / "cal", tmp_path)
+    assert result["applicable"] and result["temperatures"][0] > 1.0
+    assert result["summary"]["brier_after"] < result["summary"]["brier_before"]
+    assert (tmp_path / "calibration.json").is_file() and (tmp_path / "cal" / "reliability.png").is_file()

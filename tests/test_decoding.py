@@ -261,3 +261,10 @@ def test_smollm2_greedy_equals_generate(smollm2_target):
     assert [g.tokens for g in batch] == refs
     totals = round_totals([single, *batch])
     assert 1.5 < totals["tau"] < 5.5 and totals["accepted"] < totals["verified"]
+    # Algorithm 1 choosing per-request prefixes for the batch: still the target's own answers.
+    from drafter.scheduler import CostTable, Scheduler
+
+    sps = CostTable(rows=[1, 2], widths=list(range(1, 7)), sps=[[1 / (1 + 0.2 * k) for k in range(6)]] * 2)
+    scheduled = SpecEngine(target, drafter, gamma=5, scheduler=Scheduler("prefix", cost_table=sps)).generate_batch(prompts, 32)
+    assert [g.tokens for g in scheduled] == refs
+    assert any(r.verified < r.proposed for g in scheduled for r in g.rounds)

@@ -183,3 +183,10 @@ def test_evaluate_on_smollm2(smollm2_target, tmp_path):
     assert report["target"]["name"] == "SmolLM2-135M-Instruct"
     assert 1.5 < report["overall"]["tau_pooled"] < 8
     assert report["overall"]["speedup"] > 0
+    # The gate reads the real report: absolute floors (no production drafter yet).
+    from drafter.gates import gate
+
+    verdict = gate(load_config(ROOT / "configs" / "smollm2-135m-dspark.yaml", ["gate.min_tau=1.2"]), tmp_path / "report.json")
+    checks = {c["name"]: c for c in verdict["checks"]}
+    assert checks["lossless"]["passed"] and checks["macro_tau"]["passed"]
+    assert checks["calibration"]["value"] == report["calibration"]["ece"]

@@ -9,7 +9,9 @@ Modes (config `scheduler.mode`):
   in descending a; each admission raises the expected tokens tau* by a_{r,j}; it is kept
   while throughput tau* x SPS(forward) improves and the search STOPS at the first
   candidate that does not improve it. The early stop keeps decoding lossless: admitting
-  position j never depends on a token drafted at j or later.
+  position j never depends on a token drafted at j or later. `scheduler.shared_width`
+  (default on) adapts the widening step to our padded batches (see `prefix_lengths`);
+  off, it is the paper's rule verbatim.
 
 SPS comes from a cost table profiled on this machine (`drafter profile`): target forward
 steps per second. Our engine pads each request's block to the longest in the batch, so a
@@ -23,6 +25,7 @@ c_k = sigmoid(logit(c_k) / T_k).
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import time
@@ -66,24 +69,63 @@ def threshold_lengths(confidences: Sequence[torch.Tensor], threshold: float) -> 
     return [int((c >= threshold).long().cumprod(0).sum()) for c in confidences]
 
 
-def prefix_lengths(survival: Sequence[torch.Tensor], sps) -> list[int]:
-    """Algorithm 1. `survival[r]` = a_{r,1..g_r}; `sps(rows, width)` = forward steps per second."""
+def prefix_lengths(survival: Sequence[torch.Tensor], sps, shared_width: bool = False) -> list[int]:
+    """Algorithm 1. `survival[r]` = a_{r,1..g_r}; `sps(rows, width)` = forward steps per second.
+
+    Candidates are taken in descending a (each request's next draft, from a heap); each
+    admission adds a_{r,j} to the expected tokens tau*; the first one that does not raise
+    tau* x SPS stops the search. Every decision reads only each request's *next* candidate,
+    whose a depends on drafts already admitted, never on the draft being decided.
+
+    `shared_width`: our engine pads every row to the widest block, so the first draft that
+    widens the block makes all R rows pay for one more slot; judged alone it rarely pays,
+    though the other requests' next drafts would then ride along for free. With this flag a
+    widening step compares "admit every request's next draft that fits the current width,
+    then stop" with "widen and admit every request's next draft that fits the wider block"
+    (the same next-candidate information, so still lossless). With one request both rules
+    are the paper's.
+    """
     rows = len(survival)
-    candidates = sorted(
-        (-float(a[j]), j, r) for r, a in enumerate(survival) for j in range(len(a)) if float(a[j]) > 0
-    )
+    a = [[float(x) for x in s] for s in survival]
     lengths = [0] * rows
+    heap = [(-a[r][0], 0, r) for r in range(rows) if a[r] and a[r][0] > 0]
+    heapq.heapify(heap)
     tau = float(rows)  # every request emits at least one token (the target's own)
-    best = tau * sps(rows, 1)
     width = 1
-    for neg_a, j, r in candidates:
-        if j != lengths[r]:  # not the next position of its request (a tie out of order): skip
+    best = tau * sps(rows, width)
+
+    def admit(q: int) -> None:
+        nonlocal tau
+        tau += a[q][lengths[q]]
+        lengths[q] += 1
+        if lengths[q] < len(a[q]) and a[q][lengths[q]] > 0:
+            heapq.heappush(heap, (-a[q][lengths[q]], lengths[q], q))
+
+    def next_fitting(w: int) -> list[int]:
+        return [q for q in range(rows) if lengths[q] < len(a[q]) and a[q][lengths[q]] > 0 and lengths[q] + 2 <= w]
+
+    while heap:
+        _, j, r = heapq.heappop(heap)
+        if j != lengths[r]:
+            continue  # stale entry
+        if j + 2 <= width or not shared_width:
+            theta = (tau + a[r][j]) * sps(rows, max(width, j + 2))
+            if theta <= best:
+                break  # the early stop
+            width = max(width, j + 2)
+            admit(r)
+            best = theta
             continue
-        new_width = max(width, j + 2)
-        theta = (tau - neg_a) * sps(rows, new_width)
-        if theta <= best:
-            break  # the early stop
-        lengths[r], tau, best, width = j + 1, tau - neg_a, theta, new_width
+        keep, widen = next_fitting(width), next_fitting(width + 1)
+        keep_theta = (tau + sum(a[q][lengths[q]] for q in keep)) * sps(rows, width)
+        widen_theta = (tau + sum(a[q][lengths[q]] for q in widen)) * sps(rows, width + 1)
+        chosen = widen if widen_theta > keep_theta else keep
+        for q in chosen:
+            admit(q)
+        if chosen is keep:
+            break  # the early stop, after the drafts the current width carries for free
+        width += 1
+        best = widen_theta
     return lengths
 
 
@@ -225,6 +267,7 @@ class Scheduler:
         threshold: float = 0.5,
         temperatures: Sequence[float] | None = None,
         cost_table: CostTable | None = None,
+        shared_width: bool = True,
     ) -> None:
         if mode not in ("fixed", "threshold", "prefix"):
             raise SchedulerError(f"unknown scheduler mode {mode!r}")
@@ -233,6 +276,7 @@ class Scheduler:
         self.mode, self.threshold = mode, threshold
         self.temperatures = list(temperatures) if temperatures else None
         self.cost_table = cost_table
+        self.shared_width = shared_width  # see prefix_lengths: our engine pads rows to one width
 
     def calibrated(self, conf: torch.Tensor) -> torch.Tensor:
         return apply_temperatures(conf, self.temperatures)
@@ -246,7 +290,7 @@ class Scheduler:
         confs = [self.calibrated(c[:n]) if n else torch.empty(0) for n, c in zip(proposed, confidences)]
         if self.mode == "threshold":
             return threshold_lengths(confs, self.threshold)
-        return prefix_lengths([prefix_survival(c) for c in confs], self.cost_table)
+        return prefix_lengths([prefix_survival(c) for c in confs], self.cost_table, self.shared_width)
 
 
 def load_temperatures(drafter_dir: Path | None) -> list[float] | None:
@@ -270,7 +314,7 @@ def build_scheduler(cfg, drafter_dir: Path | None = None, mode: str | None = Non
     if mode == "fixed":
         return None
     table = CostTable.load(cost_table_path(cfg)) if mode == "prefix" else None
-    return Scheduler(mode, sc.threshold, load_temperatures(drafter_dir), table)
+    return Scheduler(mode, sc.threshold, load_temperatures(drafter_dir), table, sc.shared_width)
 
 
 def cost_table_path(cfg) -> Path:

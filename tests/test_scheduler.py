@@ -28,23 +28,40 @@ def table(rows, line_per_row):
     return CostTable(rows=rows, widths=widths, sps=line_per_row)
 
 
-def test_algorithm1_by_hand():
+@pytest.mark.parametrize("shared_width", [False, True])
+def test_algorithm1_by_hand(shared_width):
     # SPS falls 25% per extra token of width; two requests.
     sps = table([2], [[1 / (1 + 0.25 * k) for k in range(5)]])
     survival = [torch.tensor([0.9, 0.8, 0.1]), torch.tensor([0.5, 0.2])]
-    # Admitted in order 0.9 (theta 2.32), 0.8 (2.47), 0.5 (2.8), 0.2 (2.93); 0.1 would need
-    # width 4: 4.5 / 1.75 = 2.57 < 2.93 -> stop.
-    assert prefix_lengths(survival, sps) == [2, 2]
+    # Paper: admitted 0.9 (theta 2.32), 0.8 (2.47), 0.5 (2.8), 0.2 (2.93); 0.1 would need
+    # width 4: 4.5 / 1.75 = 2.57 < 2.93 -> stop. Shared width: widen to 2 with 0.9 + 0.5
+    # (2.72), to 3 with 0.8 + 0.2 (2.93), not to 4 (2.57): the same prefixes here.
+    assert prefix_lengths(survival, sps, shared_width) == [2, 2]
 
 
-def test_algorithm1_stops_early_where_a_global_search_would_not():
+def test_shared_width_carries_the_other_requests():
+    """Four requests at 0.6 each, widening costs a third of the throughput: judged alone the
+    first draft loses (4.6 / 1.5 < 4) and the paper's rule verifies nothing; together the
+    four pay for the wider block (6.4 / 1.5 > 4)."""
+    sps = table([4], [[1 / (1 + 0.5 * k) for k in range(3)]])
+    survival = [torch.tensor([0.6])] * 4
+    assert prefix_lengths(survival, sps, shared_width=False) == [0, 0, 0, 0]
+    assert prefix_lengths(survival, sps, shared_width=True) == [1, 1, 1, 1]
+    # One request: both rules are the paper's.
+    one = table([1], [[1.0, 0.5, 0.45]])
+    for shared in (False, True):
+        assert prefix_lengths([torch.tensor([0.95, 0.9])], one, shared) == [0]
+
+
+@pytest.mark.parametrize("shared_width", [False, True])
+def test_algorithm1_stops_early_where_a_global_search_would_not(shared_width):
     # Width 2 costs half the throughput; width 5 would pay off overall (4.5 x 0.42 = 1.89 > 1),
     # but the first admission already loses (1.95 x 0.5 < 1): Algorithm 1 stops there.
     sps = table([1], [[1.0, 0.5, 0.45, 0.42, 0.40]])
-    assert prefix_lengths([torch.tensor([0.95, 0.9, 0.85, 0.8])], sps) == [0]
+    assert prefix_lengths([torch.tensor([0.95, 0.9, 0.85, 0.8])], sps, shared_width) == [0]
     cheap = table([1], [[1.0, 0.9, 0.85, 0.8, 0.75]])
-    assert prefix_lengths([torch.tensor([0.95, 0.9, 0.85, 0.8])], cheap) == [4]
-    assert prefix_lengths([torch.tensor([0.0, 0.0])], cheap) == [0]  # a = 0 is never a candidate
+    assert prefix_lengths([torch.tensor([0.95, 0.9, 0.85, 0.8])], cheap, shared_width) == [4]
+    assert prefix_lengths([torch.tensor([0.0, 0.0])], cheap, shared_width) == [0]  # a = 0 is never a candidate
 
 
 def test_threshold_and_temperatures():
@@ -124,16 +141,22 @@ def test_scheduler_needs_confidences(tiny_target):
         engine.generate(chat(tiny_target, "hi"), 5)
 
 
-def test_sampling_lossless_with_prefix_scheduler():
+@pytest.mark.parametrize("shared_width", [False, True])
+def test_sampling_lossless_with_prefix_scheduler(shared_width):
     """Algorithm 1 across 2000 concurrent requests at temperature 0.8: the chi-square test of
-    test_decoding (false-alarm rate 1e-3) still passes; truncating on a confidence that
-    peeks at the drafted token it scores fails it."""
+    test_decoding (false-alarm rate 1e-3) still passes."""
     target, drafter, joint = make_small_world(confidences=True)
-    sps = table([1, 2000], [[1.0, 0.8, 0.7], [1.0, 0.8, 0.7]])
-    pvalue, totals = sample_pvalue(target, drafter, joint, scheduler=Scheduler("prefix", cost_table=sps))
+    line = [1.0, 0.8, 0.5] if shared_width else [1.0, 0.9999, 0.5]  # both verify first drafts, not second
+    sps = table([1, 2000], [line, line])
+    scheduler = Scheduler("prefix", cost_table=sps, shared_width=shared_width)
+    pvalue, totals = sample_pvalue(target, drafter, joint, scheduler=scheduler)
     assert pvalue > ALPHA
-    assert totals["verified"] < totals["proposed"]  # it did schedule
+    assert 0 < totals["verified"] < totals["proposed"]  # it did schedule
 
+
+def test_peeking_confidence_breaks_losslessness():
+    """Truncating on a confidence that peeks at the drafted token it scores fails the test."""
+    target, drafter, joint = make_small_world(confidences=True)
     # The same drafter with a confidence that looks at the token it scores (c_k = p_d(x_k)):
     # truncating on it biases which drafts reach the target.
     original = drafter.propose

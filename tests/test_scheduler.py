@@ -53,6 +53,15 @@ def test_shared_width_carries_the_other_requests():
         assert prefix_lengths([torch.tensor([0.95, 0.9])], one, shared) == [0]
 
 
+def test_both_rules_agree_for_one_request():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        survival = prefix_survival(torch.rand(int(torch.randint(1, 8, (1,), generator=gen)), generator=gen))
+        steps = torch.rand(8, generator=gen).sort(descending=True).values.tolist()
+        sps = table([1], [steps])
+        assert prefix_lengths([survival], sps, False) == prefix_lengths([survival], sps, True)
+
+
 @pytest.mark.parametrize("shared_width", [False, True])
 def test_algorithm1_stops_early_where_a_global_search_would_not(shared_width):
     # Width 2 costs half the throughput; width 5 would pay off overall (4.5 x 0.42 = 1.89 > 1),

@@ -261,3 +261,22 @@ def tiny_vocab_target(vocab_size: int = 16, seed: int = 0, scale: float = 8.0):
     model.generation_config.eos_token_id = None
     return Target(model=model, tokenizer=None, name=f"tiny-v{vocab_size}", layer_ids=[0, 1],
                   weights_hash="test", tokenizer_hash="none", template_hash="none")
+
+
+def lively_target(shape: str = "llama", seed: int = 0):
+    """A tiny target whose greedy answers vary (a freshly initialised one mostly repeats one
+    token, which makes greedy-equality tests weak): random norm gains, stronger weights."""
+    from drafter.config import TargetConfig, TinyTargetConfig
+    from drafter.target import load_target
+
+    target = load_target(TargetConfig(source="tiny", tiny=TinyTargetConfig(shape=shape, seed=seed)))
+    norm_scale, weight_scale = (3.0, 1.0) if shape == "gemma3" else (1.0, 10.0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in target.model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn(p.shape, generator=g) * norm_scale)
+            elif "embed" not in name:
+                p.mul_(weight_scale)
+    return target
+

@@ -19,7 +19,7 @@ from drafter.scheduler import (
     profile_target,
     threshold_lengths,
 )
-from tests.drafters import LMDrafter, ScriptedDrafter, perturbed_copy
+from tests.drafters import LMDrafter, ScriptedDrafter, lively_target, perturbed_copy
 from tests.test_decoding import ALPHA, QUESTIONS, chat, make_small_world, reference, sample_pvalue
 
 
@@ -127,15 +127,16 @@ def test_load_temperatures(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["threshold", "prefix"])
-def test_greedy_equality_with_scheduler(tiny_target, mode):
-    prompts = [chat(tiny_target, q) for q in QUESTIONS]
-    refs = [reference(tiny_target, p, 30) for p in prompts]
+def test_greedy_equality_with_scheduler(mode):
+    target = lively_target("llama")
+    prompts = [chat(target, q) for q in QUESTIONS]
+    refs = [reference(target, p, 30) for p in prompts]
     torch.manual_seed(0)
-    drafter = ScriptedDrafter({tuple(p): r for p, r in zip(prompts, refs)}, tiny_target.vocab_size)
+    drafter = ScriptedDrafter({tuple(p): r for p, r in zip(prompts, refs)}, target.vocab_size)
     # A steep synthetic cost so that Algorithm 1 really cuts some drafts.
     sps = table([1, 2, 4], [[1 / (r * (1 + 0.3 * k)) for k in range(6)] for r in (1, 2, 4)])
     scheduler = Scheduler(mode, threshold=0.7, temperatures=[1.2, 1.0], cost_table=sps)
-    gens = SpecEngine(tiny_target, drafter, gamma=5, scheduler=scheduler).generate_batch(prompts, 30)
+    gens = SpecEngine(target, drafter, gamma=5, scheduler=scheduler).generate_batch(prompts, 30)
     assert [g.tokens for g in gens] == refs
     rounds = [r for g in gens for r in g.rounds]
     assert any(r.verified < r.proposed for r in rounds)  # the scheduler did cut

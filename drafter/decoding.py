@@ -77,9 +77,15 @@ class Generation:
 
 
 class LengthPolicy(Protocol):
-    """Chooses how many drafted tokens of each request the target verifies this round."""
+    """Chooses how many drafted tokens of each request the target verifies this round.
 
-    def lengths(self, proposed: Sequence[int], confidences: Sequence[torch.Tensor | None]) -> list[int]: ...
+    `overhead_s` is the engine's running estimate of a round's time outside the target
+    forward (drafting, sampling, cache bookkeeping) at this batch size.
+    """
+
+    def lengths(
+        self, proposed: Sequence[int], confidences: Sequence[torch.Tensor | None], overhead_s: float = 0.0
+    ) -> list[int]: ...
 
 
 # ----- the acceptance rule ----------------------------------------------------------------
@@ -162,6 +168,8 @@ class SpecEngine:
         self.temperature = float(temperature)
         self.scheduler = scheduler
         self.clock = clock  # wall clock by default; time.process_time on a shared machine (one torch thread)
+        self.overhead_s: dict[int, float] = {}  # per batch size: moving average of a round's time outside the forward
+        self._forward_s = 0.0
         self.eos = set(target.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.device = target.device
         self.generator = torch.Generator(device=self.device)
@@ -199,9 +207,13 @@ class SpecEngine:
         cache, mask = self._prefill(reqs, max_new_tokens, on_tokens, start)
         cache, mask, rows = self._drop_finished(cache, mask, reqs)  # row i of the cache belongs to rows[i]
         while rows:
+            begin, batch = self.clock(), len(rows)
             width = self._round(rows, cache, mask, max_new_tokens, on_tokens)
             mask = self._realign(cache, mask, rows, width)
             cache, mask, rows = self._drop_finished(cache, mask, rows)
+            overhead = self.clock() - begin - self._forward_s
+            previous = self.overhead_s.get(batch)
+            self.overhead_s[batch] = overhead if previous is None else 0.8 * previous + 0.2 * overhead
         for r in reqs:
             r.gen.seconds = r.t_end - start
         return [r.gen for r in reqs]
@@ -273,7 +285,10 @@ class SpecEngine:
             probs.append(p_d)
             confs.append(None if prop.confidences is None else prop.confidences.reshape(-1).float().cpu())
         proposed = [d.numel() for d in drafts]
-        lengths = list(proposed) if self.scheduler is None else self.scheduler.lengths(proposed, confs)
+        if self.scheduler is None:
+            lengths = list(proposed)
+        else:
+            lengths = self.scheduler.lengths(proposed, confs, overhead_s=self.overhead_s.get(len(rows), 0.0))
         if len(lengths) != len(rows) or any(not 0 <= n <= p for n, p in zip(lengths, proposed)):
             raise DecodingError(f"scheduler chose lengths {lengths} for drafts of {proposed}")
         width = max(lengths) + 1
@@ -286,6 +301,7 @@ class SpecEngine:
             block[i, 1 : lengths[i] + 1] = drafts[i][: lengths[i]]
             block_mask[i, : lengths[i] + 1] = 1
             positions[i] = r.position + torch.arange(width, device=self.device)
+        forward_start = self.clock()
         feats = self.target.capture(
             block,
             attention_mask=torch.cat([mask, block_mask], dim=1),
@@ -294,6 +310,7 @@ class SpecEngine:
             use_cache=True,
         )
         logits = self.target.logits_from_hidden(feats.final)  # [R, w, V]
+        self._forward_s = self.clock() - forward_start  # what the SPS profile measures
 
         for i, r in enumerate(rows):
             n_ver = lengths[i]

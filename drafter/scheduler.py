@@ -14,7 +14,9 @@ Modes (config `scheduler.mode`):
   off, it is the paper's rule verbatim.
 
 SPS comes from a cost table profiled on this machine (`drafter profile`): target forward
-steps per second. Our engine pads each request's block to the longest in the batch, so a
+steps per second. The rest of an engine step (drafting, sampling, cache bookkeeping) does
+not depend on the block width and, on a CPU, is far from negligible; the engine measures it
+online and the scheduler adds it, so that its SPS is the whole step's rate, as in the paper. Our engine pads each request's block to the longest in the batch, so a
 forward costs what its shape (rows R, width w = longest prefix + 1) costs and the table is
 indexed by (R, w); with one request it is the paper's SPS(B) with B = w. A packed engine
 (vLLM) would index by the total token count instead; the algorithm is the same.
@@ -69,8 +71,13 @@ def threshold_lengths(confidences: Sequence[torch.Tensor], threshold: float) -> 
     return [int((c >= threshold).long().cumprod(0).sum()) for c in confidences]
 
 
-def prefix_lengths(survival: Sequence[torch.Tensor], sps, shared_width: bool = False) -> list[int]:
-    """Algorithm 1. `survival[r]` = a_{r,1..g_r}; `sps(rows, width)` = forward steps per second.
+def prefix_lengths(
+    survival: Sequence[torch.Tensor], sps, shared_width: bool = False, overhead_s: float = 0.0
+) -> list[int]:
+    """Algorithm 1. `survival[r]` = a_{r,1..g_r}; `sps(rows, width)` = forward steps per second;
+    `overhead_s` = the rest of an engine step (drafting, sampling, cache bookkeeping), which
+    does not depend on the width: SPS(B) of the paper is the whole step's rate,
+    1 / (1 / sps + overhead_s).
 
     Candidates are taken in descending a (each request's next draft, from a heap); each
     admission adds a_{r,j} to the expected tokens tau*; the first one that does not raise
@@ -88,11 +95,15 @@ def prefix_lengths(survival: Sequence[torch.Tensor], sps, shared_width: bool = F
     rows = len(survival)
     a = [[float(x) for x in s] for s in survival]
     lengths = [0] * rows
+
+    def step_rate(r: int, w: int) -> float:
+        return 1.0 / (1.0 / sps(r, w) + overhead_s)
+
     heap = [(-a[r][0], 0, r) for r in range(rows) if a[r] and a[r][0] > 0]
     heapq.heapify(heap)
     tau = float(rows)  # every request emits at least one token (the target's own)
     width = 1
-    best = tau * sps(rows, width)
+    best = tau * step_rate(rows, width)
 
     def admit(q: int) -> None:
         nonlocal tau
@@ -109,7 +120,7 @@ def prefix_lengths(survival: Sequence[torch.Tensor], sps, shared_width: bool = F
         if j != lengths[r]:
             continue  # stale entry
         if j + 2 <= width or not shared_width:
-            theta = (tau + a[r][j]) * sps(rows, max(width, j + 2))
+            theta = (tau + a[r][j]) * step_rate(rows, max(width, j + 2))
             if theta <= best:
                 break  # the early stop
             width = max(width, j + 2)
@@ -117,8 +128,8 @@ def prefix_lengths(survival: Sequence[torch.Tensor], sps, shared_width: bool = F
             best = theta
             continue
         keep, widen = next_fitting(width), next_fitting(width + 1)
-        keep_theta = (tau + sum(a[q][lengths[q]] for q in keep)) * sps(rows, width)
-        widen_theta = (tau + sum(a[q][lengths[q]] for q in widen)) * sps(rows, width + 1)
+        keep_theta = (tau + sum(a[q][lengths[q]] for q in keep)) * step_rate(rows, width)
+        widen_theta = (tau + sum(a[q][lengths[q]] for q in widen)) * step_rate(rows, width + 1)
         chosen = widen if widen_theta > keep_theta else keep
         for q in chosen:
             admit(q)
@@ -281,7 +292,10 @@ class Scheduler:
     def calibrated(self, conf: torch.Tensor) -> torch.Tensor:
         return apply_temperatures(conf, self.temperatures)
 
-    def lengths(self, proposed: Sequence[int], confidences: Sequence[torch.Tensor | None]) -> list[int]:
+    def lengths(
+        self, proposed: Sequence[int], confidences: Sequence[torch.Tensor | None], overhead_s: float = 0.0
+    ) -> list[int]:
+        """`overhead_s`: the engine's measured per-round time outside the target forward."""
         if self.mode == "fixed":
             return list(proposed)
         for n, c in zip(proposed, confidences):
@@ -290,7 +304,7 @@ class Scheduler:
         confs = [self.calibrated(c[:n]) if n else torch.empty(0) for n, c in zip(proposed, confidences)]
         if self.mode == "threshold":
             return threshold_lengths(confs, self.threshold)
-        return prefix_lengths([prefix_survival(c) for c in confs], self.cost_table, self.shared_width)
+        return prefix_lengths([prefix_survival(c) for c in confs], self.cost_table, self.shared_width, overhead_s)
 
 
 def load_temperatures(drafter_dir: Path | None) -> list[float] | None:

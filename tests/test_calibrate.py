@@ -14,7 +14,7 @@ from drafter.decoding import Round, SpecEngine
 from drafter.manifest import read_manifest
 from tests.conftest import ROOT
 from tests.drafters import BigramDrafter, LMDrafter, ScriptedDrafter, perturbed_copy
-from tests.test_decoding import chat, reference
+from tests.test_decoding import chat
 
 
 def tiny_cfg(*overrides):

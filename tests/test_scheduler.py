@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from drafter.decoding import SpecEngine, round_totals
+from drafter.decoding import SpecEngine
 from drafter.scheduler import (
     CostTable,
     Scheduler,

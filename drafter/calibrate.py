@@ -172,9 +172,9 @@ def calibrate(cfg: Config, drafter_dir: Path, cache_dir: Path, out_dir: Path) ->
     resolve_drafter_dir(drafter_dir)  # fail before loading the target
     timer = Timer()
     with timer("load"):
+        prompts, counts = prompts_from_cache(cache_dir, cfg.calibrate.samples, cfg.run.seed)
         target = load_target(cfg)
         drafter, model_dir = load_drafter(drafter_dir, target)
-        prompts, counts = prompts_from_cache(cache_dir, cfg.calibrate.samples, cfg.run.seed)
     return calibrate_drafter(cfg, drafter, target, prompts, Path(out_dir), Path(drafter_dir), counts, timer,
                              inputs={"drafter": str(model_dir), "cache": str(cache_dir)})
 

@@ -170,6 +170,7 @@ def group_metrics(samples: list[dict], gamma: int, bootstrap: int, ci: float, se
         "samples": len(samples),
         "rounds": total_rounds,
         "tokens": int(sum(len(s["spec"]["tokens"]) for s in samples)),
+        "tau": tau,  # = tau_pooled, the headline figure
         "tau_pooled": tau,
         "tau_per_sample_mean": float(np.mean(per_sample)) if per_sample else float("nan"),
         "tau_ci": _bootstrap(emitted, n_rounds, bootstrap, ci, seed),
@@ -353,7 +354,7 @@ def evaluate_drafter(
     report = build_report(cfg, target, drafter, samples, skipped, gamma, temperatures, drafter_dir, fingerprint)
     write_outputs(report, samples, out_dir)
     if scheduler is not None and scheduler.cost_table is not None:  # the cost table travels with the run
-        shutil.copyfile(cost_table_path(cfg), out_dir / "cost_table.json")
+        shutil.copyfile(cost_table_path(cfg), out_dir / "sps_cost_table.json")
     partial.unlink(missing_ok=True)
     cfg.save(out_dir / "config.yaml")
     counts = {"selected": len(prompts) + len(skipped), "evaluated": len(samples), "skipped": len(skipped)}
@@ -457,6 +458,8 @@ def build_report(cfg, target, drafter, samples, skipped, gamma, temperatures, dr
         "tau": {d: m["tau_pooled"] for d, m in per_dataset.items()},
         "macro_tau": overall["macro_tau"],
         "speedup": overall.get("speedup"),
+        # What the registry and monitoring read: macro tau over datasets, survival per position.
+        "macro": {"tau": overall["macro_tau"], "accept_rate": overall["accept_rate_at_k"], "speedup": overall.get("speedup")},
         "datasets": per_dataset,
         "domains": per_domain,
         "overall": overall,

@@ -13,8 +13,9 @@ Policy (config `gate`), every check named in the verdict with its numbers:
 - lossless: the evaluation's greedy losslessness check passed;
 - speedup: wall-clock speedup over plain decoding > min_speedup.
 
-The gate only writes a verdict (JSON + markdown); it never touches the registry, so a
-failed gate changes nothing there.
+The gate returns the verdict (with its markdown and the failed checks' reasons) and, given
+`out_dir`, writes it as `gate.json` + `gate.md`; it never touches the registry, so a failed
+gate changes nothing there.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def gate(
     production_report: Path | dict[str, Any] | None = None,
     out_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Apply the policy; write `gate.json` and `gate.md` (default: beside the candidate report)."""
+    """Apply the policy; with `out_dir`, also write `gate.json` and `gate.md` there."""
     g = cfg.gate
     cand, cand_src = _load(candidate_report)
     prod, prod_src = _load(production_report) if production_report is not None else (None, None)
@@ -137,6 +138,8 @@ def gate(
     verdict = {
         "passed": all(c["passed"] for c in checks),
         "failed": [c["name"] for c in checks if not c["passed"]],
+        "reasons": [f"{c['name']}: {_fmt(c['value'])} vs {_fmt(c['threshold'])} ({c['detail']})"
+                    for c in checks if not c["passed"]],
         "checks": checks,
         "policy": g.model_dump(mode="json"),
         "candidate": {"report": cand_src, "algorithm": cand.get("drafter", {}).get("algorithm"),
@@ -145,11 +148,10 @@ def gate(
                                                  "path": prod.get("drafter", {}).get("path")},
         "provenance": provenance(),
     }
-    if out_dir is None:
-        out_dir = Path(cand_src).parent if cand_src != "<in memory>" else Path(".")
-    out_dir = Path(out_dir)
-    atomic_write_json(out_dir / "gate.json", verdict)
-    atomic_write_text(out_dir / "gate.md", render_markdown(verdict))
+    verdict["markdown"] = render_markdown(verdict)
+    if out_dir is not None:
+        atomic_write_json(Path(out_dir) / "gate.json", verdict)
+        atomic_write_text(Path(out_dir) / "gate.md", verdict["markdown"])
     return verdict
 
 

@@ -51,7 +51,7 @@ def test_evaluate_profile_gate_commands(tiny_target, tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "eval-prefix" / "report.json").read_text())
     assert report["lossless"]["passed"] and report["settings"]["scheduler"] == "prefix"
-    assert (tmp_path / "eval-prefix" / "cost_table.json").is_file()
+    assert (tmp_path / "eval-prefix" / "sps_cost_table.json").is_file()
 
     res = runner.invoke(app, ["gate", "-c", TINY, "--candidate", str(tmp_path / "eval"), "-s", "gate.min_tau=1.0",
                               "-s", "gate.min_speedup=0.0001", "-s", f"run.data_dir={tmp_path}"])

@@ -91,6 +91,10 @@ def test_report_figures_match_the_rounds(tiny_target, noisy, ingested, tmp_path)
     assert sum(s["domain"] == "code" and s["dataset"] == "holdout" for s in samples) == 2
     assert report["domains"]["code"]["samples"] == 4  # 2 humaneval + 2 holdout code rows
     assert report["macro_tau"] == pytest.approx(sum(report["tau"].values()) / 3)
+    # the keys the registry and monitoring read (drafter.registry.eval_summary)
+    assert report["macro"] == {"tau": report["macro_tau"], "accept_rate": report["overall"]["accept_rate_at_k"],
+                               "speedup": report["speedup"]}
+    assert all(m["tau"] == m["tau_pooled"] for m in report["datasets"].values())
     assert report["lossless"]["passed"] and report["lossless"]["checked"] == 8
     assert report["overall"]["speedup"] > 0 and report["overall"]["plain_tokens_per_s"] > 0
     assert report["calibration"]["applicable"] and len(report["calibration"]["ece_raw"]) == gamma

@@ -87,10 +87,13 @@ def test_calibration_lossless_and_speedup_checks(tmp_path):
 def test_verdict_files_name_every_check(tmp_path):
     (tmp_path / "cand").mkdir()
     (tmp_path / "cand" / "report.json").write_text(json.dumps(GOOD))
-    v = gate(cfg_with("gate.min_tau=2.2"), tmp_path / "cand")  # a folder holding report.json
-    saved = json.loads((tmp_path / "cand" / "gate.json").read_text())
+    v = gate(cfg_with("gate.min_tau=2.2"), tmp_path / "cand", out_dir=tmp_path / "gate")  # a folder holding report.json
+    saved = json.loads((tmp_path / "gate" / "gate.json").read_text())
     assert saved["passed"] is False and saved["failed"] == v["failed"] == ["domain:chat"]
-    md = (tmp_path / "cand" / "gate.md").read_text()
+    assert v["reasons"] == ["domain:chat: 2.0000 vs 2.2000 (absolute floor min_tau 2.2)"]
+    md = (tmp_path / "gate" / "gate.md").read_text()
+    assert md == v["markdown"]
+    assert not (tmp_path / "cand" / "gate.json").exists()  # nothing written beside the report
     assert md.startswith("# Promotion gate: FAILED (domain:chat)")
     for c in v["checks"]:
         assert f"| {c['name']} |" in md

@@ -65,8 +65,8 @@ def target_info(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, as_json
 
 
 # ----- decoding, evaluation, calibration, scheduling, gates -------------------------------
-DrafterOpt = Annotated[Optional[Path], typer.Option("--drafter", "-d", help="Drafter folder (default: DATA_DIR/drafter).")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder.")]
+DrafterDirOpt = Annotated[Optional[Path], typer.Option("--drafter", "-d", help="Drafter folder (default: DATA_DIR/drafter).")]
+StageOutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder.")]
 
 
 @app.command("generate")
@@ -120,10 +120,10 @@ def generate_cmd(
 
 @app.command("evaluate")
 def evaluate_cmd(
-    drafter: DrafterOpt = None,
+    drafter: DrafterDirOpt = None,
     ingested: Annotated[Optional[Path], typer.Option("--ingested", help="Ingested data (holdout split).")] = None,
     no_holdout: Annotated[bool, typer.Option("--no-holdout", help="Only the bundled evaluation sets.")] = False,
-    out_dir: OutOpt = None,
+    out_dir: StageOutOpt = None,
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
     as_json: JsonOpt = False,
@@ -148,9 +148,9 @@ def evaluate_cmd(
 
 @app.command("calibrate")
 def calibrate_cmd(
-    drafter: DrafterOpt = None,
+    drafter: DrafterDirOpt = None,
     cache: Annotated[Optional[Path], typer.Option("--cache", help="Target cache pointers (default: DATA_DIR/cache).")] = None,
-    out_dir: OutOpt = None,
+    out_dir: StageOutOpt = None,
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
     as_json: JsonOpt = False,
@@ -168,7 +168,7 @@ def calibrate_cmd(
 
 
 @app.command("profile")
-def profile_cmd(out_dir: OutOpt = None, config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, as_json: JsonOpt = False) -> None:
+def profile_cmd(out_dir: StageOutOpt = None, config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, as_json: JsonOpt = False) -> None:
     """Measure the target's forward steps/s by batch rows and block width (the scheduler's SPS table)."""
     from drafter.scheduler import profile
 
@@ -189,7 +189,7 @@ def profile_cmd(out_dir: OutOpt = None, config: ConfigOpt = DEFAULT_CONFIG, set_
 def gate_cmd(
     candidate: Annotated[Path, typer.Option("--candidate", help="Candidate evaluation report (or its folder).")],
     production: Annotated[Optional[Path], typer.Option("--production", help="Production drafter's report.")] = None,
-    out_dir: OutOpt = None,
+    out_dir: StageOutOpt = None,
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
     as_json: JsonOpt = False,

@@ -181,7 +181,7 @@ class EvaluateConfig(Section):
     """Speculative-decoding evaluation (drafter/evaluate.py)."""
 
     datasets: list[str] = ["gsm8k", "math500", "humaneval", "mbpp", "mt-bench", "arena-hard-v2"]
-    eval_dir: Path = BUNDLED_EVAL_DIR  # folder of <dataset>.jsonl files ({"turns": [...]} lines)
+    eval_dir: Path | None = None  # folder of <dataset>.jsonl files ({"turns": [...]} lines); None = the bundled sets
     domains: dict[str, str] = {}  # domain of extra datasets; the bundled ones are known
     samples_per_dataset: int = Field(8, ge=1)  # seeded subset per dataset (first turn only)
     include_holdout: bool = True  # also the ingested holdout split, when given

@@ -44,7 +44,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from drafter.config import Config
+from drafter.config import BUNDLED_EVAL_DIR, Config
 from drafter.decoding import Generation, Round, SpecEngine, block_size_of, load_drafter, resolve_drafter_dir
 from drafter.errors import DrafterError
 from drafter.manifest import (
@@ -116,11 +116,12 @@ def load_prompts(cfg: Config, tokenizer, ingested_dir: Path | None) -> tuple[lis
             return
         prompts.append(EvalPrompt(pid, dataset, domain, ids))
 
+    folder = Path(ec.eval_dir) if ec.eval_dir else BUNDLED_EVAL_DIR
     for name in ec.datasets:
-        path = Path(ec.eval_dir) / f"{name}.jsonl"
+        path = folder / f"{name}.jsonl"
         if not path.is_file():
-            known = sorted(p.stem for p in Path(ec.eval_dir).glob("*.jsonl"))
-            raise EvaluateError(f"evaluate.datasets: no {path.name} in {ec.eval_dir} (available: {known})")
+            known = sorted(p.stem for p in folder.glob("*.jsonl"))
+            raise EvaluateError(f"evaluate.datasets: no {path.name} in {folder} (available: {known})")
         lines = path.read_text().splitlines()
         for row in _subset(len(lines), ec.samples_per_dataset, cfg.run.seed, name):
             pid = f"{name}:{row}"

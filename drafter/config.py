@@ -181,25 +181,65 @@ class TrainConfig(Section):
 
 
 class CalibrateConfig(Section):
-    bins: int = Field(20, ge=2)
-    t_min: float = Field(0.05, gt=0)
+    """Sequential Temperature Scaling of the confidence head on held-out prompts (drafter/calibrate.py)."""
+
+    bins: int = Field(20, ge=2)  # ECE bins (DeepSpec: 20)
+    t_min: float = Field(0.05, gt=0)  # temperature grid, log-spaced
     t_max: float = Field(20.0, gt=0)
     grid_points: int = Field(400, ge=10)
+    samples: int = Field(64, ge=1)  # held-out prompts decoded for labels
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float | None = Field(None, ge=0)  # decoding temperature of the labels; None = evaluate.temperature
+    eval_fraction: float = Field(0.5, ge=0, lt=1)  # prompts kept out of the fit to report before/after
+    block_size: int | None = Field(None, ge=1)  # None = the drafter's own block size
+    concurrency: int = Field(8, ge=1)  # prompts decoded together (batched verification; same labels)
+
+    @model_validator(mode="after")
+    def _grid(self) -> CalibrateConfig:
+        if self.t_min >= self.t_max:
+            raise ValueError("t_min must be below t_max")
+        return self
 
 
 class EvaluateConfig(Section):
+    """Speculative-decoding evaluation (drafter/evaluate.py)."""
+
     datasets: list[str] = ["gsm8k", "math500", "humaneval", "mbpp", "mt-bench", "arena-hard-v2"]
-    samples_per_dataset: int = Field(8, ge=1)
-    include_holdout: bool = True
+    eval_dir: Path | None = None  # folder of <dataset>.jsonl files ({"turns": [...]} lines); None = the bundled sets
+    domains: dict[str, str] = {}  # domain of extra datasets; the bundled ones are known
+    samples_per_dataset: int = Field(8, ge=1)  # seeded subset per dataset (first turn only)
+    include_holdout: bool = True  # also the ingested holdout split, when given
+    holdout_samples: int | None = Field(None, ge=1)  # None = samples_per_dataset
+    max_prompt_tokens: int = Field(2048, ge=1)  # longer prompts are skipped (and listed)
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0)  # 0 = greedy (exact match with the target)
-    bootstrap: int = Field(1000, ge=0)
-    measure_speedup: bool = True
+    block_size: int | None = Field(None, ge=1)  # tokens drafted per round; None = the drafter's own
+    bootstrap: int = Field(1000, ge=0)  # resamples for the tau confidence interval
+    ci_level: float = Field(0.95, gt=0, lt=1)
+    measure_speedup: bool = True  # also decode without the drafter (same engine, same run)
+    clock: Literal["wall", "process"] = "wall"  # process: CPU time (shared machines; use one torch thread)
+    warmup_tokens: int = Field(8, ge=1)  # one untimed warm-up generation of each kind
+    lossless_check_samples: int = Field(4, ge=0)  # temperature > 0: greedy comparisons on this many prompts
+    tie_tolerance: float = Field(1e-3, ge=0)  # top-2 logit gap under which a greedy divergence is a float tie
 
 
 class SchedulerConfig(Section):
+    """Confidence-scheduled verification (see drafter/scheduler.py)."""
+
     mode: Literal["fixed", "threshold", "prefix"] = "fixed"
-    threshold: float = Field(0.5, ge=0, le=1)
+    threshold: float = Field(0.5, ge=0, le=1)  # threshold mode: cut at the first calibrated c_k below it
+    cost_table: Path | None = None  # prefix mode: SPS table from `drafter profile`; None = data_dir/profile/cost_table.json
+    shared_width: bool = True  # prefix mode: judge a block-widening draft with the drafts it carries (padded batches)
+    profile_rows: list[int] = [1, 2, 4, 8, 16]  # batch sizes R to profile
+    profile_max_width: int | None = Field(None, ge=1)  # tokens per row; None = drafter.block_size + 1
+    profile_context: int = Field(256, ge=1)  # cached tokens before the profiled forward
+    profile_reps: int = Field(3, ge=1)  # timed repetitions per shape (median)
+
+    @model_validator(mode="after")
+    def _rows(self) -> SchedulerConfig:
+        if not self.profile_rows or any(r < 1 for r in self.profile_rows) or self.profile_rows != sorted(set(self.profile_rows)):
+            raise ValueError("profile_rows must be distinct positive batch sizes in increasing order")
+        return self
 
 
 class GateConfig(Section):

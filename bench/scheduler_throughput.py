@@ -1,0 +1,179 @@
+"""Throughput of confidence-scheduled verification: fixed block vs threshold vs Algorithm 1
+(the paper's rule, and the shared-width rule for our padded batches; drafter/scheduler.py).
+
+For each concurrency R in {1, 2, 4, 8, 16}, R prompts are decoded together by the engine
+(one batched target verification per round) under each policy, in one process and one
+run, with the SPS cost table profiled at the start of the same run. Reported: generated
+(accepted) tokens per second over all R requests, tau, drafts verified per round.
+
+Drafter: `--drafter DIR` (a trained drafter with a confidence head, e.g. DSpark), or by
+default a synthetic drafter (tests/drafters.py `ScriptedDrafter`) that follows the
+target's own greedy answers with random corruptions whose per-position rate is drawn
+before each token and reported as its (calibrated) confidence. The synthetic drafter
+drafts for free, so the table isolates the verification side the scheduler controls.
+
+    python bench/scheduler_throughput.py [--drafter data/drafter] [--rows 1 2 4 8 16]
+                                         [--clock process --threads 1]
+
+On a machine shared with other jobs, `--clock process --threads 1` times the CPU work of
+this process (the SPS table and the throughput use the same clock), which other tenants
+barely disturb; the default is the wall clock.
+
+Writes bench/results/scheduler_throughput.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from drafter.config import load_config  # noqa: E402
+from drafter.decoding import SpecEngine, block_size_of, load_drafter, round_totals  # noqa: E402
+from drafter.evaluate import load_prompts  # noqa: E402
+from drafter.scheduler import CLOCKS, Scheduler, load_temperatures, profile_target  # noqa: E402
+from drafter.target import load_target  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "smollm2-135m-dspark.yaml"))
+    ap.add_argument("--drafter", type=Path, default=None, help="trained drafter folder; default: synthetic")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--gamma", type=int, default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--threshold", type=float, default=0.6)
+    ap.add_argument("--error", type=float, nargs=2, default=[1.0, 3.0], help="synthetic drafter: Beta(a, b) corruption rate")
+    ap.add_argument("--context", type=int, default=None,
+                    help="cached tokens when profiling SPS (default: longest prompt + half the answer, as in the runs)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = CLOCKS[args.clock]
+
+    cfg = load_config(args.config, ["evaluate.datasets=[gsm8k,humaneval,mt-bench,mbpp]",
+                                    f"evaluate.samples_per_dataset={max(args.rows)}"])
+    target = load_target(cfg)
+    prompts = [p.ids for p in load_prompts(cfg, target.tokenizer, None)[0]]
+    random.Random(0).shuffle(prompts)
+    prompts = prompts[: max(args.rows)]
+
+    if args.drafter:
+        drafter, folder = load_drafter(args.drafter, target)
+        temps = load_temperatures(folder)
+        name = f"{drafter.algorithm} ({folder})"
+    else:
+        from tests.drafters import ScriptedDrafter
+
+        answers = SpecEngine(target, None).generate_batch(prompts, args.max_new_tokens)
+        torch.manual_seed(0)
+        drafter = ScriptedDrafter({tuple(p): g.tokens for p, g in zip(prompts, answers)}, target.vocab_size,
+                                  error=tuple(args.error))
+        temps, name = None, f"synthetic (scripted greedy answer, corruption ~ Beta{tuple(args.error)})"
+    gamma = args.gamma or block_size_of(drafter, cfg.drafter.block_size)
+
+    print(f"profiling SPS(R, w) for R in {args.rows}, w in 1..{gamma + 1}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    context = args.context or max(len(p) for p in prompts) + args.max_new_tokens // 2
+    table = profile_target(target, args.rows, gamma + 1, context, args.reps, progress=False, clock=clock)
+    profile_s = time.perf_counter() - start
+
+    policies = {
+        "fixed": None,
+        f"threshold {args.threshold}": Scheduler("threshold", args.threshold, temps),
+        "algorithm 1": Scheduler("prefix", temperatures=temps, cost_table=table, shared_width=False),
+        "alg. 1, shared width": Scheduler("prefix", temperatures=temps, cost_table=table, shared_width=True),
+    }
+    results = []
+    for rows in args.rows:
+        batch = prompts[:rows]
+        for label, scheduler in policies.items():
+            engine = SpecEngine(target, drafter, gamma=gamma, scheduler=scheduler, seed=0, clock=clock)
+            engine.generate_batch(batch[:1], 4)  # warm-up, not measured
+            torch.manual_seed(0)  # the synthetic drafter's corruptions start from the same draws
+            gens = engine.generate_batch(batch, args.max_new_tokens)
+            seconds = max(g.seconds for g in gens)
+            prefill = gens[0].prefill_seconds  # one batched prefill, the same work for every policy
+            totals = round_totals(gens)
+            tokens = sum(len(g.tokens) for g in gens)
+            results.append({
+                "rows": rows, "policy": label, "tokens": tokens, "seconds": seconds, "prefill_seconds": prefill,
+                "tokens_per_s": tokens / seconds, "decode_tokens_per_s": (tokens - rows) / (seconds - prefill),
+                "tau": totals["tau"], "rounds": totals["rounds"],
+                "verified_per_round": totals["verified"] / max(totals["rounds"], 1),
+                "acceptance_rate": totals["accepted"] / max(totals["verified"], 1),
+            })
+            print(f"R={rows:>2} {label:<21} {results[-1]['decode_tokens_per_s']:7.1f} decode tok/s  tau {totals['tau']:.2f}  "
+                  f"verified/round {results[-1]['verified_per_round']:.2f}", file=sys.stderr, flush=True)
+
+    command = "python bench/scheduler_throughput.py " + " ".join(sys.argv[1:])
+    out = {
+        "command": command.strip(),
+        "target": target.info(),
+        "drafter": name,
+        "gamma": gamma,
+        "max_new_tokens": args.max_new_tokens,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "load_average": os.getloadavg()},
+        "clock": args.clock,
+        "profile_seconds": profile_s,
+        "profile_context": context,
+        "cost_table": {"rows": table.rows, "widths": table.widths, "sps": table.sps},
+        "results": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scheduler_throughput.json").write_text(json.dumps(out, indent=2) + "\n")
+    (args.out / "scheduler_throughput.md").write_text(render(out))
+    print(render(out))
+
+
+def render(out: dict) -> str:
+    policies = list(dict.fromkeys(r["policy"] for r in out["results"]))
+    lines = [
+        "# Scheduler throughput: fixed block vs threshold vs Algorithm 1",
+        "",
+        f"Target {out['target']['name']} on {out['target']['device']} ({out['machine']['cpus']} CPUs, "
+        f"load average {out['machine']['load_average'][0]:.1f} at the end); drafter: {out['drafter']}; "
+        f"block {out['gamma']}, greedy, {out['max_new_tokens']} new tokens per request; "
+        f"{'CPU time of the process' if out['clock'] == 'process' else 'wall clock'}, "
+        f"{out['machine']['torch_threads']} torch thread(s).",
+        f"Command: `{out['command']}`",
+        "",
+        "Decode-phase throughput: generated (accepted) tokens per second over all R concurrent requests, after the "
+        "batched prefill (the same work for every policy); in brackets tau and drafts verified per round:",
+        "",
+        "| R | " + " | ".join(policies) + " | best Alg. 1 / fixed |",
+        "|---|" + "---|" * (len(policies) + 1),
+    ]
+    for rows in dict.fromkeys(r["rows"] for r in out["results"]):
+        cells = {r["policy"]: r for r in out["results"] if r["rows"] == rows}
+        best = max(cells[p]["decode_tokens_per_s"] for p in policies if p.startswith(("algorithm 1", "alg. 1")))
+        lines.append(f"| {rows} | " + " | ".join(
+            f"{cells[p]['decode_tokens_per_s']:.1f} ({cells[p]['tau']:.2f}; {cells[p]['verified_per_round']:.1f})"
+            for p in policies
+        ) + f" | {best / cells['fixed']['decode_tokens_per_s']:.2f} |")
+    lines += ["", f"SPS(R, w), target forward steps per second after {out['profile_context']} cached tokens "
+              "(profiled in the same run, made monotone):", "",
+              "| R \\ w | " + " | ".join(str(w) for w in out["cost_table"]["widths"]) + " |",
+              "|---|" + "---|" * len(out["cost_table"]["widths"])]
+    for r, line in zip(out["cost_table"]["rows"], out["cost_table"]["sps"]):
+        lines.append(f"| {r} | " + " | ".join(f"{v:.1f}" for v in line) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

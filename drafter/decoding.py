@@ -1,0 +1,455 @@
+"""Lossless speculative decoding: chain drafting, batched verification, per-round statistics.
+
+One engine serves every use: `drafter generate`, evaluation, calibration labels, the
+scheduler benchmark, and plain autoregressive decoding (no drafter: one target token a
+round), so speedups compare like with like.
+
+A round, per request: the drafter proposes `d_1..d_g` after the anchor (the last emitted
+token, whose target features are not known yet); the scheduler may cut that to a prefix
+of length l; the target runs once over `[anchor, d_1..d_l]`; drafts are accepted with
+`U < p_t/p_d` until the first rejection, whose token is resampled from
+`normalize(max(0, p_t - p_d))`; if all l were accepted the target adds a bonus token.
+At temperature 0 this is exact greedy matching. The drafter's state is then extended with
+the target features of the anchor and the accepted drafts (ALGORITHMS.md section 1).
+
+Batching: R requests share one target KV cache, left-padded. Each round every request
+sends its block, padded on the right to the longest; afterwards each row keeps its anchor
+and accepted drafts, and its rejected slots are rotated to the left where they become
+padding. So the cache is always "padding, then the request's confirmed tokens", which
+is exact for sliding-window attention too. With one request this is a plain crop.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from drafter.errors import DrafterError
+from drafter.models.base import DraftModel
+
+
+class DecodingError(DrafterError, RuntimeError):
+    """The engine was asked something it cannot do (bad prompt, drafter broke its contract)."""
+
+
+@dataclass
+class Round:
+    """What one draft + verify round did for one request."""
+
+    proposed: int  # tokens the drafter drafted
+    verified: int  # drafts sent to the target (after scheduling)
+    accepted: int  # drafts accepted (the first rejection ends the chain)
+    emitted: int  # tokens added to the output: accepted + correction/bonus (none after an accepted EOS)
+    confidences: list[float] | None = None  # raw c_k of the drafted tokens, when the drafter has a head
+
+
+@dataclass
+class Generation:
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)  # generated ids, EOS included when hit
+    rounds: list[Round] = field(default_factory=list)
+    finish_reason: str | None = None  # "eos" | "length" | "context"
+    seconds: float = 0.0  # wall clock from the start of the batch to this request's end
+    prefill_seconds: float = 0.0
+
+    @property
+    def tau(self) -> float:
+        """Tokens emitted per round (the prefill's first token is not a round)."""
+        return sum(r.emitted for r in self.rounds) / max(len(self.rounds), 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": len(self.prompt),
+            "tokens": self.tokens,
+            "finish_reason": self.finish_reason,
+            "seconds": self.seconds,
+            "prefill_seconds": self.prefill_seconds,
+            "rounds": [[r.proposed, r.verified, r.accepted, r.emitted] for r in self.rounds],
+            "confidences": [r.confidences for r in self.rounds] if any(r.confidences for r in self.rounds) else None,
+        }
+
+
+class LengthPolicy(Protocol):
+    """Chooses how many drafted tokens of each request the target verifies this round.
+
+    `overhead_s` is the engine's running estimate of a round's time outside the target
+    forward (drafting, sampling, cache bookkeeping) at this batch size.
+    """
+
+    def lengths(
+        self, proposed: Sequence[int], confidences: Sequence[torch.Tensor | None], overhead_s: float = 0.0
+    ) -> list[int]: ...
+
+
+# ----- the acceptance rule ----------------------------------------------------------------
+def target_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def residual(p_t: torch.Tensor, p_d: torch.Tensor) -> torch.Tensor:
+    """Where a rejected position resamples from: normalize(max(0, p_t - p_d)), else p_t."""
+    diff = (p_t - p_d).clamp_min(0)
+    total = diff.sum()
+    return diff / total if total > 0 else p_t
+
+
+def accept_sampled(
+    p_t: torch.Tensor, p_d: torch.Tensor, draft: torch.Tensor, generator: torch.Generator | None
+) -> tuple[int, int]:
+    """Rejection sampling over one chain: p_t [l+1, V], p_d [l, V], draft [l].
+
+    Returns (number of accepted drafts, the next token: residual sample or bonus).
+    """
+    n_draft = draft.numel()
+    n = 0
+    if n_draft:
+        pt_tok = p_t[:n_draft].gather(1, draft[:, None]).squeeze(1)
+        pd_tok = p_d.gather(1, draft[:, None]).squeeze(1)
+        u = torch.rand(n_draft, generator=generator, device=p_t.device)
+        ok = u * pd_tok < pt_tok  # U < p_t/p_d without dividing by a zero p_d
+        n = int(ok.long().cumprod(0).sum())
+    dist = residual(p_t[n], p_d[n]) if n < n_draft else p_t[n]
+    return n, int(torch.multinomial(dist, 1, generator=generator))
+
+
+def accept_greedy(logits: torch.Tensor, draft: torch.Tensor) -> tuple[int, int]:
+    """Temperature 0: accept while the draft equals the target's argmax; then its argmax."""
+    top = logits.argmax(-1)
+    n = int((draft == top[: draft.numel()]).long().cumprod(0).sum())
+    return n, int(top[n])
+
+
+# ----- the engine ---------------------------------------------------------------------
+@dataclass
+class _Request:
+    index: int
+    gen: Generation
+    state: Any = None
+    anchor: int = 0
+    position: int = 0  # position of the anchor in the sequence
+    done: bool = False
+    keep: int = 0  # slots of this round's block the cache keeps: anchor + accepted drafts
+    t_end: float = 0.0
+
+
+class SpecEngine:
+    """Speculative decoding of a target with a drafter (or plain decoding without one).
+
+    `gamma` is the number of tokens drafted per round; `scheduler` (see
+    `drafter.scheduler`) decides how many of them the target verifies.
+    """
+
+    def __init__(
+        self,
+        target,
+        drafter: DraftModel | None = None,
+        *,
+        gamma: int = 7,
+        temperature: float = 0.0,
+        scheduler: LengthPolicy | None = None,
+        seed: int = 0,
+        eos_token_ids: Sequence[int] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if temperature < 0:
+            raise DecodingError(f"temperature must be >= 0, got {temperature}")
+        if drafter is not None and gamma < 1:
+            raise DecodingError(f"gamma must be >= 1 with a drafter, got {gamma}")
+        self.target = target
+        self.drafter = drafter
+        self.gamma = gamma if drafter is not None else 0
+        self.temperature = float(temperature)
+        self.scheduler = scheduler
+        self.clock = clock  # wall clock by default; time.process_time on a shared machine (one torch thread)
+        self.overhead_s: dict[int, float] = {}  # per batch size: moving average of a round's time outside the forward
+        self._forward_s = 0.0
+        self.eos = set(target.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        self.device = target.device
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        self.max_positions = getattr(target.config, "max_position_embeddings", None) or 1 << 30
+        pad = getattr(target.config, "pad_token_id", None)
+        self.pad_id = int(pad) if isinstance(pad, int) else 0
+
+    def seed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def generate(
+        self, prompt: Sequence[int] | torch.Tensor, max_new_tokens: int, on_tokens: Callable[[int, list[int]], None] | None = None
+    ) -> Generation:
+        return self.generate_batch([prompt], max_new_tokens, on_tokens)[0]
+
+    @torch.inference_mode()
+    def generate_batch(
+        self,
+        prompts: Sequence[Sequence[int] | torch.Tensor],
+        max_new_tokens: int,
+        on_tokens: Callable[[int, list[int]], None] | None = None,
+    ) -> list[Generation]:
+        """Decode R prompts concurrently; `on_tokens(i, ids)` streams each request's new tokens."""
+        if max_new_tokens < 1:
+            raise DecodingError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        reqs = [_Request(i, Generation(prompt=self._as_list(p))) for i, p in enumerate(prompts)]
+        if any(not r.gen.prompt for r in reqs):
+            raise DecodingError("empty prompt: the target needs at least one token to condition on")
+        start = self.clock()
+        cache, mask = self._prefill(reqs, max_new_tokens, on_tokens, start)
+        cache, mask, rows = self._drop_finished(cache, mask, reqs)  # row i of the cache belongs to rows[i]
+        while rows:
+            begin, batch = self.clock(), len(rows)
+            width = self._round(rows, cache, mask, max_new_tokens, on_tokens)
+            mask = self._realign(cache, mask, rows, width)
+            cache, mask, rows = self._drop_finished(cache, mask, rows)
+            overhead = self.clock() - begin - self._forward_s
+            previous = self.overhead_s.get(batch)
+            self.overhead_s[batch] = overhead if previous is None else 0.8 * previous + 0.2 * overhead
+        for r in reqs:
+            r.gen.seconds = r.t_end - start
+        return [r.gen for r in reqs]
+
+    # ----- steps -----------------------------------------------------------------------
+    def _as_list(self, prompt) -> list[int]:
+        if isinstance(prompt, torch.Tensor):
+            if prompt.dim() == 2 and prompt.shape[0] != 1:
+                raise DecodingError("a prompt tensor must hold one sequence")
+            return [int(t) for t in prompt.reshape(-1)]
+        return [int(t) for t in prompt]
+
+    def _sample(self, logits: torch.Tensor) -> int:
+        if self.greedy:
+            return int(logits.argmax(-1))
+        return int(torch.multinomial(target_probs(logits, self.temperature), 1, generator=self.generator))
+
+    def _prefill(self, reqs: list[_Request], max_new: int, on_tokens, start: float):
+        lengths = [len(r.gen.prompt) for r in reqs]
+        width = max(lengths)
+        if width >= self.max_positions:
+            raise DecodingError(f"prompt of {width} tokens does not fit the target's {self.max_positions} positions")
+        ids = torch.full((len(reqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(reqs), width), dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, width - lengths[i] :] = torch.tensor(r.gen.prompt)
+            mask[i, width - lengths[i] :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        cache = DynamicCache()  # plain layers (no sliding-window trimming): crop and realign stay exact
+        feats = self.target.capture(ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        logits = self.target.logits_from_hidden(feats.final[:, -1])
+        prefill_end = self.clock()
+        for i, r in enumerate(reqs):
+            r.gen.prefill_seconds = prefill_end - start
+            if self.drafter is not None:
+                r.state = self.drafter.init_state()
+                self.drafter.extend(r.state, feats.layers[i : i + 1, width - lengths[i] :], ids[i : i + 1, width - lengths[i] :])
+            token = self._sample(logits[i])
+            r.anchor, r.position = token, lengths[i]
+            self._emit(r, [token], max_new, on_tokens)
+            if r.done:
+                r.t_end = self.clock()
+        return cache, mask
+
+    def _round(self, rows: list[_Request], cache, mask: torch.Tensor, max_new: int, on_tokens) -> int:
+        """Draft, schedule, verify in one target pass, accept; returns the block width."""
+        drafts: list[torch.Tensor] = []
+        probs: list[torch.Tensor | None] = []
+        confs: list[torch.Tensor | None] = []
+        for r in rows:
+            remaining = max_new - len(r.gen.tokens)
+            g = max(0, min(self.gamma, remaining - 1, self.max_positions - 1 - r.position))
+            if g == 0:
+                drafts.append(torch.empty(0, dtype=torch.long, device=self.device))
+                probs.append(None)
+                confs.append(None)
+                continue
+            prop = self.drafter.propose(r.state, torch.tensor([r.anchor], device=self.device), g, self.temperature, self.generator)
+            tokens = prop.tokens.reshape(-1).to(self.device)
+            if not 1 <= tokens.numel() <= g:
+                raise DecodingError(f"drafter proposed {tokens.numel()} tokens when asked for {g}")
+            if not self.greedy and (prop.probs is None or prop.probs.shape[-2] != tokens.numel()):
+                raise DecodingError("drafter must return the probabilities its tokens were drawn from")
+            p_d = None if prop.probs is None else prop.probs.reshape(tokens.numel(), -1).to(self.device).float()
+            if not self.greedy and not bool((p_d.gather(1, tokens[:, None]) > 0).all()):
+                raise DecodingError("drafter gave zero probability to a token it drafted: its probs are not its sampler's")
+            drafts.append(tokens)
+            probs.append(p_d)
+            confs.append(None if prop.confidences is None else prop.confidences.reshape(-1).float().cpu())
+        proposed = [d.numel() for d in drafts]
+        if self.scheduler is None:
+            lengths = list(proposed)
+        else:
+            lengths = self.scheduler.lengths(proposed, confs, overhead_s=self.overhead_s.get(len(rows), 0.0))
+        if len(lengths) != len(rows) or any(not 0 <= n <= p for n, p in zip(lengths, proposed)):
+            raise DecodingError(f"scheduler chose lengths {lengths} for drafts of {proposed}")
+        width = max(lengths) + 1
+
+        block = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=self.device)
+        block_mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
+        positions = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
+        for i, r in enumerate(rows):
+            block[i, 0] = r.anchor
+            block[i, 1 : lengths[i] + 1] = drafts[i][: lengths[i]]
+            block_mask[i, : lengths[i] + 1] = 1
+            positions[i] = r.position + torch.arange(width, device=self.device)
+        forward_start = self.clock()
+        feats = self.target.capture(
+            block,
+            attention_mask=torch.cat([mask, block_mask], dim=1),
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits = self.target.logits_from_hidden(feats.final)  # [R, w, V]
+        self._forward_s = self.clock() - forward_start  # what the SPS profile measures
+
+        for i, r in enumerate(rows):
+            n_ver = lengths[i]
+            draft = drafts[i][:n_ver]
+            if self.greedy:
+                n, nxt = accept_greedy(logits[i, : n_ver + 1], draft)
+            else:
+                p_t = target_probs(logits[i, : n_ver + 1], self.temperature)
+                p_d = probs[i][:n_ver] if n_ver else p_t[:0]
+                n, nxt = accept_sampled(p_t, p_d, draft, self.generator)
+            accepted = draft[:n].tolist()
+            before = len(r.gen.tokens)
+            self._emit(r, [*accepted, nxt], max_new, on_tokens)
+            emitted = len(r.gen.tokens) - before
+            c = confs[i]
+            r.gen.rounds.append(Round(proposed[i], n_ver, min(n, emitted), emitted, None if c is None else c.tolist()))
+            r.keep = n + 1
+            if r.done:
+                r.t_end = self.clock()
+                continue
+            if self.drafter is not None:
+                self.drafter.extend(r.state, feats.layers[i : i + 1, : n + 1], block[i : i + 1, : n + 1])
+            r.anchor, r.position = nxt, r.position + n + 1
+        return width
+
+    def _emit(self, r: _Request, tokens: list[int], max_new: int, on_tokens) -> None:
+        """Append tokens, cut at the first EOS and at the token budget."""
+        out = []
+        for t in tokens:
+            out.append(t)
+            if t in self.eos:
+                r.done, r.gen.finish_reason = True, "eos"
+                break
+            if len(r.gen.tokens) + len(out) >= max_new:
+                r.done, r.gen.finish_reason = True, "length"
+                break
+        r.gen.tokens.extend(out)
+        if not r.done and len(r.gen.prompt) + len(r.gen.tokens) >= self.max_positions:
+            r.done, r.gen.finish_reason = True, "context"
+        if on_tokens is not None and out:
+            on_tokens(r.index, out)
+
+    # ----- cache bookkeeping ----------------------------------------------------------
+    def _realign(self, cache, mask: torch.Tensor, rows: list[_Request], width: int) -> torch.Tensor:
+        """Drop rejected slots: crop what every row rejected, rotate the rest to the left as padding."""
+        keep = torch.tensor([r.keep for r in rows], device=self.device)
+        block_mask = (torch.arange(width, device=self.device)[None, :] < keep[:, None]).long()
+        mask = torch.cat([mask, block_mask], dim=1)
+        junk = width - keep
+        common = int(junk.min())
+        if common:
+            cache.crop(-common)
+            mask = mask[:, : mask.shape[1] - common]
+            junk = junk - common
+        if int(junk.max()):
+            length = mask.shape[1]
+            idx = (torch.arange(length, device=self.device)[None, :] - junk[:, None]) % length  # roll row r by junk[r]
+            mask = mask.gather(1, idx)
+            for layer in self._layers(cache):
+                gather = idx[:, None, :, None].expand_as(layer.keys)
+                layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
+        return self._trim(cache, mask)
+
+    def _trim(self, cache, mask: torch.Tensor) -> torch.Tensor:
+        """Remove leading columns that are padding in every row."""
+        lead = int((mask.cumsum(1) == 0).sum(1).min())
+        if lead:
+            for layer in self._layers(cache):
+                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+            mask = mask[:, lead:]
+        return mask
+
+    @staticmethod
+    def _layers(cache):
+        for layer in cache.layers:
+            if type(layer) is not DynamicLayer:
+                raise DecodingError(f"unsupported KV-cache layer {type(layer).__name__}")
+            if layer.is_initialized and layer.keys.numel():
+                yield layer
+
+    def _drop_finished(self, cache, mask: torch.Tensor, rows: list[_Request]):
+        alive = [i for i, r in enumerate(rows) if not r.done]
+        if len(alive) == len(rows):
+            return cache, mask, rows
+        if not alive:
+            return cache, mask, []
+        idx = torch.tensor(alive, device=self.device)
+        cache.batch_select_indices(idx)
+        mask = self._trim(cache, mask[idx])
+        return cache, mask, [rows[i] for i in alive]
+
+
+# ----- summaries ----------------------------------------------------------------------
+def round_totals(generations: Sequence[Generation]) -> dict[str, float]:
+    """Pooled figures over many requests (DeepSpec's tau: all tokens emitted / all rounds)."""
+    rounds = [r for g in generations for r in g.rounds]
+    emitted = sum(r.emitted for r in rounds)
+    return {
+        "rounds": len(rounds),
+        "emitted": emitted,
+        "proposed": sum(r.proposed for r in rounds),
+        "verified": sum(r.verified for r in rounds),
+        "accepted": sum(r.accepted for r in rounds),
+        "tau": emitted / len(rounds) if rounds else float("nan"),
+    }
+
+
+# ----- loading a trained drafter ----------------------------------------------------------
+def resolve_drafter_dir(path) -> Path:
+    """A model folder (config.json + weights), or a training output folder holding `best/`."""
+    path = Path(path)
+    for folder in (path, path / "best"):
+        if (folder / "config.json").is_file():
+            return folder
+    raise DecodingError(f"no drafter at {path}: expected config.json there or in {path / 'best'}")
+
+
+def load_drafter(path, target) -> tuple[DraftModel, Path]:
+    """Load a speculators-format drafter for `target`; returns (model, its folder)."""
+    from drafter.models import REGISTRY, TargetHeads, model_class
+
+    folder = resolve_drafter_dir(path)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise DecodingError(f"{folder / 'config.json'}: not valid JSON ({exc})") from None
+    algorithm = config.get("speculators_model_type")
+    if not algorithm:
+        raise DecodingError(f"{folder / 'config.json'}: no speculators_model_type")
+    try:
+        cls = REGISTRY.get(algorithm) or model_class(algorithm)
+    except ValueError as exc:
+        raise DecodingError(f"{folder / 'config.json'}: {exc}") from None
+    model = cls.load(folder, TargetHeads.from_target(target))
+    return model.to(target.device).eval(), folder
+
+
+def block_size_of(drafter: DraftModel | None, default: int) -> int:
+    """The drafter's own block size when its config states one, else `default`."""
+    config = getattr(drafter, "config", None)
+    value = config.get("block_size") if isinstance(config, dict) else getattr(config, "block_size", None)
+    return int(value) if isinstance(value, int) and value > 0 else default

@@ -1,0 +1,77 @@
+"""The commands: generate streams and reports tau, evaluate/profile/gate write their outputs."""
+
+import json
+
+from typer.testing import CliRunner
+
+from drafter.cli import app
+from tests.conftest import ROOT
+from tests.drafters import BigramDrafter
+
+TINY = str(ROOT / "configs" / "tiny.yaml")
+runner = CliRunner()
+
+
+def exported(tmp_path, tiny_target, confidences=True):
+    folder = tmp_path / "drafter"
+    BigramDrafter.random(tiny_target.vocab_size, seed=0, concentration=0.05, confidences=confidences).export(folder / "best")
+    return folder
+
+
+def test_generate_streams_and_reports_tau(tiny_target, tmp_path):
+    folder = exported(tmp_path, tiny_target)
+    res = runner.invoke(app, ["generate", "-c", TINY, "-p", "Write a function", "-n", "12", "-d", str(folder)])
+    assert res.exit_code == 0, res.output
+    assert "tokens/s, tau" in res.stderr and "12 tokens in" in res.stderr
+    plain = runner.invoke(app, ["generate", "-c", TINY, "-p", "Write a function", "-n", "12"])
+    assert plain.exit_code == 0 and "plain decoding" in plain.stderr
+    assert plain.stdout == res.stdout  # greedy: the drafter changes the speed, never the text
+
+
+def test_evaluate_profile_gate_commands(tiny_target, tmp_path):
+    folder = exported(tmp_path, tiny_target)
+    sets = ["-s", "evaluate.samples_per_dataset=1", "-s", "evaluate.bootstrap=20", "-s", "evaluate.max_new_tokens=8",
+            "-s", f"run.data_dir={tmp_path}"]
+    res = runner.invoke(app, ["evaluate", "-c", TINY, "-d", str(folder), "--json", *sets])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert set(summary) >= {"tau gsm8k", "tau humaneval", "macro tau", "lossless"} and summary["lossless"] is True
+    assert (tmp_path / "eval" / "report.json").is_file()  # default output under run.data_dir
+
+    res = runner.invoke(app, ["profile", "-c", TINY, "-s", "scheduler.profile_rows=[1,2]", "-s", "scheduler.profile_reps=1",
+                              "-s", "scheduler.profile_context=8", *sets])
+    assert res.exit_code == 0, res.output
+    table = json.loads((tmp_path / "profile" / "cost_table.json").read_text())
+    assert table["rows"] == [1, 2] and table["widths"] == [1, 2, 3, 4, 5]  # block_size 4 + 1
+    assert (tmp_path / "profile" / "manifest.json").is_file()
+
+    # Algorithm 1 with the profiled table, through evaluate: still lossless, cost table saved with the run.
+    res = runner.invoke(app, ["evaluate", "-c", TINY, "-d", str(folder), "-o", str(tmp_path / "eval-prefix"),
+                              "-s", "scheduler.mode=prefix", *sets])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "eval-prefix" / "report.json").read_text())
+    assert report["lossless"]["passed"] and report["settings"]["scheduler"] == "prefix"
+    assert (tmp_path / "eval-prefix" / "sps_cost_table.json").is_file()
+
+    res = runner.invoke(app, ["gate", "-c", TINY, "--candidate", str(tmp_path / "eval"), "-s", "gate.min_tau=1.0",
+                              "-s", "gate.min_speedup=0.0001", "-s", f"run.data_dir={tmp_path}"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["gate", "-c", TINY, "--candidate", str(tmp_path / "eval"), "-s", "gate.min_tau=9",
+                              "-s", f"run.data_dir={tmp_path}"])
+    assert res.exit_code == 1 and "FAIL" in res.stdout
+    assert json.loads((tmp_path / "gate" / "gate.json").read_text())["passed"] is False  # DATA_DIR/gate
+
+
+def test_missing_drafter_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import pytest
+
+    from drafter.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["drafter", "evaluate", "-c", TINY, "-d", str(tmp_path / "none")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no drafter at" in err and "Traceback" not in err

@@ -34,7 +34,7 @@ import torch
 from drafter.config import Config
 from drafter.decoding import Round, SpecEngine, block_size_of, load_drafter, resolve_drafter_dir
 from drafter.errors import DrafterError
-from drafter.manifest import Timer, atomic_write_json, atomic_write_text, check_accounting, write_manifest
+from drafter.manifest import Timer, atomic_write_json, atomic_write_text, check_accounting, sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,12 @@ def prompts_from_cache(cache_dir: Path, limit: int, seed: int) -> tuple[list[lis
 
 
 def calibrate(cfg: Config, drafter_dir: Path, cache_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """`drafter calibrate`: fit STS temperatures on held-out prompts; save them with the drafter."""
+    """`drafter calibrate`: fit STS temperatures on held-out prompts.
+
+    They are written to `out_dir/calibration.json` together with the hash of the weights
+    they were fitted on (the scheduler, the exporter and the registry find them there);
+    the training output is left untouched so DVC does not see it change.
+    """
     from drafter.target import load_target
 
     resolve_drafter_dir(drafter_dir)  # fail before loading the target
@@ -175,8 +180,9 @@ def calibrate(cfg: Config, drafter_dir: Path, cache_dir: Path, out_dir: Path) ->
         prompts, counts = prompts_from_cache(cache_dir, cfg.calibrate.samples, cfg.run.seed)
         target = load_target(cfg)
         drafter, model_dir = load_drafter(drafter_dir, target)
-    return calibrate_drafter(cfg, drafter, target, prompts, Path(out_dir), Path(drafter_dir), counts, timer,
-                             inputs={"drafter": str(model_dir), "cache": str(cache_dir)})
+    return calibrate_drafter(cfg, drafter, target, prompts, Path(out_dir), counts, timer,
+                             inputs={"drafter": str(model_dir), "cache": str(cache_dir)},
+                             weights_hash=sha256_file(model_dir / "model.safetensors"))
 
 
 def calibrate_drafter(
@@ -185,10 +191,10 @@ def calibrate_drafter(
     target,
     prompts: list[list[int]],
     out_dir: Path,
-    drafter_dir: Path | None = None,
     counts: dict[str, int] | None = None,
     timer: Timer | None = None,
     inputs: dict[str, Any] | None = None,
+    weights_hash: str | None = None,
 ) -> dict[str, Any]:
     """Run the engine on `prompts`, fit STS on part of them, report on the rest."""
     cc = cfg.calibrate
@@ -227,6 +233,7 @@ def calibrate_drafter(
     result: dict[str, Any] = {
         "applicable": applicable, "gamma": gamma, "temperature": temperature, "bins": cc.bins,
         "evaluated_on": "held-out prompts" if eval_rounds else "the fit prompts (too few prompts to hold some out)",
+        "drafter_weights": weights_hash,
     }
     if not applicable:
         reason = "the drafter returns no confidences (no confidence head)" if fit_rounds else "no rounds observed"
@@ -248,8 +255,6 @@ def calibrate_drafter(
             },
         }
         reliability_plot(before, after, out_dir / "reliability.png")
-        if drafter_dir is not None:  # the scheduler reads the temperatures from the drafter folder
-            atomic_write_json(Path(drafter_dir) / "calibration.json", {"temperatures": temps, "summary": result["summary"]})
     atomic_write_json(out_dir / "calibration.json", result)
     atomic_write_text(out_dir / "report.md", render_markdown(result))
     cfg.save(out_dir / "config.yaml")
@@ -260,8 +265,7 @@ def calibrate_drafter(
                 "eval_fraction": cc.eval_fraction, "max_new_tokens": cc.max_new_tokens},
         counts=counts,
         durations=timer.durations,
-        outputs={"calibration": str(out_dir / "calibration.json"),
-                 "drafter_calibration": str(Path(drafter_dir) / "calibration.json") if drafter_dir and applicable else None},
+        outputs={"calibration": str(out_dir / "calibration.json")},
     )
     return result
 

@@ -250,12 +250,16 @@ def export_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write the speculators checkpoint.")],
     verifier: Annotated[Optional[str], typer.Option(help="Verifier hub id or path to record in config.json.")] = None,
     which: Annotated[str, typer.Option(help="Which checkpoint of a training folder: best or last.")] = "best",
+    calibration: Annotated[
+        Path, typer.Option(help="`drafter calibrate` output; its temperatures go along when fitted on these weights.")
+    ] = Path("data/calibration"),
     as_json: JsonOpt = False,
 ) -> None:
     """Write a trained drafter in the speculators format vLLM loads (config.json + model.safetensors)."""
     from drafter.models.speculators_format import export_drafter
 
-    print_mapping("exported drafter", export_drafter(drafter_dir, out_dir, verifier, which), as_json)
+    print_mapping("exported drafter", export_drafter(drafter_dir, out_dir, verifier, which, calibration), as_json)
+
 
 # ----- traces: demo logs and ingest (drafter/traces) ------------------------------------------------
 @app.command("demo-logs")

@@ -301,7 +301,7 @@ def evaluate_drafter(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     gamma = ec.block_size or block_size_of(drafter, cfg.drafter.block_size)
-    temperatures = load_temperatures(drafter_dir)
+    temperatures = load_temperatures(drafter_dir, cfg.data_dir / "calibration")
     scheduler = build_scheduler(cfg, drafter_dir)
     with timer("prompts"):
         prompts, skipped = load_prompts(cfg, target.tokenizer, ingested_dir)

@@ -282,8 +282,9 @@ def register_candidate(
     report = _read_json(eval_dir / "report.json") if eval_dir and (eval_dir / "report.json").is_file() else None
     summary = eval_summary(report)
     if calibration is None:
-        default = cfg.data_dir / "calibration" / "calibration.json"
-        calibration = default if default.is_file() and not (folder / "calibration.json").is_file() else None
+        from drafter.scheduler import find_calibration
+
+        calibration = find_calibration(folder, cfg.data_dir / "calibration")
     sps = _read_json(sps_table)
     lineage = lineage if lineage is not None else collect_lineage(cfg)
     if data_profile is None and (cfg.data_dir / "ingested" / "train").is_dir():

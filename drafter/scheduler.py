@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 
 from drafter.errors import DrafterError
-from drafter.manifest import atomic_write_json
+from drafter.manifest import atomic_write_json, sha256_file
 
 EPS = 1e-6
 # Wall clock, or the CPU time of this process: steadier on a machine shared with other jobs
@@ -307,17 +307,37 @@ class Scheduler:
         return prefix_lengths([prefix_survival(c) for c in confs], self.cost_table, self.shared_width, overhead_s)
 
 
-def load_temperatures(drafter_dir: Path | None) -> list[float] | None:
-    """STS temperatures saved by `drafter calibrate` (in the model folder or its parent)."""
+def find_calibration(drafter_dir: Path | None, calibration_dir: Path | None = None) -> Path | None:
+    """The `calibration.json` that belongs to this drafter, or None.
+
+    Looked up in the model folder (exports and registry versions carry it), its parent,
+    then `calibration_dir` (what `drafter calibrate` writes, kept out of the training
+    output so DVC does not see train's output change); a file there is used only when
+    it was fitted on these very weights.
+    """
     if drafter_dir is None:
         return None
-    for folder in (Path(drafter_dir), Path(drafter_dir).parent):
-        path = folder / "calibration.json"
-        if path.is_file():
-            temps = json.loads(path.read_text()).get("temperatures")
-            if temps and all(isinstance(t, (int, float)) and t > 0 and math.isfinite(t) for t in temps):
-                return [float(t) for t in temps]
-            return None
+    model_dir = Path(drafter_dir)
+    if not (model_dir / "config.json").is_file() and (model_dir / "best" / "config.json").is_file():
+        model_dir = model_dir / "best"  # a training output folder
+    for folder in (model_dir, model_dir.parent):
+        if (folder / "calibration.json").is_file():
+            return folder / "calibration.json"
+    path = Path(calibration_dir) / "calibration.json" if calibration_dir else None
+    if path is None or not path.is_file() or not (model_dir / "model.safetensors").is_file():
+        return None
+    fitted_on = json.loads(path.read_text()).get("drafter_weights")
+    return path if fitted_on == sha256_file(model_dir / "model.safetensors") else None
+
+
+def load_temperatures(drafter_dir: Path | None, calibration_dir: Path | None = None) -> list[float] | None:
+    """STS temperatures saved by `drafter calibrate` for this drafter (see `find_calibration`)."""
+    path = find_calibration(drafter_dir, calibration_dir)
+    if path is None:
+        return None
+    temps = json.loads(path.read_text()).get("temperatures")
+    if temps and all(isinstance(t, (int, float)) and t > 0 and math.isfinite(t) for t in temps):
+        return [float(t) for t in temps]
     return None
 
 
@@ -328,7 +348,8 @@ def build_scheduler(cfg, drafter_dir: Path | None = None, mode: str | None = Non
     if mode == "fixed":
         return None
     table = CostTable.load(cost_table_path(cfg)) if mode == "prefix" else None
-    return Scheduler(mode, sc.threshold, load_temperatures(drafter_dir), table, sc.shared_width)
+    temperatures = load_temperatures(drafter_dir, cfg.data_dir / "calibration")
+    return Scheduler(mode, sc.threshold, temperatures, table, sc.shared_width)
 
 
 def cost_table_path(cfg) -> Path:

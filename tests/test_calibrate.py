@@ -11,6 +11,7 @@ import torch
 from drafter.calibrate import Survival, auroc, brier, calibrate, calibrate_drafter, ece, fit_sts
 from drafter.config import load_config
 from drafter.decoding import Round, SpecEngine
+from drafter.scheduler import load_temperatures
 from drafter.manifest import read_manifest
 from tests.conftest import ROOT
 from tests.drafters import BigramDrafter, LMDrafter, ScriptedDrafter, perturbed_copy
@@ -67,16 +68,14 @@ def test_ece_falls_on_an_overconfident_head(tiny_target, scripted_world, tmp_pat
     prompts, scripts = scripted_world
     torch.manual_seed(0)
     drafter = ScriptedDrafter(scripts, tiny_target.vocab_size, overconfidence=3.0, shift=1.5)
-    drafter_dir = tmp_path / "drafter"
-    drafter_dir.mkdir()
-    result = calibrate_drafter(tiny_cfg(), drafter, tiny_target, prompts, tmp_path / "cal", drafter_dir)
+    result = calibrate_drafter(tiny_cfg(), drafter, tiny_target, prompts, tmp_path / "cal")
     s = result["summary"]
     assert result["evaluated_on"] == "held-out prompts"
     assert s["ece_after"] < 0.6 * s["ece_before"]  # on prompts the fit never saw
     assert s["brier_after"] < s["brier_before"]
     assert result["temperatures"][0] > 1.5  # an over-confident head gets softened
     assert result["after"][0]["auroc"] == pytest.approx(result["before"][0]["auroc"])  # ranking kept
-    saved = json.loads((drafter_dir / "calibration.json").read_text())
+    saved = json.loads((tmp_path / "cal" / "calibration.json").read_text())
     assert saved["temperatures"] == result["temperatures"] and len(saved["temperatures"]) == 4
     assert (tmp_path / "cal" / "reliability.png").stat().st_size > 10_000
     assert "| 1 |" in (tmp_path / "cal" / "report.md").read_text()
@@ -87,9 +86,9 @@ def test_ece_falls_on_an_overconfident_head(tiny_target, scripted_world, tmp_pat
 def test_no_confidence_head_is_not_applicable(tiny_target, scripted_world, tmp_path):
     prompts, _ = scripted_world
     drafter = LMDrafter(perturbed_copy(tiny_target.model, 0.05))
-    result = calibrate_drafter(tiny_cfg(), drafter, tiny_target, prompts[:2], tmp_path / "cal", tmp_path)
+    result = calibrate_drafter(tiny_cfg(), drafter, tiny_target, prompts[:2], tmp_path / "cal")
     assert not result["applicable"] and "confidence head" in result["reason"]
-    assert not (tmp_path / "calibration.json").exists()
+    assert json.loads((tmp_path / "cal" / "calibration.json").read_text())["temperatures"] is None
     assert "Not applicable" in (tmp_path / "cal" / "report.md").read_text()
 
 
@@ -107,7 +106,12 @@ def test_calibrate_stage_reads_holdout_cache(tiny_target, tmp_path, monkeypatch)
     cfg = tiny_cfg("calibrate.max_new_tokens=12", "calibrate.eval_fraction=0.34")
     result = calibrate(cfg, folder.parent, tmp_path / "cache", tmp_path / "cal")
     assert result["applicable"] and len(result["temperatures"]) == 4
-    assert (tmp_path / "drafter" / "calibration.json").is_file()
+    # Saved beside the calibration report, keyed by the weights it was fitted on: the
+    # scheduler finds it for this drafter and for no other, and train's output is untouched.
+    assert not (tmp_path / "drafter" / "calibration.json").exists()
+    assert load_temperatures(folder, tmp_path / "cal") == result["temperatures"]
+    other = BigramDrafter.random(tiny_target.vocab_size, seed=1, concentration=0.05, confidences=True).export(tmp_path / "other")
+    assert load_temperatures(other, tmp_path / "cal") is None
     counts = read_manifest(tmp_path / "cal")["counts"]
     assert (counts["selected"], counts["used"], counts["skipped_no_prompt"]) == (4, 3, 1)
 
@@ -128,7 +132,7 @@ def test_calibrate_on_smollm2(smollm2_target, tmp_path):
                               overconfidence=3.0, shift=1.5)
     cfg = load_config(ROOT / "configs" / "smollm2-135m-dspark.yaml",
                       ["calibrate.max_new_tokens=24", "calibrate.concurrency=8", "drafter.block_size=4"])
-    result = calibrate_drafter(cfg, drafter, target, prompts, tmp_path / "cal", tmp_path)
+    result = calibrate_drafter(cfg, drafter, target, prompts, tmp_path / "cal")
     assert result["applicable"] and result["temperatures"][0] > 1.0
     assert result["summary"]["brier_after"] < result["summary"]["brier_before"]
-    assert (tmp_path / "calibration.json").is_file() and (tmp_path / "cal" / "reliability.png").is_file()
+    assert (tmp_path / "cal" / "calibration.json").is_file() and (tmp_path / "cal" / "reliability.png").is_file()

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from drafter.manifest import sha256_file
 from drafter.decoding import SpecEngine
 from drafter.scheduler import (
     CostTable,
@@ -149,6 +150,19 @@ def test_load_temperatures(tmp_path):
     assert load_temperatures(tmp_path / "best") is None
     (tmp_path / "calibration.json").write_text(json.dumps({"temperatures": [1.5, 2.0]}))
     assert load_temperatures(tmp_path / "best") == [1.5, 2.0]  # found in the drafter folder above best/
+
+
+def test_calibration_output_applies_only_to_the_weights_it_was_fitted_on(tmp_path):
+    model = tmp_path / "drafter" / "best"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights A")
+    cal = tmp_path / "calibration"
+    cal.mkdir()
+    (cal / "calibration.json").write_text(json.dumps({"temperatures": [1.5], "drafter_weights": sha256_file(model / "model.safetensors")}))
+    assert load_temperatures(tmp_path / "drafter", cal) == [1.5]
+    (model / "model.safetensors").write_bytes(b"weights B")  # retrained: the old fit no longer applies
+    assert load_temperatures(tmp_path / "drafter", cal) is None
 
 
 @pytest.mark.parametrize("mode", ["threshold", "prefix"])

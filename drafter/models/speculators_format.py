@@ -156,17 +156,23 @@ def check_target(config: dict[str, Any], heads: Any, path: Path) -> None:
 
 
 def export_drafter(
-    drafter_dir: str | Path, out_dir: str | Path, verifier: str | None = None, which: str = "best"
+    drafter_dir: str | Path,
+    out_dir: str | Path,
+    verifier: str | None = None,
+    which: str = "best",
+    calibration_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Copy a trained drafter into a standalone speculators folder (what `vllm serve` loads).
 
     `drafter_dir` is a training output (its `best/` or `last/` is taken) or a drafter
     folder itself. `verifier` sets `speculators_config.verifier.name_or_path` (a hub id or
-    a path the serving machine can read). A calibration.json beside it is copied along.
+    a path the serving machine can read). The drafter's calibration.json (beside it, or
+    in `calibration_dir` when fitted on these weights) is copied along.
     """
     import shutil
 
     from drafter.manifest import atomic_dir
+    from drafter.scheduler import find_calibration
 
     src = Path(drafter_dir)
     if not (src / CONFIG_FILE).is_file():
@@ -178,10 +184,9 @@ def export_drafter(
     with atomic_dir(out_dir) as tmp:
         shutil.copy2(src / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
         atomic_write_json(tmp / CONFIG_FILE, config)
-        for extra in (src / "calibration.json", src.parent / "calibration.json"):
-            if extra.is_file():
-                shutil.copy2(extra, tmp / "calibration.json")
-                break
+        calibration = find_calibration(src, calibration_dir)
+        if calibration is not None:
+            shutil.copy2(calibration, tmp / "calibration.json")
     return {
         "algorithm": config["speculators_model_type"],
         "source": str(src),

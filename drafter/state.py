@@ -85,4 +85,6 @@ def configure_environment() -> StatePaths:
         defaults |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    # Prefect creates its home without parents at import time and fails on a fresh clone.
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     return paths

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -364,10 +365,19 @@ def generate_cmd(
     temperature: Annotated[Optional[float], typer.Option("--temperature", "-t", help="Default: evaluate.temperature.")] = None,
     block_size: Annotated[Optional[int], typer.Option("--block-size", "-g", help="Tokens drafted per round.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
+    metrics_port: Annotated[Optional[int], typer.Option(
+        help="Serve vLLM-named spec-decode counters on http://127.0.0.1:PORT/metrics.")] = None,
+    metrics_hold: Annotated[float, typer.Option(help="Seconds to keep serving /metrics after the answer.")] = 0.0,
+    metrics_file: Annotated[Optional[Path], typer.Option(
+        help="Write the spec-decode counters (Prometheus text) here at the end.")] = None,
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
 ) -> None:
-    """Stream an answer with speculative decoding; print tokens/s and tau."""
+    """Stream an answer with speculative decoding; print tokens/s and tau.
+
+    With --metrics-port/--metrics-file it exposes the same counters as a vLLM server
+    (`vllm:spec_decode_*`), so `drafter monitor` can watch our own engine.
+    """
     from drafter.decoding import SpecEngine, block_size_of, load_drafter
     from drafter.evaluate import encode_chat
     from drafter.scheduler import build_scheduler
@@ -397,12 +407,28 @@ def generate_cmd(
             sys.stdout.flush()
             shown = settled
 
+    metrics = None
+    if model is not None and (metrics_port is not None or metrics_file is not None):
+        from monitoring.spec_metrics import SpecDecodeMetrics
+
+        metrics = SpecDecodeMetrics(num_spec_tokens=gamma, model_name=target.name)
+        if metrics_port is not None:
+            metrics.serve(metrics_port)
     gen = engine.generate(ids, max_new_tokens, on_tokens=stream)
     stream(0, [], final=True)
     sys.stdout.write("\n")
+    if metrics is not None:
+        for r in gen.rounds:
+            if r.verified:
+                metrics.observe_round(num_draft=r.verified, num_accepted=r.accepted)
+        if metrics_file is not None:
+            metrics.write(metrics_file)
     rate = len(gen.tokens) / gen.seconds if gen.seconds else float("nan")
     what = f"tau {gen.tau:.2f} over {len(gen.rounds)} rounds" if model is not None else "plain decoding"
     console.print(f"{len(gen.tokens)} tokens in {gen.seconds:.2f} s: {rate:.1f} tokens/s, {what} ({gen.finish_reason})")
+    if metrics_port is not None and metrics_hold > 0:
+        console.print(f"serving http://127.0.0.1:{metrics_port}/metrics for {metrics_hold:.0f} s")
+        time.sleep(metrics_hold)
 
 
 @app.command("evaluate")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, generate_latest, start_http_server
 
 DRAFTS = "vllm:spec_decode_num_drafts"
 DRAFT_TOKENS = "vllm:spec_decode_num_draft_tokens"
@@ -73,6 +73,16 @@ class SpecDecodeMetrics:
         self.accepted.inc(accepted)
         for position in range(accepted):
             self.accepted_per_pos[position].inc()
+
+    def exposition(self) -> str:
+        """The counters in the Prometheus text format (what /metrics returns)."""
+        return generate_latest(self.registry).decode()
+
+    def write(self, path) -> None:
+        """Write the exposition to a file `drafter monitor --metrics FILE` can read."""
+        from drafter.manifest import atomic_write_text
+
+        atomic_write_text(path, self.exposition())
 
     def serve(self, port: int, addr: str = "127.0.0.1"):
         """Expose `/metrics` over HTTP in a background thread; returns (server, thread)."""

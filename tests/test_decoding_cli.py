@@ -75,3 +75,39 @@ def test_missing_drafter_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "no drafter at" in err and "Traceback" not in err
+
+
+def test_generate_exposes_vllm_counters_that_monitor_reads(tiny_target, tmp_path):
+    """Our engine publishes the counters a vLLM server does; the monitor's reader agrees with it."""
+    import re
+
+    from monitoring.telemetry import scrape
+
+    import torch
+
+    from drafter.decoding import SpecEngine
+    from drafter.evaluate import encode_chat
+
+    # A bigram drafter counted from the target's own greedy answer: most drafts are accepted.
+    prompt = encode_chat(tiny_target.tokenizer, [{"role": "user", "content": "Write a function"}])
+    answer = prompt[-1:] + SpecEngine(tiny_target, None).generate(prompt, 40).tokens
+    table = torch.full((tiny_target.vocab_size, tiny_target.vocab_size), 1e-3)
+    for prev, nxt in zip(answer, answer[1:]):
+        table[prev, nxt] += 1.0
+    folder = tmp_path / "drafter"
+    BigramDrafter(table).export(folder / "best")
+    prom = tmp_path / "metrics.prom"
+    res = runner.invoke(app, ["generate", "-c", TINY, "-p", "Write a function", "-n", "40", "-d", str(folder),
+                              "-g", "4", "--metrics-file", str(prom)])
+    assert res.exit_code == 0, res.output
+    assert "vllm:spec_decode_num_accepted_tokens_per_pos_total" in prom.read_text()
+    rounds = int(re.search(r"over (\d+) rounds", res.stderr).group(1))
+    counts = scrape(str(prom))
+    # Every round that verified drafts is one vLLM "draft" (the engine may shorten the last).
+    assert rounds - 1 <= counts.drafts <= rounds and counts.draft_tokens > 4 * (counts.drafts - 1)
+    assert counts.accepted > 0
+    assert sum(counts.accepted_per_pos) == counts.accepted  # each accepted token counted at its position
+    assert all(a >= b for a, b in zip(counts.accepted_per_pos, counts.accepted_per_pos[1:]))  # survival decays
+    printed_tau = float(re.search(r"tau ([\d.]+)", res.stderr).group(1))
+    # vLLM's 1 + accepted/drafts equals the engine's tau except for the last, length-cut round.
+    assert abs(counts.tau - printed_tau) <= 4 / rounds + 0.01

@@ -9,6 +9,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # share the converted target models (content-addressed, immutable) with it.
 os.environ["DRAFTER_HOME"] = tempfile.mkdtemp(prefix="drafter-test-")
 os.environ.setdefault("DRAFTER_MODELS", str(ROOT / ".drafter" / "models"))
+# One torch thread per pytest worker: `make test` runs two workers on two cores, and tiny
+# models lose a lot to threads spin-waiting on a shared CPU.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 

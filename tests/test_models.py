@@ -21,15 +21,6 @@ from tests.tiny_data import collate, make_dataset, sharp_target
 ALGOS = ["dspark", "dflash", "eagle3"]
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared CPU they lose a lot (spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 @pytest.fixture(scope="module")
 def target():
     return sharp_target()

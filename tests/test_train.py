@@ -26,15 +26,6 @@ def tiny_cfg(*sets):
     return load_config(ROOT / "configs" / "tiny.yaml", base + list(sets))
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared CPU they lose a lot (spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 @pytest.fixture(scope="module")
 def target():
     return sharp_target(sharpness=SHARPNESS)

@@ -130,10 +130,13 @@ def rollback_cmd(
     by: Annotated[Optional[str], typer.Option("--by", help="Who rolls back (default: current user).")] = None,
     reason: Annotated[Optional[str], typer.Option("--reason", help="Why.")] = None,
 ) -> None:
-    """Move production back to the previous (approved) version."""
+    """Undo the last promotion: production back to the previous (approved) version, or to none."""
     from drafter import registry
 
-    print_mapping("rolled back", registry.rollback(name, by=by, reason=reason))
+    result = registry.rollback(name, by=by, reason=reason)
+    print_mapping("rolled back", result)
+    if result["production"] is None:
+        out.print(f"{name} has no production version now: serve the target without a drafter until one is approved")
 
 
 @registry_app.command("list")

@@ -123,7 +123,7 @@ def run_url(run_id: str, mlflow_client=None) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 # ----- reading reports (the stages' outputs) ---------------------------------
@@ -421,7 +421,8 @@ def list_versions(name: str) -> list[dict[str, Any]]:
             "reason": t.get("approval.reason", ""),
             "tau": t.get("eval.tau_macro", ""),
             "algorithm": t.get("drafter.algorithm", ""),
-            "rolled_back": t.get("rollback.at", ""),
+            # A rollback counts until the version is approved again (ISO times compare as text).
+            "rolled_back": t.get("rollback.at", "") if t.get("rollback.at", "") > t.get("approval.at", "") else "",
             "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds"),
             "run_id": mv.run_id,
         })
@@ -519,19 +520,24 @@ def record_timeout(name: str, version: str | int, waited_s: int) -> None:
 
 
 def rollback(name: str, by: str | None = None, reason: str | None = None) -> dict[str, Any]:
-    """production -> previous (which must carry an approval record); `previous` is then cleared."""
+    """Undo the last promotion: production -> previous (which must carry an approval record),
+    `previous` then cleared. With no previous version, production is cleared: the fleet
+    serves the target without this drafter (plain decoding) until a version is approved."""
     c = client()
     current = aliases(name, c)
     old, target = current.get(PRODUCTION), current.get(PREVIOUS)
-    if target is None:
-        raise RegistryError(f"{name} has no previous version to roll back to (production: {old})")
-    result = _set_production(c, name, target)
-    c.delete_registered_model_alias(name, PREVIOUS)
-    if old is not None:
-        for key, value in [
-            ("rollback.at", _now()), ("rollback.by", by or getpass.getuser()), ("rollback.reason", reason or "rollback"),
-        ]:
-            c.set_model_version_tag(name, old, key, value)
+    if old is None:
+        raise RegistryError(f"{name} has no version in production to roll back (aliases: {current})")
+    if target is not None:
+        result = _set_production(c, name, target)
+        c.delete_registered_model_alias(name, PREVIOUS)
+    else:
+        c.delete_registered_model_alias(name, PRODUCTION)
+        result = {"name": name, "production": None}
+    for key, value in [
+        ("rollback.at", _now()), ("rollback.by", by or getpass.getuser()), ("rollback.reason", reason or "rollback"),
+    ]:
+        c.set_model_version_tag(name, old, key, value)
     return {**result, "previous": None, "rolled_back": old}
 
 

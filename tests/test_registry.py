@@ -145,8 +145,15 @@ def test_approve_promotes_and_rollback_returns(store, tmp_path):
     assert result["production"] == "1" and result["rolled_back"] == "2"
     assert registry.aliases("reg-life") == {"production": "1"}
     assert registry.client().get_model_version("reg-life", "2").tags["rollback.by"] == "carol"
-    with pytest.raises(registry.RegistryError, match="no previous version"):
+    # Rolling back the first promotion leaves nothing in production (plain decoding).
+    result = registry.rollback("reg-life", by="carol", reason="drafter off")
+    assert result["production"] is None and result["rolled_back"] == "1"
+    assert registry.aliases("reg-life") == {}
+    assert all(r["rolled_back"] for r in registry.list_versions("reg-life"))
+    with pytest.raises(registry.RegistryError, match="no version in production"):
         registry.rollback("reg-life")
+    registry.approve("reg-life", "1", by="alice", reason="re-checked")  # approved again: no longer rolled back
+    assert [r["rolled_back"] == "" for r in registry.list_versions("reg-life")] == [False, True]
 
 
 def test_reject_removes_candidate_and_never_promotes(store, tmp_path):

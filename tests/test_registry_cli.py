@@ -86,5 +86,5 @@ def test_errors_are_clear_messages_not_tracebacks(store, registered):
     proc = subprocess.run([sys.executable, "-m", "drafter", "rollback", name], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert "error:" in proc.stderr and "no previous version to roll back to" in proc.stderr
+    assert "error:" in proc.stderr and "no version in production to roll back" in proc.stderr
     assert "Traceback" not in proc.stderr

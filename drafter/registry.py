@@ -79,9 +79,31 @@ def model_name(cfg: Config) -> str:
     return "drafter-" + re.sub(r"[^A-Za-z0-9._-]+", "-", _target_name(cfg)).strip("-")
 
 
+_READY_STORES: set[str] = set()
+
+
+def ensure_store() -> None:
+    """Create (or migrate) a local SQLite store under a file lock, once per process: processes
+    that start together (DDP ranks, parallel jobs) otherwise race in MLflow's schema migration."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri()
+    if uri in _READY_STORES:
+        return
+    if uri.startswith("sqlite:///"):
+        from filelock import FileLock
+
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{db}.lock"):
+            MlflowClient().search_experiments(max_results=1)
+    _READY_STORES.add(uri)
+
+
 def client():
     from mlflow import MlflowClient
 
+    ensure_store()
     return MlflowClient()
 
 

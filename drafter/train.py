@@ -581,6 +581,9 @@ def _start_mlflow(cfg: Config, loop: dict[str, Any], main: bool):
         return None
     import mlflow
 
+    from drafter.registry import ensure_store
+
+    ensure_store()
     parent = mlflow.active_run()
     if parent is None:
         mlflow.set_experiment(cfg.run.name)

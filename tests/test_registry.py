@@ -254,3 +254,19 @@ def test_eval_summary_shapes():
     assert s == {"tau_macro": 2.5, "tau_by_dataset": {"a": 2.0}, "accept_rate": [0.9, 0.5]}
     assert registry.eval_summary(None)["tau_macro"] is None
     assert registry.gate_passed({"verdict": "pass"}) and not registry.gate_passed({"passed": False})
+
+
+def test_processes_starting_together_share_a_fresh_store(tmp_path):
+    """DDP ranks and parallel jobs open a fresh SQLite store at once: without the lock in
+    `ensure_store` MLflow's schema migrations collide ('Online migration expected to match
+    one row')."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from drafter import registry; print(len(registry.client().search_experiments()))"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}", "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    assert [(rc, out.strip()) for rc, out, _ in results] == [(0, "1")] * 4, [err[-500:] for _, _, err in results]

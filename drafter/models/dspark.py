@@ -38,9 +38,7 @@ from torch import nn
 from drafter.models import register, speculators_format as fmt
 from drafter.models.base import DraftModel, Proposal, TargetHeads, TrainBatch, TrainOutput
 from drafter.models.layers import DecoderLayer, RMSNorm, Rotary, block_attention, draft_layer_config, init_weights
-from drafter.models.metrics import acceptance, per_position, sample, target_probs
-
-Generators = torch.Generator | list[torch.Generator] | None
+from drafter.models.metrics import Generators, acceptance, choose_positions, per_position, sample, target_probs
 
 
 @dataclass
@@ -71,20 +69,9 @@ def sample_anchors(
     loss_mask: torch.Tensor, attention_mask: torch.Tensor, max_anchors: int, generator: Generators = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence, up to `max_anchors` positions p where p and p+1 are both assistant
-    tokens, drawn uniformly without replacement and sorted. -> anchors [b, A], valid [b, A].
-
-    `generator` may be one generator per sequence: then a sequence's anchors do not depend
-    on which batch or process it lands in (what makes DDP match one process exactly).
-    """
-    ok = (loss_mask & attention_mask).cpu()
-    cand = ok[:, :-1] & ok[:, 1:]
-    chosen = []
-    for i in range(cand.shape[0]):
-        idx = cand[i].nonzero().flatten()
-        if idx.numel() > max_anchors:
-            gen = generator[i] if isinstance(generator, list) else generator
-            idx = idx[torch.randperm(idx.numel(), generator=gen)[:max_anchors]].sort().values
-        chosen.append(idx)
+    tokens (see `choose_positions`). -> anchors [b, A], valid [b, A]."""
+    ok = loss_mask & attention_mask
+    chosen = choose_positions(ok[:, :-1] & ok[:, 1:], max_anchors, generator)
     width = max(1, max(c.numel() for c in chosen))
     anchors = torch.zeros(len(chosen), width, dtype=torch.long)
     valid = torch.zeros(len(chosen), width, dtype=torch.bool)

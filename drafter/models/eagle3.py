@@ -38,7 +38,7 @@ from torch import nn
 from drafter.models import register, speculators_format as fmt
 from drafter.models.base import DraftModel, Proposal, TargetHeads, TrainBatch, TrainOutput
 from drafter.models.layers import DecoderLayer, RMSNorm, Rotary, draft_layer_config, init_weights, ttt_attention
-from drafter.models.metrics import acceptance, per_position, sample, target_prob_table
+from drafter.models.metrics import Generators, acceptance, choose_positions, per_position, sample, target_prob_table
 
 QK_NORM_FAMILIES = ("qwen3", "gemma3")
 
@@ -50,6 +50,7 @@ class Eagle3Config:
     ttt_decay: float = 0.8
     block_size: int = 7  # tokens drafted per round by default (the exported proposal length)
     draft_vocab_size: int | None = None  # None or >= target vocabulary: full vocabulary
+    max_anchors: int = 512  # chains (unrolls from one start position) trained per sequence
     initializer_range: float = 0.02
 
 
@@ -90,7 +91,7 @@ class Eagle3(DraftModel):
         d = cfg.drafter
         return Eagle3Config(
             layer_ids=list(layer_ids), ttt_steps=d.ttt_steps, ttt_decay=d.ttt_decay,
-            block_size=d.block_size, draft_vocab_size=d.draft_vocab_size,
+            block_size=d.block_size, draft_vocab_size=d.draft_vocab_size, max_anchors=cfg.train.max_anchors,
         )
 
     @property
@@ -175,14 +176,23 @@ class Eagle3(DraftModel):
     def forward(self, batch: TrainBatch, **kwargs: Any) -> TrainOutput:
         return self.forward_train(batch, **kwargs)  # so DDP wrappers see a forward()
 
-    def forward_train(self, batch: TrainBatch, *, generator: Any = None, reduction: str = "mean") -> TrainOutput:
-        """Soft cross-entropy over the unrolled steps (`generator` unused: nothing is sampled)."""
+    def forward_train(self, batch: TrainBatch, *, generator: Generators = None, reduction: str = "mean") -> TrainOutput:
+        """Soft cross-entropy over the unrolled steps of up to `max_anchors` chains a sequence.
+
+        The unroll itself runs over every position (its attention needs them); only the
+        chains' logits and losses, the H x V part that dominates the cost, are sampled, like
+        DFlash/DSpark's anchors: the same number of drafted positions per step for the three.
+        """
         steps = self.config.ttt_steps
         outs = self.ttt_hidden(batch)
         ok = batch.loss_mask & batch.attention_mask
         b, T = ok.shape
         # index t at step i predicts position t+2+i: valid while the chain stays in assistant tokens
-        valid, run = [], torch.ones(b, T - 1, dtype=torch.bool, device=ok.device)
+        first = F.pad(ok[:, 2:], (0, 1), value=False)
+        run = torch.zeros_like(first)
+        for row, idx in enumerate(choose_positions(first, self.config.max_anchors, generator)):
+            run[row, idx.to(run.device)] = True
+        valid = []
         for i in range(steps):
             nxt = ok[:, 2 + i :]
             run = run & F.pad(nxt, (0, T - 1 - nxt.shape[1]), value=False)

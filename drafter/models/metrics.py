@@ -27,6 +27,26 @@ def sample(
     return token, probs
 
 
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def choose_positions(candidates: torch.Tensor, k: int, generator: Generators = None) -> list[torch.Tensor]:
+    """Per row of `candidates` [b, N] (bool), up to `k` of its True indices, drawn uniformly
+    without replacement and sorted (all of them when there are at most k).
+
+    `generator` may be one generator per row: then a sequence's draw does not depend on which
+    batch or process it lands in (what makes DDP match one process exactly).
+    """
+    chosen = []
+    for i, row in enumerate(candidates.cpu()):
+        idx = row.nonzero().flatten()
+        if idx.numel() > k:
+            gen = generator[i] if isinstance(generator, list) else generator
+            idx = idx[torch.randperm(idx.numel(), generator=gen)[:k]].sort().values
+        chosen.append(idx)
+    return chosen
+
+
 @torch.no_grad()
 def target_prob_table(
     heads, final_hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor

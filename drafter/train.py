@@ -581,12 +581,11 @@ def _start_mlflow(cfg: Config, loop: dict[str, Any], main: bool):
         return None
     import mlflow
 
-    from drafter.registry import ensure_store
+    from drafter.registry import experiment_id
 
-    ensure_store()
     parent = mlflow.active_run()
-    if parent is None:
-        mlflow.set_experiment(cfg.run.name)
+    if parent is None:  # the run's experiment, artifacts in the state dir on a local store
+        mlflow.set_experiment(experiment_id=experiment_id(cfg))
     kwargs = {"log_system_metrics": cfg.train.system_metrics}
     if loop.get("mlflow_run_id"):
         return mlflow.start_run(run_id=loop["mlflow_run_id"], nested=parent is not None, **kwargs)

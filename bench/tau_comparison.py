@@ -18,7 +18,9 @@ finished one only rewrites the report. `-s` overrides apply to every stage, e.g.
 
 Writes bench/results/tau.json ({"target", "algorithms": {alg: {dataset: pooled tau}}}),
 bench/results/tau_details.json (per-sample-mean tau, CIs, acceptance, speedups, training
-budget and wall times) and bench/results/tau.md.
+budget and wall times) and bench/results/tau.md. The config evaluates at temperature 1, the
+paper's setting; `--stem tau_greedy -s evaluate.temperature=0` evaluates the same drafters
+greedily into tau_greedy.* (and eval-ALG-greedy folders) without retraining.
 """
 
 from __future__ import annotations
@@ -95,19 +97,24 @@ def prepare_data(run: Runner, cfg, demo_n: int) -> None:
     run("build-cache", "build-cache", "--in", str(d / "regenerated"), "--out", str(d / "cache"))
 
 
-def algorithm_pipeline(run: Runner, alg: str) -> dict:
+def eval_name(alg: str, stem: str) -> str:
+    """Evaluation folder of one algorithm: `eval-ALG` for the headline run, else `eval-ALG-VARIANT`."""
+    return f"eval-{alg}" if stem == "tau" else f"eval-{alg}-{stem.removeprefix('tau_')}"
+
+
+def algorithm_pipeline(run: Runner, alg: str, stem: str) -> dict:
     """Train (resumes; a no-op when done) then evaluate `last/` (skipped when already done)."""
     d = run.data_dir
     extra = [f"drafter.algorithm={alg}"]
-    train_dir, eval_dir = d / f"drafter-{alg}", d / f"eval-{alg}"
+    train_dir, eval_dir = d / f"drafter-{alg}", d / eval_name(alg, stem)
     times = {"train_s": run(f"train-{alg}", "train", "--cache", str(d / "cache"), "--out", str(train_dir), extra=extra)}
     model = train_dir / "last"
     key = sha256_json({"drafter": sha256_tree(model), "overrides": run.overrides, "config": run.config.read_text()})
     marker = eval_dir / "bench_key.json"
     if (eval_dir / "report.json").is_file() and marker.is_file() and json.loads(marker.read_text()).get("key") == key:
-        print(f"eval-{alg}: already evaluated", flush=True)
+        print(f"{eval_dir.name}: already evaluated", flush=True)
     else:
-        times["evaluate_s"] = run(f"eval-{alg}", "evaluate", "-d", str(model), "--ingested", str(d / "ingested"),
+        times["evaluate_s"] = run(eval_dir.name, "evaluate", "-d", str(model), "--ingested", str(d / "ingested"),
                                   "-o", str(eval_dir), extra=extra)
         atomic_write_json(marker, {"key": key})
     return times
@@ -119,11 +126,11 @@ def _macro(taus: dict[str, float], names: list[str]) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def collect(cfg, data_dir: Path, algorithms: list[str], commands: list[str], times: dict) -> dict:
+def collect(cfg, data_dir: Path, algorithms: list[str], commands: list[str], times: dict, stem: str) -> dict:
     details: dict = {"algorithms": {}}
     target = None
     for alg in algorithms:
-        report = json.loads((data_dir / f"eval-{alg}" / "report.json").read_text())
+        report = json.loads((data_dir / eval_name(alg, stem) / "report.json").read_text())
         train = json.loads((data_dir / f"drafter-{alg}" / "manifest.json").read_text())
         target = target or report["target"].get("name")
         ds = report["datasets"]
@@ -267,6 +274,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="algorithms trained/evaluated at a time")
     parser.add_argument("--demo-n", type=int, default=800, help="demo-logs conversations (when no log exists)")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
+    parser.add_argument("--stem", default="tau", help="result file names (and eval folders when not tau)")
     parser.add_argument("--notes", type=Path, default=None, help="markdown appended to tau.md (findings)")
     args = parser.parse_args()
 
@@ -275,21 +283,21 @@ def main() -> None:
     data_dir = Path(cfg.run.data_dir)
     algorithms = [a for a in args.algorithms.split(",") if a]
     run = Runner(config, args.overrides, data_dir)
-    times_path = data_dir / "bench_times.json"
+    times_path = data_dir / f"bench_times_{args.stem}.json"
     times = json.loads(times_path.read_text()) if times_path.is_file() else {}
     if not args.report_only:
         prepare_data(run, cfg, args.demo_n)
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = {a: pool.submit(algorithm_pipeline, run, a) for a in algorithms}
+            futures = {a: pool.submit(algorithm_pipeline, run, a, args.stem) for a in algorithms}
             for a, f in futures.items():
                 times[a] = times.get(a, {}) | f.result()
                 atomic_write_json(times_path, times)
     else:
-        run.commands = json.loads((data_dir / "bench_commands.json").read_text()) if (data_dir / "bench_commands.json").is_file() else []
+        run.commands = json.loads((data_dir / f"bench_commands_{args.stem}.json").read_text()) if (data_dir / f"bench_commands_{args.stem}.json").is_file() else []
     if run.commands and not args.report_only:
-        atomic_write_json(data_dir / "bench_commands.json", run.commands)
+        atomic_write_json(data_dir / f"bench_commands_{args.stem}.json", run.commands)
 
-    details = collect(cfg, data_dir, algorithms, run.commands, times)
+    details = collect(cfg, data_dir, algorithms, run.commands, times, args.stem)
     bench_cmd = "DRAFTER_MODELS=/work/main/.drafter/models python bench/tau_comparison.py -c " + \
         str(config.relative_to(ROOT)) + "".join(f" -s {shlex.quote(o)}" for o in args.overrides)
     details["commands"] = [bench_cmd, "# which runs:", *run.commands]
@@ -299,15 +307,15 @@ def main() -> None:
     details["summary"] = summary
     details["paper_gain_percent"] = PAPER
     RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RESULTS / "tau.json", {
+    atomic_write_json(RESULTS / f"{args.stem}.json", {
         "target": details["target"],
         "algorithms": {a: details["algorithms"][a]["tau_pooled"] for a in algorithms},
     })
-    atomic_write_json(RESULTS / "tau_details.json", details)
+    atomic_write_json(RESULTS / f"{args.stem}_details.json", details)
     text = render(details, summary, cfg, datasets)
     if args.notes and args.notes.is_file():
         text += "\n" + args.notes.read_text()
-    atomic_write_text(RESULTS / "tau.md", text)
+    atomic_write_text(RESULTS / f"{args.stem}.md", text)
     print(text)
 
 

@@ -183,7 +183,7 @@ def render(details: dict, summary: dict, cfg, datasets: list[str]) -> str:
     lines = [
         f"# tau: EAGLE-3 vs DFlash vs DSpark on {details['target']} (same data, same budget)",
         "",
-        f"Greedy decoding (temperature {ec.temperature}), block/TTT length {cfg.drafter.block_size}, "
+        (f"Greedy decoding (temperature 0)" if ec.temperature == 0 else f"Sampling at temperature {ec.temperature}") + f", block/TTT length {cfg.drafter.block_size}, "
         f"{ec.max_new_tokens} new tokens per prompt, chain drafting, lossless verification. "
         f"Prompts per set (seeded, seed {cfg.run.seed}): " + ", ".join(f"{n} {k}" for n, k in prompts.items()) + ".",
         "tau = DeepSpec's pooled acceptance length (tokens emitted in verification rounds / rounds, the bonus "

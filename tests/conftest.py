@@ -2,6 +2,7 @@
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,3 +45,34 @@ def smollm2_target():
     from drafter.target import load_target
 
     return load_target(load_config(ROOT / "configs" / "smollm2-135m-dspark.yaml"))
+
+
+@contextmanager
+def _mlflow_store(folder: Path):
+    """A real MLflow SQLite tracking/registry store in `folder`, embedded (no Prefect server)."""
+    import mlflow
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.delenv("PREFECT_API_URL", raising=False)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(None)
+        mp.undo()
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A fresh MLflow store for one test."""
+    with _mlflow_store(tmp_path) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def module_store(tmp_path_factory):
+    """One MLflow store for a module (each test uses its own model name)."""
+    with _mlflow_store(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri

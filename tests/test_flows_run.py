@@ -15,17 +15,6 @@ from drafter.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    import mlflow
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    mlflow.set_tracking_uri(None)
-
-
 def test_schedule_needs_a_server_and_builds_the_cron_deployment(tmp_path):
     from flows.schedule import NoPrefectServer, deployment_name, retraining_deployment, serve
 

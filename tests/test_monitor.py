@@ -153,18 +153,6 @@ def test_mix_check_needs_significance_and_effect_size():
     assert drift.mix_check(None, {"chat": 500}, 0.01, 0.05, 50).status == drift.NO_REFERENCE
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    import mlflow
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    yield uri
-    mlflow.set_tracking_uri(None)
-
-
 def production_setup(tmp_path: Path, name: str, extra: list[str] | None = None):
     """A production drafter evaluated at tau 3.0 (per position 0.8/0.6/0.4/0.2), trained on 60/30/10 chat/code/math."""
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [

@@ -18,21 +18,6 @@ from drafter.lineage import collect_lineage, lineage_tags
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One real SQLite tracking/registry store for the module (each test uses its own model name)."""
-    import mlflow
-
-    root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    mlflow.set_tracking_uri(None)
-    mp.undo()
-
-
 def config(tmp_path: Path, name: str) -> Config:
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"registry.model_name={name}", f"run.data_dir={tmp_path / 'data'}"])
     return cfg
@@ -50,7 +35,7 @@ def test_model_name_defaults_to_target():
     assert registry.model_name(load_config(ROOT / "configs" / "tiny.yaml")) == "drafter-tiny-llama"
 
 
-def test_register_logs_folder_reports_lineage_and_sets_candidate(store, tmp_path):
+def test_register_logs_folder_reports_lineage_and_sets_candidate(module_store, tmp_path):
     cfg = config(tmp_path, "reg-basic")
     lineage = collect_lineage(cfg)
     lineage["target_fingerprint"] = "abc123"
@@ -83,7 +68,7 @@ def test_register_logs_folder_reports_lineage_and_sets_candidate(store, tmp_path
     assert "vllm serve HuggingFaceTB/SmolLM2-135M-Instruct" in (tmp_path / "export" / "SERVE.md").read_text()
 
 
-def test_train_output_folder_uses_best(store, tmp_path):
+def test_train_output_folder_uses_best(module_store, tmp_path):
     cfg = config(tmp_path, "reg-best")
     make_drafter(tmp_path / "train-out" / "best", tokens=6)
     (tmp_path / "train-out" / "metrics.json").write_text("{}")
@@ -93,7 +78,7 @@ def test_train_output_folder_uses_best(store, tmp_path):
     assert not (tmp_path / "x" / "metrics.json").exists()
 
 
-def test_failed_gate_leaves_registry_unchanged(store, tmp_path):
+def test_failed_gate_leaves_registry_unchanged(module_store, tmp_path):
     cfg = config(tmp_path, "reg-gate")
     register(cfg, tmp_path, "ok")
     before = registry.list_versions("reg-gate")
@@ -109,14 +94,14 @@ def test_failed_gate_leaves_registry_unchanged(store, tmp_path):
     (lambda d: (d / "model.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{bad}"), "not a safetensors"),
     (lambda d: (d / "config.json").write_text("{"), "not valid JSON"),
 ])
-def test_bad_drafter_folder_is_refused(store, tmp_path, mutate, message):
+def test_bad_drafter_folder_is_refused(module_store, tmp_path, mutate, message):
     folder = make_drafter(tmp_path / "d")
     mutate(folder)
     with pytest.raises(registry.RegistryError, match=message):
         registry.register_candidate(config(tmp_path, "reg-bad"), folder)
 
 
-def test_missing_evidence_is_refused_before_anything_is_logged(store, tmp_path):
+def test_missing_evidence_is_refused_before_anything_is_logged(module_store, tmp_path):
     cfg = config(tmp_path, "reg-noeval")
     with pytest.raises(registry.RegistryError, match="no evaluation folder"):
         registry.register_candidate(cfg, make_drafter(tmp_path / "d"), eval_dir=tmp_path / "missing")
@@ -126,7 +111,7 @@ def test_missing_evidence_is_refused_before_anything_is_logged(store, tmp_path):
         registry.aliases("reg-noeval")
 
 
-def test_approve_promotes_and_rollback_returns(store, tmp_path):
+def test_approve_promotes_and_rollback_returns(module_store, tmp_path):
     cfg = config(tmp_path, "reg-life")
     v1 = register(cfg, tmp_path, "1").version
     registry.approve("reg-life", v1, by="alice", reason="first drafter, tau 2.3")
@@ -156,7 +141,7 @@ def test_approve_promotes_and_rollback_returns(store, tmp_path):
     assert [r["rolled_back"] == "" for r in registry.list_versions("reg-life")] == [False, True]
 
 
-def test_reject_removes_candidate_and_never_promotes(store, tmp_path):
+def test_reject_removes_candidate_and_never_promotes(module_store, tmp_path):
     cfg = config(tmp_path, "reg-reject")
     v1 = register(cfg, tmp_path, "1").version
     registry.reject("reg-reject", v1, by="alice", reason="regresses on code")
@@ -172,7 +157,7 @@ def test_reject_removes_candidate_and_never_promotes(store, tmp_path):
     assert [h["decision"] for h in history] == ["rejected", "approved"]
 
 
-def test_nothing_moves_production_without_an_approval_record(store, tmp_path):
+def test_nothing_moves_production_without_an_approval_record(module_store, tmp_path):
     """Every route to `production` is tried: none works without a recorded approval."""
     cfg = config(tmp_path, "reg-guard")
     v1 = register(cfg, tmp_path, "1").version
@@ -208,7 +193,7 @@ def test_nothing_moves_production_without_an_approval_record(store, tmp_path):
     assert not offenders, f"aliases moved outside registry._set_production: {offenders}"
 
 
-def test_same_weights_reuse_the_version(store, tmp_path):
+def test_same_weights_reuse_the_version(module_store, tmp_path):
     cfg = config(tmp_path, "reg-reuse")
     folder = make_drafter(tmp_path / "d")
     first = registry.register_candidate(cfg, folder, gate_verdict=passing_verdict())
@@ -219,7 +204,7 @@ def test_same_weights_reuse_the_version(store, tmp_path):
     assert other.version == "2" and registry.aliases("reg-reuse") == {"candidate": "2"}
 
 
-def test_unknown_model_and_version_are_clear_errors(store, tmp_path):
+def test_unknown_model_and_version_are_clear_errors(module_store, tmp_path):
     with pytest.raises(registry.RegistryError, match="no registered model 'nope'"):
         registry.list_versions("nope")
     register(config(tmp_path, "reg-err"), tmp_path, "1")

@@ -19,21 +19,8 @@ from drafter.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    import mlflow
-
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    mlflow.set_tracking_uri(None)
-    mp.undo()
-
-
 @pytest.fixture
-def registered(store, tmp_path, request):
+def registered(module_store, tmp_path, request):
     """Two registered candidates of a model named after the test."""
     name = "cli-" + request.node.name.removeprefix("test_")[:40].replace("_", "-")
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"registry.model_name={name}", f"run.data_dir={tmp_path}/data"])
@@ -79,10 +66,10 @@ def test_reject_and_missing_options(registered):
     assert "production" not in registry.aliases(name)
 
 
-def test_errors_are_clear_messages_not_tracebacks(store, registered):
+def test_errors_are_clear_messages_not_tracebacks(module_store, registered):
     name = registered
     """The real entry point: a refused action prints `error: ...` and exits 2."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": module_store, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "drafter", "rollback", name], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr

@@ -1,22 +1,28 @@
 """The target cache: what training needs from the frozen target, computed once and shared.
 
 Per conversation the cache stores the input ids, the assistant-token loss mask (from
-the chat template, `drafter.chat`), the raw outputs of the feature layers and the final
-hidden state (after the last norm), as `Target.capture` returns them.
+the chat template, `drafter.chat`), the raw outputs of the feature layers (as
+`Target.capture` returns them) and the target's next-token distribution p_t that the
+losses train against: by default its top-k probabilities (`cache.target_top_k`, 64), so
+training never runs the target's LM head; optionally the final hidden state (after the
+last norm) for the dense p_t through the frozen LM head (`cache.final_hidden`).
 
 Layout of one cache (a folder under the state dir's `cache/`, named by its key):
 ```
 <key>/index.json                  meta (fingerprints, layer ids, dtype, counts, sizes) + shard list
 <key>/shards/shard-000000.safetensors   the samples of one chunk of conversations, concatenated:
        input_ids [N] int32, loss_mask [N] bool, offsets [S+1] int64,
-       features [N, n, H], final_hidden [N, H]     (bf16 | fp16 | fp32; or the compact
-       int8 mode: features int8 + features_scale [N, n] float32, one absmax scale per token
-       and layer, and final_hidden kept in bf16, because p_t, what the losses train
-       against, comes from it through the LM head and 8 bits visibly distort it)
+       features [N, n, H]      (bf16 | fp16 | fp32; or the compact int8 mode: features int8
+       + features_scale [N, n] float32, one absmax scale per token and layer)
+       target_ids [N, k] int32 + target_probs [N, k] float16   (cache.target_top_k = k > 0;
+       the tail mass is 1 - sum(target_probs))
+       final_hidden [N, H]     (cache.final_hidden; bf16 in int8 mode, because 8 bits
+       visibly distort p_t through the LM head)
 <key>/shards/shard-000000.json    sidecar: sha256, bytes, ids, lengths, skipped samples
 ```
 - Content-addressed: the key hashes the target fingerprint (weights, tokenizer,
-  template), the template switches, layer ids, the dataset hash, dtype and max_seq_len;
+  template), the dtype the target computed in, the template switches, layer ids, the
+  dataset hash, the storage dtype, what is stored (top-k, final hidden) and max_seq_len;
   the same request reuses the cache, so EAGLE-3, DFlash and DSpark share one.
 - Resumable and atomic: conversation chunk c always lands in shard c; each shard is
   written under a temporary name and renamed, then its sidecar; a killed build redoes
@@ -59,6 +65,7 @@ from drafter.manifest import (
     write_manifest,
 )
 from drafter.models.base import TrainBatch
+from drafter.runtime import dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +73,7 @@ FORMAT = 1
 SPLITS = ("train", "holdout")
 _FLOAT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _NO_ANSWER = "no assistant token within max_seq_len"
+TOP_K_CHUNK = 512  # tokens per LM-head product when storing the target's top-k
 
 
 class CacheError(DrafterError, RuntimeError):
@@ -128,16 +136,19 @@ def encode_record(
 
 
 # ----- the key and the folders ----------------------------------------------------------
-def cache_key(target, dataset_hash: str, dtype: str, max_seq_len: int, enable_thinking: bool = False) -> str:
+def cache_key(target, dataset_hash: str, dtype: str, max_seq_len: int, enable_thinking: bool = False,
+              target_top_k: int = 0, final_hidden: bool = True) -> str:
     return sha256_json({
         "format": FORMAT,
         "target": target.fingerprint,
         "template": target.template_hash,
         "template_kwargs": chat.template_kwargs(target.tokenizer, enable_thinking),
         "layer_ids": list(target.layer_ids),
+        "target_dtype": dtype_name(target.dtype),  # the dtype the target computed the states in
         "dataset": dataset_hash,
         "dtype": dtype,
         "max_seq_len": max_seq_len,
+        "stored": {"target_top_k": target_top_k, "final_hidden": final_hidden},
     })[:20]
 
 
@@ -155,11 +166,26 @@ def _shard_name(chunk: int) -> str:
 class ShardWriter:
     """Turns one chunk of conversations into one shard (+ sidecar), atomically."""
 
-    def __init__(self, target, dtype: str, batch_size: int, rank: int = 0) -> None:
+    def __init__(self, target, dtype: str, batch_size: int, rank: int = 0, target_top_k: int = 0,
+                 final_hidden: bool = True) -> None:
         self.target = target
         self.dtype = dtype
         self.batch_size = batch_size
         self.rank = rank
+        self.top_k = target_top_k
+        self.keep_final = final_hidden
+
+    @torch.no_grad()
+    def _top_k(self, final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target's top-k next-token probabilities (temperature 1) from final hidden states
+        [n, H], through its LM head in chunks (an n x V logit matrix at once would be GBs)."""
+        ids, probs = [], []
+        for part in final.split(TOP_K_CHUNK):
+            p = torch.softmax(self.target.logits_from_hidden(part.to(self.target.device, self.target.dtype)).float(), -1)
+            top = torch.topk(p, self.top_k, dim=-1)
+            ids.append(top.indices.to(torch.int32).cpu())
+            probs.append(top.values.to(torch.float16).cpu())
+        return torch.cat(ids), torch.cat(probs)
 
     def _capture(self, samples: list[Encoded]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Features of each sample, batched by similar length with right padding."""
@@ -210,7 +236,12 @@ class ShardWriter:
         layers = torch.cat([c[0] for c in captured]) if captured else torch.zeros(0, n, hidden)
         final = torch.cat([c[1] for c in captured]) if captured else torch.zeros(0, hidden)
         self._store("features", layers, tensors, name)
-        self._store("final_hidden", final, tensors, name)
+        if self.keep_final:
+            self._store("final_hidden", final, tensors, name)
+        tail = 0.0
+        if self.top_k:
+            tensors["target_ids"], tensors["target_probs"] = self._top_k(final)
+            tail = float((1.0 - tensors["target_probs"].float().sum(-1)).clamp_min(0).sum())
         path = folder / f"{name}.safetensors"
         _atomic_save(tensors, path, {"format": str(FORMAT), "chunk": str(chunk)})
         sidecar = {
@@ -223,6 +254,7 @@ class ShardWriter:
             "tokens": sum(lengths),
             "loss_tokens": sum(sum(s.loss_mask) for s in samples),
             "truncated": sum(s.truncated for s in samples),
+            "top_k_tail_mass": tail,  # summed over tokens: p_t's mass outside the stored top-k
             "ids": [s.id for s in samples],
             "lengths": lengths,
             "skipped": skipped,
@@ -316,7 +348,8 @@ def build_cache(cfg: Config, in_dir: Path, out_dir: Path, target=None) -> dict[s
     for split in splits:
         path = in_dir / f"{split}.jsonl"
         dataset_hash = sha256_file(path)
-        key = cache_key(target, dataset_hash, ccfg.dtype, ccfg.max_seq_len, thinking)
+        key = cache_key(target, dataset_hash, ccfg.dtype, ccfg.max_seq_len, thinking, ccfg.target_top_k,
+                        ccfg.final_hidden)
         final = root / key
         if dist.main and (final / "index.json").is_file():
             with timer(f"verify_{split}"):
@@ -355,14 +388,15 @@ def build_cache(cfg: Config, in_dir: Path, out_dir: Path, target=None) -> dict[s
         "build_cache",
         inputs={"dir": str(in_dir), "splits": {s: metas[s]["dataset_hash"] for s in splits},
                 "regenerate_manifest": sha256_file(regen_manifest) if regen_manifest.is_file() else None},
-        params={"dtype": ccfg.dtype, "max_seq_len": ccfg.max_seq_len, "batch_size": ccfg.batch_size,
+        params={"dtype": ccfg.dtype, "target_dtype": dtype_name(target.dtype), "target_top_k": ccfg.target_top_k,
+                "final_hidden": ccfg.final_hidden, "max_seq_len": ccfg.max_seq_len, "batch_size": ccfg.batch_size,
                 "shard_samples": ccfg.shard_samples, "root": str(root), "world_size": dist.world},
         counts=counts,
         durations=timer.durations,
         outputs={f"{s}.json": pointers[s] for s in splits},
         extra={"target": target.info(),
-               "size": {s: {k: metas[s][k] for k in ("bytes", "bytes_per_token", "plain_bytes_per_token",
-                                                     "size_vs_plain", "tokens_per_s")} for s in splits}},
+               "size": {s: {k: metas[s].get(k) for k in ("bytes", "bytes_per_token", "plain_bytes_per_token",
+                                                     "size_vs_plain", "tokens_per_s", "top_k_tail_mass_mean")} for s in splits}},
     )
     dist.barrier()
     return read_manifest(out_dir)
@@ -398,7 +432,7 @@ def _build(cfg, target, records, final: Path, key, split, dataset_hash, end_stri
             for stray in shards.glob(f".{_shard_name(c)}.*.tmp"):
                 stray.unlink(missing_ok=True)
         todo = [c for c in mine if _done_sidecar(shards, c) is None]
-        writer = ShardWriter(target, ccfg.dtype, ccfg.batch_size, dist.rank)
+        writer = ShardWriter(target, ccfg.dtype, ccfg.batch_size, dist.rank, ccfg.target_top_k, ccfg.final_hidden)
 
         def encode(record: dict):
             return encode_record(target.tokenizer, record, end_strings, ccfg.max_seq_len,
@@ -463,6 +497,9 @@ def _publish(target, partial: Path, final: Path, key, split, dataset_hash, n_chu
         "layer_ids": list(target.layer_ids),
         "hidden_size": hidden,
         "dtype": ccfg.dtype,
+        "target_dtype": dtype_name(target.dtype),
+        "target_top_k": ccfg.target_top_k,
+        "final_hidden": ccfg.final_hidden,
         "max_seq_len": ccfg.max_seq_len,
         "dataset_hash": dataset_hash,
         "num_samples": samples,
@@ -474,6 +511,7 @@ def _publish(target, partial: Path, final: Path, key, split, dataset_hash, n_chu
         "plain_bytes_per_token": plain,
         "size_vs_plain": round(total_bytes / tokens / plain, 4) if tokens else None,
         "tokens_per_s": round(tokens / seconds, 2) if seconds else None,
+        "top_k_tail_mass_mean": round(sum(s.get("top_k_tail_mass", 0.0) for s in shards) / tokens, 6) if tokens else None,
     }
     atomic_write_json(partial / "index.json", {"format": FORMAT, "meta": meta, "shards": shards})
     if final.exists():
@@ -569,13 +607,13 @@ class CacheReader:
             features = dequantize_int8(part("features"), part("features_scale"))
         else:
             features = part("features").float()
-        final = part("final_hidden").float()
-        return {
-            "input_ids": part("input_ids").long(),
-            "loss_mask": part("loss_mask").bool(),
-            "features": features,
-            "final_hidden": final,
-        }
+        sample = {"input_ids": part("input_ids").long(), "loss_mask": part("loss_mask").bool(), "features": features}
+        if self.meta.get("final_hidden", True):  # caches before target_top_k always held it
+            sample["final_hidden"] = part("final_hidden").float()
+        if self.meta.get("target_top_k"):
+            sample["target_ids"] = part("target_ids").long()
+            sample["target_probs"] = part("target_probs").float()
+        return sample
 
     def verify_all(self) -> None:
         """Check every shard's SHA-256 now (instead of on first touch)."""
@@ -612,16 +650,19 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> TrainBatch:
     loss_mask = torch.zeros((batch, width), dtype=torch.bool)
     attention = torch.zeros((batch, width), dtype=torch.bool)
     features = torch.zeros((batch, width, n, hidden), dtype=samples[0]["features"].dtype)
-    final = torch.zeros((batch, width, hidden), dtype=samples[0]["final_hidden"].dtype)
+    # Optional per-token tensors (padding rows stay zero; the masks keep them out of every loss).
+    optional = {name: torch.zeros((batch, width, *x.shape[1:]), dtype=x.dtype)
+                for name, x in samples[0].items() if name in ("final_hidden", "target_ids", "target_probs")}
     for i, s in enumerate(samples):
         t = s["input_ids"].shape[0]
         input_ids[i, :t] = s["input_ids"]
         loss_mask[i, :t] = s["loss_mask"]
         attention[i, :t] = True
         features[i, :t] = s["features"]
-        final[i, :t] = s["final_hidden"]
-    return TrainBatch(input_ids=input_ids, loss_mask=loss_mask, attention_mask=attention,
-                      features=features, final_hidden=final)
+        for name, out in optional.items():
+            out[i, :t] = s[name]
+    return TrainBatch(input_ids=input_ids, loss_mask=loss_mask, attention_mask=attention, features=features,
+                      **optional)
 
 
 class OnlineReader:

@@ -36,6 +36,14 @@ class RunConfig(Section):
     data_dir: Path = Path("data")  # stage outputs (DVC-tracked)
 
 
+class RuntimeConfig(Section):
+    """Numerics shared by every stage (drafter/runtime.py)."""
+
+    # auto: bfloat16 on GPUs and on CPUs with AMX/AVX-512 BF16, float32 elsewhere. The target's
+    # forward in regenerate, build-cache, calibrate, evaluate and the engine, and training's autocast.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
 class TinyTargetConfig(Section):
     """A random-initialised target built in-process, for tests and quick checks."""
 
@@ -67,7 +75,7 @@ class TargetConfig(Section):
     tiny: TinyTargetConfig | None = None
     layer_ids: list[int] | None = None  # None: DeepSpec rule, spread from 1 to N-3
     num_feature_layers: int = Field(5, ge=1, le=16)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None  # None: runtime.dtype
     device: str = "auto"  # auto = cuda when available, else cpu
 
     @model_validator(mode="after")
@@ -137,10 +145,20 @@ class CacheConfig(Section):
     # Hidden-state storage: bf16/fp16/fp32, or int8 feature layers (one float32 scale per token
     # and layer) with a bf16 final hidden state: about 0.6x the size of bf16.
     dtype: Literal["bfloat16", "float16", "float32", "int8"] = "bfloat16"
+    # p_t for the losses: the target's top-k probabilities per token (k ids int32 + k float16, ~0.4 KB
+    # a token at k=64), so training never runs the target LM head; 0 = not stored.
+    target_top_k: int = Field(64, ge=0)
+    final_hidden: bool = False  # also store the final hidden state (dense p_t through the LM head)
     max_seq_len: int = Field(2048, ge=16)  # longer conversations are truncated (tokens beyond are dropped)
     batch_size: int = Field(4, ge=1)  # conversations per target forward pass
     shard_samples: int = Field(64, ge=1)  # conversations per shard (the unit of resume)
     root: Path | None = None  # None: the state dir's content-addressed cache folder
+
+    @model_validator(mode="after")
+    def _has_target(self) -> CacheConfig:
+        if not self.target_top_k and not self.final_hidden:
+            raise ValueError("the cache needs the target's distribution: set target_top_k > 0 or final_hidden: true")
+        return self
 
 
 class DrafterConfig(Section):
@@ -152,7 +170,9 @@ class DrafterConfig(Section):
     confidence_head: bool = True
     ttt_steps: int = Field(7, ge=1)  # EAGLE-3 training-time test unroll
     ttt_decay: float = Field(0.8, gt=0, le=1)  # EAGLE-3 loss weight of unrolled step i: ttt_decay**i
-    draft_vocab_size: int | None = Field(None, ge=2)  # EAGLE-3 reduced vocabulary; None = full
+    # Reduced draft vocabulary (all algorithms): the most frequent target tokens of the training
+    # data; None = the full target vocabulary. 16384 of SmolLM2's 49,152 covers ~99% of its answers.
+    draft_vocab_size: int | None = Field(None, ge=2)
     # DSpark loss: ce_weight*CE + tv_weight*TV + bce_weight*BCE, position weight exp(-k/loss_decay)
     ce_weight: float = Field(0.1, ge=0)
     tv_weight: float = Field(0.9, ge=0)
@@ -173,7 +193,8 @@ class TrainConfig(Section):
     max_anchors: int = Field(512, ge=1)  # anchors (blocks) per sequence
     eval_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(100, ge=1)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # auto: bf16 autocast when runtime.dtype resolves to bfloat16 (fp32 master weights and optimizer state)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     log_every: int = Field(10, ge=1)  # steps between MLflow metric batches
     keep_checkpoints: int = Field(2, ge=1)  # most recent resumable checkpoints kept
     holdout_limit: int | None = Field(None, ge=1)  # held-out sequences per evaluation (None = all)
@@ -282,6 +303,7 @@ class MonitorConfig(Section):
 
 class Config(Section):
     run: RunConfig = RunConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
     target: TargetConfig = TargetConfig()
     ingest: IngestConfig = IngestConfig()
     regenerate: RegenerateConfig = RegenerateConfig()
@@ -318,6 +340,11 @@ class Config(Section):
     @property
     def data_dir(self) -> Path:
         return self.run.data_dir
+
+    @property
+    def target_dtype(self) -> str:
+        """The dtype name the target runs in (target.dtype, else runtime.dtype; may be `auto`)."""
+        return self.target.dtype or self.runtime.dtype
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:

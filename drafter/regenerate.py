@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from drafter import chat
 from drafter.config import Config, RegenerateConfig
 from drafter.errors import DrafterError
+from drafter.runtime import dtype_name
 from drafter.manifest import (
     Timer,
     atomic_write_text,
@@ -166,7 +167,8 @@ class LocalBackend(Backend):
         chat.render(self.tokenizer, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
 
     def params(self) -> dict[str, Any]:
-        return {**_sampling(self.cfg), "batch_size": self.cfg.batch_size, "target_fingerprint": self.target.fingerprint}
+        return {**_sampling(self.cfg), "batch_size": self.cfg.batch_size, "target_fingerprint": self.target.fingerprint,
+                "dtype": dtype_name(self.target.dtype)}
 
     def _prepare(self, conv: Conversation) -> None:
         if conv.prompt_ids is not None:
@@ -574,8 +576,11 @@ def regenerate(cfg: Config, in_dir: Path, out_dir: Path, target=None) -> dict[st
         backend = make_backend(cfg, target)
     inputs = {s: _input_hash(in_dir / s) for s in splits}
     # What makes two runs' outputs interchangeable (limit is not in it: raising it resumes).
-    fingerprint = backend.target.fingerprint if isinstance(backend, LocalBackend) else None
+    # The local target's dtype is part of it: bf16 and fp32 answers differ (a sampled token can flip).
+    local = isinstance(backend, LocalBackend)
+    fingerprint = backend.target.fingerprint if local else None
     run_key = sha256_json({"backend": backend.name, "model": backend.model, "target": fingerprint,
+                           "dtype": dtype_name(backend.target.dtype) if local else None,
                            "sampling": _sampling(rcfg), "inputs": inputs, "seed": cfg.run.seed})[:16]
 
     previous = read_manifest(out_dir) if (out_dir / "manifest.json").is_file() else None

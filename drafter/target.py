@@ -28,12 +28,10 @@ from torch import nn
 
 from drafter.config import Config, ConfigError, TargetConfig, check_layer_ids
 from drafter.manifest import atomic_dir, atomic_write_json, sha256_bytes, sha256_file, sha256_json
+from drafter.runtime import resolve_dtype
 from drafter.state import state_paths
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def default_layer_ids(num_layers: int, count: int = 5) -> list[int]:
     """DeepSpec's rule: `count` layers spread evenly from layer 1 to layer N-3.
@@ -345,8 +343,8 @@ def load_target(config: Config | TargetConfig) -> Target:
     full = config if isinstance(config, Config) else None
     cfg = config.target if isinstance(config, Config) else config
     name = _name_for(cfg)
-    dtype = _DTYPES[cfg.dtype]
     device = _resolve_device(cfg.device)
+    dtype = resolve_dtype(full.target_dtype if full else cfg.dtype, device)
 
     if cfg.source == "tiny":
         from drafter.tiny import build_tiny_model, tiny_tokenizer

@@ -48,6 +48,7 @@ from drafter.manifest import (
 )
 from drafter.models import TargetHeads, TrainBatch, build
 from drafter.models.metrics import simulated_tau
+from drafter.runtime import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -328,8 +329,13 @@ def _accelerator(cfg: Config):
 
     cuda = torch.cuda.is_available() and cfg.target.device != "cpu"
     mp = cfg.train.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if cuda else "no"
+    if mp == "auto":  # bf16 autocast wherever the runtime computes in bf16 (AMX/AVX-512 BF16 CPUs too)
+        bf16 = resolve_dtype(cfg.runtime.dtype, "cuda" if cuda else "cpu") == torch.bfloat16
+        mp = "bf16" if bf16 else "no"
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mp:
+        AcceleratorState._reset_state()  # a second training in one process (tests, notebooks) with other numerics
     return Accelerator(mixed_precision=mp, cpu=not cuda)
 
 
@@ -423,10 +429,13 @@ def train(
     set_seed(cfg.run.seed)
     heads = TargetHeads.from_target(target)
     token_counts = None
-    if cfg.drafter.algorithm == "eagle3" and cfg.drafter.draft_vocab_size:
+    if cfg.drafter.draft_vocab_size and cfg.drafter.draft_vocab_size < heads.vocab_size:
         with timer("token_counts"):
             token_counts = _token_counts(train_ds, heads.vocab_size)
     model = build(cfg, heads, layer_ids, token_counts)
+    vocab = {"draft_vocab_size": model.draft_vocab_size, "target_vocab_size": heads.vocab_size}
+    if token_counts is not None:  # share of the training answers' tokens the draft vocabulary holds
+        vocab["coverage"] = round(float(token_counts[model.t2d.cpu()].sum() / token_counts.sum().clamp_min(1)), 6)
     model.verifier["name_or_path"] = verifier_name(target) or model.verifier["name_or_path"]
     model.meta = {"target_fingerprint": target.fingerprint, "target_name": getattr(target, "name", None)}
     model.to(accelerator.device)
@@ -551,7 +560,8 @@ def train(
                             "without_targets": counts["sequences_without_targets"]}, "training sequences")
     params = {"run_key": run_key, "algorithm": cfg.drafter.algorithm, "drafter": cfg.drafter.model_dump(mode="json"),
               "train": tc.model_dump(mode="json"), "seed": cfg.run.seed, "layer_ids": layer_ids,
-              "trainable_parameters": sum(p.numel() for p in run.trainable), "selected_by": select}
+              "trainable_parameters": sum(p.numel() for p in run.trainable), "selected_by": select,
+              "vocabulary": vocab, "mixed_precision": accelerator.mixed_precision}
     outputs = {"best": str(out_dir / "best"), "last": str(out_dir / "last"), "best_step": loop["best_step"],
                "best_tau": loop["best_tau"], "final_holdout": loop["evals"][-1], "resumed_from": resumed_from,
                "mlflow_run_id": loop.get("mlflow_run_id")}

@@ -29,14 +29,14 @@ def tiny_target_any(request):
     """One tiny target of each shape, through the same API as a real one."""
     from drafter.target import load_target
 
-    return load_target(TargetConfig(source="tiny", tiny=TinyTargetConfig(shape=request.param)))
+    return load_target(TargetConfig(source="tiny", dtype="float32", tiny=TinyTargetConfig(shape=request.param)))
 
 
 @pytest.fixture(scope="session")
 def tiny_target():
     from drafter.target import load_target
 
-    return load_target(TargetConfig(source="tiny", tiny=TinyTargetConfig(shape="llama")))
+    return load_target(TargetConfig(source="tiny", dtype="float32", tiny=TinyTargetConfig(shape="llama")))
 
 
 @pytest.fixture(scope="session")

@@ -269,7 +269,7 @@ def lively_target(shape: str = "llama", seed: int = 0):
     from drafter.config import TargetConfig, TinyTargetConfig
     from drafter.target import load_target
 
-    target = load_target(TargetConfig(source="tiny", tiny=TinyTargetConfig(shape=shape, seed=seed)))
+    target = load_target(TargetConfig(source="tiny", dtype="float32", tiny=TinyTargetConfig(shape=shape, seed=seed)))
     norm_scale, weight_scale = (3.0, 1.0) if shape == "gemma3" else (1.0, 10.0)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

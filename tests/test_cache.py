@@ -72,7 +72,15 @@ def test_samples_are_what_the_target_computes(built, tiny_target):
         assert sample["features"].dtype == torch.float32 and sample["final_hidden"].dtype == torch.float32
         torch.testing.assert_close(sample["features"], ref.layers[0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(sample["final_hidden"], ref.final[0], atol=1e-5, rtol=1e-4)
+        # the target's top-k next-token distribution, stored so training never runs its LM head
+        k = cfg.cache.target_top_k
+        top = torch.softmax(tiny_target.logits_from_hidden(ref.final[0]).float(), -1).topk(k)
+        assert sample["target_ids"].shape == (len(enc.input_ids), k)
+        assert torch.equal(sample["target_ids"], top.indices)
+        torch.testing.assert_close(sample["target_probs"], top.values, atol=1e-3, rtol=1e-3)  # float16 storage
     meta = reader.meta
+    assert (meta["target_top_k"], meta["final_hidden"], meta["target_dtype"]) == (k, True, "float32")
+    assert 0.0 < meta["top_k_tail_mass_mean"] < 1.0
     assert meta["target_fingerprint"] == tiny_target.fingerprint
     assert meta["template_hash"] == tiny_target.template_hash
     assert meta["layer_ids"] == tiny_target.layer_ids and meta["hidden_size"] == 64
@@ -93,8 +101,8 @@ def test_manifest_and_pointers(built, tiny_target):
     size = manifest["size"]["train"]
     plain = bytes_per_token_plain(64, len(tiny_target.layer_ids))
     assert size["plain_bytes_per_token"] == plain
-    # fp32: 4 + 1 bytes of id and mask, 4 bytes per hidden value, plus small headers.
-    expected = 5 + 4 * 64 * (len(tiny_target.layer_ids) + 1)
+    # fp32: 4 + 1 bytes of id and mask, 4 bytes per hidden value, 6 per top-k entry, plus small headers.
+    expected = 5 + 4 * 64 * (len(tiny_target.layer_ids) + 1) + 6 * built[0].cache.target_top_k
     assert expected <= size["bytes_per_token"] < expected * 1.1
     assert size["tokens_per_s"] > 0
     assert (out / "config.yaml").is_file() and read_manifest(out)["stage"] == "build_cache"
@@ -114,10 +122,12 @@ def test_storage_precisions(built, tiny_config, tiny_target, regenerated, tmp_pa
             assert err < (0.01 if dtype == "int8" else 0.005), (key, float(err))
     plain = reader.meta["plain_bytes_per_token"]
     ratio = reader.meta["bytes_per_token"] / plain
-    if dtype == "int8":  # features: 1 byte a value + a 4-byte scale per token and layer; final: bf16
+    if dtype == "int8":  # features: 1 byte a value + a 4-byte scale per token and layer; final: bf16; top-k
         n = len(reader.meta["layer_ids"])
-        expected = 5 + n * (64 + 4) + 2 * 64
-        assert expected <= reader.meta["bytes_per_token"] < expected * 1.1 and ratio < 0.7
+        expected = 5 + n * (64 + 4) + 2 * 64 + 6 * reader.meta["target_top_k"]
+        top_k_bytes = 6 * reader.meta["target_top_k"]  # stored on top of the plain layout
+        assert expected <= reader.meta["bytes_per_token"] < expected * 1.1
+        assert (reader.meta["bytes_per_token"] - top_k_bytes) / plain < 0.7
         assert torch.equal(reader[0]["final_hidden"], reader[0]["final_hidden"].bfloat16().float())
     else:
         assert 0.99 < ratio < 1.1
@@ -127,6 +137,21 @@ def _build(tiny_config, target, regenerated, where, dtype):
     cfg = config(tiny_config, where, dtype=dtype)
     build_cache(cfg, regenerated, where / "cache", target=target)
     return where / "cache", "train"
+
+
+def test_top_k_only_cache_drops_the_final_hidden_state(tiny_config, tiny_target, regenerated, tmp_path):
+    """The default layout: features + top-k p_t, no final hidden state; smaller, and collated."""
+    cfg = config(tiny_config, tmp_path, dtype="bfloat16", target_top_k=4, final_hidden=False)
+    build_cache(cfg, regenerated, tmp_path / "cache", target=tiny_target)
+    reader = open_split(tmp_path / "cache", "train")
+    sample = reader[0]
+    assert "final_hidden" not in sample and sample["target_ids"].shape[1] == 4
+    batch = collate([reader[0], reader[1]])
+    assert batch.final_hidden is None and batch.target_probs.shape[:2] == batch.input_ids.shape
+    # 4 ids (int32) + 4 probabilities (float16) a token instead of H bf16 values
+    h = tiny_target.hidden_size
+    n = len(tiny_target.layer_ids)
+    assert reader.meta["bytes_per_token"] < 6 + 2 * h * n + 4 * 6 + 64  # safetensors headers aside
 
 
 def test_same_key_reuses_the_cache(built, tiny_target, tmp_path, monkeypatch):
@@ -154,7 +179,7 @@ def test_key_covers_what_changes_the_features(tiny_target, tiny_target_any):
     assert base not in others and len(others) >= 3
     from drafter.target import load_target
 
-    other_layers = load_target(TargetConfig(source="tiny", tiny=TinyTargetConfig(), layer_ids=[1, 4]))
+    other_layers = load_target(TargetConfig(source="tiny", dtype="float32", tiny=TinyTargetConfig(), layer_ids=[1, 4]))
     assert cache_mod.cache_key(other_layers, "d1", "bfloat16", 256) != base
 
 

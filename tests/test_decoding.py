@@ -208,8 +208,9 @@ def small_world():
     return make_small_world()
 
 
-def make_small_world(confidences=False):
+def make_small_world(confidences=False, dtype=torch.float32):
     target = tiny_vocab_target(VOCAB, seed=0)
+    target.model.to(dtype)  # the exact joint below is the target's as it runs
     drafter = BigramDrafter.random(VOCAB, seed=1, confidences=confidences)
     cont = torch.tensor(list(itertools.product(range(VOCAB), repeat=3)))
     ids = torch.cat([torch.tensor(PROMPT).expand(len(cont), -1), cont], dim=1)

@@ -243,7 +243,7 @@ def test_propose_matches_training_forward(target, heads, batch, algo):
     with torch.no_grad():
         if algo == "eagle3":
             outs = model.ttt_hidden(seq)  # index L-1 <-> position L (the anchor)
-            probs = torch.stack([torch.softmax(model.logits(outs[i][0, L - 1]), -1) for i in range(g)])
+            probs = torch.stack([torch.softmax(model.vocab_logits(outs[i][0, L - 1]), -1) for i in range(g)])
         else:
             layout = BlockLayout(torch.tensor([[L]]), torch.tensor([[True]]), seq.attention_mask, model.config.block_size)
             hidden = model.training_hidden(seq, layout)[0, 0, :g]

@@ -32,7 +32,7 @@ def test_tiny_targets_capture_equals_output_hidden_states(tiny_target_any):
 @pytest.mark.parametrize("shape", ["llama", "gemma3"])
 def test_embedding_layer_feature(shape):
     """Layer id -1 is the embedding output (Gemma's includes its sqrt(H) scale)."""
-    target = load_target(TargetConfig(source="tiny", tiny=TinyTargetConfig(shape=shape), layer_ids=[-1, 2]))
+    target = load_target(TargetConfig(source="tiny", dtype="float32", tiny=TinyTargetConfig(shape=shape), layer_ids=[-1, 2]))
     ids = torch.tensor([[5, 6, 7, 8]])
     feats = target.capture(ids)
     ref = target.model(ids, output_hidden_states=True)
@@ -50,10 +50,10 @@ def test_incremental_capture_matches_full(tiny_target):
 
 
 def test_fingerprint_stable_and_distinct():
-    a = load_target(TargetConfig(source="tiny", tiny=TinyTargetConfig(seed=0)))
-    b = load_target(TargetConfig(source="tiny", tiny=TinyTargetConfig(seed=0)))
-    c = load_target(TargetConfig(source="tiny", tiny=TinyTargetConfig(seed=1)))
-    d = load_target(TargetConfig(source="tiny", tiny=TinyTargetConfig(seed=0, shape="qwen3")))
+    a = load_target(TargetConfig(source="tiny", dtype="float32", tiny=TinyTargetConfig(seed=0)))
+    b = load_target(TargetConfig(source="tiny", dtype="float32", tiny=TinyTargetConfig(seed=0)))
+    c = load_target(TargetConfig(source="tiny", dtype="float32", tiny=TinyTargetConfig(seed=1)))
+    d = load_target(TargetConfig(source="tiny", dtype="float32", tiny=TinyTargetConfig(seed=0, shape="qwen3")))
     assert a.fingerprint == b.fingerprint
     assert len({a.fingerprint, c.fingerprint, d.fingerprint}) == 3
     assert a.template_hash == c.template_hash  # same tokenizer and template, other weights

@@ -18,12 +18,12 @@ from drafter.models import TrainBatch
 from drafter.target import load_target
 
 
-def sharp_target(seed: int = 0, sharpness: float = 30.0, shape: str = "llama"):
-    target = load_target(TargetConfig(source="tiny", tiny=TinyTargetConfig(shape=shape, seed=seed)))
+def sharp_target(seed: int = 0, sharpness: float = 30.0, shape: str = "llama", dtype: str = "float32"):
+    target = load_target(TargetConfig(source="tiny", dtype=dtype, tiny=TinyTargetConfig(shape=shape, seed=seed)))
     head = target.model.get_output_embeddings()
     gen = torch.Generator().manual_seed(seed + 1)
     weight = torch.randn(head.weight.shape, generator=gen) * 0.02 * sharpness
-    head.weight = torch.nn.Parameter(weight, requires_grad=False)
+    head.weight = torch.nn.Parameter(weight.to(head.weight.dtype), requires_grad=False)
     return target
 
 

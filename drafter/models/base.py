@@ -23,6 +23,22 @@ import torch
 from torch import nn
 
 
+def reserved_mask_token(tokenizer, eos_ids: list[int]) -> int | None:
+    """The MASK id DFlash/DSpark fill their blocks with: the tokenizer's own mask token, else
+    the last special token the chat never uses (not EOS, pad or BOS, absent from the chat
+    template); SmolLM2 gets `<empty_output>` (16). Never an EOS or pad token: a block of
+    end-of-turn tokens would teach the drafter to stop."""
+    if tokenizer is None:
+        return None
+    taken = {*eos_ids, tokenizer.pad_token_id, tokenizer.bos_token_id}
+    if tokenizer.mask_token_id is not None and tokenizer.mask_token_id not in taken:
+        return tokenizer.mask_token_id
+    template = getattr(tokenizer, "chat_template", None) or ""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    unused = [i for i, tok in added.items() if tok.special and i not in taken and str(tok) not in template]
+    return max(unused) if unused else None
+
+
 @dataclass
 class TargetHeads:
     """The frozen pieces of the target a drafter shares (never stored in its checkpoint)."""
@@ -32,19 +48,18 @@ class TargetHeads:
     config: Any  # the target's transformers config (width, heads, MLP, rope, eps)
     final_logit_softcapping: float | None = None
     mask_token_id: int | None = None  # DFlash/DSpark block filler; a reserved or special token
+    eos_token_ids: list[int] = field(default_factory=list)  # never a MASK
 
     @classmethod
     def from_target(cls, target) -> TargetHeads:
-        tok = target.tokenizer
-        mask = getattr(tok, "mask_token_id", None) if tok is not None else None
-        if mask is None and tok is not None:
-            mask = tok.pad_token_id
+        eos = list(target.eos_token_ids)
         return cls(
             embed_tokens=target.embed_tokens,
             lm_head=target.lm_head,
             config=target.config,
             final_logit_softcapping=getattr(target.config, "final_logit_softcapping", None),
-            mask_token_id=mask,
+            mask_token_id=reserved_mask_token(target.tokenizer, eos),
+            eos_token_ids=eos,
         )
 
     @property
@@ -56,7 +71,9 @@ class TargetHeads:
         return self.lm_head.weight.shape[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
+        # The frozen head keeps the target's dtype (bf16 under runtime.dtype=auto); the drafter's
+        # hidden state may be fp32 (outside autocast): compute in the head's dtype.
+        logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
         if self.final_logit_softcapping:
             cap = self.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap
@@ -71,16 +88,27 @@ class TrainBatch:
     loss_mask: torch.Tensor  # [B, T] bool: assistant tokens
     attention_mask: torch.Tensor  # [B, T] bool: False on padding
     features: torch.Tensor  # [B, T, n, H]: target feature layers
-    final_hidden: torch.Tensor  # [B, T, H]: target final hidden state (p_t via the frozen LM head)
+    # p_t, what the losses train against: the target's top-k (ids [B, T, k], probabilities
+    # [B, T, k]) when the cache stores them, else the final hidden state [B, T, H] (p_t
+    # through the frozen LM head). At least one of the two.
+    final_hidden: torch.Tensor | None = None
+    target_ids: torch.Tensor | None = None
+    target_probs: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TrainBatch:
         float_kw = {"device": device, "dtype": dtype} if dtype else {"device": device}
+
+        def move(x: torch.Tensor | None, **kw) -> torch.Tensor | None:
+            return None if x is None else x.to(device, **kw)
+
         return TrainBatch(
             input_ids=self.input_ids.to(device),
             loss_mask=self.loss_mask.to(device),
             attention_mask=self.attention_mask.to(device),
             features=self.features.to(**float_kw),
-            final_hidden=self.final_hidden.to(**float_kw),
+            final_hidden=None if self.final_hidden is None else self.final_hidden.to(**float_kw),
+            target_ids=move(self.target_ids),
+            target_probs=move(self.target_probs, dtype=torch.float32),
         )
 
 

@@ -38,7 +38,8 @@ from torch import nn
 from drafter.models import register, speculators_format as fmt
 from drafter.models.base import DraftModel, Proposal, TargetHeads, TrainBatch, TrainOutput
 from drafter.models.layers import DecoderLayer, RMSNorm, Rotary, block_attention, draft_layer_config, init_weights
-from drafter.models.metrics import Generators, acceptance, choose_positions, per_position, sample, target_probs
+from drafter.models.metrics import Generators, choose_positions, l1_to_target, per_position, sample, target_dist
+from drafter.models.vocab import DraftVocab
 
 
 @dataclass
@@ -55,6 +56,7 @@ class DSparkConfig:
     loss_decay: float = 4.0  # position weight exp(-k / loss_decay), k 0-based
     max_anchors: int = 512  # blocks sampled per training sequence
     mask_token_id: int | None = None  # None: the target's (TargetHeads.mask_token_id)
+    draft_vocab_size: int | None = None  # None or >= target vocabulary: full vocabulary (vocab.py)
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
@@ -126,13 +128,17 @@ class BlockLayout:
 
 # ----- heads ------------------------------------------------------------------------------
 class MarkovHead(nn.Module):
-    """Low-rank first-order bias B_k = W2(W1[x_{k-1}]) over the target vocabulary."""
+    """Low-rank first-order bias B_k = W2(W1[x_{k-1}]) over the drafter's vocabulary.
 
-    def __init__(self, vocab_size: int, rank: int, hidden_size: int, head_type: str) -> None:
+    With a reduced draft vocabulary of N tokens, W1 has N + 1 rows (the last one for a
+    previous token outside it, e.g. an anchor) and W2 scores the N draft tokens.
+    """
+
+    def __init__(self, in_vocab: int, out_vocab: int, rank: int, hidden_size: int, head_type: str) -> None:
         super().__init__()
         self.head_type = head_type
-        self.markov_w1 = nn.Embedding(vocab_size, rank)
-        self.markov_w2 = nn.Linear(rank, vocab_size, bias=False)
+        self.markov_w1 = nn.Embedding(in_vocab, rank)
+        self.markov_w2 = nn.Linear(rank, out_vocab, bias=False)
         if head_type == "gated":  # a sigmoid gate over [h_k ; W1 x] scales W1 x
             self.gate_proj = nn.Linear(hidden_size + rank, rank)
 
@@ -166,7 +172,7 @@ class BlockState:
 
 
 @register
-class DSpark(DraftModel):
+class DSpark(DraftVocab, DraftModel):
     algorithm = "dspark"
     architecture = "DSparkSpeculator"
 
@@ -176,15 +182,20 @@ class DSpark(DraftModel):
             config.mask_token_id = heads.mask_token_id
         if config.mask_token_id is None:
             raise ValueError("DFlash/DSpark need a MASK token id (TargetHeads.mask_token_id is None)")
+        if config.mask_token_id in heads.eos_token_ids:
+            raise ValueError(f"MASK token id {config.mask_token_id} is an end-of-sequence token of the target")
         self.layer_config = draft_layer_config(heads.config, config.num_layers)
-        H, V = heads.hidden_size, heads.vocab_size
+        H = heads.hidden_size
+        self.init_draft_vocab(config.draft_vocab_size, heads.vocab_size)
+        Vd = self.draft_vocab_size
         self.fc = nn.Linear(len(config.layer_ids) * H, H, bias=False)
         self.hidden_norm = RMSNorm(H, self.layer_config.rms_norm_eps)
         self.layers = nn.ModuleList(DecoderLayer(self.layer_config) for _ in range(config.num_layers))
         self.norm = RMSNorm(H, self.layer_config.rms_norm_eps)
         self.rotary = Rotary(self.layer_config)
         self.markov_head = (
-            MarkovHead(V, config.markov_rank, H, config.markov_head_type) if config.markov_rank > 0 else None
+            MarkovHead(Vd + (self.d2t is not None), Vd, config.markov_rank, H, config.markov_head_type)
+            if config.markov_rank > 0 else None
         )
         self.confidence_head = ConfidenceHead(H + config.markov_rank) if config.confidence_head else None
         init_weights(self, config.initializer_range)
@@ -202,7 +213,7 @@ class DSpark(DraftModel):
             markov_rank=d.markov_rank, markov_head_type=d.markov_head_type,
             confidence_head=d.confidence_head, ce_weight=d.ce_weight, tv_weight=d.tv_weight,
             bce_weight=d.bce_weight, loss_decay=d.loss_decay, max_anchors=cfg.train.max_anchors,
-            mask_token_id=d.mask_token_id,
+            mask_token_id=d.mask_token_id, draft_vocab_size=d.draft_vocab_size,
         )
 
     @property
@@ -237,13 +248,17 @@ class DSpark(DraftModel):
             x = layer.feed_forward(x + attn.out(out))
         return self.norm(x)
 
-    def draft_logits(self, hidden: torch.Tensor, prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """U (target LM head, soft-capped) + Markov bias. -> (logits [..., V], W1[prev] or None)."""
-        logits = self.heads.logits(hidden)
+    def draft_logits(
+        self, hidden: torch.Tensor, prev: torch.Tensor, backbone: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """U (target LM head over the draft vocabulary, soft-capped) + Markov bias of the
+        previous target token. -> (logits [..., Vd], W1[prev] or None). `backbone`: U when
+        already computed (propose runs the LM head once per block)."""
+        logits = self.vocab_logits(hidden).float() if backbone is None else backbone
         if self.markov_head is None:
             return logits, None
-        bias, emb = self.markov_head(prev, hidden)
-        return logits + bias, emb
+        bias, emb = self.markov_head(self.draft_index(prev), hidden)
+        return logits + bias.float(), emb
 
     def confidence_logit(self, hidden: torch.Tensor, prev_emb: torch.Tensor | None) -> torch.Tensor:
         features = hidden if prev_emb is None else torch.cat([hidden, prev_emb.to(hidden.dtype)], -1)
@@ -286,11 +301,19 @@ class DSpark(DraftModel):
         logits, prev_emb = self.draft_logits(h, prev)
         logp = torch.log_softmax(logits.float(), -1)
         p_draft = logp.exp()
-        p_target = target_probs(self.heads, batch.final_hidden, bi, pos)
-        l1 = (p_draft - p_target).abs().sum(-1)
+        target = target_dist(self.heads, batch, bi, pos)  # cached top-k, or dense via the LM head
+        if cfg.tv_weight or (self.confidence_head is not None and cfg.bce_weight):
+            l1 = l1_to_target(self, p_draft, target)
+        else:  # DFlash: CE only, the distance is a metric
+            with torch.no_grad():
+                l1 = l1_to_target(self, p_draft, target)
         weight = torch.exp(-slot.float() / cfg.loss_decay)
 
-        terms = {"ce": cfg.ce_weight * -logp.gather(-1, gold[:, None])[:, 0]}
+        # A gold token outside the draft vocabulary cannot be drafted: it adds no CE term.
+        gold_draft = self.draft_index(gold)
+        in_vocab = gold_draft < logp.shape[-1]
+        gold_logp = F.pad(logp, (0, 1)).gather(-1, gold_draft[:, None])[:, 0]
+        terms = {"ce": cfg.ce_weight * -(gold_logp * in_vocab)}
         if cfg.tv_weight:
             terms["tv"] = cfg.tv_weight * l1
         if self.confidence_head is not None and cfg.bce_weight:
@@ -303,7 +326,8 @@ class DSpark(DraftModel):
         sums = {name: (weight * t).sum() / denom for name, t in terms.items()}
         loss = sum(sums.values())
         with torch.no_grad():
-            metrics = per_position(slot, S, acceptance(p_draft, p_target), logits.argmax(-1) == p_target.argmax(-1))
+            correct = self.to_target_ids(logits.argmax(-1)) == target.argmax()
+            metrics = per_position(slot, S, (1.0 - 0.5 * l1.detach()).clamp(0.0, 1.0), correct)
         return TrainOutput(loss=loss, losses={k: v.detach() for k, v in sums.items()}, metrics=metrics)
 
     # ----- inference -----------------------------------------------------------------------
@@ -342,19 +366,23 @@ class DSpark(DraftModel):
         hidden = self.block_hidden(
             self.block_ids(anchor[None]), positions, list(zip(state.k, state.v)), visible
         )[0, 0, :gamma]
+        backbone = self.vocab_logits(hidden).float()  # U for the whole block: one LM-head product
+        if self.markov_head is None:  # DFlash: no sequential dependency, one sampling call
+            draft, probs = sample(backbone, temperature, generator)
+            return Proposal(tokens=self.to_target_ids(draft)[None], probs=self.to_target(probs)[None])
         tokens, probs, confs = [], [], []
         prev = anchor
         for k in range(gamma):  # the Markov head is sequential: x_k feeds slot k+1
-            logits, prev_emb = self.draft_logits(hidden[k : k + 1], prev)
-            token, p = sample(logits, temperature, generator)
+            logits, prev_emb = self.draft_logits(hidden[k : k + 1], prev, backbone[k : k + 1])
+            draft, p = sample(logits, temperature, generator)
             if self.confidence_head is not None:
                 confs.append(torch.sigmoid(self.confidence_logit(hidden[k : k + 1], prev_emb).float()))
-            tokens.append(token)
+            prev = self.to_target_ids(draft)
+            tokens.append(prev)
             probs.append(p)
-            prev = token
         return Proposal(
             tokens=torch.stack(tokens, 1),
-            probs=torch.stack(probs, 1),
+            probs=self.to_target(torch.stack(probs, 1)),
             confidences=torch.stack(confs, 1) if confs else None,
         )
 
@@ -362,7 +390,7 @@ class DSpark(DraftModel):
     def speculators_fields(self) -> dict[str, Any]:
         cfg = self.config
         fields = {
-            "draft_vocab_size": self.heads.vocab_size,
+            "draft_vocab_size": self.draft_vocab_size,
             "block_size": cfg.block_size,
             "target_hidden_size": None,
             "aux_hidden_state_layer_ids": fmt.to_speculators_layer_ids(cfg.layer_ids),

@@ -38,7 +38,10 @@ from torch import nn
 from drafter.models import register, speculators_format as fmt
 from drafter.models.base import DraftModel, Proposal, TargetHeads, TrainBatch, TrainOutput
 from drafter.models.layers import DecoderLayer, RMSNorm, Rotary, draft_layer_config, init_weights, ttt_attention
-from drafter.models.metrics import Generators, acceptance, choose_positions, per_position, sample, target_prob_table
+from drafter.models.metrics import (
+    Generators, choose_positions, l1_to_target, per_position, sample, soft_cross_entropy, target_dist,
+)
+from drafter.models.vocab import DraftVocab
 
 QK_NORM_FAMILIES = ("qwen3", "gemma3")
 
@@ -63,7 +66,7 @@ class Eagle3State:
 
 
 @register
-class Eagle3(DraftModel):
+class Eagle3(DraftVocab, DraftModel):
     algorithm = "eagle3"
     architecture = "Eagle3Speculator"
 
@@ -77,11 +80,7 @@ class Eagle3(DraftModel):
         self.layers = nn.ModuleList([layer])
         self.norm = RMSNorm(H, self.layer_config.rms_norm_eps)
         self.rotary = Rotary(self.layer_config)
-        if config.draft_vocab_size is not None and config.draft_vocab_size < V:
-            self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
-            self.register_buffer("t2d", torch.zeros(V, dtype=torch.bool))
-        else:
-            self.d2t = self.t2d = None
+        self.init_draft_vocab(config.draft_vocab_size, V)
         init_weights(self, config.initializer_range)
         self.verifier = fmt.verifier_of(heads.config)
         self.meta: dict[str, Any] = {}
@@ -97,40 +96,6 @@ class Eagle3(DraftModel):
     @property
     def gamma(self) -> int:
         return self.config.ttt_steps
-
-    # ----- vocabulary ------------------------------------------------------------------------
-    def set_draft_vocab(self, token_counts: torch.Tensor) -> None:
-        """Keep the most frequent target tokens (counts [V] over the training data)."""
-        if self.d2t is None:
-            return
-        n = self.d2t.numel()
-        ids = torch.topk(token_counts.float().to(self.t2d.device), n).indices.sort().values
-        self.d2t.copy_(ids - torch.arange(n, device=ids.device))
-        self.t2d.zero_()
-        self.t2d[ids] = True
-
-    @property
-    def draft_ids(self) -> torch.Tensor | None:
-        """Target id of each draft id (None with the full vocabulary)."""
-        if self.d2t is None:
-            return None
-        return torch.arange(self.d2t.numel(), device=self.d2t.device) + self.d2t
-
-    def logits(self, normed: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden -> draft-vocabulary logits via the frozen target LM head."""
-        if self.d2t is None:
-            return self.heads.logits(normed)
-        head = self.heads.lm_head
-        logits = F.linear(normed, head.weight[self.draft_ids], None if head.bias is None else head.bias[self.draft_ids])
-        cap = self.heads.final_logit_softcapping
-        return torch.tanh(logits / cap) * cap if cap else logits
-
-    def to_target(self, probs: torch.Tensor) -> torch.Tensor:
-        """Draft-vocabulary distributions [..., Vd] -> target vocabulary [..., V] (zeros elsewhere)."""
-        if self.d2t is None:
-            return probs
-        out = probs.new_zeros(*probs.shape[:-1], self.heads.vocab_size)
-        return out.index_copy_(-1, self.draft_ids, probs)
 
     # ----- the layer ---------------------------------------------------------------------------
     def _inputs(self, tok_emb: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -197,30 +162,23 @@ class Eagle3(DraftModel):
             nxt = ok[:, 2 + i :]
             run = run & F.pad(nxt, (0, T - 1 - nxt.shape[1]), value=False)
             valid.append(run.nonzero(as_tuple=True))
-        table, inverse = target_prob_table(  # p_t at position t+1+i, computed once per position
-            self.heads, batch.final_hidden, torch.cat([bi for bi, _ in valid]),
-            torch.cat([ti + 1 + i for i, (_, ti) in enumerate(valid)]),
-        )
+        # p_t at position t+1+i for every step at once (cached top-k, or once per position via the LM head)
+        targets = target_dist(self.heads, batch, torch.cat([bi for bi, _ in valid]),
+                              torch.cat([ti + 1 + i for i, (_, ti) in enumerate(valid)]))
         total = torch.zeros((), device=ok.device)
         slots, accepts, corrects = [], [], []
         start = 0
         for i, (normed, (bi, ti)) in enumerate(zip(outs, valid)):
+            target = targets[start : start + bi.numel()]
+            start += bi.numel()
+            if self.t2d is not None:  # mask targets the draft vocabulary cannot express
+                keep = self.t2d[target.argmax()]
+                bi, ti, target = bi[keep], ti[keep], target[keep]
+            logp = torch.log_softmax(self.vocab_logits(normed[bi, ti]).float(), -1)
+            total = total + self.config.ttt_decay**i * soft_cross_entropy(self, logp, target).sum()
             with torch.no_grad():
-                p_target = table[inverse[start : start + bi.numel()]]
-                start += bi.numel()
-                soft = p_target
-                if self.t2d is not None:  # mask targets the draft vocabulary cannot express
-                    keep = self.t2d[p_target.argmax(-1)]
-                    bi, ti, p_target = bi[keep], ti[keep], p_target[keep]
-                    soft = p_target[:, self.draft_ids]
-                    soft = soft / soft.sum(-1, keepdim=True)  # renormalised over the draft vocabulary
-            logp = torch.log_softmax(self.logits(normed[bi, ti]).float(), -1)
-            total = total + self.config.ttt_decay**i * -(soft * logp).sum()
-            with torch.no_grad():
-                p_draft = logp.exp()
-                draft_top = logp.argmax(-1) if self.d2t is None else self.draft_ids[logp.argmax(-1)]
-                accepts.append(acceptance(self.to_target(p_draft), p_target))
-                corrects.append(draft_top == p_target.argmax(-1))
+                accepts.append((1.0 - 0.5 * l1_to_target(self, logp.exp(), target)).clamp(0.0, 1.0))
+                corrects.append(self.to_target_ids(logp.argmax(-1)) == target.argmax())
                 slots.append(torch.full_like(bi, i))
         slot = torch.cat(slots)
         count = slot.numel()
@@ -277,8 +235,8 @@ class Eagle3(DraftModel):
             k, v = torch.cat([k, k_new], 2), torch.cat([v, v_new], 2)
             out = ttt_attention(attn.q(x2, cos, sin), k, v, None, [], [], attn.scale)
             hidden = layer.feed_forward(hidden + attn.out(out))
-            draft, p = sample(self.logits(self.norm(hidden))[:, 0], temperature, generator)
-            token = draft if self.d2t is None else self.draft_ids[draft]
+            draft, p = sample(self.vocab_logits(self.norm(hidden))[:, 0], temperature, generator)
+            token = self.to_target_ids(draft)
             tokens.append(token)
             probs.append(self.to_target(p))
         return Proposal(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1), confidences=None)
@@ -287,7 +245,7 @@ class Eagle3(DraftModel):
     def export(self, out_dir: Path) -> Path:
         cfg = self.config
         fields = {
-            "draft_vocab_size": self.d2t.numel() if self.d2t is not None else self.heads.vocab_size,
+            "draft_vocab_size": self.draft_vocab_size,
             "norm_before_residual": False,
             "target_hidden_size": None,
             "eagle_aux_hidden_state_layer_ids": fmt.to_speculators_layer_ids(cfg.layer_ids),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -63,9 +64,68 @@ def target_prob_table(
     return torch.softmax(logits, -1), inverse
 
 
-def target_probs(heads, final_hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    table, inverse = target_prob_table(heads, final_hidden, rows, cols)
-    return table[inverse]
+@dataclass
+class TargetDist:
+    """The target distribution p_t (temperature 1) at N positions, dense or sparse.
+
+    Dense: `probs` [N, V], `ids` None. Sparse (from a cache with `target_top_k`): `ids`
+    [N, k] the target's top-k token ids, `probs` [N, k] their probabilities, and `tail`
+    [N] the mass outside them (1 - sum(probs)).
+    """
+
+    probs: torch.Tensor
+    ids: torch.Tensor | None = None
+
+    @property
+    def tail(self) -> torch.Tensor:
+        if self.ids is None:
+            return self.probs.new_zeros(self.probs.shape[0])
+        return (1.0 - self.probs.sum(-1)).clamp_min(0.0)
+
+    def argmax(self) -> torch.Tensor:
+        top = self.probs.argmax(-1)
+        return top if self.ids is None else self.ids.gather(-1, top[:, None])[:, 0]
+
+    def __getitem__(self, sel) -> TargetDist:
+        return TargetDist(self.probs[sel], None if self.ids is None else self.ids[sel])
+
+
+@torch.no_grad()
+def target_dist(heads, batch, rows: torch.Tensor, cols: torch.Tensor) -> TargetDist:
+    """p_t at batch positions (rows, cols): the cached top-k when the batch has it (no LM
+    head at all), else the dense distribution from the cached final hidden state."""
+    if batch.target_ids is not None:
+        return TargetDist(batch.target_probs[rows, cols].float(), batch.target_ids[rows, cols])
+    if batch.final_hidden is None:
+        raise ValueError("the batch has neither the target's top-k distributions nor its final hidden states")
+    table, inverse = target_prob_table(heads, batch.final_hidden, rows, cols)
+    return TargetDist(table[inverse])
+
+
+def l1_to_target(vocab, p_draft: torch.Tensor, target: TargetDist) -> torch.Tensor:
+    """||p_d - p_t||_1 per row; p_d [N, Vd] over the drafter's vocabulary (`vocab`: a DraftVocab).
+
+    Dense targets: exact. Sparse targets (top-k ids K, tail mass m): the sum over K is exact;
+    the tail is one bucket, |p_d(not K) - m|, a lower bound of the tail's true L1 (triangle
+    inequality) that is exact when either tail is empty. With k = 64 the target's tail
+    mass is small (measured in the cache manifest), so the bound is tight where it matters.
+    """
+    if target.ids is None:
+        return (vocab.to_target(p_draft) - target.probs).abs().sum(-1)
+    p_at = vocab.at_target_ids(p_draft, target.ids)
+    head = (p_at - target.probs).abs().sum(-1)
+    return head + ((1.0 - p_at.sum(-1)) - target.tail).abs()
+
+
+def soft_cross_entropy(vocab, logp: torch.Tensor, target: TargetDist) -> torch.Tensor:
+    """-sum_v p_t(v) log p_d(v) per row, p_t renormalised over the draft vocabulary (EAGLE-3's
+    recipe); sparse targets: over the top-k tokens the draft vocabulary holds (tail dropped)."""
+    if target.ids is None:
+        soft = target.probs if vocab.draft_ids is None else target.probs[:, vocab.draft_ids]
+        return -(soft / soft.sum(-1, keepdim=True).clamp_min(1e-12) * logp).sum(-1)
+    soft = target.probs if vocab.t2d is None else target.probs * vocab.t2d[target.ids]
+    soft = soft / soft.sum(-1, keepdim=True).clamp_min(1e-12)
+    return -(soft * vocab.at_target_ids(logp, target.ids)).sum(-1)
 
 
 def acceptance(p_draft: torch.Tensor, p_target: torch.Tensor) -> torch.Tensor:

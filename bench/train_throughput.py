@@ -1,13 +1,18 @@
-"""Training throughput per drafter algorithm: sequence tokens per second of one training
-step (forward, backward, clip, AdamW), on the real SmolLM2-135M target's shapes.
+"""Training step time per drafter algorithm, before and after the CPU work of the drafter-value
+issue, side by side in one run on the real SmolLM2-135M target's shapes:
+
+- before: the target (its frozen embedding and LM head) in fp32, no autocast, p_t recomputed
+  from the cached final hidden state through the 576 x 49,152 LM head, the full vocabulary;
+- after:  `runtime.dtype: auto` (bf16 target, bf16 autocast, fp32 master weights), p_t from
+  the cache's top-64 (no target LM head), a 16,384-token draft vocabulary.
 
     DRAFTER_MODELS=/work/main/.drafter/models /work/main/.venv/bin/python bench/train_throughput.py \
-        [--seq-len 256] [--batch 2] [--steps 3] [--device cpu|cuda]
+        [--seq-len 320] [--batch 8] [--anchors 16] [--steps 3] [--threads 1]
 
-The drafters are the default config's (2 layers, block 7, r = 256, up to 64 anchors a
-sequence; EAGLE-3 with 7 TTT steps, full and 8k vocabulary) on SmolLM2's frozen
-embedding and LM head (width 576, vocabulary 49152). Features are random: throughput
-depends on shapes only. Writes bench/results/train_throughput.json and .md.
+Batch 8 x 16 anchors is the tau benchmark's. Features are random (throughput depends on
+shapes only); the draft vocabulary is built from the batch's own target argmax tokens so
+that no position is masked out of EAGLE-3's loss. Writes bench/results/train_throughput.json
+and .md (forward, backward, clip, AdamW; mean of --steps after one warm-up).
 """
 
 from __future__ import annotations
@@ -25,15 +30,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CASES = [
-    ("dspark", ["drafter.algorithm=dspark"]),
-    ("dflash", ["drafter.algorithm=dflash"]),
-    ("eagle3", ["drafter.algorithm=eagle3"]),
-    ("eagle3 (8k draft vocab)", ["drafter.algorithm=eagle3", "drafter.draft_vocab_size=8192"]),
-]
+ALGORITHMS = ["dspark", "dflash", "eagle3"]
+TOP_K, DRAFT_VOCAB = 64, 16384
+VARIANTS = {  # name -> (target dtype, autocast, sparse p_t, draft vocabulary)
+    "before": ("float32", False, False, None),
+    "after": ("bfloat16", True, True, DRAFT_VOCAB),
+}
 
 
-def synthetic_batch(target, b: int, T: int, device: str):
+def synthetic_batch(target, b: int, T: int):
     from drafter.models import TrainBatch
 
     gen = torch.Generator().manual_seed(0)
@@ -42,27 +47,38 @@ def synthetic_batch(target, b: int, T: int, device: str):
     loss_mask = torch.zeros(b, T, dtype=torch.bool)
     loss_mask[:, T // 4 :] = True  # a prompt, then the answer
     final = torch.randn(b, T, H, generator=gen)
-    return TrainBatch(ids, loss_mask, torch.ones(b, T, dtype=torch.bool),
-                      torch.randn(b, T, n, H, generator=gen), final).to(device)
+    with torch.no_grad():
+        top = torch.softmax(target.logits_from_hidden(final.to(target.dtype)).float(), -1).topk(TOP_K)
+    return TrainBatch(ids, loss_mask, torch.ones(b, T, dtype=torch.bool), torch.randn(b, T, n, H, generator=gen),
+                      final, top.indices, top.values)
 
 
-def measure(target, sets: list[str], batch, steps: int, device: str) -> dict:
+def measure(target, algorithm: str, variant: str, batch, anchors: int, steps: int) -> dict:
     from drafter.config import load_config
-    from drafter.models import TargetHeads, build
+    from drafter.models import TargetHeads, TrainBatch, build
 
-    cfg = load_config(ROOT / "configs" / "smollm2-135m-dspark.yaml", [*sets, "train.max_anchors=64"])
+    _, autocast, sparse, vocab = VARIANTS[variant]
+    sets = [f"drafter.algorithm={algorithm}", f"train.max_anchors={anchors}"]
+    if vocab:
+        sets.append(f"drafter.draft_vocab_size={vocab}")
+    cfg = load_config(ROOT / "configs" / "smollm2-135m-dspark.yaml", sets)
     heads = TargetHeads.from_target(target)
-    counts = torch.bincount(batch.input_ids[batch.loss_mask].cpu(), minlength=heads.vocab_size)
+    if sparse:
+        batch = TrainBatch(batch.input_ids, batch.loss_mask, batch.attention_mask, batch.features, None,
+                           batch.target_ids, batch.target_probs)
+    else:
+        batch = TrainBatch(batch.input_ids, batch.loss_mask, batch.attention_mask, batch.features, batch.final_hidden)
+    argmax = (batch.target_ids[..., 0] if sparse else torch.zeros(0, dtype=torch.long))
+    counts = torch.bincount(torch.cat([batch.input_ids[batch.loss_mask], argmax.flatten()]), minlength=heads.vocab_size)
     torch.manual_seed(0)
-    model = build(cfg, heads, target.layer_ids, counts).to(device).train()
+    model = build(cfg, heads, target.layer_ids, counts).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(batch.input_ids.shape[0])]  # noqa: E731
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
 
     def step():
-        with autocast:
-            out = model.forward_train(batch, generator=gens())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model.forward_train(batch, generator=gens(), reduction="sum")
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -70,18 +86,14 @@ def measure(target, sets: list[str], batch, steps: int, device: str) -> dict:
         return out
 
     step()  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         out = step()
-    if device == "cuda":
-        torch.cuda.synchronize()
     elapsed = (time.perf_counter() - start) / steps
-    tokens = int(batch.attention_mask.sum())
     return {
+        "algorithm": algorithm, "variant": variant,
         "seconds_per_step": round(elapsed, 4),
-        "tokens_per_s": round(tokens / elapsed, 1),
+        "tokens_per_s": round(int(batch.attention_mask.sum()) / elapsed, 1),
         "draft_positions_per_step": int(out.metrics["count"].sum()),
         "trainable_parameters": sum(p.numel() for p in params),
     }
@@ -89,66 +101,70 @@ def measure(target, sets: list[str], batch, steps: int, device: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=320)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--anchors", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     from drafter.config import load_config
     from drafter.target import load_target
 
-    cfg = load_config(ROOT / "configs" / "smollm2-135m-dspark.yaml", [f"target.device={args.device}"])
-    target = load_target(cfg)
-    batch = synthetic_batch(target, args.batch, args.seq_len, args.device)
+    targets = {v: load_target(load_config(ROOT / "configs" / "smollm2-135m-dspark.yaml", [f"target.dtype={d}"]))
+               for v, (d, *_) in VARIANTS.items()}
+    batch = synthetic_batch(targets["after"], args.batch, args.seq_len)
     results = []
-    for name, sets in CASES:
-        row = {"algorithm": name, **measure(target, sets, batch, args.steps, args.device)}
-        results.append(row)
-        print(row, flush=True)
-    base = next(r for r in results if r["algorithm"] == "dflash")["tokens_per_s"]
+    for algorithm in args.algorithms.split(","):
+        for variant in VARIANTS:  # side by side, per algorithm
+            row = measure(targets[variant], algorithm, variant, batch, args.anchors, args.steps)
+            results.append(row)
+            print(row, flush=True)
     for r in results:
-        r["vs_dflash"] = round(r["tokens_per_s"] / base, 2)
+        before = next(x for x in results if x["algorithm"] == r["algorithm"] and x["variant"] == "before")
+        r["speedup_vs_before"] = round(before["seconds_per_step"] / r["seconds_per_step"], 2)
     command = (f"DRAFTER_MODELS=/work/main/.drafter/models /work/main/.venv/bin/python bench/train_throughput.py "
-               f"--seq-len {args.seq_len} --batch {args.batch} --steps {args.steps} --device {args.device}")
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+               f"--seq-len {args.seq_len} --batch {args.batch} --anchors {args.anchors} --steps {args.steps} "
+               f"--threads {args.threads}")
     report = {
-        "command": command, "device": device, "platform": platform.platform(), "torch": torch.__version__,
-        "target": target.name, "seq_len": args.seq_len, "batch": args.batch, "steps": args.steps,
+        "command": command, "device": f"CPU ({os.cpu_count()} cores, {args.threads} torch threads)",
+        "platform": platform.platform(), "torch": torch.__version__, "target": targets["after"].name,
+        "seq_len": args.seq_len, "batch": args.batch, "anchors": args.anchors, "steps": args.steps,
+        "top_k": TOP_K, "draft_vocab_size": DRAFT_VOCAB, "variants": {k: dict(zip(
+            ("target_dtype", "autocast_bf16", "sparse_target", "draft_vocab_size"), v)) for k, v in VARIANTS.items()},
         "load_average": os.getloadavg(), "results": results,
     }
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if args.device == "cpu" else f"_{args.device}"
-    (out / f"train_throughput{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
-    render(report, out / f"train_throughput{suffix}.md")
+    (out / "train_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    render(report, out / "train_throughput.md")
 
 
 def render(report: dict, path: Path) -> None:
     lines = [
-        f"# Drafter training throughput ({report['device']})",
+        f"# Drafter training step, before and after ({report['device']})",
         "",
         f"Command: `{report['command']}`  ",
         f"Target shapes: {report['target']} (width 576, vocabulary 49152); batch {report['batch']} x "
-        f"{report['seq_len']} tokens, mean of {report['steps']} steps after one warm-up; load average "
-        f"{tuple(round(x, 1) for x in report['load_average'])} on a machine shared with other jobs: noisy.",
+        f"{report['seq_len']} tokens, up to {report['anchors']} anchors (chains) a sequence, mean of {report['steps']} "
+        f"steps after one warm-up; load average {tuple(round(x, 1) for x in report['load_average'])} "
+        "(shared machine: ratios are side by side in one run).",
         "",
-        "| algorithm | s / step | sequence tokens / s | vs DFlash | draft positions / step | trainable params |",
-        "|---|---|---|---|---|---|",
+        "- before: fp32 target heads, no autocast, dense p_t through the LM head, full vocabulary",
+        f"- after: bf16 target heads + bf16 autocast, top-{report['top_k']} p_t from the cache, "
+        f"{report['draft_vocab_size']:,}-token draft vocabulary",
+        "",
+        "| algorithm | variant | s / step | speedup | sequence tokens / s | draft positions / step | trainable params |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
-        lines.append(f"| {r['algorithm']} | {r['seconds_per_step']} | {r['tokens_per_s']} | {r['vs_dflash']}x "
-                     f"| {r['draft_positions_per_step']} | {r['trainable_parameters']:,} |")
-    lines += [
-        "",
-        "Draft positions: (block, slot) pairs trained per step (DFlash/DSpark: up to 64 blocks of 7 a "
-        "sequence), or (position, unrolled step) pairs for EAGLE-3 (7 steps). With the 8k draft vocabulary, "
-        "positions whose target argmax lies outside it are masked (most of them here: the features are random). "
-        "Each position costs H x V products (the LM head, DSpark's Markov W2 and the target distribution), "
-        "which dominate on this 49k vocabulary; DSpark's Markov head (r = 256) adds a 256 x 49152 projection.",
-    ]
+        lines.append(f"| {r['algorithm']} | {r['variant']} | {r['seconds_per_step']} | {r['speedup_vs_before']}x | "
+                     f"{r['tokens_per_s']} | {r['draft_positions_per_step']} | {r['trainable_parameters']:,} |")
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
 
 if __name__ == "__main__":
     main()

@@ -178,7 +178,9 @@ class DrafterConfig(Section):
     tv_weight: float = Field(0.9, ge=0)
     bce_weight: float = Field(1.0, ge=0)
     loss_decay: float = Field(4.0, gt=0)
-    mask_token_id: int | None = Field(None, ge=0)  # DFlash/DSpark block filler; None: the target's mask (else pad) token
+    mask_token_id: int | None = Field(None, ge=0)  # DFlash/DSpark block filler; None: a reserved token (models/base.py)
+    # Initial decoder-layer weights: random, or copied from the target's last layers (where shapes match).
+    init: Literal["random", "target"] = "random"
 
 
 class TrainConfig(Section):
@@ -197,6 +199,7 @@ class TrainConfig(Section):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     log_every: int = Field(10, ge=1)  # steps between MLflow metric batches
     keep_checkpoints: int = Field(2, ge=1)  # most recent resumable checkpoints kept
+    export_steps: list[int] = []  # also export the drafter at these steps (steps/step-N/, with a held-out eval)
     holdout_limit: int | None = Field(None, ge=1)  # held-out sequences per evaluation (None = all)
     system_metrics: bool = True  # MLflow system metrics (CPU, memory, GPU) during training
 

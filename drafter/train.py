@@ -1,7 +1,12 @@
 """Train a drafter (EAGLE-3, DFlash or DSpark) on the target cache: `drafter train`.
 
 Built on `accelerate`: one CPU process by default; the same command under
-`accelerate launch` runs DDP across GPUs or nodes (bf16 autocast on GPU, fp32 on CPU).
+`accelerate launch` runs DDP across GPUs or nodes. bf16 autocast wherever `runtime.dtype`
+resolves to bf16 (GPUs, AMX/AVX-512 BF16 CPUs), with fp32 master weights and optimizer state.
+
+`Trainer` reads top to bottom: `prepare` (load, check, build), `resume` (the latest
+checkpoint), `fit` (the loop; `stop_at` ends it early at a checkpoint), `finish` (exports,
+manifest). Checkpoints live in `drafter/checkpoint.py`, MLflow logging in `train_tracking.py`.
 
 How a step works, and why it is exactly the same on 1 or N processes:
 - The data is a stream of per-epoch permutations (seeded); optimizer step s takes the
@@ -17,7 +22,8 @@ Checkpoints (`checkpoints/step-N/`) hold the trainable weights (safetensors), th
 optimizer tensors (safetensors) and scalars (JSON), the scheduler state, the RNG state
 and the loop state: a killed run resumes exactly where its last checkpoint stopped.
 Nothing is unpickled. The best drafter by held-out simulated acceptance length (not by
-loss) is exported to `best/`, the final one to `last/` (speculators format).
+loss) is exported to `best/`, the final one to `last/`, and `train.export_steps` to
+`steps/step-N/` (speculators format, each with its held-out estimate and training CPU time).
 """
 
 from __future__ import annotations
@@ -26,34 +32,25 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from drafter import train_tracking as tracking
 from drafter.config import Config, ConfigError
 from drafter.errors import DrafterError
-from drafter.manifest import (
-    Timer,
-    atomic_dir,
-    atomic_write_bytes,
-    atomic_write_json,
-    check_accounting,
-    sha256_json,
-    write_manifest,
-)
+from drafter.checkpoint import STATE_FILE, checkpoint, latest_checkpoint, load_checkpoint
+from drafter.manifest import Timer, atomic_dir, atomic_write_json, check_accounting, sha256_json, write_manifest
 from drafter.models import TargetHeads, TrainBatch, build
+from drafter.models.layers import warm_start
 from drafter.models.metrics import simulated_tau
 from drafter.runtime import resolve_dtype
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "state.json"
-
 
 class TrainError(DrafterError, RuntimeError):
     """Training cannot start or continue (bad data, an incompatible checkpoint)."""
@@ -240,73 +237,6 @@ class Session:
         return totals.summary()
 
 
-# ----- checkpoints ------------------------------------------------------------------------
-def _optimizer_split(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors, scalars = {}, {}
-    for pid, entry in state["state"].items():
-        for name, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(pid), {})[name] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _optimizer_join(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    for pid, entry in meta["scalars"].items():
-        state.setdefault(int(pid), {}).update(entry)
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def save_checkpoint(folder: Path, model, optimizer, scheduler, loop: dict[str, Any]) -> Path:
-    from safetensors.torch import save
-
-    with atomic_dir(folder) as tmp:
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        atomic_write_bytes(tmp / "model.safetensors", save(weights))
-        tensors, meta = _optimizer_split(optimizer.state_dict())
-        atomic_write_bytes(tmp / "optimizer.safetensors", save(tensors))
-        atomic_write_json(tmp / "optimizer.json", meta)
-        atomic_write_json(tmp / "scheduler.json", scheduler.state_dict())
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-        atomic_write_bytes(tmp / "rng.safetensors", save(rng))
-        atomic_write_json(tmp / STATE_FILE, loop)  # last: marks the checkpoint complete
-    return folder
-
-
-def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    meta = json.loads((folder / "optimizer.json").read_text())
-    optimizer.load_state_dict(_optimizer_join(load_file(str(folder / "optimizer.safetensors")), meta))
-    scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
-    rng = load_file(str(folder / "rng.safetensors"))
-    torch.set_rng_state(rng["cpu"])
-    if torch.cuda.is_available():
-        states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
-    return json.loads((folder / STATE_FILE).read_text())
-
-
-def _checkpoint(root: Path, model, optimizer, scheduler, loop: dict[str, Any], keep: int) -> None:
-    save_checkpoint(root / f"step-{loop['step']:08d}", model, optimizer, scheduler, loop)
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
-    return done[-1] if done else None
-
-
 # ----- the stage --------------------------------------------------------------------------
 def _open_data(cfg: Config, cache_dir: Path, target) -> tuple[Any, Any, Callable]:
     try:
@@ -347,6 +277,317 @@ def _token_counts(ds: Any, vocab_size: int) -> torch.Tensor:
     return counts
 
 
+@dataclass
+class LoopState:
+    """What a run has done so far; saved in every checkpoint (`state.json`) and resumed from it."""
+
+    run_key: str
+    step: int = 0
+    best_tau: float | None = None
+    best_step: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per optimizer step
+    evals: list[dict[str, Any]] = field(default_factory=list)  # held-out evaluations
+    tokens: int = 0
+    positions: float = 0.0
+    with_targets: int = 0
+    without_targets: int = 0
+    cpu_s: float = 0.0  # process CPU seconds spent in optimizer steps (this process), over all resumes
+    mlflow_run_id: str | None = None
+
+
+class Trainer:
+    """One training run, top to bottom: `prepare` (load, build, check), `resume` (the latest
+    checkpoint, if any), `fit` (the loop, up to `stop_at`), `finish` (exports, manifest)."""
+
+    def __init__(self, cfg: Config, cache_dir: Path, out_dir: Path, target: Any = None, data=None,
+                 collate: Callable | None = None, callback: Callable[[int, dict[str, Any]], None] | None = None):
+        self.cfg, self.cache_dir, self.out_dir = cfg, cache_dir, out_dir
+        self.target, self.data, self.collate, self.callback = target, data, collate, callback
+        self.timer = Timer()
+        self.ckpt_root = out_dir / "checkpoints"
+        self.resumed_from: str | None = None
+
+    # ----- prepare -----------------------------------------------------------------------------
+    def prepare(self) -> dict[str, Any] | None:
+        """Load target and data, check them, build the model; the manifest when already done."""
+        cfg, tc, timer = self.cfg, self.cfg.train, self.timer
+        self.accelerator = accelerator = _accelerator(cfg)
+        self.main = accelerator.is_main_process
+        W = accelerator.num_processes
+        if tc.batch_size < W * tc.grad_accum:
+            raise ConfigError(
+                f"train.batch_size={tc.batch_size} is smaller than processes x grad_accum = {W} x {tc.grad_accum}"
+            )
+        with timer("load"):
+            if self.target is None:
+                from drafter.target import load_target
+
+                tcfg = cfg.model_copy(deep=True)
+                tcfg.target.device = str(accelerator.device)
+                self.target = load_target(tcfg)
+            if self.data is None:
+                train_ds, holdout_ds, default_collate = _open_data(cfg, self.cache_dir, self.target)
+            else:
+                (train_ds, holdout_ds), default_collate = self.data, None
+            if self.collate is None:
+                from drafter.cache import collate
+
+                self.collate = default_collate or collate
+        if len(train_ds) == 0 or len(holdout_ds) == 0:
+            raise TrainError(f"empty training data: {len(train_ds)} train / {len(holdout_ds)} holdout sequences")
+        self.train_ds, self.holdout_ds = train_ds, holdout_ds
+        target = self.target
+        self.meta = meta = _meta(train_ds)
+        self.layer_ids = layer_ids = list(meta.get("layer_ids") or target.layer_ids)
+        if layer_ids != list(target.layer_ids):
+            raise TrainError(
+                f"the cache holds feature layers {layer_ids} but the target captures {target.layer_ids}: "
+                "rebuild the cache or set target.layer_ids to match"
+            )
+        if meta.get("hidden_size") not in (None, target.hidden_size):
+            raise TrainError(
+                f"the cache holds width-{meta['hidden_size']} features; the target is {target.hidden_size} wide"
+            )
+        self.steps = tc.max_steps or math.ceil(tc.epochs * len(train_ds) / tc.batch_size)
+        # What determines the weights (not logging, checkpoint or export cadence): a changed key
+        # means another run, which must not resume these checkpoints.
+        cosmetic = {"log_every", "system_metrics", "checkpoint_every", "keep_checkpoints", "export_steps"}
+        self.run_key = sha256_json({
+            "drafter": cfg.drafter.model_dump(mode="json"), "train": tc.model_dump(mode="json", exclude=cosmetic),
+            "seed": cfg.run.seed,
+            "target": target.fingerprint, "layer_ids": layer_ids, "train_sequences": len(train_ds),
+            "holdout_sequences": len(holdout_ds), "cache": meta.get("key"),
+        })[:16]
+        manifest_path = self.out_dir / "manifest.json"
+        if manifest_path.is_file():
+            done = json.loads(manifest_path.read_text())
+            if done.get("params", {}).get("run_key") == self.run_key:
+                log.info("drafter in %s is already trained with this config and data: nothing to do", self.out_dir)
+                return done
+
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.run.seed)
+        self.model = build_model(cfg, target, layer_ids, train_ds, timer)
+        model = self.model
+        model.to(accelerator.device)
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
+                                           weight_decay=tc.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.steps, tc.warmup_ratio))
+        self.loop = LoopState(run_key=self.run_key)
+        return None
+
+    # ----- resume -------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Continue from the latest complete checkpoint of the same run; then wrap for DDP."""
+        if (latest := latest_checkpoint(self.ckpt_root)) is not None:
+            saved = json.loads((latest / STATE_FILE).read_text())
+            if saved.get("run_key") != self.run_key:
+                raise TrainError(
+                    f"{self.out_dir} holds checkpoints of a different run (config, target or data changed); "
+                    "use another --out folder or delete it"
+                )
+            self.loop = LoopState(**load_checkpoint(latest, self.model, self.optimizer, self.scheduler))
+            self.resumed_from = latest.name
+            log.warning("resuming from %s (step %d of %d)", latest, self.loop.step, self.steps)
+        acc, tc = self.accelerator, self.cfg.train
+        model, self.optimizer = acc.prepare(self.model, self.optimizer)
+        self.run = Session(self.cfg, acc, model, self.optimizer, self.scheduler, self.train_ds, self.holdout_ds,
+                           self.collate, holdout_n=min(len(self.holdout_ds), tc.holdout_limit or len(self.holdout_ds)))
+        self.mlflow = None
+        if self.main:
+            self.mlflow = tracking.start_run(self.cfg, self.loop.mlflow_run_id)
+            if self.resumed_from is None:
+                tracking.log_params(self.cfg, self.run.inner, self.target, self.steps, len(self.train_ds),
+                                    len(self.holdout_ds), acc.num_processes)
+            self.loop.mlflow_run_id = self.mlflow.info.run_id
+
+    # ----- fit ----------------------------------------------------------------------------------
+    def fit(self, stop_at: int | None = None) -> bool:
+        """The loop, up to `self.steps` (or `stop_at`, where a checkpoint is saved). True when
+        the run is complete."""
+        tc, loop, timer = self.cfg.train, self.loop, self.timer
+        end = self.steps if stop_at is None else min(stop_at, self.steps)
+        from tqdm.auto import tqdm
+
+        self.run.model.train()
+        if loop.step == 0 and not loop.evals:
+            with timer("evaluate"):
+                self.record_eval(0)  # the untrained baseline
+        bar = tqdm(total=self.steps, initial=loop.step, disable=not self.main, desc=f"train {self.cfg.drafter.algorithm}",
+                   unit="step", mininterval=2.0)
+        try:
+            while loop.step < end:
+                with timer("train"):
+                    record, summary = self.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tau=f"{summary['sim_tau']:.2f}")
+                step = loop.step
+                if self.mlflow is not None and (step % tc.log_every == 0 or step == self.steps):
+                    tracking.log_metrics(step, "train", summary, extra={k: record[k] for k in ("lr", "grad_norm",
+                                                                                           "tokens_per_s")})
+                exported = step in tc.export_steps
+                if step % tc.eval_every == 0 or step == self.steps or exported:
+                    with timer("evaluate"):
+                        self.record_eval(step, export=exported)
+                if (step % tc.checkpoint_every == 0 or step == end) and step < self.steps:
+                    self.save_checkpoint()
+                if self.callback is not None:
+                    self.callback(step, record)
+        except BaseException:
+            if self.mlflow is not None:
+                import mlflow
+
+                mlflow.end_run(status="KILLED")  # resumed (same run id) by the next call
+            raise
+        finally:
+            bar.close()
+        if loop.step < self.steps:  # stopped at `stop_at`: the run goes on from the checkpoint
+            if self.mlflow is not None:
+                import mlflow
+
+                mlflow.end_run(status="KILLED")
+            return False
+        if self.mlflow is not None:
+            import mlflow
+
+            mlflow.end_run()
+        return True
+
+    def step(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One optimizer step, accounted in the loop state. -> (history record, summary)."""
+        loop = self.loop
+        started, cpu = time.perf_counter(), time.process_time()
+        totals, tokens, lr, grad_norm = self.run.train_step(loop.step)
+        elapsed = time.perf_counter() - started
+        loop.cpu_s += time.process_time() - cpu
+        summary = totals.summary()
+        n = totals.positions
+        record = {"step": loop.step + 1, "loss": summary["loss"], **summary["losses"], "sim_tau": summary["sim_tau"],
+                  "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / max(elapsed, 1e-9), "positions": n,
+                  "cpu_s": loop.cpu_s}
+        loop.history.append(record)
+        loop.tokens += tokens
+        loop.with_targets += int(totals.sequences[0])
+        loop.without_targets += int(totals.sequences[1])
+        loop.positions += n
+        loop.step += 1
+        return record, summary
+
+    def record_eval(self, step: int, export: bool = False) -> None:
+        """Held-out metrics; the best drafter so far goes to `best/`, an export step to `steps/step-N/`."""
+        loop, main = self.loop, self.main
+        result = self.run.evaluate()
+        tau = result[self.select]
+        loop.evals.append({"step": step, **result})
+        if loop.best_tau is None or tau > loop.best_tau:
+            loop.best_tau, loop.best_step = tau, step
+            if main:
+                export_drafter(self.run.inner, self.out_dir / "best", step, result, loop.cpu_s)
+        if main and export:
+            export_drafter(self.run.inner, self.out_dir / "steps" / f"step-{step:08d}", step, result, loop.cpu_s)
+        if self.mlflow is not None:
+            import mlflow
+
+            tracking.log_metrics(step, "holdout", result)
+            mlflow.log_metric("holdout/best_tau", loop.best_tau, step=step)
+        self.accelerator.wait_for_everyone()
+
+    def save_checkpoint(self) -> None:
+        with self.timer("checkpoint"):
+            if self.main:
+                checkpoint(self.ckpt_root, self.run.inner, self.optimizer, self.scheduler, asdict(self.loop),
+                           self.cfg.train.keep_checkpoints)
+            self.accelerator.wait_for_everyone()
+
+    @property
+    def select(self) -> str:
+        return "sim_tau_greedy" if self.cfg.evaluate.temperature == 0 else "sim_tau"
+
+    # ----- finish -------------------------------------------------------------------------------
+    def finish(self) -> dict[str, Any]:
+        """`last/`, the final checkpoint, metrics.json, the manifest; MLflow artifacts."""
+        cfg, tc, loop, out_dir = self.cfg, self.cfg.train, self.loop, self.out_dir
+        inner, W = self.run.inner, self.accelerator.num_processes
+        if self.main:
+            export_drafter(inner, out_dir / "last", loop.step, loop.evals[-1], loop.cpu_s)
+            checkpoint(self.ckpt_root, inner, self.optimizer, self.scheduler, asdict(loop), tc.keep_checkpoints)
+            atomic_write_json(out_dir / "metrics.json", {
+                "algorithm": cfg.drafter.algorithm, "selected_by": self.select, "best_step": loop.best_step,
+                "best_tau": loop.best_tau, "evals": loop.evals, "history": loop.history,
+            })
+            cfg.save(out_dir / "config.yaml")
+        seen = loop.step * tc.batch_size
+        counts = {
+            "train_sequences": len(self.train_ds), "holdout_sequences": len(self.holdout_ds),
+            "holdout_evaluated": self.run.holdout_n, "steps": loop.step, "sequences_seen": seen,
+            "sequences_with_targets": loop.with_targets, "sequences_without_targets": loop.without_targets,
+            "tokens_seen": loop.tokens, "positions_trained": int(loop.positions), "evaluations": len(loop.evals),
+            "processes": W,
+        }
+        check_accounting(seen, {"with_targets": counts["sequences_with_targets"],
+                                "without_targets": counts["sequences_without_targets"]}, "training sequences")
+        params = {"run_key": self.run_key, "algorithm": cfg.drafter.algorithm,
+                  "drafter": cfg.drafter.model_dump(mode="json"), "train": tc.model_dump(mode="json"),
+                  "seed": cfg.run.seed, "layer_ids": self.layer_ids,
+                  "trainable_parameters": sum(p.numel() for p in self.run.trainable), "selected_by": self.select,
+                  "vocabulary": vocabulary(inner, self.token_counts), "mixed_precision": self.accelerator.mixed_precision}
+        outputs = {"best": str(out_dir / "best"), "last": str(out_dir / "last"), "best_step": loop.best_step,
+                   "best_tau": loop.best_tau, "final_holdout": loop.evals[-1], "resumed_from": self.resumed_from,
+                   "mlflow_run_id": loop.mlflow_run_id, "train_cpu_s": round(loop.cpu_s, 2),
+                   "exports": {str(s): str(out_dir / "steps" / f"step-{s:08d}") for s in tc.export_steps
+                               if s <= loop.step}}
+        inputs = {"cache": str(self.cache_dir) if self.data is None else "<in-memory>",
+                  "target_fingerprint": self.target.fingerprint,
+                  "cache_meta": {k: v for k, v in self.meta.items() if isinstance(v, (str, int, float, list, bool))}}
+        manifest_path = out_dir / "manifest.json"
+        if self.main:
+            write_manifest(out_dir, "train", inputs=inputs, params=params, counts=counts,
+                           durations=self.timer.durations, outputs=outputs)
+            if loop.mlflow_run_id is not None:
+                tracking.log_artifacts(loop.mlflow_run_id, out_dir)
+        self.accelerator.wait_for_everyone()
+        return json.loads(manifest_path.read_text()) if manifest_path.is_file() else {
+            "stage": "train", "params": params, "counts": counts, "outputs": outputs}
+
+    @property
+    def token_counts(self) -> torch.Tensor | None:
+        return getattr(self.model, "_token_counts", None)
+
+
+def build_model(cfg: Config, target: Any, layer_ids: list[int], train_ds: Any, timer: Timer | None = None):
+    """The configured drafter on the target's frozen heads: draft vocabulary from the training
+    data's assistant tokens, warm start from the target's last layers when asked."""
+    heads = TargetHeads.from_target(target)
+    token_counts = None
+    if cfg.drafter.draft_vocab_size and cfg.drafter.draft_vocab_size < heads.vocab_size:
+        with timer("token_counts") if timer else contextlib.nullcontext():
+            token_counts = _token_counts(train_ds, heads.vocab_size)
+    model = build(cfg, heads, layer_ids, token_counts)
+    if cfg.drafter.init == "target":
+        warm_start(model.layers, target.model.get_decoder().layers)
+    model.verifier["name_or_path"] = verifier_name(target) or model.verifier["name_or_path"]
+    model.meta = {"target_fingerprint": target.fingerprint, "target_name": getattr(target, "name", None)}
+    model._token_counts = token_counts
+    return model
+
+
+def vocabulary(model, token_counts: torch.Tensor | None) -> dict[str, Any]:
+    """Draft vocabulary size and its coverage of the training answers' tokens."""
+    out = {"draft_vocab_size": model.draft_vocab_size, "target_vocab_size": model.heads.vocab_size}
+    if token_counts is not None:
+        out["coverage"] = round(float(token_counts[model.t2d.cpu()].sum() / token_counts.sum().clamp_min(1)), 6)
+    return out
+
+
+def export_drafter(model, folder: Path, step: int, result: dict[str, Any], cpu_s: float) -> None:
+    """The speculators-format drafter at `step`, with its held-out estimate in the config's meta."""
+    model.meta |= {"step": step, "holdout_sim_tau": result["sim_tau"], "train_cpu_s": round(cpu_s, 2),
+                   "holdout_sim_tau_greedy": result["sim_tau_greedy"], "holdout_accept_rate": result["accept_rate"]}
+    with atomic_dir(folder) as tmp:
+        model.export(tmp)
+
+
 def train(
     cfg: Config,
     cache_dir: str | Path | None = None,
@@ -356,287 +597,23 @@ def train(
     data: tuple[Any, Any] | None = None,
     collate: Callable[[list[dict[str, torch.Tensor]]], TrainBatch] | None = None,
     callback: Callable[[int, dict[str, Any]], None] | None = None,
+    stop_at: int | None = None,
 ) -> dict[str, Any]:
     """Train the configured drafter; returns the manifest (also written to out_dir).
 
     `data=(train, holdout)` takes any datasets with `len`, `ds[i]` -> dict(input_ids,
-    loss_mask, features, final_hidden) and optionally `.meta`, instead of the cache in
-    `cache_dir`; `collate` turns samples into a TrainBatch (default: drafter.cache.collate).
-    `callback(step, record)` is called after every optimizer step.
+    loss_mask, features, and final_hidden or target_ids/target_probs) and optionally `.meta`,
+    instead of the cache in `cache_dir`; `collate` turns samples into a TrainBatch (default:
+    drafter.cache.collate). `callback(step, record)` is called after every optimizer step.
+    `stop_at=N` trains to step N of the run, saves a checkpoint there and returns
+    `{"stopped_at": N}`; the next call (with or without it) continues from there.
     """
-    timer = Timer()
-    cache_dir = Path(cache_dir) if cache_dir is not None else cfg.data_dir / "cache"
-    out_dir = Path(out_dir) if out_dir is not None else cfg.data_dir / "drafter"
-    tc = cfg.train
-    accelerator = _accelerator(cfg)
-    main = accelerator.is_main_process
-    W = accelerator.num_processes
-    if tc.batch_size < W * tc.grad_accum:
-        raise ConfigError(
-            f"train.batch_size={tc.batch_size} is smaller than processes x grad_accum = {W} x {tc.grad_accum}"
-        )
-
-    with timer("load"):
-        if target is None:
-            from drafter.target import load_target
-
-            tcfg = cfg.model_copy(deep=True)
-            tcfg.target.device = str(accelerator.device)
-            target = load_target(tcfg)
-        if data is None:
-            train_ds, holdout_ds, default_collate = _open_data(cfg, cache_dir, target)
-        else:
-            train_ds, holdout_ds = data
-            default_collate = None
-        collate = collate or default_collate
-        if collate is None:
-            from drafter.cache import collate  # noqa: F811
-    if len(train_ds) == 0 or len(holdout_ds) == 0:
-        raise TrainError(f"empty training data: {len(train_ds)} train / {len(holdout_ds)} holdout sequences")
-    meta = _meta(train_ds)
-    layer_ids = list(meta.get("layer_ids") or target.layer_ids)
-    if layer_ids != list(target.layer_ids):
-        raise TrainError(
-            f"the cache holds feature layers {layer_ids} but the target captures {target.layer_ids}: "
-            "rebuild the cache or set target.layer_ids to match"
-        )
-
-    if meta.get("hidden_size") not in (None, target.hidden_size):
-        raise TrainError(
-            f"the cache holds width-{meta['hidden_size']} features; the target is {target.hidden_size} wide"
-        )
-
-    steps = tc.max_steps or math.ceil(tc.epochs * len(train_ds) / tc.batch_size)
-    # What determines the weights (not logging or checkpoint cadence): a changed key means
-    # another run, which must not resume these checkpoints.
-    cosmetic = {"log_every", "system_metrics", "checkpoint_every", "keep_checkpoints"}
-    run_key = sha256_json({
-        "drafter": cfg.drafter.model_dump(mode="json"), "train": tc.model_dump(mode="json", exclude=cosmetic),
-        "seed": cfg.run.seed,
-        "target": target.fingerprint, "layer_ids": layer_ids, "train_sequences": len(train_ds),
-        "holdout_sequences": len(holdout_ds), "cache": meta.get("key"),
-    })[:16]
-    manifest_path = out_dir / "manifest.json"
-    if manifest_path.is_file():
-        done = json.loads(manifest_path.read_text())
-        if done.get("params", {}).get("run_key") == run_key:
-            log.info("drafter in %s is already trained with this config and data: nothing to do", out_dir)
-            return done
-
-    # ----- model, optimizer, schedule -----
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.run.seed)
-    heads = TargetHeads.from_target(target)
-    token_counts = None
-    if cfg.drafter.draft_vocab_size and cfg.drafter.draft_vocab_size < heads.vocab_size:
-        with timer("token_counts"):
-            token_counts = _token_counts(train_ds, heads.vocab_size)
-    model = build(cfg, heads, layer_ids, token_counts)
-    vocab = {"draft_vocab_size": model.draft_vocab_size, "target_vocab_size": heads.vocab_size}
-    if token_counts is not None:  # share of the training answers' tokens the draft vocabulary holds
-        vocab["coverage"] = round(float(token_counts[model.t2d.cpu()].sum() / token_counts.sum().clamp_min(1)), 6)
-    model.verifier["name_or_path"] = verifier_name(target) or model.verifier["name_or_path"]
-    model.meta = {"target_fingerprint": target.fingerprint, "target_name": getattr(target, "name", None)}
-    model.to(accelerator.device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
-                                  weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, tc.warmup_ratio))
-
-    ckpt_root = out_dir / "checkpoints"
-    loop: dict[str, Any] = {"run_key": run_key, "step": 0, "best_tau": None, "best_step": None,
-                            "history": [], "evals": [], "tokens": 0, "positions": 0.0,
-                            "with_targets": 0, "without_targets": 0, "mlflow_run_id": None}
-    resumed_from = None
-    if (latest := latest_checkpoint(ckpt_root)) is not None:
-        saved = json.loads((latest / STATE_FILE).read_text())
-        if saved.get("run_key") != run_key:
-            raise TrainError(
-                f"{out_dir} holds checkpoints of a different run (config, target or data changed); "
-                "use another --out folder or delete it"
-            )
-        loop = load_checkpoint(latest, model, optimizer, scheduler)
-        resumed_from = latest.name
-        log.warning("resuming from %s (step %d of %d)", latest, loop["step"], steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    run = Session(cfg, accelerator, model, optimizer, scheduler, train_ds, holdout_ds, collate,
-                  holdout_n=min(len(holdout_ds), tc.holdout_limit or len(holdout_ds)))
-    inner = run.inner
-
-    # ----- MLflow -----
-    mlflow_run = _start_mlflow(cfg, loop, main)
-    if mlflow_run is not None and resumed_from is None:
-        _log_params(cfg, inner, target, steps, len(train_ds), len(holdout_ds), W)
-    loop["mlflow_run_id"] = mlflow_run.info.run_id if mlflow_run is not None else loop.get("mlflow_run_id")
-    select = "sim_tau_greedy" if cfg.evaluate.temperature == 0 else "sim_tau"
-
-    def record_eval(step: int) -> None:
-        result = run.evaluate()
-        tau = result[select]
-        loop["evals"].append({"step": step, **result})
-        improved = loop["best_tau"] is None or tau > loop["best_tau"]
-        if improved:
-            loop["best_tau"], loop["best_step"] = tau, step
-            if main:
-                _export(inner, out_dir / "best", step, result)
-        _log_metrics(mlflow_run, step, "holdout", result)
-        if main and mlflow_run is not None:
-            import mlflow
-
-            mlflow.log_metric("holdout/best_tau", loop["best_tau"], step=step)
-        accelerator.wait_for_everyone()
-
-    from tqdm.auto import tqdm
-
-    model.train()
-    if loop["step"] == 0 and not loop["evals"]:
-        with timer("evaluate"):
-            record_eval(0)  # the untrained baseline
-    bar = tqdm(total=steps, initial=loop["step"], disable=not main, desc=f"train {cfg.drafter.algorithm}", unit="step",
-               mininterval=2.0)
-    try:
-        while loop["step"] < steps:
-            step = loop["step"]
-            started = time.perf_counter()
-            with timer("train"):
-                totals, tokens, lr, grad_norm = run.train_step(step)
-            elapsed = time.perf_counter() - started
-            summary = totals.summary()
-            n = totals.positions
-            record = {"step": step + 1, "loss": summary["loss"], **summary["losses"], "sim_tau": summary["sim_tau"],
-                      "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / max(elapsed, 1e-9), "positions": n}
-            loop["history"].append(record)
-            loop["tokens"] += tokens
-            loop["with_targets"] += int(totals.sequences[0])
-            loop["without_targets"] += int(totals.sequences[1])
-            loop["positions"] += n
-            loop["step"] = step + 1
-            if main and mlflow_run is not None and (loop["step"] % tc.log_every == 0 or loop["step"] == steps):
-                _log_metrics(mlflow_run, loop["step"], "train", summary,
-                             extra={"lr": lr, "grad_norm": grad_norm, "tokens_per_s": record["tokens_per_s"]})
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tau=f"{summary['sim_tau']:.2f}")
-            if loop["step"] % tc.eval_every == 0 or loop["step"] == steps:
-                with timer("evaluate"):
-                    record_eval(loop["step"])
-            if loop["step"] % tc.checkpoint_every == 0 and loop["step"] < steps:
-                with timer("checkpoint"):
-                    if main:
-                        _checkpoint(ckpt_root, inner, optimizer, scheduler, loop, tc.keep_checkpoints)
-                    accelerator.wait_for_everyone()
-            if callback is not None:
-                callback(loop["step"], record)
-    except BaseException:
-        if mlflow_run is not None:
-            import mlflow
-
-            mlflow.end_run(status="KILLED")  # resumed (same run id) by the next call
-        raise
-    finally:
-        bar.close()
-    if mlflow_run is not None:
-        import mlflow
-
-        mlflow.end_run()
-
-    # ----- outputs -----
-    if main:
-        _export(inner, out_dir / "last", loop["step"], loop["evals"][-1])
-        _checkpoint(ckpt_root, inner, optimizer, scheduler, loop, tc.keep_checkpoints)
-        atomic_write_json(out_dir / "metrics.json", {
-            "algorithm": cfg.drafter.algorithm, "selected_by": select, "best_step": loop["best_step"],
-            "best_tau": loop["best_tau"], "evals": loop["evals"], "history": loop["history"],
-        })
-        cfg.save(out_dir / "config.yaml")
-    seen = loop["step"] * tc.batch_size
-    counts = {
-        "train_sequences": len(train_ds), "holdout_sequences": len(holdout_ds), "holdout_evaluated": run.holdout_n,
-        "steps": loop["step"], "sequences_seen": seen,
-        "sequences_with_targets": loop["with_targets"], "sequences_without_targets": loop["without_targets"],
-        "tokens_seen": loop["tokens"], "positions_trained": int(loop["positions"]), "evaluations": len(loop["evals"]),
-        "processes": W,
-    }
-    check_accounting(seen, {"with_targets": counts["sequences_with_targets"],
-                            "without_targets": counts["sequences_without_targets"]}, "training sequences")
-    params = {"run_key": run_key, "algorithm": cfg.drafter.algorithm, "drafter": cfg.drafter.model_dump(mode="json"),
-              "train": tc.model_dump(mode="json"), "seed": cfg.run.seed, "layer_ids": layer_ids,
-              "trainable_parameters": sum(p.numel() for p in run.trainable), "selected_by": select,
-              "vocabulary": vocab, "mixed_precision": accelerator.mixed_precision}
-    outputs = {"best": str(out_dir / "best"), "last": str(out_dir / "last"), "best_step": loop["best_step"],
-               "best_tau": loop["best_tau"], "final_holdout": loop["evals"][-1], "resumed_from": resumed_from,
-               "mlflow_run_id": loop.get("mlflow_run_id")}
-    inputs = {"cache": str(cache_dir) if data is None else "<in-memory>", "target_fingerprint": target.fingerprint,
-              "cache_meta": {k: v for k, v in meta.items() if isinstance(v, (str, int, float, list, bool))}}
-    if main:
-        write_manifest(out_dir, "train", inputs=inputs, params=params, counts=counts,
-                       durations=timer.durations, outputs=outputs)
-        if mlflow_run is not None:
-            _log_artifacts(loop["mlflow_run_id"], out_dir)
-    accelerator.wait_for_everyone()
-    return json.loads(manifest_path.read_text()) if manifest_path.is_file() else {
-        "stage": "train", "params": params, "counts": counts, "outputs": outputs}
-
-
-def _export(model, folder: Path, step: int, result: dict[str, Any]) -> None:
-    model.meta |= {"step": step, "holdout_sim_tau": result["sim_tau"],
-                   "holdout_sim_tau_greedy": result["sim_tau_greedy"], "holdout_accept_rate": result["accept_rate"]}
-    with atomic_dir(folder) as tmp:
-        model.export(tmp)
-
-
-# ----- MLflow -----------------------------------------------------------------------------
-def _start_mlflow(cfg: Config, loop: dict[str, Any], main: bool):
-    """A run nested under the active lifecycle run when there is one; resumed by id."""
-    if not main:
-        return None
-    import mlflow
-
-    from drafter.registry import experiment_id
-
-    parent = mlflow.active_run()
-    if parent is None:  # the run's experiment, artifacts in the state dir on a local store
-        mlflow.set_experiment(experiment_id=experiment_id(cfg))
-    kwargs = {"log_system_metrics": cfg.train.system_metrics}
-    if loop.get("mlflow_run_id"):
-        return mlflow.start_run(run_id=loop["mlflow_run_id"], nested=parent is not None, **kwargs)
-    return mlflow.start_run(run_name=f"train-{cfg.drafter.algorithm}", nested=parent is not None, **kwargs)
-
-
-def _log_params(cfg: Config, model, target, steps: int, n_train: int, n_holdout: int, processes: int) -> None:
-    import mlflow
-
-    params = {f"drafter.{k}": v for k, v in cfg.drafter.model_dump(mode="json").items()}
-    params |= {f"train.{k}": v for k, v in cfg.train.model_dump(mode="json").items()}
-    params |= {
-        "seed": cfg.run.seed, "steps": steps, "train_sequences": n_train, "holdout_sequences": n_holdout,
-        "processes": processes, "target": getattr(target, "name", None), "target_fingerprint": target.fingerprint,
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-    }
-    mlflow.log_params(params)
-    mlflow.set_tag("stage", "train")
-
-
-def _log_metrics(run, step: int, prefix: str, summary: dict[str, Any], extra: dict[str, float] | None = None) -> None:
-    if run is None:
-        return
-    import mlflow
-
-    metrics = {f"{prefix}/loss": summary["loss"], f"{prefix}/sim_tau": summary["sim_tau"],
-               f"{prefix}/sim_tau_greedy": summary["sim_tau_greedy"]}
-    metrics |= {f"{prefix}/loss_{k}": v for k, v in summary["losses"].items()}
-    for k, (rate, acc) in enumerate(zip(summary["accept_rate"], summary["accuracy"]), start=1):
-        metrics[f"{prefix}/accept_rate_pos{k}"] = rate
-        metrics[f"{prefix}/accuracy_pos{k}"] = acc
-    metrics |= {k: v for k, v in (extra or {}).items()}
-    mlflow.log_metrics(metrics, step=step)
-
-
-def _log_artifacts(run_id: str | None, out_dir: Path) -> None:
-    import mlflow
-
-    if run_id is None:
-        return
-    client = mlflow.MlflowClient()
-    for name in ("manifest.json", "metrics.json", "config.yaml"):
-        if (out_dir / name).is_file():
-            client.log_artifact(run_id, str(out_dir / name), artifact_path="train")
+    trainer = Trainer(cfg, Path(cache_dir) if cache_dir is not None else cfg.data_dir / "cache",
+                      Path(out_dir) if out_dir is not None else cfg.data_dir / "drafter", target, data, collate, callback)
+    done = trainer.prepare()
+    if done is not None:
+        return done
+    trainer.resume()
+    if not trainer.fit(stop_at):
+        return {"stage": "train", "stopped_at": trainer.loop.step, "run_key": trainer.run_key}
+    return trainer.finish()

@@ -223,3 +223,21 @@ def test_cli_trains_from_the_cache_api(tmp_path, monkeypatch):
     assert summary["steps"] == 2 and summary["algorithm"] == "dspark"
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["inputs"]["cache"] == str(tmp_path / "cache")
+
+
+def test_stop_at_and_export_steps(target, data, tmp_path):
+    """stop_at ends a run at a checkpoint and the next call continues it exactly; export steps
+    leave loadable drafters with their step, held-out estimate and CPU time."""
+    cfg = tiny_cfg("train.max_steps=6", "train.eval_every=100", "train.checkpoint_every=100", "train.export_steps=[2,4]")
+    whole = train(cfg, out_dir=tmp_path / "whole", target=target, data=data, collate=collate)
+    first = train(cfg, out_dir=tmp_path / "split", target=target, data=data, collate=collate, stop_at=4)
+    assert first == {"stage": "train", "stopped_at": 4, "run_key": whole["params"]["run_key"]}
+    assert (tmp_path / "split" / "checkpoints" / "step-00000004").is_dir() and not (tmp_path / "split" / "last").exists()
+    rest = train(cfg, out_dir=tmp_path / "split", target=target, data=data, collate=collate)
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    assert rest["outputs"]["resumed_from"] == "step-00000004"
+    heads = TargetHeads.from_target(target)
+    for step in (2, 4):
+        model = load_drafter(tmp_path / "split" / "steps" / f"step-{step:08d}", heads)
+        assert model.meta["step"] == step and model.meta["train_cpu_s"] > 0 and model.meta["holdout_sim_tau"] >= 1
+    assert rest["outputs"]["train_cpu_s"] >= model.meta["train_cpu_s"]

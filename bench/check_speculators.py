@@ -44,7 +44,9 @@ CASES = [  # (name, target family, algorithm, config overrides)
     ("eagle3-llama-vocab128", "llama", "eagle3", ["drafter.draft_vocab_size=128"]),
     ("eagle3-qwen3", "qwen3", "eagle3", []),
     ("dflash-llama", "llama", "dflash", []),
+    ("dflash-llama-vocab128", "llama", "dflash", ["drafter.draft_vocab_size=128"]),
     ("dspark-llama", "llama", "dspark", []),
+    ("dspark-llama-vocab128", "llama", "dspark", ["drafter.draft_vocab_size=128"]),
     ("dspark-qwen3-gated", "qwen3", "dspark", ["drafter.markov_head_type=gated"]),
 ]
 
@@ -67,7 +69,7 @@ def save_verifier(shape: str, folder: Path):
     from drafter.config import TargetConfig, TinyTargetConfig
     from drafter.target import load_target
 
-    target = load_target(TargetConfig(source="tiny", tiny=TinyTargetConfig(shape=shape, seed=3)))
+    target = load_target(TargetConfig(source="tiny", dtype="float32", tiny=TinyTargetConfig(shape=shape, seed=3)))
     target.model.config.architectures = [type(target.model).__name__]
     target.model.save_pretrained(folder)
     target.tokenizer.save_pretrained(folder)
@@ -97,7 +99,7 @@ def build_case(name: str, target, algo: str, sets: list[str], verifier: Path, wo
         if algo == "eagle3":
             batch = TrainBatch(ids, torch.ones_like(ids, dtype=torch.bool), torch.ones_like(ids, dtype=torch.bool),
                                feats.layers, feats.final)
-            logits = model.logits(model.ttt_hidden(batch)[0][0])
+            logits = model.vocab_logits(model.ttt_hidden(batch)[0][0])
             ref = {"tokens": ids[0, 1:], "features": feats.layers[0, :-1].flatten(-2),
                    "positions": torch.arange(1, ids.shape[1]), "logits": logits}
         else:

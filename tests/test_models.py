@@ -357,3 +357,15 @@ def test_warm_start_copies_the_targets_last_layers(target, heads, algo):
     else:
         assert torch.equal(mine.self_attn.q_proj.weight, source.self_attn.q_proj.weight)
     assert copied >= 5
+
+
+def test_eagle3_chain_unroll_equals_the_full_unroll(target, heads, batch):
+    """Unrolling only the sampled chains gives exactly the full unroll's rows."""
+    model = make(target, heads, "eagle3")
+    chains = torch.tensor([[0, 5, 9], [2, 3, 17]])
+    sub = batch.__class__(batch.input_ids[:2], batch.loss_mask[:2], batch.attention_mask[:2], batch.features[:2],
+                          batch.final_hidden[:2])
+    with torch.no_grad():
+        full, part = model.ttt_hidden(sub), model.ttt_hidden(sub, chains)
+    for f, p in zip(full, part):
+        torch.testing.assert_close(p, f.gather(1, chains[..., None].expand(-1, -1, f.shape[-1])), rtol=1e-5, atol=1e-5)

@@ -117,9 +117,9 @@ def test_reduced_vocabulary_every_algorithm(target, heads, batch, algo, tmp_path
     ids = model.draft_ids
     assert model.draft_vocab_size == 64 and model.t2d.sum() == 64 and model.t2d[ids].all()
     assert set(counts.topk(20).indices.tolist()) <= set(ids.tolist())  # the most frequent kept
-    if algo == "dspark":  # the Markov head is sized by the draft vocabulary (+1 row: anchors outside it)
+    if algo == "dspark":  # W2 scores the draft vocabulary; W1 embeds any previous target token (an anchor)
         assert model.markov_head.markov_w2.weight.shape[0] == 64
-        assert model.markov_head.markov_w1.weight.shape[0] == 65
+        assert model.markov_head.markov_w1.weight.shape[0] == heads.vocab_size
     state = model.init_state()
     model.extend(state, batch.features[:1, :10], batch.input_ids[:1, :10])
     for temperature in (0.0, 1.0):

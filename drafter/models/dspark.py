@@ -130,8 +130,8 @@ class BlockLayout:
 class MarkovHead(nn.Module):
     """Low-rank first-order bias B_k = W2(W1[x_{k-1}]) over the drafter's vocabulary.
 
-    With a reduced draft vocabulary of N tokens, W1 has N + 1 rows (the last one for a
-    previous token outside it, e.g. an anchor) and W2 scores the N draft tokens.
+    W1 embeds the previous *target* token (any of V: an anchor may lie outside a reduced
+    draft vocabulary); W2 scores the drafter's N tokens (speculators' layout).
     """
 
     def __init__(self, in_vocab: int, out_vocab: int, rank: int, hidden_size: int, head_type: str) -> None:
@@ -194,7 +194,7 @@ class DSpark(DraftVocab, DraftModel):
         self.norm = RMSNorm(H, self.layer_config.rms_norm_eps)
         self.rotary = Rotary(self.layer_config)
         self.markov_head = (
-            MarkovHead(Vd + (self.d2t is not None), Vd, config.markov_rank, H, config.markov_head_type)
+            MarkovHead(heads.vocab_size, Vd, config.markov_rank, H, config.markov_head_type)
             if config.markov_rank > 0 else None
         )
         self.confidence_head = ConfidenceHead(H + config.markov_rank) if config.confidence_head else None
@@ -257,7 +257,7 @@ class DSpark(DraftVocab, DraftModel):
         logits = self.vocab_logits(hidden).float() if backbone is None else backbone
         if self.markov_head is None:
             return logits, None
-        bias, emb = self.markov_head(self.draft_index(prev), hidden)
+        bias, emb = self.markov_head(prev, hidden)
         return logits + bias.float(), emb
 
     def confidence_logit(self, hidden: torch.Tensor, prev_emb: torch.Tensor | None) -> torch.Tensor:
@@ -418,7 +418,10 @@ class DSpark(DraftVocab, DraftModel):
             fields=self.speculators_fields(),
             drafter={"algorithm": self.algorithm, "config": asdict(self.config), **self.meta},
         )
-        return fmt.write(Path(out_dir), config, self.state_dict())
+        state = dict(self.state_dict())
+        if self.d2t is not None:  # speculators keeps a reduced head serialised: it cannot derive it
+            state["lm_head.weight"] = self.heads.lm_head.weight[self.draft_ids]
+        return fmt.write(Path(out_dir), config, state)
 
     @classmethod
     def config_from_speculators(cls, config: dict[str, Any]) -> DSparkConfig:

@@ -105,9 +105,15 @@ class Eagle3(DraftVocab, DraftModel):
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.heads.embed_tokens(ids).to(self.fc.weight.dtype)
 
-    def ttt_hidden(self, batch: TrainBatch) -> list[torch.Tensor]:
-        """The unrolled training forward: per step i, final-normed hidden [b, T-1, H] whose
-        index t predicts the token at position t+2+i (index t <-> position s = t+1)."""
+    def ttt_hidden(self, batch: TrainBatch, chains: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The unrolled training forward: per step i, final-normed hidden whose index t
+        predicts the token at position t+2+i (index t <-> position s = t+1).
+
+        `chains` None: every index, [b, T-1, H] per step. `chains` [b, A] (indices): only
+        those chains, [b, A, H] per step. A chain depends on the step-0 keys of every index
+        and on its own earlier steps only, so the result is the same rows, and the unroll's
+        layer work shrinks from T-1 to A rows a sequence after the step-0 keys.
+        """
         ids = batch.input_ids
         b, T = ids.shape
         N = T - 1
@@ -117,22 +123,28 @@ class Eagle3(DraftVocab, DraftModel):
         idx = torch.arange(N, device=device)
         causal = idx[None, :] <= idx[:, None]  # [query, key]
         mask = (causal[None] & batch.attention_mask[:, 1:][:, None, :]) | torch.eye(N, dtype=torch.bool, device=device)
-        k0 = v0 = None
+        # step 0: keys and values of every index (what all chains attend to)
+        cos, sin = self.rotary((idx + 1).expand(b, N), hidden.dtype)
+        x2 = self._inputs(self._embed(ids[:, 1:]), hidden)
+        k0, v0 = attn.kv(x2, cos, sin)
+        rows = idx.expand(b, N) if chains is None else chains  # [b, R] query indices
+        pick = lambda x: x.gather(1, rows.reshape(b, -1, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))  # noqa: E731
+        mask = mask.gather(1, rows[..., None].expand(-1, -1, N))
+        hidden = pick(hidden)
         diag_k: list[torch.Tensor] = []
         diag_v: list[torch.Tensor] = []
         outs = []
         for i in range(self.config.ttt_steps):
-            tok = F.pad(ids[:, 1 + i :], (0, i), value=0)  # teacher forcing: x_{s+i}
-            cos, sin = self.rotary((idx + 1 + i).expand(b, N), hidden.dtype)
-            x2 = self._inputs(self._embed(tok), hidden)
-            q = attn.q(x2, cos, sin)
-            k, v = attn.kv(x2, cos, sin)
+            cos, sin = self.rotary(rows + 1 + i, hidden.dtype)
             if i == 0:
-                k0, v0 = k, v
-            else:
+                x = pick(x2)
+            else:  # teacher forcing: x_{s+i} (0 past the end: such rows are masked from the loss)
+                tok = F.pad(ids, (0, i + 1), value=0).gather(1, rows + 1 + i)
+                x = self._inputs(self._embed(tok), hidden)
+                k, v = attn.kv(x, cos, sin)
                 diag_k.append(k)
                 diag_v.append(v)
-            out = ttt_attention(q, k0, v0, mask, diag_k, diag_v, attn.scale)
+            out = ttt_attention(attn.q(x, cos, sin), k0, v0, mask, diag_k, diag_v, attn.scale)
             hidden = layer.feed_forward(hidden + attn.out(out))  # the draft's own state replaces h
             outs.append(self.norm(hidden))
         return outs
@@ -142,39 +154,39 @@ class Eagle3(DraftVocab, DraftModel):
         return self.forward_train(batch, **kwargs)  # so DDP wrappers see a forward()
 
     def forward_train(self, batch: TrainBatch, *, generator: Generators = None, reduction: str = "mean") -> TrainOutput:
-        """Soft cross-entropy over the unrolled steps of up to `max_anchors` chains a sequence.
-
-        The unroll itself runs over every position (its attention needs them); only the
-        chains' logits and losses, the H x V part that dominates the cost, are sampled, like
-        DFlash/DSpark's anchors: the same number of drafted positions per step for the three.
-        """
+        """Soft cross-entropy over the unrolled steps of up to `max_anchors` chains a sequence,
+        like DFlash/DSpark's anchors: the same number of drafted positions per step for the
+        three. Step 0's keys cover every position (all chains attend to them); the unroll
+        itself runs on the chains only."""
         steps = self.config.ttt_steps
-        outs = self.ttt_hidden(batch)
         ok = batch.loss_mask & batch.attention_mask
-        b, T = ok.shape
-        # index t at step i predicts position t+2+i: valid while the chain stays in assistant tokens
+        # index t at step i predicts position t+2+i: a chain starts where t+2 is an assistant token
         first = F.pad(ok[:, 2:], (0, 1), value=False)
-        run = torch.zeros_like(first)
-        for row, idx in enumerate(choose_positions(first, self.config.max_anchors, generator)):
-            run[row, idx.to(run.device)] = True
+        picked = choose_positions(first, self.config.max_anchors, generator)
+        A = max(1, max(c.numel() for c in picked))
+        chains = torch.zeros(len(picked), A, dtype=torch.long, device=ok.device)
+        run = torch.zeros(len(picked), A, dtype=torch.bool, device=ok.device)
+        for row, c in enumerate(picked):
+            chains[row, : c.numel()], run[row, : c.numel()] = c.to(ok.device), True
+        outs = self.ttt_hidden(batch, chains)
         valid = []
-        for i in range(steps):
-            nxt = ok[:, 2 + i :]
-            run = run & F.pad(nxt, (0, T - 1 - nxt.shape[1]), value=False)
+        padded_ok = F.pad(ok, (0, steps + 2), value=False)
+        for i in range(steps):  # valid while the chain stays in assistant tokens
+            run = run & padded_ok.gather(1, chains + 2 + i)
             valid.append(run.nonzero(as_tuple=True))
         # p_t at position t+1+i for every step at once (cached top-k, or once per position via the LM head)
         targets = target_dist(self.heads, batch, torch.cat([bi for bi, _ in valid]),
-                              torch.cat([ti + 1 + i for i, (_, ti) in enumerate(valid)]))
+                              torch.cat([chains[bi, ai] + 1 + i for i, (bi, ai) in enumerate(valid)]))
         total = torch.zeros((), device=ok.device)
         slots, accepts, corrects = [], [], []
         start = 0
-        for i, (normed, (bi, ti)) in enumerate(zip(outs, valid)):
+        for i, (normed, (bi, ai)) in enumerate(zip(outs, valid)):
             target = targets[start : start + bi.numel()]
             start += bi.numel()
             if self.t2d is not None:  # mask targets the draft vocabulary cannot express
                 keep = self.t2d[target.argmax()]
-                bi, ti, target = bi[keep], ti[keep], target[keep]
-            logp = torch.log_softmax(self.vocab_logits(normed[bi, ti]).float(), -1)
+                bi, ai, target = bi[keep], ai[keep], target[keep]
+            logp = torch.log_softmax(self.vocab_logits(normed[bi, ai]).float(), -1)
             total = total + self.config.ttt_decay**i * soft_cross_entropy(self, logp, target).sum()
             with torch.no_grad():
                 accepts.append((1.0 - 0.5 * l1_to_target(self, logp.exp(), target)).clamp(0.0, 1.0))

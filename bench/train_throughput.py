@@ -3,8 +3,10 @@ issue, side by side in one run on the real SmolLM2-135M target's shapes:
 
 - before: the target (its frozen embedding and LM head) in fp32, no autocast, p_t recomputed
   from the cached final hidden state through the 576 x 49,152 LM head, the full vocabulary;
+  EAGLE-3's training-time-test unroll over every position (then the sampled chains kept);
 - after:  `runtime.dtype: auto` (bf16 target, bf16 autocast, fp32 master weights), p_t from
-  the cache's top-64 (no target LM head), a 16,384-token draft vocabulary.
+  the cache's top-64 (no target LM head), a 16,384-token draft vocabulary, EAGLE-3's unroll
+  on the sampled chains only.
 
     DRAFTER_MODELS=/work/main/.drafter/models /work/main/.venv/bin/python bench/train_throughput.py \
         [--seq-len 320] [--batch 8] [--anchors 16] [--steps 3] [--threads 1]
@@ -58,9 +60,8 @@ def measure(target, algorithm: str, variant: str, batch, anchors: int, steps: in
     from drafter.models import TargetHeads, TrainBatch, build
 
     _, autocast, sparse, vocab = VARIANTS[variant]
-    sets = [f"drafter.algorithm={algorithm}", f"train.max_anchors={anchors}"]
-    if vocab:
-        sets.append(f"drafter.draft_vocab_size={vocab}")
+    sets = [f"drafter.algorithm={algorithm}", f"train.max_anchors={anchors}",
+            f"drafter.draft_vocab_size={vocab or 'null'}"]
     cfg = load_config(ROOT / "configs" / "smollm2-135m-dspark.yaml", sets)
     heads = TargetHeads.from_target(target)
     if sparse:
@@ -72,6 +73,10 @@ def measure(target, algorithm: str, variant: str, batch, anchors: int, steps: in
     counts = torch.bincount(torch.cat([batch.input_ids[batch.loss_mask], argmax.flatten()]), minlength=heads.vocab_size)
     torch.manual_seed(0)
     model = build(cfg, heads, target.layer_ids, counts).train()
+    if algorithm == "eagle3" and variant == "before":  # the unroll ran over every position, then kept the chains
+        full = model.ttt_hidden
+        model.ttt_hidden = lambda b, chains=None: [  # noqa: E731
+            o.gather(1, chains[..., None].expand(-1, -1, o.shape[-1])) for o in full(b)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(batch.input_ids.shape[0])]  # noqa: E731
@@ -152,9 +157,10 @@ def render(report: dict, path: Path) -> None:
         f"steps after one warm-up; load average {tuple(round(x, 1) for x in report['load_average'])} "
         "(shared machine: ratios are side by side in one run).",
         "",
-        "- before: fp32 target heads, no autocast, dense p_t through the LM head, full vocabulary",
+        "- before: fp32 target heads, no autocast, dense p_t through the LM head, full vocabulary; "
+        "EAGLE-3 unrolled over every position",
         f"- after: bf16 target heads + bf16 autocast, top-{report['top_k']} p_t from the cache, "
-        f"{report['draft_vocab_size']:,}-token draft vocabulary",
+        f"{report['draft_vocab_size']:,}-token draft vocabulary; EAGLE-3 unrolled on its sampled chains",
         "",
         "| algorithm | variant | s / step | speedup | sequence tokens / s | draft positions / step | trainable params |",
         "|---|---|---|---|---|---|---|",

@@ -5,7 +5,7 @@ issue, side by side in one run on the real SmolLM2-135M target's shapes:
   from the cached final hidden state through the 576 x 49,152 LM head, the full vocabulary;
   EAGLE-3's training-time-test unroll over every position (then the sampled chains kept);
 - after:  `runtime.dtype: auto` (bf16 target, bf16 autocast, fp32 master weights), p_t from
-  the cache's top-64 (no target LM head), a 16,384-token draft vocabulary, EAGLE-3's unroll
+  the cache's top-64 (no target LM head), an 8,192-token draft vocabulary, EAGLE-3's unroll
   on the sampled chains only.
 
     DRAFTER_MODELS=/work/main/.drafter/models /work/main/.venv/bin/python bench/train_throughput.py \
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ALGORITHMS = ["dspark", "dflash", "eagle3"]
-TOP_K, DRAFT_VOCAB = 64, 16384
+TOP_K, DRAFT_VOCAB = 64, 8192  # the default config's draft vocabulary
 VARIANTS = {  # name -> (target dtype, autocast, sparse p_t, draft vocabulary)
     "before": ("float32", False, False, None),
     "after": ("bfloat16", True, True, DRAFT_VOCAB),

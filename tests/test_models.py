@@ -37,10 +37,10 @@ def batch(target):
     return collate([ds[i] for i in range(4)])
 
 
-def make(target, heads, algo, *sets):
+def make(target, heads, algo, *sets, counts=None):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"drafter.algorithm={algo}", *sets])
     torch.manual_seed(0)
-    return build(cfg, heads, target.layer_ids).eval()
+    return build(cfg, heads, target.layer_ids, counts).eval()
 
 
 def gens(n, seed=0):

@@ -6,39 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from drafter.config import load_config
 from drafter.decoding import SpecEngine
-from drafter.models import TargetHeads, build, load_drafter
+from drafter.models import TargetHeads, load_drafter
 from drafter.models.base import reserved_mask_token
 from drafter.models.metrics import TargetDist, l1_to_target, soft_cross_entropy
-from tests.conftest import ROOT
 from tests.drafters import lively_target
 from tests.test_decoding import QUESTIONS, chat, reference
-from tests.tiny_data import collate, make_dataset, sharp_target
 
-ALGOS = ["dspark", "dflash", "eagle3"]
-
-
-@pytest.fixture(scope="module")
-def target():
-    return sharp_target()
-
-
-@pytest.fixture(scope="module")
-def heads(target):
-    return TargetHeads.from_target(target)
-
-
-@pytest.fixture(scope="module")
-def batch(target):
-    ds = make_dataset(target, 4, answer_len=24, seed=3)
-    return collate([ds[i] for i in range(4)])
-
-
-def make(target, heads, algo, *sets, counts=None):
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"drafter.algorithm={algo}", *sets])
-    torch.manual_seed(0)
-    return build(cfg, heads, target.layer_ids, counts).eval()
+# The drafter fixtures (a sharp tiny target, its heads, a batch) are test_models'.
+from tests.test_models import ALGOS, batch, heads, make, target  # noqa: E402,F401
 
 
 def sparse(batch, heads, k):

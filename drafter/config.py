@@ -179,8 +179,6 @@ class DrafterConfig(Section):
     bce_weight: float = Field(1.0, ge=0)
     loss_decay: float = Field(4.0, gt=0)
     mask_token_id: int | None = Field(None, ge=0)  # DFlash/DSpark block filler; None: a reserved token (models/base.py)
-    # Initial decoder-layer weights: random, or copied from the target's last layers (where shapes match).
-    init: Literal["random", "target"] = "random"
 
 
 class TrainConfig(Section):

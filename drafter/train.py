@@ -46,7 +46,6 @@ from drafter.errors import DrafterError
 from drafter.checkpoint import STATE_FILE, checkpoint, latest_checkpoint, load_checkpoint
 from drafter.manifest import Timer, atomic_dir, atomic_write_json, check_accounting, sha256_json, write_manifest
 from drafter.models import TargetHeads, TrainBatch, build
-from drafter.models.layers import warm_start
 from drafter.models.metrics import simulated_tau
 from drafter.runtime import resolve_dtype
 
@@ -557,15 +556,13 @@ class Trainer:
 
 def build_model(cfg: Config, target: Any, layer_ids: list[int], train_ds: Any, timer: Timer | None = None):
     """The configured drafter on the target's frozen heads: draft vocabulary from the training
-    data's assistant tokens, warm start from the target's last layers when asked."""
+    data's assistant tokens."""
     heads = TargetHeads.from_target(target)
     token_counts = None
     if cfg.drafter.draft_vocab_size and cfg.drafter.draft_vocab_size < heads.vocab_size:
         with timer("token_counts") if timer else contextlib.nullcontext():
             token_counts = _token_counts(train_ds, heads.vocab_size)
     model = build(cfg, heads, layer_ids, token_counts)
-    if cfg.drafter.init == "target":
-        warm_start(model.layers, target.model.get_decoder().layers)
     model.verifier["name_or_path"] = verifier_name(target) or model.verifier["name_or_path"]
     model.meta = {"target_fingerprint": target.fingerprint, "target_name": getattr(target, "name", None)}
     model._token_counts = token_counts

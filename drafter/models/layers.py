@@ -224,22 +224,6 @@ def ttt_attention(
     return out.flatten(1, 2).to(q.dtype)  # [b, h, N, d]
 
 
-@torch.no_grad()
-def warm_start(layers: nn.ModuleList, target_layers: nn.ModuleList) -> int:
-    """Initialise the drafter's layers from the target's last ones (layer i <- target layer
-    N - len(layers) + i): every weight whose name and shape match (attention, MLP, norms);
-    the rest (q/k norms a Llama lacks, EAGLE-3's 2H-wide q/k/v) keeps its fresh init.
-    Returns the number of tensors copied."""
-    copied = 0
-    for mine, theirs in zip(layers, list(target_layers)[-len(layers):]):
-        source = dict(theirs.named_parameters())
-        for name, param in mine.named_parameters():
-            if name in source and source[name].shape == param.shape:
-                param.copy_(source[name].to(param.dtype))
-                copied += 1
-    return copied
-
-
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
     """transformers' default init: normal(0, initializer_range) weights, zero biases."""
     for m in module.modules():
@@ -253,5 +237,5 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
 
 __all__ = [
     "Attention", "DecoderLayer", "MLP", "RMSNorm", "Rotary", "apply_rope", "block_attention",
-    "draft_layer_config", "init_weights", "ttt_attention", "warm_start",
+    "draft_layer_config", "init_weights", "ttt_attention",
 ]

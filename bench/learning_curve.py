@@ -170,6 +170,7 @@ class Bench:
         self.logs = self.data / "lc-logs"
         self.budgets, self.extra_budgets = budgets, extra_budgets
         self.max_steps = max(budgets + extra_budgets)
+        self.decode_steps = set(ints(args.decode_steps)) if args.decode_steps else set(budgets + extra_budgets)
         self.every = reduce(math.gcd, budgets + extra_budgets)
         self.eval_every = self.max_steps  # held-out estimates are taken at export, outside the budget
         self.env = dict(os.environ)
@@ -215,7 +216,8 @@ class Bench:
             "config_file": str(self.config), "overrides": self.args.overrides, "algorithms": self.args.algorithms,
             "steps": self.budgets, "extra_seed": self.args.extra_seed, "extra_seed_steps": self.extra_budgets,
             "max_cpu_minutes": self.args.max_cpu_minutes, "samples": self.args.samples,
-            "final_samples": self.args.final_samples, "train.max_steps": self.max_steps,
+            "final_samples": self.args.final_samples, "decode_steps": sorted(self.decode_steps),
+            "train.max_steps": self.max_steps,
             "train.checkpoint_every": self.every, "train.eval_every": self.eval_every,
             "eval_seed": self.cfg.run.seed, "jobs": self.args.jobs}}
         d["config_hash"] = self.config_hash
@@ -352,6 +354,8 @@ class Bench:
         atomic_write_json(marker, {"lc_key": lc_key, "algorithm": alg, "seed": seed, "max_steps": self.max_steps})
         for b in budgets:
             k = self.args.final_samples if b == max(self.budgets) else self.args.samples
+            if b not in self.decode_steps:
+                k = 0  # not decoded: the held-out simulated tau only
             key = self.point_key(alg, seed, b, k)
             have = self.point(alg, seed, b)
             if have is not None and have.get("key") == key:
@@ -381,6 +385,13 @@ class Bench:
                    "--budget", str(b), "--lc-key", lc_key]
             self.call("train_worker", f"train-{alg}-s{seed}", cmd)
             info = json.loads(side.read_text())
+        if not k:
+            return {"algorithm": alg, "steps": b, "seed": seed, "cpu_minutes": round(info["cost"]["cpu_s"] / 60, 4),
+                    "decoded": False, "macro_tau_greedy": None, "macro_tau_t1": None, "speedup_greedy": None,
+                    "speedup_t1": None, "prompts_per_set": 0, "key": key,
+                    "holdout_sim_tau": {"t1": info["holdout"].get("sim_tau"),
+                                        "greedy": info["holdout"].get("sim_tau_greedy"),
+                                        "note": "cheap estimate, not decoded"}}
         drafter_hash = sha256_tree(export)
         reports, samples, eval_wall = {}, {}, 0.0
         for mode, temp in MODES.items():
@@ -419,7 +430,7 @@ def assemble(alg, seed, steps, key, info, reports, samples, eval_wall) -> dict:
     g, t = reports["greedy"], reports["t1"]
     per_set = {n: m["samples"] for n, m in g["datasets"].items()}
     return {
-        "algorithm": alg, "steps": steps, "seed": seed,
+        "algorithm": alg, "steps": steps, "seed": seed, "decoded": True,
         "cpu_minutes": round(info["cost"]["cpu_s"] / 60, 4),
         "tau_greedy": {n: m["tau_pooled"] for n, m in g["datasets"].items()},
         "tau_t1": {n: m["tau_pooled"] for n, m in t["datasets"].items()},
@@ -507,6 +518,10 @@ def _f(x, digits: int = 2) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def _x(ratio) -> str:
+    return "" if ratio is None else _f(ratio) + "x"
+
+
 def _ci(p: dict | None, field: str, digits: int = 2, pct: bool = False) -> str:
     if p is None:
         return ""
@@ -550,8 +565,8 @@ def render(doc: dict) -> str:
         for p in rows:
             h = p.get("holdout_sim_tau") or {}
             cells = [str(p["steps"]), str(p["seed"]), _f(p["cpu_minutes"], 1),
-                     _f(p["macro_tau_greedy"], 3), _f(p["macro_tau_t1"], 3), _f(p["speedup_greedy"]) + "x",
-                     _f(p["speedup_t1"]) + "x", f"{_f(h.get('t1'), 3)} / {_f(h.get('greedy'), 3)}",
+                     _f(p["macro_tau_greedy"], 3), _f(p["macro_tau_t1"], 3), _x(p["speedup_greedy"]),
+                     _x(p["speedup_t1"]), f"{_f(h.get('t1'), 3)} / {_f(h.get('greedy'), 3)}",
                      str(p["prompts_per_set"] if not isinstance(p["prompts_per_set"], dict)
                          else min(p["prompts_per_set"].values()))]
             for num in vs:
@@ -599,20 +614,25 @@ def plot(doc: dict, path: Path) -> bool:
             kw = dict(color=COLORS[alg], marker="o" if main else "s", markersize=4 if main else 6,
                       mfc=COLORS[alg] if main else "none", linewidth=1.6 if main else 0.8)
             label = NAMES[alg] + ("" if main else f" (seed {seed})")
-            ax1.plot(x, [p["macro_tau_greedy"] for p in rows], linestyle="-", label=f"{label}, greedy", **kw)
-            ax1.plot(x, [p["macro_tau_t1"] for p in rows], linestyle="--", label=f"{label}, T=1", **kw)
+            nan = float("nan")
+            ax1.plot(x, [p["macro_tau_greedy"] or nan for p in rows], linestyle="-", label=f"{label}, greedy", **kw)
+            ax1.plot(x, [p["macro_tau_t1"] or nan for p in rows], linestyle="--", label=f"{label}, T=1", **kw)
+            ax1.plot(x, [(p.get("holdout_sim_tau") or {}).get("t1") or nan for p in rows], linestyle=":",
+                     label=f"{label}, held-out sim. T=1 (not decoded)", **kw)
             ax2.plot(x, [p["speedup_greedy"] or float("nan") for p in rows], linestyle="-", label=f"{label}, greedy", **kw)
             ax2.plot(x, [p["speedup_t1"] or float("nan") for p in rows], linestyle="--", label=f"{label}, T=1", **kw)
             if main:
                 for p, xi in zip(rows, x):
-                    ax1.annotate(str(p["steps"]), (xi, p["macro_tau_greedy"]), fontsize=6, alpha=0.7,
-                                 xytext=(2, 3), textcoords="offset points")
+                    y = p["macro_tau_greedy"] or (p.get("holdout_sim_tau") or {}).get("t1")
+                    if y:
+                        ax1.annotate(str(p["steps"]), (xi, y), fontsize=6, alpha=0.7, xytext=(2, 3),
+                                     textcoords="offset points")
     for ax in (ax1, ax2):
         ax.set_xscale("log")
         ax.set_xlabel("training CPU-minutes (log)")
         ax.grid(True, which="both", alpha=0.3)
     ax1.set_ylabel("macro tau (pooled, tokens per round)")
-    ax1.set_title("acceptance length (solid: greedy, dashed: T=1)")
+    ax1.set_title("acceptance length (solid: greedy, dashed: T=1, dotted: held-out sim.)")
     ax2.set_ylabel("speedup vs plain decoding")
     ax2.axhline(1.0, color="grey", linewidth=0.8)
     ax2.set_title("end-to-end speedup")
@@ -653,6 +673,8 @@ def main() -> None:
     parser.add_argument("--extra-seed", type=int, default=None)
     parser.add_argument("--samples", type=int, default=8, help="prompts per eval set")
     parser.add_argument("--final-samples", type=int, default=20, help="prompts per eval set at the largest budget")
+    parser.add_argument("--decode-steps", default=None,
+                        help="budgets decoded (default: all); the others get the held-out simulated tau only")
     parser.add_argument("--jobs", type=int, default=2, help="(algorithm, seed) pipelines at a time")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learning_curve.json")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the markdown and PNG from --out")

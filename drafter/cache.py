@@ -65,13 +65,12 @@ from drafter.manifest import (
     write_manifest,
 )
 from drafter.models.base import TrainBatch
-from drafter.runtime import dtype_name
+from drafter.runtime import DTYPES, dtype_name
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 SPLITS = ("train", "holdout")
-_FLOAT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _NO_ANSWER = "no assistant token within max_seq_len"
 TOP_K_CHUNK = 512  # tokens per LM-head product when storing the target's top-k
 
@@ -210,7 +209,7 @@ class ShardWriter:
         if self.dtype == "int8" and name == "features":
             tensors["features"], tensors["features_scale"] = quantize_int8(x)
             return
-        stored = x.to(_FLOAT_DTYPES["bfloat16" if self.dtype == "int8" else self.dtype])
+        stored = x.to(DTYPES["bfloat16" if self.dtype == "int8" else self.dtype])
         if not torch.isfinite(stored).all():
             raise CacheError(f"{where}: {name} overflows {self.dtype}; use cache.dtype=bfloat16 or float32")
         tensors[name] = stored.contiguous()

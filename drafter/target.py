@@ -28,7 +28,7 @@ from torch import nn
 
 from drafter.config import Config, ConfigError, TargetConfig, check_layer_ids
 from drafter.manifest import atomic_dir, atomic_write_json, sha256_bytes, sha256_file, sha256_json
-from drafter.runtime import resolve_dtype
+from drafter.runtime import dtype_name, resolve_dtype
 from drafter.state import state_paths
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class Target:
             "layers": self.num_layers,
             "hidden_size": self.hidden_size,
             "vocab_size": self.vocab_size,
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": dtype_name(self.dtype),
             "device": str(self.device),
             "chat_template": self.chat_template is not None,
             "feature_layers": self.layer_ids,

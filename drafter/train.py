@@ -367,7 +367,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         set_seed(cfg.run.seed)
-        self.model = build_model(cfg, target, layer_ids, train_ds, timer)
+        self.model, self.vocabulary = build_model(cfg, target, layer_ids, train_ds, timer)
         model = self.model
         model.to(accelerator.device)
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
@@ -530,7 +530,7 @@ class Trainer:
                   "drafter": cfg.drafter.model_dump(mode="json"), "train": tc.model_dump(mode="json"),
                   "seed": cfg.run.seed, "layer_ids": self.layer_ids,
                   "trainable_parameters": sum(p.numel() for p in self.run.trainable), "selected_by": self.select,
-                  "vocabulary": vocabulary(inner, self.token_counts), "mixed_precision": self.accelerator.mixed_precision}
+                  "vocabulary": self.vocabulary, "mixed_precision": self.accelerator.mixed_precision}
         outputs = {"best": str(out_dir / "best"), "last": str(out_dir / "last"), "best_step": loop.best_step,
                    "best_tau": loop.best_tau, "final_holdout": loop.evals[-1], "resumed_from": self.resumed_from,
                    "mlflow_run_id": loop.mlflow_run_id, "train_cpu_s": round(loop.cpu_s, 2),
@@ -549,32 +549,22 @@ class Trainer:
         return json.loads(manifest_path.read_text()) if manifest_path.is_file() else {
             "stage": "train", "params": params, "counts": counts, "outputs": outputs}
 
-    @property
-    def token_counts(self) -> torch.Tensor | None:
-        return getattr(self.model, "_token_counts", None)
 
-
-def build_model(cfg: Config, target: Any, layer_ids: list[int], train_ds: Any, timer: Timer | None = None):
-    """The configured drafter on the target's frozen heads: draft vocabulary from the training
-    data's assistant tokens."""
+def build_model(cfg: Config, target: Any, layer_ids: list[int], train_ds: Any, timer: Timer) -> tuple[Any, dict]:
+    """The configured drafter on the target's frozen heads, its draft vocabulary from the
+    training data's assistant tokens. -> (model, vocabulary: sizes and coverage of the answers)."""
     heads = TargetHeads.from_target(target)
     token_counts = None
     if cfg.drafter.draft_vocab_size and cfg.drafter.draft_vocab_size < heads.vocab_size:
-        with timer("token_counts") if timer else contextlib.nullcontext():
+        with timer("token_counts"):
             token_counts = _token_counts(train_ds, heads.vocab_size)
     model = build(cfg, heads, layer_ids, token_counts)
     model.verifier["name_or_path"] = verifier_name(target) or model.verifier["name_or_path"]
     model.meta = {"target_fingerprint": target.fingerprint, "target_name": getattr(target, "name", None)}
-    model._token_counts = token_counts
-    return model
-
-
-def vocabulary(model, token_counts: torch.Tensor | None) -> dict[str, Any]:
-    """Draft vocabulary size and its coverage of the training answers' tokens."""
-    out = {"draft_vocab_size": model.draft_vocab_size, "target_vocab_size": model.heads.vocab_size}
+    vocabulary = {"draft_vocab_size": model.draft_vocab_size, "target_vocab_size": heads.vocab_size}
     if token_counts is not None:
-        out["coverage"] = round(float(token_counts[model.t2d.cpu()].sum() / token_counts.sum().clamp_min(1)), 6)
-    return out
+        vocabulary["coverage"] = round(float(token_counts[model.t2d.cpu()].sum() / token_counts.sum().clamp_min(1)), 6)
+    return model, vocabulary
 
 
 def export_drafter(model, folder: Path, step: int, result: dict[str, Any], cpu_s: float) -> None:

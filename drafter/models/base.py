@@ -96,7 +96,7 @@ class TrainBatch:
     target_probs: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TrainBatch:
-        float_kw = {"device": device, "dtype": dtype} if dtype else {"device": device}
+        float_kw = {"dtype": dtype} if dtype else {}
 
         def move(x: torch.Tensor | None, **kw) -> torch.Tensor | None:
             return None if x is None else x.to(device, **kw)
@@ -105,8 +105,8 @@ class TrainBatch:
             input_ids=self.input_ids.to(device),
             loss_mask=self.loss_mask.to(device),
             attention_mask=self.attention_mask.to(device),
-            features=self.features.to(**float_kw),
-            final_hidden=None if self.final_hidden is None else self.final_hidden.to(**float_kw),
+            features=self.features.to(device, **float_kw),
+            final_hidden=move(self.final_hidden, **float_kw),
             target_ids=move(self.target_ids),
             target_probs=move(self.target_probs, dtype=torch.float32),
         )

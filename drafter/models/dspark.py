@@ -38,7 +38,9 @@ from torch import nn
 from drafter.models import register, speculators_format as fmt
 from drafter.models.base import DraftModel, Proposal, TargetHeads, TrainBatch, TrainOutput
 from drafter.models.layers import DecoderLayer, RMSNorm, Rotary, block_attention, draft_layer_config, init_weights
-from drafter.models.metrics import Generators, choose_positions, l1_to_target, per_position, sample, target_dist
+from drafter.models.metrics import (
+    Generators, acceptance_from_l1, choose_positions, l1_to_target, per_position, sample, target_dist,
+)
 from drafter.models.vocab import DraftVocab
 
 
@@ -302,11 +304,10 @@ class DSpark(DraftVocab, DraftModel):
         logp = torch.log_softmax(logits.float(), -1)
         p_draft = logp.exp()
         target = target_dist(self.heads, batch, bi, pos)  # cached top-k, or dense via the LM head
-        if cfg.tv_weight or (self.confidence_head is not None and cfg.bce_weight):
+        # DFlash trains on CE only: there the distance is a metric, with no graph
+        trains_on_l1 = bool(cfg.tv_weight or (self.confidence_head is not None and cfg.bce_weight))
+        with torch.set_grad_enabled(trains_on_l1 and torch.is_grad_enabled()):
             l1 = l1_to_target(self, p_draft, target)
-        else:  # DFlash: CE only, the distance is a metric
-            with torch.no_grad():
-                l1 = l1_to_target(self, p_draft, target)
         weight = torch.exp(-slot.float() / cfg.loss_decay)
 
         # A gold token outside the draft vocabulary cannot be drafted: it adds no CE term.
@@ -317,7 +318,7 @@ class DSpark(DraftVocab, DraftModel):
         if cfg.tv_weight:
             terms["tv"] = cfg.tv_weight * l1
         if self.confidence_head is not None and cfg.bce_weight:
-            label = (1.0 - 0.5 * l1).detach().clamp(0.0, 1.0)  # analytic acceptance rate c*
+            label = acceptance_from_l1(l1.detach())  # analytic acceptance rate c*
             conf = self.confidence_logit(h, prev_emb).float()
             terms["bce"] = cfg.bce_weight * F.binary_cross_entropy_with_logits(conf, label, reduction="none")
 
@@ -327,7 +328,7 @@ class DSpark(DraftVocab, DraftModel):
         loss = sum(sums.values())
         with torch.no_grad():
             correct = self.to_target_ids(logits.argmax(-1)) == target.argmax()
-            metrics = per_position(slot, S, (1.0 - 0.5 * l1.detach()).clamp(0.0, 1.0), correct)
+            metrics = per_position(slot, S, acceptance_from_l1(l1.detach()), correct)
         return TrainOutput(loss=loss, losses={k: v.detach() for k, v in sums.items()}, metrics=metrics)
 
     # ----- inference -----------------------------------------------------------------------

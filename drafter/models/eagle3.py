@@ -39,7 +39,7 @@ from drafter.models import register, speculators_format as fmt
 from drafter.models.base import DraftModel, Proposal, TargetHeads, TrainBatch, TrainOutput
 from drafter.models.layers import DecoderLayer, RMSNorm, Rotary, draft_layer_config, init_weights, ttt_attention
 from drafter.models.metrics import (
-    Generators, choose_positions, l1_to_target, per_position, sample, soft_cross_entropy, target_dist,
+    Generators, acceptance_from_l1, choose_positions, l1_to_target, per_position, sample, soft_cross_entropy, target_dist,
 )
 from drafter.models.vocab import DraftVocab
 
@@ -189,7 +189,7 @@ class Eagle3(DraftVocab, DraftModel):
             logp = torch.log_softmax(self.vocab_logits(normed[bi, ai]).float(), -1)
             total = total + self.config.ttt_decay**i * soft_cross_entropy(self, logp, target).sum()
             with torch.no_grad():
-                accepts.append((1.0 - 0.5 * l1_to_target(self, logp.exp(), target)).clamp(0.0, 1.0))
+                accepts.append(acceptance_from_l1(l1_to_target(self, logp.exp(), target)))
                 corrects.append(self.to_target_ids(logp.argmax(-1)) == target.argmax())
                 slots.append(torch.full_like(bi, i))
         slot = torch.cat(slots)

@@ -130,7 +130,11 @@ def soft_cross_entropy(vocab, logp: torch.Tensor, target: TargetDist) -> torch.T
 
 def acceptance(p_draft: torch.Tensor, p_target: torch.Tensor) -> torch.Tensor:
     """Rejection sampling's analytic acceptance rate 1 - 0.5 * ||p_d - p_t||_1, per row."""
-    return (1.0 - 0.5 * (p_draft - p_target).abs().sum(-1)).clamp(0.0, 1.0)
+    return acceptance_from_l1((p_draft - p_target).abs().sum(-1))
+
+
+def acceptance_from_l1(l1: torch.Tensor) -> torch.Tensor:
+    return (1.0 - 0.5 * l1).clamp(0.0, 1.0)
 
 
 def per_position(

@@ -34,6 +34,12 @@ process CPU time of the optimizer steps, summed over resumes (startup, held-out 
 and checkpoints excluded). The prompts are chosen by the config's run.seed for every
 training seed.
 
+Continuing past the schedule (`--continue-from S`): each curve goes on from its step-S export
+with `train.init_from` (the warm start a scheduled retrain does from the production drafter): a
+second run with a fresh warm-up + cosine schedule, sized so that the total reaches
+--max-cpu-minutes at the first run's CPU cost per step, with points at half and all of it. Its
+points carry `init_from_step`; their steps and CPU-minutes count both runs.
+
 Resumable at any point: every point is written to the JSON (atomically) as soon as it lands
 and a re-run skips the points already there (same config hash); training resumes from its
 checkpoints and evaluations from their partial files. A SIGKILL loses at most the point in
@@ -157,6 +163,14 @@ def worker_train(args) -> None:
     print(json.dumps({"exported": str(export), "step": b, "train_cpu_s": meta["train_cpu_s"]}), flush=True)
 
 
+def without_unset_init(config: dict) -> dict:
+    """The config without `train.init_from` when unset, so curves measured before the option
+    existed keep their keys."""
+    if config.get("train", {}).get("init_from") is None:
+        config = config | {"train": {k: v for k, v in config["train"].items() if k != "init_from"}}
+    return config
+
+
 def sidecar(export: Path) -> Path:
     return export.with_name(export.name + ".json")
 
@@ -179,7 +193,7 @@ class Bench:
         self.lock = threading.Lock()
         self.commands: dict[str, str] = {}
         self.config_hash = sha256_json({
-            "config": cfg.to_dict(), "max_steps": self.max_steps, "checkpoint_every": self.every,
+            "config": without_unset_init(cfg.to_dict()), "max_steps": self.max_steps, "checkpoint_every": self.every,
             "eval_every": self.eval_every})[:16]
         self.out = Path(args.out)
         self.doc = self._load()
@@ -324,69 +338,102 @@ class Bench:
         return folder
 
     # ----- one (algorithm, seed) curve -----
-    def lc_key(self, alg: str, seed: int) -> str:
-        c = self.cfg.to_dict()
+    def lc_key(self, alg: str, seed: int, init: int | None = None, max_steps: int | None = None) -> str:
+        c = without_unset_init(self.cfg.to_dict())
         train = {k: v for k, v in c["train"].items() if k not in COSMETIC}
         cache_manifest = json.loads((self.data / "cache" / "manifest.json").read_text())
         return sha256_json({
             "drafter": c["drafter"] | {"algorithm": alg}, "train": train | {
-                "max_steps": self.max_steps, "eval_every": self.eval_every},
+                "max_steps": max_steps or self.max_steps, "eval_every": self.eval_every},
+            **({"init": sha256_tree(export_dir(self.train_dir(alg, seed), init))} if init else {}),
             "seed": seed, "target": c["target"], "runtime": c.get("runtime"),
             "cache": {k: v.get("key") for k, v in cache_manifest.get("outputs", {}).items() if isinstance(v, dict)},
         })[:16]
 
-    def train_dir(self, alg: str, seed: int) -> Path:
-        return self.data / f"lc-{alg}-s{seed}"
+    def train_dir(self, alg: str, seed: int, init: int | None = None) -> Path:
+        return self.data / (f"lc-{alg}-s{seed}" + (f"-from{init}" if init else ""))
 
-    def point_key(self, alg: str, seed: int, steps: int, k: int) -> str:
-        return sha256_json({"config": self.config_hash, "alg": alg, "seed": seed, "steps": steps, "samples": k,
-                            "holdout": getattr(self, "holdout_from", None)})[:16]
+    def continuation(self, alg: str, seed: int, init: int) -> list[int]:
+        """The continued run's own budgets: half and all of the steps that bring the curve to
+        --max-cpu-minutes at the CPU cost per step of the run it continues."""
+        export = export_dir(self.train_dir(alg, seed), init)
+        if not (export / "config.json").is_file():
+            raise RuntimeError(f"--continue-from {init}: no export at {export}; train that budget first")
+        cpu_s = json.loads((export / "config.json").read_text())["drafter"]["train_cpu_s"]
+        per_step = cpu_s / init
+        total = self.args.max_cpu_minutes * 60 / per_step
+        more = max(2, int(round((total - init) / 100.0)) * 100)
+        return [more // 2, more]
 
-    def pipeline(self, alg: str, seed: int, budgets: list[int]) -> list[str]:
+    def point_key(self, alg: str, seed: int, steps: int, k: int, init: int | None = None) -> str:
+        what = {"config": self.config_hash, "alg": alg, "seed": seed, "steps": steps, "samples": k,
+                "holdout": getattr(self, "holdout_from", None)}
+        return sha256_json(what | ({"init_from_step": init} if init else {}))[:16]
+
+    def pipeline(self, alg: str, seed: int, budgets: list[int], init: int | None = None) -> list[str]:
         done = []
-        tdir = self.train_dir(alg, seed)
-        lc_key = self.lc_key(alg, seed)
+        if init:
+            budgets = self.continuation(alg, seed, init)
+        tdir = self.train_dir(alg, seed, init)
+        lc_key = self.lc_key(alg, seed, init, max(budgets))
         marker = tdir / "lc_run.json"
         if marker.is_file() and json.loads(marker.read_text()).get("lc_key") != lc_key:
             raise RuntimeError(f"{tdir} holds a run of another config or budget grid; delete it (or use another "
                                "run.data_dir) to train this one")
         tdir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(marker, {"lc_key": lc_key, "algorithm": alg, "seed": seed, "max_steps": self.max_steps})
+        atomic_write_json(marker, {"lc_key": lc_key, "algorithm": alg, "seed": seed, "max_steps": max(budgets),
+                                   "init_from_step": init})
+        last = max(budgets) if init or not self.args.continue_from else None
         for b in budgets:
-            k = self.args.final_samples if b == max(self.budgets) else self.args.samples
-            if b not in self.decode_steps:
+            total = b + (init or 0)
+            k = self.args.final_samples if b == last else self.args.samples
+            if not init and b not in self.decode_steps:
                 k = 0  # not decoded: the held-out simulated tau only
-            key = self.point_key(alg, seed, b, k)
-            have = self.point(alg, seed, b)
+            if init and b != last:
+                k = 0
+            key = self.point_key(alg, seed, total, k) if not init else self.point_key(alg, seed, total, k, init)
+            have = self.point(alg, seed, total)
             if have is not None and have.get("key") == key:
-                say(f"{alg} seed {seed} step {b}: already in {self.out}")
+                say(f"{alg} seed {seed} step {total}: already in {self.out}")
                 point = have
             else:
-                point = self.measure(alg, seed, b, k, key, lc_key)
+                point = self.measure(alg, seed, b, k, key, lc_key, init, max(budgets), budgets)
                 self.save_point(point)
-            done.append(f"{alg}-s{seed}-step{b}")
-            if point["cpu_minutes"] > self.args.max_cpu_minutes:
+            done.append(f"{alg}-s{seed}-step{total}")
+            if point["cpu_minutes"] > self.args.max_cpu_minutes and not init:
                 say(f"{alg} seed {seed}: {point['cpu_minutes']:.1f} CPU-minutes at step {b} > "
                     f"--max-cpu-minutes {self.args.max_cpu_minutes}: no larger budget")
                 break
         return done
 
-    def measure(self, alg: str, seed: int, b: int, k: int, key: str, lc_key: str) -> dict:
-        tdir = self.train_dir(alg, seed)
+    def measure(self, alg: str, seed: int, b: int, k: int, key: str, lc_key: str, init: int | None = None,
+                max_steps: int | None = None, budgets: list[int] | None = None) -> dict:
+        tdir = self.train_dir(alg, seed, init)
         export = export_dir(tdir, b)
         side = sidecar(export)
         info = json.loads(side.read_text()) if side.is_file() else {}
         if info.get("lc_key") != lc_key or not (export / "config.json").is_file():
-            extra = [f"drafter.algorithm={alg}", f"run.seed={seed}", f"train.max_steps={self.max_steps}",
-                     f"train.checkpoint_every={self.every}", f"train.eval_every={self.eval_every}",
-                     f"train.export_steps=[{','.join(map(str, sorted(set(self.budgets + self.extra_budgets))))}]"]
+            exports = budgets if init else sorted(set(self.budgets + self.extra_budgets))
+            max_steps = max_steps or self.max_steps
+            every = reduce(math.gcd, exports) if init else self.every
+            extra = [f"drafter.algorithm={alg}", f"run.seed={seed}", f"train.max_steps={max_steps}",
+                     f"train.checkpoint_every={every}", f"train.eval_every={max_steps if init else self.eval_every}",
+                     f"train.export_steps=[{','.join(map(str, exports))}]"]
+            if init:
+                extra.append(f"train.init_from={export_dir(self.train_dir(alg, seed), init)}")
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "train", "-c", str(self.config),
                    *self.sets(extra), "--cache", str(self.data / "cache"), "--train-out", str(tdir),
                    "--budget", str(b), "--lc-key", lc_key]
             self.call("train_worker", f"train-{alg}-s{seed}", cmd)
             info = json.loads(side.read_text())
+        if init:  # the point counts both runs: the continued one's steps and CPU time on top
+            start = json.loads((export_dir(self.train_dir(alg, seed), init) / "config.json").read_text())["drafter"]
+            info = info | {"cost": info["cost"] | {"cpu_s": info["cost"]["cpu_s"] + start["train_cpu_s"]}}
+        total = b + (init or 0)
+        cont = {"init_from_step": init} if init else {}
         if not k:
-            return {"algorithm": alg, "steps": b, "seed": seed, "cpu_minutes": round(info["cost"]["cpu_s"] / 60, 4),
+            return cont | {"algorithm": alg, "steps": total, "seed": seed,
+                           "cpu_minutes": round(info["cost"]["cpu_s"] / 60, 4),
                     "decoded": False, "macro_tau_greedy": None, "macro_tau_t1": None, "speedup_greedy": None,
                     "speedup_t1": None, "prompts_per_set": 0, "key": key,
                     "holdout_sim_tau": {"t1": info["holdout"].get("sim_tau"),
@@ -395,7 +442,7 @@ class Bench:
         drafter_hash = sha256_tree(export)
         reports, samples, eval_wall = {}, {}, 0.0
         for mode, temp in MODES.items():
-            edir = self.data / "lc-eval" / f"{alg}-s{seed}-step{b}-{mode}"
+            edir = self.data / "lc-eval" / f"{alg}-s{seed}-step{total}-{mode}"
             extra = [f"drafter.algorithm={alg}", f"evaluate.temperature={temp:g}", f"evaluate.samples_per_dataset={k}",
                      f"evaluate.holdout_samples={k}"]
             ekey = sha256_json({"drafter": drafter_hash, "overrides": [*self.args.overrides, *extra],
@@ -403,12 +450,12 @@ class Bench:
             mark = edir / "bench_key.json"
             if not ((edir / "report.json").is_file() and mark.is_file() and json.loads(mark.read_text()).get("key") == ekey):
                 holdout = ["--ingested", str(self.ingested)] if self.ingested else ["--no-holdout"]
-                eval_wall += self.call(f"evaluate_{mode}", f"eval-{alg}-s{seed}-step{b}-{mode}", self.drafter_cmd(
+                eval_wall += self.call(f"evaluate_{mode}", f"eval-{alg}-s{seed}-step{total}-{mode}", self.drafter_cmd(
                     "evaluate", "-d", str(export), "-o", str(edir), *holdout, extra=extra))
                 atomic_write_json(mark, {"key": ekey, "drafter_hash": drafter_hash})
             reports[mode] = json.loads((edir / "report.json").read_text())
             samples[mode] = [json.loads(line) for line in (edir / "samples.jsonl").read_text().splitlines() if line]
-        return assemble(alg, seed, b, key, info, reports, samples, eval_wall)
+        return cont | assemble(alg, seed, total, key, info, reports, samples, eval_wall)
 
 
 _SPAWN = ("import ctypes, os, signal, sys\n"
@@ -675,6 +722,8 @@ def main() -> None:
     parser.add_argument("--final-samples", type=int, default=20, help="prompts per eval set at the largest budget")
     parser.add_argument("--decode-steps", default=None,
                         help="budgets decoded (default: all); the others get the held-out simulated tau only")
+    parser.add_argument("--continue-from", type=int, default=None,
+                        help="also continue each curve from its export at this step (warm restart) to --max-cpu-minutes")
     parser.add_argument("--jobs", type=int, default=2, help="(algorithm, seed) pipelines at a time")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learning_curve.json")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the markdown and PNG from --out")
@@ -714,13 +763,27 @@ def main() -> None:
         f"seeds {seeds}" + (f", extra seed {args.extra_seed} at {extra_budgets}" if extra_budgets else ""))
     bench.prepare()
 
-    jobs = [(a, s, budgets) for s in seeds for a in algorithms]
+    jobs = [(a, s, budgets, None) for s in seeds for a in algorithms]
     if extra_budgets and args.extra_seed not in seeds:
-        jobs += [(a, args.extra_seed, extra_budgets) for a in algorithms]
+        jobs += [(a, args.extra_seed, extra_budgets, None) for a in algorithms]
+    if args.continue_from is not None:
+        if args.continue_from not in budgets:
+            raise SystemExit(f"--continue-from {args.continue_from} must be one of --steps {budgets}")
+        jobs = [j for j in jobs if j[1] != seeds[0]] + [  # the base curve first, then its continuation
+            (a, seeds[0], budgets, None) for a in algorithms]
+        continued = [(a, seeds[0], [], args.continue_from) for a in algorithms]
+    else:
+        continued = []
     failures = []
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = {(a, s): pool.submit(bench.pipeline, a, s, b) for a, s, b in jobs}
-        for (a, s), f in futures.items():
+        def chain(a, s, b, init):
+            bench.pipeline(a, s, b, init)
+            for ca, cs, cb, ci in continued:
+                if (ca, cs) == (a, s) and init is None:
+                    bench.pipeline(ca, cs, cb, ci)
+
+        futures = {(a, s, i): pool.submit(chain, a, s, b, i) for a, s, b, i in jobs}
+        for (a, s, _), f in futures.items():
             try:
                 f.result()
             except Exception as exc:  # the other curves go on; reported at the end

@@ -200,6 +200,9 @@ class TrainConfig(Section):
     export_steps: list[int] = []  # also export the drafter at these steps (steps/step-N/, with a held-out eval)
     holdout_limit: int | None = Field(None, ge=1)  # held-out sequences per evaluation (None = all)
     system_metrics: bool = True  # MLflow system metrics (CPU, memory, GPU) during training
+    # Start from this drafter's weights and draft vocabulary (a speculators folder, e.g. the
+    # production export; the retrain flow resolves "production") instead of a random init.
+    init_from: str | None = None
 
 
 class CalibrateConfig(Section):

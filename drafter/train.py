@@ -44,7 +44,9 @@ from drafter import train_tracking as tracking
 from drafter.config import Config, ConfigError
 from drafter.errors import DrafterError
 from drafter.checkpoint import STATE_FILE, checkpoint, latest_checkpoint, load_checkpoint
-from drafter.manifest import Timer, atomic_dir, atomic_write_json, check_accounting, sha256_json, write_manifest
+from drafter.manifest import (
+    Timer, atomic_dir, atomic_write_json, check_accounting, sha256_file, sha256_json, write_manifest,
+)
 from drafter.models import TargetHeads, TrainBatch, build
 from drafter.models.metrics import simulated_tau
 from drafter.runtime import resolve_dtype
@@ -348,14 +350,17 @@ class Trainer:
                 f"the cache holds width-{meta['hidden_size']} features; the target is {target.hidden_size} wide"
             )
         self.steps = tc.max_steps or math.ceil(tc.epochs * len(train_ds) / tc.batch_size)
+        self.init = init_source(tc.init_from)
         # What determines the weights (not logging, checkpoint or export cadence): a changed key
         # means another run, which must not resume these checkpoints.
-        cosmetic = {"log_every", "system_metrics", "checkpoint_every", "keep_checkpoints", "export_steps"}
+        cosmetic = {"log_every", "system_metrics", "checkpoint_every", "keep_checkpoints", "export_steps",
+                    "init_from"}  # init_from: its weights' hash below, not its path
         self.run_key = sha256_json({
             "drafter": cfg.drafter.model_dump(mode="json"), "train": tc.model_dump(mode="json", exclude=cosmetic),
             "seed": cfg.run.seed,
             "target": target.fingerprint, "layer_ids": layer_ids, "train_sequences": len(train_ds),
             "holdout_sequences": len(holdout_ds), "cache": meta.get("key"),
+            **({"init": self.init["weights_sha256"]} if self.init else {}),
         })[:16]
         manifest_path = self.out_dir / "manifest.json"
         if manifest_path.is_file():
@@ -368,6 +373,9 @@ class Trainer:
 
         set_seed(cfg.run.seed)
         self.model, self.vocabulary = build_model(cfg, target, layer_ids, train_ds, timer)
+        if self.init is not None:
+            warm_start(self.model, Path(tc.init_from), target)
+            self.vocabulary["from"] = "init_from"
         model = self.model
         model.to(accelerator.device)
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
@@ -530,7 +538,8 @@ class Trainer:
                   "drafter": cfg.drafter.model_dump(mode="json"), "train": tc.model_dump(mode="json"),
                   "seed": cfg.run.seed, "layer_ids": self.layer_ids,
                   "trainable_parameters": sum(p.numel() for p in self.run.trainable), "selected_by": self.select,
-                  "vocabulary": self.vocabulary, "mixed_precision": self.accelerator.mixed_precision}
+                  "vocabulary": self.vocabulary, "mixed_precision": self.accelerator.mixed_precision,
+                  "init_from": self.init}
         outputs = {"best": str(out_dir / "best"), "last": str(out_dir / "last"), "best_step": loop.best_step,
                    "best_tau": loop.best_tau, "final_holdout": loop.evals[-1], "resumed_from": self.resumed_from,
                    "mlflow_run_id": loop.mlflow_run_id, "train_cpu_s": round(loop.cpu_s, 2),
@@ -565,6 +574,43 @@ def build_model(cfg: Config, target: Any, layer_ids: list[int], train_ds: Any, t
     if token_counts is not None:
         vocabulary["coverage"] = round(float(token_counts[model.t2d.cpu()].sum() / token_counts.sum().clamp_min(1)), 6)
     return model, vocabulary
+
+
+def init_source(path: str | None) -> dict[str, Any] | None:
+    """The drafter a run starts from: its folder, weights hash and training CPU seconds."""
+    if path is None:
+        return None
+    from drafter.models import speculators_format as fmt
+
+    folder = Path(path)
+    if not (folder / fmt.WEIGHTS_FILE).is_file():
+        raise ConfigError(f"train.init_from={path}: no {fmt.WEIGHTS_FILE} there (expected an exported drafter folder)")
+    config, _ = fmt.read(folder)
+    return {"path": str(folder), "weights_sha256": sha256_file(folder / fmt.WEIGHTS_FILE),
+            "algorithm": config["speculators_model_type"], "step": config.get("drafter", {}).get("step"),
+            "train_cpu_s": config.get("drafter", {}).get("train_cpu_s")}
+
+
+def warm_start(model, folder: Path, target: Any) -> None:
+    """Copy an exported drafter's weights and draft vocabulary into `model` (same algorithm and
+    shapes, else a ConfigError): a retrain continues from the drafter in production."""
+    from drafter.models import load_drafter
+    from drafter.models.speculators_format import DrafterFormatError
+
+    try:
+        start = load_drafter(folder, TargetHeads.from_target(target))
+    except DrafterFormatError as exc:
+        raise ConfigError(f"train.init_from: {exc}") from exc
+    if type(start) is not type(model):
+        raise ConfigError(f"train.init_from={folder} is a {start.algorithm} drafter; this run trains "
+                          f"{model.algorithm}")
+    want, have = model.state_dict(), start.state_dict()
+    wrong = sorted(k for k in want.keys() | have.keys()
+                   if k not in want or k not in have or want[k].shape != have[k].shape)
+    if wrong:
+        raise ConfigError(f"train.init_from={folder} does not match drafter.* of this run "
+                          f"(differs in {', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''})")
+    model.load_state_dict(have)
 
 
 def export_drafter(model, folder: Path, step: int, result: dict[str, Any], cpu_s: float) -> None:

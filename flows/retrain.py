@@ -19,6 +19,7 @@ verdict, the approval request and a link to the MLflow run.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -268,6 +269,28 @@ def production_eval(cfg: Config, tracking: FlowTracking, report: list[dict], cod
     return out
 
 
+def warm_start(cfg: Config, conf: dict[str, Any]) -> tuple[dict[str, Any], list[Path]]:
+    """`train.init_from: production`: the retrain starts from the production drafter's weights
+    (exported first). -> (the train stage's config, the weights it starts from). With nothing
+    in production yet, a random init."""
+    if cfg.train.init_from != "production":
+        return conf, [Path(cfg.train.init_from)] if cfg.train.init_from else []
+    name, d = registry.model_name(cfg), cfg.data_dir
+    try:
+        in_production = registry.aliases(name).get(registry.PRODUCTION) is not None
+    except registry.RegistryError:
+        in_production = False
+    train_conf = json.loads(json.dumps(conf))
+    if not in_production:
+        logging.getLogger("drafter.flows").warning(
+            "train.init_from=production but %s has no production version: random init", name)
+        train_conf["train"]["init_from"] = None
+        return train_conf, []
+    registry.export_alias(name, registry.PRODUCTION, d / "production")
+    train_conf["train"]["init_from"] = str(d / "production")
+    return train_conf, [d / "production" / "model.safetensors"]
+
+
 # ----- the flow -------------------------------------------------------------------
 @flow(name="drafter-retrain")
 def retrain_flow(
@@ -296,9 +319,10 @@ def retrain_flow(
         run_stage(tracking, stages, "build-cache", build_cache_task, cache, config=conf,
                   in_dir=str(regenerated), out_dir=str(cache),
                   input_hash=content_hash(regenerated / "manifest.json"), code=code)
-        run_stage(tracking, stages, "train", train_task, drafter_dir, config=conf,
+        train_conf, init = warm_start(cfg, conf)
+        run_stage(tracking, stages, "train", train_task, drafter_dir, config=train_conf,
                   cache_dir=str(cache), out_dir=str(drafter_dir),
-                  input_hash=content_hash(cache / "manifest.json"), code=code)
+                  input_hash=content_hash(cache / "manifest.json", *init), code=code)
         run_stage(tracking, stages, "calibrate", calibrate_task, calibration, config=conf,
                   drafter_dir=str(drafter_dir), cache_dir=str(cache), out_dir=str(calibration),
                   input_hash=content_hash(drafter_dir / "manifest.json", cache / "manifest.json"), code=code)

@@ -18,6 +18,7 @@ from lifecycle_fixtures import MlflowServer, install_standin_stages, make_drafte
 
 from drafter import registry
 from drafter.config import load_config
+from drafter.manifest import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -251,6 +252,17 @@ def test_retrain_flow_wiring_with_standin_stages(servers, tmp_path, monkeypatch)
     rows = {r["dataset"]: r for r in third["release"]["tau"]}
     assert rows["gsm8k"]["production"] == 2.0 and rows["gsm8k"]["change"] == "+25.0%"
     assert registry.aliases("flow-retrain") == {"production": "1", "candidate": "2"}
+
+    # A retrain may start from the drafter in production (train.init_from=production): the train
+    # stage gets its export, and its weights are part of the stage's cache key.
+    warm = load_config(ROOT / "configs" / "tiny.yaml", overrides + ["train.init_from=production"])
+    conf, weights = retrain.warm_start(warm, warm.to_dict())
+    assert conf["train"]["init_from"] == str(data / "production")
+    assert [sha256_file(w) for w in weights] == [c.get_model_version("flow-retrain", "1").tags["drafter.weights_sha256"]]
+    assert warm.train.init_from == "production"  # the flow's own config is left as it was
+    cold = load_config(ROOT / "configs" / "tiny.yaml", setup_run(tmp_path / "cold", "flow-none", []) +
+                       ["train.init_from=production"])
+    assert retrain.warm_start(cold, cold.to_dict())[0]["train"]["init_from"] is None  # nothing in production: random
 
 
 @pytest.mark.skipif(

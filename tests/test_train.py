@@ -245,3 +245,43 @@ def test_stop_at_and_export_steps(target, data, tmp_path):
         model = load_drafter(tmp_path / "split" / "steps" / f"step-{step:08d}", heads)
         assert model.meta["step"] == step and model.meta["train_cpu_s"] > 0 and model.meta["holdout_sim_tau"] >= 1
     assert rest["outputs"]["train_cpu_s"] >= model.meta["train_cpu_s"]
+
+
+def test_init_from_continues_the_given_drafter(target, data, tmp_path):
+    """A retrain from an exported drafter starts where it ended: its weights and its draft
+    vocabulary (even when this run's data would pick another), recorded in the manifest."""
+    first_cfg = tiny_cfg("train.max_steps=20", "train.eval_every=20", "train.checkpoint_every=100",
+                         "drafter.draft_vocab_size=64")
+    first = train(first_cfg, out_dir=tmp_path / "first", target=target, data=data, collate=collate)
+    start = tmp_path / "first" / "last"
+    other_data = (data[0][: len(data[0]) // 2], data[1])  # other token counts: another draft vocabulary
+    cfg = tiny_cfg("train.max_steps=2", "train.eval_every=100", "train.checkpoint_every=100",
+                   "drafter.draft_vocab_size=64", f"train.init_from={start}")
+    second = train(cfg, out_dir=tmp_path / "second", target=target, data=other_data, collate=collate)
+    evals = json.loads((tmp_path / "second" / "metrics.json").read_text())["evals"]
+    assert evals[0]["step"] == 0 and evals[0]["sim_tau"] == pytest.approx(first["outputs"]["final_holdout"]["sim_tau"])
+    heads = TargetHeads.from_target(target)
+    assert torch.equal(load_drafter(tmp_path / "second" / "last", heads).d2t, load_drafter(start, heads).d2t)
+    init = second["params"]["init_from"]
+    assert init["step"] == 20 and init["algorithm"] == "dspark" and len(init["weights_sha256"]) == 64
+    # a random init from the same data drafts far worse at step 0
+    cold = train(tiny_cfg("train.max_steps=2", "train.eval_every=100", "train.checkpoint_every=100",
+                          "drafter.draft_vocab_size=64"), out_dir=tmp_path / "cold", target=target, data=other_data,
+                 collate=collate)
+    assert cold["params"]["run_key"] != second["params"]["run_key"]
+    assert json.loads((tmp_path / "cold" / "metrics.json").read_text())["evals"][0]["sim_tau"] < evals[0]["sim_tau"]
+
+
+@pytest.mark.parametrize("change, message", [("drafter.num_layers=2", "does not match"),
+                                             ("drafter.algorithm=dflash", "is a dspark drafter")])
+def test_init_from_a_drafter_of_another_shape_is_refused(target, data, tmp_path, change, message):
+    from drafter.config import ConfigError
+
+    train(tiny_cfg("train.max_steps=2", "train.eval_every=100"), out_dir=tmp_path / "a", target=target, data=data,
+          collate=collate)
+    with pytest.raises(ConfigError, match=message):
+        train(tiny_cfg("train.max_steps=2", change, f"train.init_from={tmp_path / 'a' / 'last'}"),
+              out_dir=tmp_path / "b", target=target, data=data, collate=collate)
+    with pytest.raises(ConfigError, match="no model.safetensors"):
+        train(tiny_cfg(f"train.init_from={tmp_path}"), out_dir=tmp_path / "c", target=target, data=data,
+              collate=collate)

@@ -109,11 +109,15 @@ def run_cmd(
 
 
 @app.command("approve")
-def approve_cmd(name: NameArg, version: VersionArg, by: ByOpt, reason: ReasonOpt) -> None:
+def approve_cmd(
+    name: NameArg, version: VersionArg, by: ByOpt, reason: ReasonOpt,
+    force: Annotated[bool, typer.Option("--force", help="Approve although its gate did not pass against today's "
+                                        "production, or it was rejected (logged with what it overrode).")] = False,
+) -> None:
     """Record an approval and promote the version to production (the old one becomes previous)."""
     from drafter import registry
 
-    print_mapping("approved", registry.approve(name, version, by=by, reason=reason))
+    print_mapping("approved", registry.approve(name, version, by=by, reason=reason, force=force))
 
 
 @app.command("reject")
@@ -158,16 +162,40 @@ def registry_list_cmd(name: NameArg, as_json: JsonOpt = False) -> None:
     out.print(table)
 
 
+@registry_app.command("log")
+def registry_log_cmd(name: NameArg, as_json: JsonOpt = False) -> None:
+    """The decision log: every approve, promote, reject and rollback, with who, where and why."""
+    from drafter import registry
+
+    rows = registry.decision_log(name)
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title=f"{name}: decisions")
+    for column in ("at", "decision", "version", "by", "os user@host", "reason", "production", "forced"):
+        table.add_column(column)
+    for r in rows:
+        production = f"{r['production_before'] or '-'} -> {r['production_after'] or '-'}" if r["complete"] else (
+            "(interrupted)")
+        table.add_row(r["at"][:19], r["decision"], r["version"], r["by"], f"{r['os_user']}@{r['host']}",
+                      r["reason"][:40], production, r["forced"][:40])
+    out.print(table)
+
+
 @registry_app.command("export")
 def registry_export_cmd(
     name: NameArg,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder to write (replaced atomically).")],
     alias: Annotated[str, typer.Option(help="candidate | production | previous")] = "production",
+    allow_unapproved: Annotated[bool, typer.Option(
+        "--allow-unapproved", help="Export a version that is not approved (a candidate, for testing; SERVE.md says so).")
+    ] = False,
 ) -> None:
-    """Write the version behind an alias as vLLM loads it, with an example --speculative-config."""
+    """Write the version behind an alias as vLLM loads it, with an example --speculative-config.
+    Only approved versions, unless --allow-unapproved; the weights' hash is always checked."""
     from drafter import registry
 
-    result = registry.export_alias(name, alias, out_dir)
+    result = registry.export_alias(name, alias, out_dir, allow_unapproved=allow_unapproved)
     print_mapping(f"{name} @{alias}", {k: v for k, v in result.items() if k != "speculative_config"})
     out.print(f"vllm serve TARGET --speculative-config '{json.dumps(result['speculative_config'])}'")
 

@@ -19,17 +19,33 @@ with `log_model_artifacts`, finalize, then `create_model_version(source="models:
 
 Aliases (stages are deprecated): `candidate` (latest registered, awaiting a decision),
 `production` (served) and `previous` (what `rollback` returns to). Approval records are
-version tags `approval.state|by|at|reason|via` plus a JSON `approval.history`.
+version tags `approval.state|by|at|reason|via` plus a JSON `approval.history` (recent
+entries; `approval.history_dropped` counts older ones).
 
-The rule: `production` only ever points at a version whose approval state is
-`approved`. `_set_production` is the one place that moves it and it checks the record.
+Decisions (approve, promote, reject, rollback) run one at a time under a file lock
+(`decision_lock`) and each is an MLflow run in the `drafter-registry-decisions` experiment:
+the append-only decision log, with the OS user and host (`decision_log`). Within a decision
+the log entry comes first, the version's state tag last, and the run is marked FINISHED
+when the aliases have moved: a crash leaves an unfinished entry, never a state without
+its record.
+
+The rules: `production` only ever points at a version whose approval state is `approved`
+(`_set_production` is the one place that moves it and it checks the record); `approve`
+also requires the version's gate to have passed against the production of today (or
+`force=True`, which is logged); `export_alias`, which everything that serves or evaluates
+production goes through, refuses a version that is not approved (unless
+`allow_unapproved=True`, written into SERVE.md) and weights whose hash is not the one
+registered.
 """
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
+import os
 import re
+import socket
 import shutil
 import struct
 import tempfile
@@ -46,6 +62,8 @@ CANDIDATE, PRODUCTION, PREVIOUS = "candidate", "production", "previous"
 PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
 MODEL_TYPE = "speculators-drafter"
 _HISTORY_MAX_CHARS = 4000
+DECISIONS_EXPERIMENT = "drafter-registry-decisions"
+LOCK_ENV = "DRAFTER_REGISTRY_LOCK"  # a lock file every decider sees (shared storage for a server backend)
 
 
 class RegistryError(DrafterError):
@@ -58,6 +76,10 @@ class ApprovalRequired(RegistryError):
 
 class GateFailed(RegistryError):
     """Refused: the candidate failed its gate, so the registry stays unchanged."""
+
+
+class NotServable(RegistryError):
+    """Refused: the version is not approved, or its weights are not the registered ones."""
 
 
 @dataclass(frozen=True)
@@ -316,8 +338,12 @@ def register_candidate(
 
     name = model_name(cfg)
     c = client()
+    gated_against = aliases(name, c).get(PRODUCTION, "none") if _model_exists(c, name) else "none"
     existing = _find_by_weights(c, name, weights)
     if existing is not None:
+        if verdict is not None:  # gated again today: against today's production
+            c.set_model_version_tag(name, existing.version, "gate.production_version", gated_against)
+            c.set_model_version_tag(name, existing.version, "gate.passed", "true")
         if existing.tags.get("approval.state") == PENDING:
             c.set_registered_model_alias(name, CANDIDATE, existing.version)
         return Candidate(name, str(existing.version), existing.run_id, existing.model_id or "", reused=True)
@@ -333,6 +359,7 @@ def register_candidate(
         "target.name": str(lineage.get("target_name")),
         "eval.tau_macro": "" if summary["tau_macro"] is None else f"{summary['tau_macro']:.4f}",
         "gate.passed": "unknown" if verdict is None else "true",
+        "gate.production_version": gated_against,  # what the gate compared against (the flow gates, then registers)
         "approval.state": PENDING,
         "approval.requested_at": _now(),
     }
@@ -383,6 +410,16 @@ def _find_by_weights(c, name: str, sha256: str):
     except MlflowException:
         return None
     return found[0] if found else None
+
+
+def _model_exists(c, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_registered_model(name)
+        return True
+    except MlflowException:
+        return False
 
 
 def _metric_key(name: str) -> str:
@@ -472,23 +509,137 @@ def version_evidence(name: str, alias: str) -> dict[str, Any] | None:
 
 
 # ----- decisions ---------------------------------------------------------------
-def _record_decision(c, name: str, version: str, decision: str, by: str, reason: str, via: str) -> None:
+def normalize_version(version: str | int) -> str:
+    """"02", " 2" and 2 are version "2"; anything else is refused (never a different version)."""
+    text = str(version).strip()
+    if not text.isdigit() or int(text) == 0:
+        raise RegistryError(f"version {version!r}: expected a version number such as 3")
+    return str(int(text))
+
+
+def lock_path() -> Path:
+    """The decision lock: $DRAFTER_REGISTRY_LOCK, else beside the SQLite store, else in the
+    state dir. A server backend with deciders on several hosts needs DRAFTER_REGISTRY_LOCK on
+    storage they all see: MLflow has no compare-and-set on aliases."""
+    if os.environ.get(LOCK_ENV):
+        return Path(os.environ[LOCK_ENV])
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///") + ".decisions.lock")
+    from drafter.state import state_paths
+
+    return state_paths().root / "registry-decisions.lock"
+
+
+@contextlib.contextmanager
+def decision_lock(timeout_s: float = 300):
+    """One registry decision at a time (approve, promote, reject, rollback)."""
+    from filelock import FileLock, Timeout
+
+    path = lock_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(path), timeout=timeout_s):
+            yield
+    except Timeout:
+        raise RegistryError(f"another registry decision holds {path} for over {timeout_s:.0f} s") from None
+
+
+def _decisions_experiment(c) -> str:
+    from mlflow.exceptions import MlflowException
+
+    from drafter.state import state_paths
+
+    exp = c.get_experiment_by_name(DECISIONS_EXPERIMENT)
+    if exp is not None:
+        return exp.experiment_id
+    location = state_paths().mlflow_artifacts.as_uri() if is_local_store() else None
+    try:
+        return c.create_experiment(DECISIONS_EXPERIMENT, artifact_location=location,
+                                   tags={"drafter.purpose": "append-only log of registry decisions"})
+    except MlflowException:  # created concurrently
+        return c.get_experiment_by_name(DECISIONS_EXPERIMENT).experiment_id
+
+
+def _open_entry(c, name: str, decision: str, version: str | None, by: str, reason: str, via: str,
+                before: dict[str, str], forced: list[str]) -> str:
+    """Start the decision's log entry (an MLflow run, left RUNNING until the decision is done)."""
+    tags = {
+        "registry.model": name, "decision": decision, "version": version or "", "by": by, "reason": reason[:5000],
+        "via": via, "os_user": getpass.getuser(), "host": socket.gethostname(), "at": _now(),
+        "production_before": before.get(PRODUCTION, ""), "previous_before": before.get(PREVIOUS, ""),
+        "forced": "; ".join(forced),
+    }
+    run = c.create_run(_decisions_experiment(c), run_name=f"{decision} {name} {version or ''}".strip(), tags=tags)
+    return run.info.run_id
+
+
+def _close_entry(c, run_id: str, after: dict[str, str]) -> None:
+    c.set_tag(run_id, "production_after", after.get(PRODUCTION, ""))
+    c.set_tag(run_id, "previous_after", after.get(PREVIOUS, ""))
+    c.set_terminated(run_id, "FINISHED")
+
+
+def decision_log(name: str) -> list[dict[str, Any]]:
+    """Every decision on `name`, oldest first; `complete` is False for one a crash cut short."""
+    c = client()
+    exp = c.get_experiment_by_name(DECISIONS_EXPERIMENT)
+    if exp is None:
+        return []
+    runs = c.search_runs([exp.experiment_id], f"tags.`registry.model` = '{name}'", max_results=50000,
+                         order_by=["attributes.start_time ASC"])
+    keys = ("decision", "version", "by", "reason", "via", "os_user", "host", "at", "forced", "production_before",
+            "production_after", "previous_after")
+    return [{k: r.data.tags.get(k, "") for k in keys} | {"complete": r.info.status == "FINISHED",
+                                                          "run_id": r.info.run_id} for r in runs]
+
+
+def _require_by_reason(decision: str, by: str | None, reason: str | None) -> tuple[str, str]:
     if not (by or "").strip() or not (reason or "").strip():
         raise RegistryError(f"a {decision} record needs who decided (--by) and why (--reason)")
+    return by.strip(), reason.strip()
+
+
+def _record_decision(c, name: str, version: str, decision: str, by: str, reason: str, via: str) -> None:
+    """The version's approval tags; the state last, so a crash never pairs it with an old record."""
     mv = _version(c, name, version)
-    entry = {"decision": decision, "by": by.strip(), "at": _now(), "reason": reason.strip(), "via": via}
-    history = json.loads(mv.tags.get("approval.history", "[]")) + [entry]
-    while len(json.dumps(history)) > _HISTORY_MAX_CHARS and len(history) > 1:
-        history.pop(0)
-    for key, value in [
-        ("approval.state", decision), ("approval.by", entry["by"]), ("approval.at", entry["at"]),
-        ("approval.reason", entry["reason"][:1000]), ("approval.via", via), ("approval.history", json.dumps(history)),
-    ]:
+    entry = {"decision": decision, "by": by, "at": _now(), "reason": reason, "via": via}
+    _append_history(c, name, version, mv.tags, entry)
+    for key, value in [("approval.by", by), ("approval.at", entry["at"]), ("approval.reason", reason[:1000]),
+                       ("approval.via", via), ("approval.state", decision)]:
         c.set_model_version_tag(name, version, key, value)
 
 
-def _set_production(c, name: str, version: str) -> dict[str, Any]:
-    """The only code that moves `production`: it requires an approval record."""
+def _append_history(c, name: str, version: str, tags: dict[str, str], entry: dict[str, str]) -> None:
+    """Recent decisions on the version (a tag has a size limit); the decision log keeps them all."""
+    history = json.loads(tags.get("approval.history", "[]")) + [entry]
+    dropped = int(tags.get("approval.history_dropped", "0"))
+    while len(json.dumps(history)) > _HISTORY_MAX_CHARS and len(history) > 1:
+        history.pop(0)
+        dropped += 1
+    if dropped:
+        c.set_model_version_tag(name, version, "approval.history_dropped", str(dropped))
+    c.set_model_version_tag(name, version, "approval.history", json.dumps(history))
+
+
+def approval_problems(mv, current: dict[str, str]) -> list[str]:
+    """Why approving this version now would skip a check: its gate did not pass, it was gated
+    against another production, or it was rejected."""
+    t, problems = mv.tags, []
+    if t.get("gate.passed") != "true":
+        problems.append(f"its gate has not passed (gate.passed={t.get('gate.passed', 'unknown')})")
+    gated = t.get("gate.production_version")
+    if gated is None:
+        problems.append("the production it was gated against is unknown")
+    elif gated != current.get(PRODUCTION, "none") and current.get(PRODUCTION) != str(mv.version):
+        problems.append(f"it was gated against production {gated}; production is now "
+                        f"{current.get(PRODUCTION, 'none')}: run the gate again")
+    if t.get("approval.state") == REJECTED:
+        problems.append(f"it was rejected by {t.get('approval.by')} ({t.get('approval.reason', '')[:80]})")
+    return problems
+
+
+def _require_approved(c, name: str, version: str) -> None:
     mv = _version(c, name, version)
     if mv.tags.get("approval.state") != APPROVED or not mv.tags.get("approval.by"):
         raise ApprovalRequired(
@@ -496,6 +647,11 @@ def _set_production(c, name: str, version: str) -> dict[str, Any]:
             f"{mv.tags.get('approval.state', 'none')}); production is unchanged. "
             f"Approve it first: drafter approve {name} {version} --by WHO --reason ..."
         )
+
+
+def _set_production(c, name: str, version: str) -> dict[str, Any]:
+    """The only code that moves `production`: it requires an approval record."""
+    _require_approved(c, name, version)
     current = aliases(name, c)
     old = current.get(PRODUCTION)
     if old != version:
@@ -508,58 +664,94 @@ def _set_production(c, name: str, version: str) -> dict[str, Any]:
     return {"name": name, "production": version, "previous": old if old != version else current.get(PREVIOUS)}
 
 
-def approve(name: str, version: str | int, by: str, reason: str, via: str = "cli") -> dict[str, Any]:
-    """Record an approval and promote: production -> this version, previous -> the old one."""
-    c = client()
-    version = str(version)
-    _record_decision(c, name, version, APPROVED, by, reason, via)
-    return _set_production(c, name, version)
+def approve(name: str, version: str | int, by: str, reason: str, via: str = "cli",
+            force: bool = False) -> dict[str, Any]:
+    """Record an approval and promote: production -> this version, previous -> the old one.
+    Refused when the version's gate did not pass against today's production, or it was
+    rejected, unless `force` (logged with what it overrode)."""
+    version = normalize_version(version)
+    by, reason = _require_by_reason(APPROVED, by, reason)
+    with decision_lock():
+        c = client()
+        mv = _version(c, name, version)
+        current = aliases(name, c)
+        problems = approval_problems(mv, current)
+        if problems and not force:
+            raise ApprovalRequired(f"{name} version {version} cannot be approved: " + "; ".join(problems)
+                                   + ". Production is unchanged (--force overrides, and is logged).")
+        entry = _open_entry(c, name, APPROVED, version, by, reason, via, current, problems)
+        if problems:
+            c.set_model_version_tag(name, version, "approval.forced", "; ".join(problems))
+        _record_decision(c, name, version, APPROVED, by, reason, via)
+        result = _set_production(c, name, version)
+        _close_entry(c, entry, aliases(name, c))
+    return result
 
 
-def promote(name: str, version: str | int) -> dict[str, Any]:
+def promote(name: str, version: str | int, by: str | None = None, via: str = "cli") -> dict[str, Any]:
     """Put an already approved version back into production (refused without a record)."""
-    return _set_production(client(), name, str(version))
+    version = normalize_version(version)
+    with decision_lock():
+        c = client()
+        current = aliases(name, c)
+        _require_approved(c, name, version)
+        entry = _open_entry(c, name, "promote", version, by or getpass.getuser(), "promote", via, current, [])
+        result = _set_production(c, name, version)
+        _close_entry(c, entry, aliases(name, c))
+    return result
 
 
 def reject(name: str, version: str | int, by: str, reason: str, via: str = "cli") -> dict[str, Any]:
     """Record a rejection; the version loses the `candidate` alias and is never promoted by it."""
-    c = client()
-    version = str(version)
-    current = aliases(name, c)
-    if current.get(PRODUCTION) == version:
-        raise RegistryError(f"{name} version {version} is in production: use `drafter rollback {name}`")
-    _record_decision(c, name, version, REJECTED, by, reason, via)
-    if current.get(CANDIDATE) == version:
-        c.delete_registered_model_alias(name, CANDIDATE)
+    version = normalize_version(version)
+    by, reason = _require_by_reason(REJECTED, by, reason)
+    with decision_lock():
+        c = client()
+        _version(c, name, version)
+        current = aliases(name, c)
+        if current.get(PRODUCTION) == version:
+            raise RegistryError(f"{name} version {version} is in production: use `drafter rollback {name}`")
+        entry = _open_entry(c, name, REJECTED, version, by, reason, via, current, [])
+        _record_decision(c, name, version, REJECTED, by, reason, via)
+        if current.get(CANDIDATE) == version:
+            c.delete_registered_model_alias(name, CANDIDATE)
+        _close_entry(c, entry, aliases(name, c))
     return {"name": name, "rejected": version, "production": current.get(PRODUCTION)}
 
 
 def record_timeout(name: str, version: str | int, waited_s: int) -> None:
     """The approval window closed without a decision: not promoted, still awaiting the CLI."""
-    c = client()
-    c.set_model_version_tag(name, str(version), "approval.timed_out_at", _now())
-    c.set_model_version_tag(name, str(version), "approval.timed_out_after_s", str(waited_s))
+    c, version = client(), normalize_version(version)
+    c.set_model_version_tag(name, version, "approval.timed_out_at", _now())
+    c.set_model_version_tag(name, version, "approval.timed_out_after_s", str(waited_s))
 
 
-def rollback(name: str, by: str | None = None, reason: str | None = None) -> dict[str, Any]:
+def rollback(name: str, by: str | None = None, reason: str | None = None, via: str = "cli") -> dict[str, Any]:
     """Undo the last promotion: production -> previous (which must carry an approval record),
     `previous` then cleared. With no previous version, production is cleared: the fleet
     serves the target without this drafter (plain decoding) until a version is approved."""
-    c = client()
-    current = aliases(name, c)
-    old, target = current.get(PRODUCTION), current.get(PREVIOUS)
-    if old is None:
-        raise RegistryError(f"{name} has no version in production to roll back (aliases: {current})")
-    if target is not None:
-        result = _set_production(c, name, target)
-        c.delete_registered_model_alias(name, PREVIOUS)
-    else:
-        c.delete_registered_model_alias(name, PRODUCTION)
-        result = {"name": name, "production": None}
-    for key, value in [
-        ("rollback.at", _now()), ("rollback.by", by or getpass.getuser()), ("rollback.reason", reason or "rollback"),
-    ]:
-        c.set_model_version_tag(name, old, key, value)
+    by, reason = (by or getpass.getuser()).strip(), (reason or "rollback").strip()
+    with decision_lock():
+        c = client()
+        current = aliases(name, c)
+        old, target = current.get(PRODUCTION), current.get(PREVIOUS)
+        if old is None:
+            raise RegistryError(f"{name} has no version in production to roll back (aliases: {current})")
+        if target is not None:
+            _require_approved(c, name, target)  # before anything is logged or moved
+        entry = _open_entry(c, name, "rollback", old, by, reason, via, current, [])
+        mv = _version(c, name, old)
+        _append_history(c, name, old, mv.tags, {"decision": "rolled_back", "by": by, "at": _now(), "reason": reason,
+                                                 "via": via})
+        for key, value in [("rollback.by", by), ("rollback.reason", reason), ("rollback.at", _now())]:
+            c.set_model_version_tag(name, old, key, value)
+        if target is not None:
+            result = _set_production(c, name, target)
+            c.delete_registered_model_alias(name, PREVIOUS)
+        else:
+            c.delete_registered_model_alias(name, PRODUCTION)
+            result = {"name": name, "production": None}
+        _close_entry(c, entry, aliases(name, c))
     return {**result, "previous": None, "rolled_back": old}
 
 
@@ -573,9 +765,13 @@ def speculative_config(folder: Path, facts: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def export_alias(name: str, alias: str, out: str | Path) -> dict[str, Any]:
+def export_alias(name: str, alias: str, out: str | Path, allow_unapproved: bool = False) -> dict[str, Any]:
     """Write the version behind `alias` to `out`: the drafter folder vLLM loads, its evidence,
-    `speculative_config.json` and `SERVE.md` with the `vllm serve` command."""
+    `speculative_config.json` and `SERVE.md` with the `vllm serve` command.
+
+    Refuses (NotServable, `out` untouched) a version that is not approved, whatever alias
+    points at it (an alias set in the MLflow UI included), unless `allow_unapproved` (said
+    in SERVE.md), and always weights whose hash differs from the registered one."""
     import mlflow
 
     c = client()
@@ -583,10 +779,20 @@ def export_alias(name: str, alias: str, out: str | Path) -> dict[str, Any]:
     if version is None:
         raise RegistryError(f"{name} has no version with alias {alias!r} (aliases: {aliases(name, c)})")
     mv = _version(c, name, version)
+    state = mv.tags.get("approval.state", "none")
+    approved = state == APPROVED and bool(mv.tags.get("approval.by"))
+    if not approved and not allow_unapproved:
+        raise NotServable(f"{name} version {version} (@{alias}) is not approved (approval.state={state}): not "
+                          f"exported. Approve it (drafter approve {name} {version} ...), or pass "
+                          "--allow-unapproved to export a candidate for testing")
     out = Path(out)
     with atomic_dir(out) as tmp:
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
         speculators_folder(tmp)
+        registered = mv.tags.get("drafter.weights_sha256")
+        if not registered or sha256_file(tmp / "model.safetensors") != registered:
+            raise NotServable(f"{name} version {version}: the downloaded weights' sha256 is not the registered "
+                              f"{registered or '(none recorded)'}; the artifact store was changed: not exported")
         facts = drafter_facts(tmp)
         if not facts["algorithm"] or not facts["num_speculative_tokens"]:
             facts["algorithm"] = facts["algorithm"] or mv.tags.get("drafter.algorithm")
@@ -599,11 +805,15 @@ def export_alias(name: str, alias: str, out: str | Path) -> dict[str, Any]:
             "name": name, "version": version, "alias": alias, "exported_at": _now(),
             "tracking_uri": tracking_uri(), "tags": dict(mv.tags),
         })
+        warning = "" if approved else (
+            f"**Not approved** (approval.state={state}): exported with --allow-unapproved, for testing only. "
+            "Do not serve it to users.\n\n")
         atomic_write_text(tmp / "SERVE.md", (
-            f"# {name} version {version} (@{alias})\n\n"
+            f"# {name} version {version} (@{alias})\n\n{warning}"
             f"Serve the target with this drafter:\n\n```bash\nvllm serve {target} \\\n"
             f"  --speculative-config '{json.dumps(spec)}'\n```\n\n"
             "Add `--per-request-spec-decode-metrics summary` to log per-request acceptance, and point "
             "`drafter monitor --metrics http://HOST:PORT/metrics` at the server to watch tau.\n"
         ))
-    return {"name": name, "version": version, "alias": alias, "out": str(out), "speculative_config": spec}
+    return {"name": name, "version": version, "alias": alias, "out": str(out), "speculative_config": spec,
+            "approved": approved}

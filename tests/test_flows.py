@@ -223,7 +223,7 @@ def test_retrain_flow_wiring_with_standin_stages(servers, tmp_path, monkeypatch)
     # The registered version carries the training domain mix and the stage manifests' hashes.
     mv = c.get_model_version("flow-retrain", "1")
     assert mv.tags["lineage.manifests.drafter"] and mv.run_id in {r.info.run_id for r in children}
-    exported = registry.export_alias("flow-retrain", "candidate", tmp_path / "exported")
+    exported = registry.export_alias("flow-retrain", "candidate", tmp_path / "exported", allow_unapproved=True)
     assert json.loads((Path(exported["out"]) / "data_profile.json").read_text()) == {
         "domains": {"chat": 10, "code": 10, "math": 10}}
     report = artifacts({"drafter-retrain-report"})["drafter-retrain-report"].data

@@ -55,7 +55,7 @@ def test_register_logs_folder_reports_lineage_and_sets_candidate(module_store, t
     run = c.get_run(cand.run_id)
     assert run.data.metrics["tau.gsm8k"] == pytest.approx(2.5)
     assert {a.path for a in c.list_artifacts(cand.run_id)} >= {"reports", "lineage.json", "sps_cost_table.json"}
-    out = registry.export_alias("reg-basic", "candidate", tmp_path / "export")
+    out = registry.export_alias("reg-basic", "candidate", tmp_path / "export", allow_unapproved=True)
     files = {p.relative_to(tmp_path / "export").as_posix() for p in (tmp_path / "export").rglob("*") if p.is_file()}
     assert {"config.json", "model.safetensors", "calibration.json", "sps_cost_table.json", "lineage.json",
             "reports/eval/report.json", "reports/eval/acceptance.csv", "reports/gate/verdict.json",
@@ -64,7 +64,9 @@ def test_register_logs_folder_reports_lineage_and_sets_candidate(module_store, t
     spec = json.loads((tmp_path / "export" / "speculative_config.json").read_text())
     assert spec == {"method": "dspark", "model": str((tmp_path / "export").resolve()), "num_speculative_tokens": 4}
     assert out["speculative_config"] == spec
-    assert "vllm serve HuggingFaceTB/SmolLM2-135M-Instruct" in (tmp_path / "export" / "SERVE.md").read_text()
+    serve = (tmp_path / "export" / "SERVE.md").read_text()
+    assert "vllm serve HuggingFaceTB/SmolLM2-135M-Instruct" in serve and "**Not approved**" in serve
+    assert out["approved"] is False
 
 
 def test_train_output_folder_uses_best(module_store, tmp_path):
@@ -72,7 +74,7 @@ def test_train_output_folder_uses_best(module_store, tmp_path):
     make_drafter(tmp_path / "train-out" / "best", tokens=6)
     (tmp_path / "train-out" / "metrics.json").write_text("{}")
     registry.register_candidate(cfg, tmp_path / "train-out", gate_verdict=passing_verdict())
-    registry.export_alias("reg-best", "candidate", tmp_path / "x")
+    registry.export_alias("reg-best", "candidate", tmp_path / "x", allow_unapproved=True)
     assert json.loads((tmp_path / "x" / "speculative_config.json").read_text())["num_speculative_tokens"] == 6
     assert not (tmp_path / "x" / "metrics.json").exists()
 
@@ -148,7 +150,9 @@ def test_reject_removes_candidate_and_never_promotes(module_store, tmp_path):
     assert registry.list_versions("reg-reject")[0]["approval"] == "rejected"
     with pytest.raises(registry.ApprovalRequired):
         registry.promote("reg-reject", v1)
-    registry.approve("reg-reject", v1, by="alice", reason="re-checked: the regression was a bad eval set")
+    with pytest.raises(registry.ApprovalRequired, match="rejected by alice"):
+        registry.approve("reg-reject", v1, by="alice", reason="changed my mind")
+    registry.approve("reg-reject", v1, by="alice", reason="re-checked: the regression was a bad eval set", force=True)
     assert registry.aliases("reg-reject") == {"production": "1"}
     with pytest.raises(registry.RegistryError, match="in production"):
         registry.reject("reg-reject", v1, by="bob", reason="x")
@@ -254,3 +258,107 @@ def test_processes_starting_together_share_a_fresh_store(tmp_path):
                               stderr=subprocess.PIPE, text=True) for _ in range(4)]
     results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
     assert [(rc, out.strip()) for rc, out, _ in results] == [(0, "1")] * 4, [err[-500:] for _, _, err in results]
+
+
+def test_approve_requires_a_gate_passed_against_todays_production(module_store, tmp_path):
+    cfg = config(tmp_path, "reg-gate")
+    folder = make_drafter(tmp_path / "ungated", seed=11)
+    v1 = registry.register_candidate(cfg, folder).version  # no verdict: gate.passed=unknown
+    with pytest.raises(registry.ApprovalRequired, match="gate has not passed"):
+        registry.approve("reg-gate", v1, by="alice", reason="looks fine")
+    assert "production" not in registry.aliases("reg-gate")
+    v2, v3 = register(cfg, tmp_path, "2").version, register(cfg, tmp_path, "3").version  # both gated against none
+    registry.approve("reg-gate", v2, by="alice", reason="first")
+    with pytest.raises(registry.ApprovalRequired, match=f"gated against production none; production is now {v2}"):
+        registry.approve("reg-gate", v3, by="bob", reason="also good")
+    # Gated again (same weights) against today's production: approvable without force.
+    registry.register_candidate(cfg, tmp_path / "drafter-3", eval_dir=tmp_path / "eval-3", gate_verdict=passing_verdict())
+    registry.approve("reg-gate", v3, by="bob", reason="passed against 2")
+    assert registry.aliases("reg-gate") == {"production": v3, "previous": v2}
+    # --force goes through and says so: on the version and in the decision log.
+    registry.approve("reg-gate", v1, by="carol", reason="emergency", force=True)
+    assert "gate has not passed" in registry.client().get_model_version("reg-gate", v1).tags["approval.forced"]
+    log = registry.decision_log("reg-gate")
+    assert [(e["decision"], e["version"], e["complete"]) for e in log] == [
+        ("approved", v2, True), ("approved", v3, True), ("approved", v1, True)]
+    assert "gate has not passed" in log[-1]["forced"] and log[-1]["production_before"] == v3
+    assert log[-1]["os_user"] and log[-1]["host"] and log[-1]["production_after"] == v1
+
+
+def test_version_strings_are_normalised(module_store, tmp_path):
+    cfg = config(tmp_path, "reg-norm")
+    register(cfg, tmp_path, "1")
+    registry.approve("reg-norm", "1", by="a", reason="first")
+    v2 = register(cfg, tmp_path, "2").version
+    registry.approve("reg-norm", f"0{v2}", by="a", reason="second")  # "02" is version 2, and v1 stays previous
+    assert registry.aliases("reg-norm") == {"production": "2", "previous": "1"}
+    for bad in ("two", "-1", "0", "1.0", ""):
+        with pytest.raises(registry.RegistryError, match="expected a version number"):
+            registry.approve("reg-norm", bad, by="a", reason="b")
+
+
+def test_every_decision_is_logged_and_history_is_never_silently_cut(module_store, tmp_path):
+    cfg = config(tmp_path, "reg-log")
+    v1 = register(cfg, tmp_path, "1").version
+    registry.approve("reg-log", v1, by="alice", reason="x" * 900)
+    v2 = register(cfg, tmp_path, "2").version
+    registry.reject("reg-log", v2, by="bob", reason="worse")
+    for i in range(6):  # rollbacks and re-approvals: more history than a tag holds
+        registry.rollback("reg-log", by="carol", reason=f"off {i}")
+        registry.approve("reg-log", v1, by="alice", reason=f"back {i} " + "y" * 800)
+    log = registry.decision_log("reg-log")
+    assert [e["decision"] for e in log] == ["approved", "rejected"] + ["rollback", "approved"] * 6
+    assert all(e["complete"] for e in log) and log[2]["version"] == "1" and log[2]["production_after"] == ""
+    tags = registry.client().get_model_version("reg-log", v1).tags
+    history = json.loads(tags["approval.history"])
+    assert history[-1]["decision"] == "approved" and "rolled_back" in [h["decision"] for h in history]
+    assert int(tags["approval.history_dropped"]) + len(history) == 13  # 7 approvals + 6 rollbacks of v1
+
+
+def test_concurrent_decisions_serialise(module_store, tmp_path):
+    """Approve and reject racing from separate processes: production ends on the approved
+    version only if its approval was the last word, and the log agrees with the aliases."""
+    import subprocess
+    import sys
+
+    cfg = config(tmp_path, "reg-race")
+    v1 = register(cfg, tmp_path, "1").version
+    registry.approve("reg-race", v1, by="a", reason="first")
+    v2, v3 = register(cfg, tmp_path, "2").version, register(cfg, tmp_path, "3").version
+    code = ("import sys; from drafter import registry; op, v = sys.argv[1:]\n"
+            "try:\n"
+            "    getattr(registry, op)('reg-race', v, by=op, reason='race')\n"
+            "except registry.RegistryError as e:\n"
+            "    print('refused', e)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, op, v], cwd=ROOT)
+             for op, v in [("approve", v2), ("reject", v2), ("approve", v3), ("reject", v3)]]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0, 0]
+    log = [e for e in registry.decision_log("reg-race") if e["complete"]]
+    state = {}
+    for e in log:  # replay the log: the last word on each version
+        state[e["version"]] = e["decision"]
+        assert e["production_after"] == (e["version"] if e["decision"] == "approved" else e["production_before"])
+    assert registry.aliases("reg-race").get("production") == log[-1]["production_after"]
+    prod = registry.aliases("reg-race").get("production")
+    assert prod == "1" or state[prod] == "approved"
+    for v in (v2, v3):
+        mv = registry.client().get_model_version("reg-race", v)
+        assert mv.tags["approval.state"] == state.get(v, "pending")
+
+
+def test_export_refuses_unapproved_and_tampered_versions(module_store, tmp_path):
+    cfg = config(tmp_path, "reg-serve")
+    v1 = register(cfg, tmp_path, "1").version
+    c = registry.client()
+    c.set_registered_model_alias("reg-serve", "production", v1)  # as the MLflow UI's alias button would
+    with pytest.raises(registry.NotServable, match="not approved"):
+        registry.export_alias("reg-serve", "production", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    c.delete_registered_model_alias("reg-serve", "production")
+    registry.approve("reg-serve", v1, by="a", reason="ok")
+    assert registry.export_alias("reg-serve", "production", tmp_path / "out")["approved"] is True
+    # The registered weights' hash no longer matches what the store serves.
+    c.set_model_version_tag("reg-serve", v1, "drafter.weights_sha256", "0" * 64)
+    with pytest.raises(registry.NotServable, match="sha256"):
+        registry.export_alias("reg-serve", "production", tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()

@@ -41,7 +41,10 @@ def invoke(*args: str):
 def test_approve_list_rollback_export(registered, tmp_path):
     name = registered
     assert invoke("approve", name, "1", "--by", "alice", "--reason", "baseline").exit_code == 0
-    assert invoke("approve", name, "2", "--by", "bob", "--reason", "tau +33%").exit_code == 0
+    with pytest.raises(registry.ApprovalRequired, match="run the gate again"):  # gated before 1 was in production
+        invoke("approve", name, "2", "--by", "bob", "--reason", "tau +33%")
+    assert registry.aliases(name)["production"] == "1"
+    assert invoke("approve", name, "2", "--by", "bob", "--reason", "tau +33%", "--force").exit_code == 0
     listed = json.loads(invoke("registry", "list", name, "--json").stdout)
     assert [(r["version"], r["aliases"], r["approval"], r["by"]) for r in listed] == [
         ("2", ["production"], "approved", "bob"), ("1", ["previous"], "approved", "alice")]
@@ -55,6 +58,11 @@ def test_approve_list_rollback_export(registered, tmp_path):
     spec = json.loads((tmp_path / "serve" / "speculative_config.json").read_text())
     assert spec["method"] == "dspark" and spec["model"] == str((tmp_path / "serve").resolve())
     assert json.loads((tmp_path / "serve" / "registry.json").read_text())["version"] == "1"
+    with pytest.raises(registry.RegistryError, match="no version with alias 'candidate'"):
+        invoke("registry", "export", name, "--alias", "candidate", "--out", str(tmp_path / "cand"))
+    log = json.loads(invoke("registry", "log", name, "--json").stdout)
+    assert [(e["decision"], e["version"]) for e in log] == [("approved", "1"), ("approved", "2"), ("rollback", "2")]
+    assert "bob" in invoke("registry", "log", name).stdout
 
 
 def test_reject_and_missing_options(registered):
@@ -75,3 +83,15 @@ def test_errors_are_clear_messages_not_tracebacks(module_store, registered):
     assert proc.returncode == 2, proc.stderr
     assert "error:" in proc.stderr and "no version in production to roll back" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_export_of_a_candidate_needs_allow_unapproved(module_store, registered, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": module_store, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "drafter", "registry", "export", registered, "--alias", "candidate",
+           "--out", str(tmp_path / "cand")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "is not approved" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "cand").exists()
+    proc = subprocess.run(cmd + ["--allow-unapproved"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "**Not approved**" in (tmp_path / "cand" / "SERVE.md").read_text()

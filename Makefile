@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/drafter run
+	$(VENV)/bin/drafter run --demo
 
 test: setup
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)

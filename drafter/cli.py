@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from drafter.config import DEFAULT_CONFIG, Config, load_config
+from drafter.config import DEFAULT_CONFIG, Config, ConfigError, load_config
 from drafter.errors import DrafterError
 
 app = typer.Typer(
@@ -32,6 +32,28 @@ app.add_typer(target_app, name="target")
 
 console = Console(stderr=True)
 out = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from drafter import __version__
+
+        out.print(f"drafter {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv: debug).")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors only.")] = False,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    """Keep speculative-decoding drafters matched to the traffic a target model serves."""
+    level = logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.getLogger().setLevel(level)
+    for name in ("drafter", "flows", "monitoring"):
+        logging.getLogger(name).setLevel(level)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Run config (YAML).")]
 SetOpt = Annotated[
@@ -82,16 +104,27 @@ def run_cmd(
     wait: Annotated[Optional[bool], typer.Option(
         "--wait-for-approval/--no-wait-for-approval",
         help="Pause for a decision in the Prefect UI (default: when a Prefect server is configured).")] = None,
-    demo_logs: Annotated[int, typer.Option(help="Demo conversations to write when the inputs are empty.")] = 200,
+    demo: Annotated[bool, typer.Option(
+        "--demo", help="Write demo production logs into the first input folder if no input holds a file "
+        "(what `make demo` does). Without it, empty inputs are an error.")] = False,
+    demo_logs: Annotated[int, typer.Option(help="How many demo conversations --demo writes.")] = 200,
+    as_json: JsonOpt = False,
 ) -> None:
     """Run the whole pipeline as a Prefect flow: logs -> ... -> a registered candidate awaiting approval."""
-    from flows.retrain import ensure_demo_logs, retrain_flow
+    from flows.retrain import ensure_demo_logs, has_inputs, retrain_flow
 
     cfg = load(config, set_)
-    written = ensure_demo_logs(cfg, demo_logs)
-    if written:
-        console.print(f"no production logs in {written}: wrote {demo_logs} demo conversations there")
+    if demo:
+        written = ensure_demo_logs(cfg, demo_logs)
+        if written:
+            console.print(f"no production logs in {written}: wrote {demo_logs} demo conversations there")
+    elif not has_inputs(cfg):
+        raise ConfigError(f"no production logs in ingest.inputs={[str(p) for p in cfg.ingest.inputs]}: point it at "
+                          "your logs (-s 'ingest.inputs=[DIR]'), or pass --demo to write demo logs there")
     result = retrain_flow(config=str(config), overrides=set_ or [], wait_for_approval=wait)
+    if as_json:
+        out.print_json(json.dumps(result, default=str))
+        return
     release = result["release"]
     table = Table(title="tau per dataset")
     for column in ("dataset", "candidate", "production", "change"):
@@ -113,19 +146,20 @@ def approve_cmd(
     name: NameArg, version: VersionArg, by: ByOpt, reason: ReasonOpt,
     force: Annotated[bool, typer.Option("--force", help="Approve although its gate did not pass against today's "
                                         "production, or it was rejected (logged with what it overrode).")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Record an approval and promote the version to production (the old one becomes previous)."""
     from drafter import registry
 
-    print_mapping("approved", registry.approve(name, version, by=by, reason=reason, force=force))
+    print_mapping("approved", registry.approve(name, version, by=by, reason=reason, force=force), as_json)
 
 
 @app.command("reject")
-def reject_cmd(name: NameArg, version: VersionArg, by: ByOpt, reason: ReasonOpt) -> None:
+def reject_cmd(name: NameArg, version: VersionArg, by: ByOpt, reason: ReasonOpt, as_json: JsonOpt = False) -> None:
     """Record a rejection; the version is never promoted by it."""
     from drafter import registry
 
-    print_mapping("rejected", registry.reject(name, version, by=by, reason=reason))
+    print_mapping("rejected", registry.reject(name, version, by=by, reason=reason), as_json)
 
 
 @app.command("rollback")
@@ -133,13 +167,14 @@ def rollback_cmd(
     name: NameArg,
     by: Annotated[Optional[str], typer.Option("--by", help="Who rolls back (default: current user).")] = None,
     reason: Annotated[Optional[str], typer.Option("--reason", help="Why.")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Undo the last promotion: production back to the previous (approved) version, or to none."""
     from drafter import registry
 
     result = registry.rollback(name, by=by, reason=reason)
-    print_mapping("rolled back", result)
-    if result["production"] is None:
+    print_mapping("rolled back", result, as_json)
+    if result["production"] is None and not as_json:
         out.print(f"{name} has no production version now: serve the target without a drafter until one is approved")
 
 
@@ -190,12 +225,16 @@ def registry_export_cmd(
     allow_unapproved: Annotated[bool, typer.Option(
         "--allow-unapproved", help="Export a version that is not approved (a candidate, for testing; SERVE.md says so).")
     ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Write the version behind an alias as vLLM loads it, with an example --speculative-config.
     Only approved versions, unless --allow-unapproved; the weights' hash is always checked."""
     from drafter import registry
 
     result = registry.export_alias(name, alias, out_dir, allow_unapproved=allow_unapproved)
+    if as_json:
+        out.print_json(json.dumps(result, default=str))
+        return
     print_mapping(f"{name} @{alias}", {k: v for k, v in result.items() if k != "speculative_config"})
     out.print(f"vllm serve TARGET --speculative-config '{json.dumps(result['speculative_config'])}'")
 
@@ -205,11 +244,16 @@ def params_cmd(
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
     out_file: Annotated[Path, typer.Option("--out", help="Where to write.")] = Path("params.yaml"),
+    as_json: JsonOpt = False,
 ) -> None:
     """Write params.yaml for `dvc repro`: the full resolved run config the DVC stages read."""
     from drafter.dvcpipe import write_params
 
-    console.print(f"wrote {write_params(load(config, set_), out_file)}")
+    written = write_params(load(config, set_), out_file)
+    if as_json:
+        out.print_json(json.dumps({"wrote": str(written)}))
+    else:
+        console.print(f"wrote {written}")
 
 
 @app.command("schedule")
@@ -555,6 +599,29 @@ def gate_cmd(
         out.print(table)
     if not verdict["passed"]:
         raise typer.Exit(1)
+
+
+# `drafter --help` lists the commands in pipeline order, grouped.
+HELP_PANELS = {
+    "Pipeline, in order": ["run", "demo-logs", "ingest", "regenerate", "build-cache", "train", "calibrate",
+                           "profile", "evaluate", "gate"],
+    "Registry and approval": ["approve", "reject", "rollback", "registry"],
+    "Serving and monitoring": ["export", "generate", "monitor", "schedule"],
+    "Setup and inspection": ["params", "target"],
+}
+
+
+def _group_help() -> None:
+    order = [name for names in HELP_PANELS.values() for name in names]
+    panel = {name: title for title, names in HELP_PANELS.items() for name in names}
+    for info in app.registered_commands:
+        info.rich_help_panel = panel.get(info.name)
+    app.registered_commands.sort(key=lambda info: order.index(info.name) if info.name in order else len(order))
+    for group in app.registered_groups:
+        group.rich_help_panel = panel.get(group.name)
+
+
+_group_help()
 
 
 def main() -> None:

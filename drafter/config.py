@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -120,7 +121,10 @@ class RegenerateConfig(Section):
     backend: Literal["local", "openai"] = "local"
     base_url: str | None = None  # openai: e.g. http://127.0.0.1:8000/v1
     model: str | None = None  # openai: served model name (None: the first of GET /models)
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str = "OPENAI_API_KEY"  # openai: the environment variable holding the API key
+    # openai: the one host the key is sent to ("api.example.com", or "host:port" for one port); unset:
+    # the key is sent nowhere. Plain http only to this machine (localhost, 127.0.0.1, ::1), else https.
+    api_key_host: str | None = None
     temperature: float = Field(0.7, ge=0)  # 0 = greedy
     top_p: float = Field(0.8, gt=0, le=1)
     top_k: int = Field(20, ge=0)  # 0 = off; openai: sent unless the server rejects the field
@@ -336,10 +340,10 @@ class Config(Section):
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     def save(self, path: Path) -> Path:
-        """Write the resolved config (after overrides) beside a stage's output."""
-        from drafter.manifest import atomic_write_text
+        """Write the resolved config (after overrides) beside a stage's output, URL credentials removed."""
+        from drafter.manifest import atomic_write_text, redact_urls
 
-        return atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return atomic_write_text(Path(path), yaml.safe_dump(redact_urls(self.to_dict()), sort_keys=False))
 
     @property
     def data_dir(self) -> Path:
@@ -362,8 +366,25 @@ def _format_errors(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with the 1.2 core schema's booleans: only true/false. PyYAML follows YAML 1.1, where
+    `no`, `off`, `y` are booleans, so `mixed_precision: no` would arrive as False."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`["train.lr=3e-4", "drafter.algorithm=eagle3"]` -> nested dict (values parsed as YAML)."""
+    """`["train.lr=3e-4", "drafter.algorithm=eagle3"]` -> nested dict (values parsed as YAML 1.2)."""
     nested: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -375,7 +396,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is set twice")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        node[leaf] = load_yaml(raw) if raw.strip() else None
     return nested
 
 
@@ -394,7 +415,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

@@ -369,10 +369,15 @@ def run_report(cfg: Config, stages: list[dict], release: dict[str, Any], mlflow_
     return "\n".join(lines)
 
 
+def has_inputs(cfg: Config) -> bool:
+    """Some input of `ingest.inputs` holds a file."""
+    return any(p.is_file() or (p.is_dir() and any(p.iterdir())) for p in map(Path, cfg.ingest.inputs))
+
+
 def ensure_demo_logs(cfg: Config, n: int = 200) -> Path | None:
     """Write the demo production logs into the first input folder when no input has any file."""
     inputs = [Path(p) for p in cfg.ingest.inputs]
-    if any(p.is_file() or (p.is_dir() and any(p.iterdir())) for p in inputs):
+    if has_inputs(cfg):
         return None
     from drafter.traces.demo import write_demo_logs
 

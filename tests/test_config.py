@@ -80,3 +80,15 @@ def test_resolved_config_round_trips(tmp_path):
     assert again.to_dict() == cfg.to_dict()
     assert again.hash() == cfg.hash()
     assert load_config(saved, ["train.lr=0.02"]).hash() != cfg.hash()
+
+
+def test_yaml_1_1_words_stay_strings(tmp_path):
+    """`no`, `off`, `yes` are strings (YAML 1.2), so string settings such as
+    train.mixed_precision=no arrive as written; only true/false are booleans."""
+    cfg = load_config(None, ["train.mixed_precision=no", "train.system_metrics=false", "run.name=off"])
+    assert (cfg.train.mixed_precision, cfg.train.system_metrics, cfg.run.name) == ("no", False, "off")
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n  system_metrics: False\n")
+    cfg = load_config(path)
+    assert cfg.train.mixed_precision == "no" and cfg.train.system_metrics is False
+    assert parse_overrides(["a.b=yes", "a.c=true", "a.d=3"]) == {"a": {"b": "yes", "c": True, "d": 3}}

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from drafter import registry
 from drafter.cli import app
-from drafter.config import load_config
+from drafter.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,11 @@ def test_drafter_run_without_a_server_ends_awaiting_approval(store, tmp_path, mo
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     sets = ["-s", "registry.model_name=cli-run", "-s", f"run.data_dir={tmp_path / 'data'}",
             "-s", f"ingest.inputs=[{tmp_path / 'raw'}]"]
-    result = CliRunner().invoke(app, ["run", "-c", str(ROOT / "configs" / "tiny.yaml"), *sets, "--demo-logs", "12"])
+    refused = CliRunner().invoke(app, ["run", "-c", str(ROOT / "configs" / "tiny.yaml"), *sets])
+    assert isinstance(refused.exception, ConfigError) and "--demo" in str(refused.exception)
+    assert calls == [] and not (tmp_path / "raw").exists()  # no demo data slipped into production inputs
+    result = CliRunner().invoke(app, ["run", "-c", str(ROOT / "configs" / "tiny.yaml"), *sets, "--demo",
+                                      "--demo-logs", "12"])
     assert result.exit_code == 0, result.output
     assert calls[0] == ("demo", str(tmp_path / "raw"), 12, 0)
     assert "registered cli-run version 1: awaiting" in result.stdout

@@ -73,6 +73,7 @@ FORMAT = 1
 SPLITS = ("train", "holdout")
 _NO_ANSWER = "no assistant token within max_seq_len"
 TOP_K_CHUNK = 512  # tokens per LM-head product when storing the target's top-k
+_REBUILD = "rebuild it with `drafter build-cache`"
 
 
 class CacheError(DrafterError, RuntimeError):
@@ -537,8 +538,12 @@ class CacheReader:
             index = json.loads(index_path.read_text())
         except json.JSONDecodeError as exc:
             raise CacheCorruptError(f"{index_path} is not valid JSON: {exc}") from None
+        if not isinstance(index, dict):
+            raise CacheCorruptError(f"{index_path} is damaged (not an index): {_REBUILD}")
         if index.get("format") != FORMAT:
             raise CacheError(f"{self.path}: cache format {index.get('format')}, this version reads {FORMAT}")
+        if not isinstance(index.get("meta"), dict) or not isinstance(index.get("shards"), list):
+            raise CacheCorruptError(f"{index_path} is damaged (no meta or shard list): {_REBUILD}")
         self.meta: dict[str, Any] = index["meta"]
         if expect_fingerprint is not None and self.meta["target_fingerprint"] != expect_fingerprint:
             raise CacheMismatchError(
@@ -548,21 +553,24 @@ class CacheReader:
             )
         self.verify = verify
         self.shards: list[dict] = index["shards"]
-        for shard in self.shards:
-            file = self.path / "shards" / shard["file"]
-            if not file.is_file():
-                raise CacheCorruptError(f"cache shard {file} is missing")
-            size = file.stat().st_size
-            if size != shard["bytes"]:
-                raise CacheCorruptError(
-                    f"cache shard {file} is {'truncated' if size < shard['bytes'] else 'altered'}: "
-                    f"{size} bytes, the index says {shard['bytes']}"
-                )
-        self._starts = [0]
-        for shard in self.shards:
-            self._starts.append(self._starts[-1] + shard["samples"])
-        self.lengths: list[int] = [n for shard in self.shards for n in shard["lengths"]]
-        self.ids: list[str] = [i for shard in self.shards for i in shard["ids"]]
+        try:
+            for shard in self.shards:
+                file = self.path / "shards" / shard["file"]
+                if not file.is_file():
+                    raise CacheCorruptError(f"cache shard {file} is missing")
+                size = file.stat().st_size
+                if size != shard["bytes"]:
+                    raise CacheCorruptError(
+                        f"cache shard {file} is {'truncated' if size < shard['bytes'] else 'altered'}: "
+                        f"{size} bytes, the index says {shard['bytes']}"
+                    )
+            self._starts = [0]
+            for shard in self.shards:
+                self._starts.append(self._starts[-1] + shard["samples"])
+            self.lengths: list[int] = [n for shard in self.shards for n in shard["lengths"]]
+            self.ids: list[str] = [i for shard in self.shards for i in shard["ids"]]
+        except (KeyError, TypeError) as exc:
+            raise CacheCorruptError(f"{index_path} is damaged (a shard entry lacks {exc}): {_REBUILD}") from None
         self._open: dict[int, tuple[Any, torch.Tensor]] = {}
         self._pid = os.getpid()
 
@@ -631,8 +639,11 @@ def open_split(cache_dir: str | Path, split: str, expect_fingerprint: str | None
     pointer = Path(cache_dir) / f"{split}.json"
     if not pointer.is_file():
         raise CacheError(f"no {split} cache pointer {pointer}: run `drafter build-cache` first")
-    info = json.loads(pointer.read_text())
-    path = Path(info["path"])
+    try:
+        path = Path(json.loads(pointer.read_text())["path"])
+    except (ValueError, KeyError, TypeError) as exc:  # cut off mid-write, or edited by hand
+        raise CacheCorruptError(f"cache pointer {pointer} is damaged ({type(exc).__name__}: {exc}): "
+                                "run `drafter build-cache` again") from None
     if not path.is_absolute():
         path = pointer.parent / path
     return CacheReader(path, expect_fingerprint=expect_fingerprint, verify=verify)

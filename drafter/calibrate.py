@@ -145,13 +145,22 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
 
 
 # ----- the stage ----------------------------------------------------------------------------
-def prompts_from_cache(cache_dir: Path, limit: int, seed: int) -> tuple[list[list[int]], dict[str, int]]:
-    """Held-out prompts: the tokens before the first assistant (loss-masked) token of each sample."""
+def _open_holdout(cache_dir: Path, expect_fingerprint: str | None = None):
     try:
         from drafter.cache import open_split
     except ImportError as exc:  # the cache module ships separately
         raise CalibrationError(f"cannot read the target cache: {exc}") from None
-    reader = open_split(Path(cache_dir), "holdout")
+    return open_split(Path(cache_dir), "holdout", expect_fingerprint=expect_fingerprint)
+
+
+def prompts_from_cache(cache_dir: Path, limit: int, seed: int,
+                       expect_fingerprint: str | None = None) -> tuple[list[list[int]], dict[str, int]]:
+    """Held-out prompts: the tokens before the first assistant (loss-masked) token of each sample.
+
+    With `expect_fingerprint`, a cache made for another target (weights, tokenizer, chat
+    template) is refused: its token ids would be another tokenizer's.
+    """
+    reader = _open_holdout(cache_dir, expect_fingerprint)
     order = list(range(len(reader)))
     random.Random(f"{seed}:calibrate").shuffle(order)
     prompts, skipped = [], 0
@@ -175,10 +184,11 @@ def calibrate(cfg: Config, drafter_dir: Path, cache_dir: Path, out_dir: Path) ->
     from drafter.target import load_target
 
     resolve_drafter_dir(drafter_dir)  # fail before loading the target
+    _open_holdout(cache_dir)  # likewise for a missing or damaged cache
     timer = Timer()
     with timer("load"):
-        prompts, counts = prompts_from_cache(cache_dir, cfg.calibrate.samples, cfg.run.seed)
         target = load_target(cfg)
+        prompts, counts = prompts_from_cache(cache_dir, cfg.calibrate.samples, cfg.run.seed, target.fingerprint)
         drafter, model_dir = load_drafter(drafter_dir, target)
     return calibrate_drafter(cfg, drafter, target, prompts, Path(out_dir), counts, timer,
                              inputs={"drafter": str(model_dir), "cache": str(cache_dir)},

@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from drafter.errors import DrafterError
 
-DEFAULT_CONFIG = Path("configs/smollm2-135m-dspark.yaml")
+# Shipped in the package (the repository's configs/ links here), so the default works anywhere.
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "smollm2-135m-dspark.yaml"
 BUNDLED_EVAL_DIR = Path(__file__).parent / "data" / "eval_datasets"
 
 

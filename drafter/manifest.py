@@ -7,10 +7,12 @@ versions). The manifest is what MLflow logs and what the registry's lineage poin
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from drafter.errors import DrafterError
 
@@ -32,6 +35,49 @@ TRACKED_PACKAGES = (
 
 class AccountingError(DrafterError, RuntimeError):
     """Counts that should add up do not: something was lost or counted twice."""
+
+
+class OutputDirError(DrafterError, FileExistsError):
+    """An output folder that is not safe to replace (not written by drafter)."""
+
+
+# ----- credentials in URLs -------------------------------------------------------------------
+REDACTED = "REDACTED"
+# Query parameters that carry secrets: api_key, token, access_token, X-Amz-Signature, password, ...
+_SECRET_PARAM = re.compile(r"key|token|secret|passw|pwd|auth|sig|credential|session", re.IGNORECASE)
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact_url(url: str) -> str:
+    """`url` without credentials: user:password@ and secret-looking query values become REDACTED."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if not parts.scheme or not parts.netloc:
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{REDACTED}@{netloc.rsplit('@', 1)[1]}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(_SECRET_PARAM.search(k) for k, _ in pairs):
+            query = urlencode([(k, REDACTED if _SECRET_PARAM.search(k) else v) for k, v in pairs], safe="/:")
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def redact_urls(obj: Any) -> Any:
+    """`obj` (str, dict, list) with every URL inside it passed through `redact_url`."""
+    if isinstance(obj, str):
+        return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), obj) if "://" in obj else obj
+    if isinstance(obj, dict):
+        return {k: redact_urls(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact_urls(v) for v in obj]
+    return obj
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -84,22 +130,95 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+# A folder atomic_dir published carries this file; only such folders are replaced without force.
+MARKER = ".drafter.json"
+# Folders this project wrote before the marker existed, known by a file only it writes there.
+_OURS_BEFORE_MARKER = ("optimizer.safetensors", "drafter_source.json", "registry.json", "validation.failed.json")
+
+
+def _is_ours(folder: Path) -> bool:
+    if (folder / MARKER).is_file() or any((folder / name).is_file() for name in _OURS_BEFORE_MARKER):
+        return True
+    try:  # a stage manifest (write_manifest), not any file called manifest.json
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and {"stage", "provenance"} <= manifest.keys()
+
+
+def check_replaceable(final: str | Path, force: bool = False) -> None:
+    """Raise unless `final` is missing, an empty folder, or a folder drafter wrote (or `force`)."""
+    final = Path(final)
+    if force or not final.exists():
+        return
+    if not final.is_dir():
+        raise OutputDirError(f"{final} exists and is not a folder: refusing to replace it with one")
+    if any(final.iterdir()) and not _is_ours(final):
+        raise OutputDirError(
+            f"{final} is not empty and was not written by drafter (no {MARKER} or stage manifest.json in it): "
+            "refusing to replace it and delete what it holds. Choose a new or empty folder, or pass --force "
+            "to replace it"
+        )
+
+
+def _backup_of(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
+
+
+def recover_dir(final: str | Path) -> None:
+    """Finish a swap that a crash cut short: with no `final`, its backup is put back; else dropped."""
+    final = Path(final)
+    backup = _backup_of(final)
+    if not backup.exists():
+        return
+    if final.exists():
+        shutil.rmtree(backup, ignore_errors=True)  # the new folder made it in; only the cleanup was cut
+        return
+    os.replace(backup, final)  # killed between the renames: the old folder comes back
+    # The new folder that was about to move in: complete (marked) but never published.
+    for tmp in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+        if (tmp / MARKER).is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `final` in one rename."""
+def atomic_dir(final: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `final`.
+
+    Only a folder drafter wrote (see `check_replaceable`) is replaced unless `force`. The swap
+    moves the old folder to a backup, the new one in, then deletes the backup; a crash between
+    the renames is undone by the next `atomic_dir` (or `recover_dir`) on the same path.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(final)
+    check_replaceable(final, force)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp
+        atomic_write_json(tmp / MARKER, {"written_by": "drafter"})
         if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
+            backup = _backup_of(final)
+            os.replace(final, backup)
             os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            _fsync_dir(final.parent)
+            shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp, final)
+            _fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -183,7 +302,8 @@ def write_manifest(
         **(extra or {}),
         "provenance": provenance(),
     }
-    return atomic_write_json(Path(out_dir) / "manifest.json", manifest)
+    # Manifests travel (MLflow, the registry's lineage, DVC): no URL keeps its credentials.
+    return atomic_write_json(Path(out_dir) / "manifest.json", redact_urls(manifest))
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:

@@ -10,8 +10,12 @@ Two backends give the same records:
   sorted by length to cut padding, KV cache on. Conversations at different turns share
   a batch, so a multi-turn conversation does not hold up the others.
 - `openai`: any OpenAI-compatible server (vLLM, SGLang, `transformers serve`): asyncio
-  with `concurrency` requests in flight, a timeout per request, retries with exponential
-  backoff and jitter on 429, 5xx, timeouts and connection errors, honouring Retry-After.
+  with `concurrency` requests in flight, a timeout per request (the whole request, not
+  each read), retries with exponential backoff and jitter on 429, 5xx, timeouts, connection
+  and protocol errors and undecodable bodies, honouring Retry-After. Any other failure
+  fails that conversation alone (recorded in the error file); no worker dies. The API key
+  (`$<api_key_env>`) goes only to `regenerate.api_key_host`, and only over https unless
+  that host is this machine; URL credentials are never written to records or manifests.
 
 Resumable: finished conversations are appended to `.partial/<split>.jsonl` as they
 complete; a killed run reads them back (a half-written last line is cut off) and only
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import ipaddress
 import json
 import logging
 import os
@@ -34,6 +39,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
+from urllib.parse import urlsplit
 
 import torch
 from tqdm.auto import tqdm
@@ -47,6 +53,7 @@ from drafter.manifest import (
     atomic_write_text,
     check_accounting,
     read_manifest,
+    redact_url,
     sha256_file,
     sha256_json,
     sha256_tree,
@@ -276,14 +283,68 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_port(url: str, default_port: int | None = None) -> tuple[str, int | None]:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise RegenerateError(f"bad port in {redact_url(url)!r}") from None
+    return (parts.hostname or "").rstrip("."), port or default_port
+
+
+def api_key_headers(cfg: RegenerateConfig, base_url: str) -> dict[str, str]:
+    """The Authorization header for `base_url`: the key goes to `api_key_host` only, never in clear text.
+
+    A key is a password for one service: an env variable set for one server must not reach
+    whatever `base_url` a config names, and plain http would show it to the network.
+    """
+    scheme = urlsplit(base_url).scheme
+    host, port = _host_port(base_url, {"http": 80, "https": 443}.get(scheme))
+    if scheme not in ("http", "https") or not host:
+        raise RegenerateError(f"regenerate.base_url must be an http(s) URL, got {redact_url(base_url)!r}")
+    in_clear = scheme == "http" and not is_loopback(host)
+    if in_clear and redact_url(base_url) != base_url:
+        raise RegenerateError(f"refusing to send the credentials in {redact_url(base_url)} over plain http to "
+                              f"{host}: use https:// (plain http is for a server on this machine)")
+    key = os.environ.get(cfg.api_key_env)
+    if not key:
+        return {}
+    allowed = cfg.api_key_host
+    if allowed:
+        if "/" in allowed or "@" in allowed:
+            raise RegenerateError(f"regenerate.api_key_host is a host name, optionally with :port "
+                                  f"(e.g. api.example.com), not {allowed!r}")
+        want_host, want_port = _host_port(f"//{allowed}")
+        if want_host == host and want_port in (None, port):
+            if in_clear:
+                raise RegenerateError(f"refusing to send ${cfg.api_key_env} over plain http to {host}: use "
+                                      "https:// (plain http is for a server on this machine)")
+            return {"Authorization": f"Bearer {key}"}
+    log.warning("$%s is set but not sent to %s%s: regenerate.api_key_host names the one host it goes to",
+                cfg.api_key_env, host, f" (it is for {allowed})" if allowed else "")
+    return {}
+
+
 class OpenAIBackend(Backend):
     name = "openai"
 
     def __init__(self, cfg: RegenerateConfig) -> None:
         self.cfg = cfg
         self.base_url = cfg.base_url.rstrip("/")
-        key = os.environ.get(cfg.api_key_env)
-        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.shown_url = redact_url(self.base_url)  # what logs, errors and records say
+        self.headers = api_key_headers(cfg, self.base_url)
+        self.key_withheld = bool(os.environ.get(cfg.api_key_env)) and not self.headers
         self.optional: dict[str, Any] = {"chat_template_kwargs": {"enable_thinking": cfg.enable_thinking}}
         if cfg.top_k:
             self.optional["top_k"] = cfg.top_k
@@ -299,7 +360,7 @@ class OpenAIBackend(Backend):
             return resp.json()["data"][0]["id"]
         except Exception as exc:  # noqa: BLE001 - any failure means the same advice
             raise RegenerateError(
-                f"cannot list the models of {self.base_url} ({type(exc).__name__}: {exc}); "
+                f"cannot list the models of {self.shown_url} ({type(exc).__name__}: {exc}); "
                 "set regenerate.model to the served model name"
             ) from None
 
@@ -307,7 +368,7 @@ class OpenAIBackend(Backend):
         sent = _sampling(self.cfg)
         if "top_k" not in self.optional:
             sent["top_k"] = None  # the server refused the field: sampling ran without it
-        return {**sent, "concurrency": self.cfg.concurrency, "base_url": self.base_url}
+        return {**sent, "concurrency": self.cfg.concurrency, "base_url": self.shown_url}
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -331,9 +392,18 @@ class OpenAIBackend(Backend):
             }
             retry_after = None
             try:
-                resp = await client.post(f"{self.base_url}/chat/completions", json=body, timeout=cfg.timeout_s)
-            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                # httpx's timeout bounds each read; wait_for bounds the whole request (a server
+                # trickling bytes would otherwise hold a worker forever).
+                resp = await asyncio.wait_for(
+                    client.post(f"{self.base_url}/chat/completions", json=body, timeout=cfg.timeout_s),
+                    cfg.timeout_s)
+            except httpx.UnsupportedProtocol as exc:
+                raise RequestFailed(f"{type(exc).__name__}: {exc}") from None
+            except (httpx.TransportError, httpx.DecodingError, TimeoutError) as exc:
+                # Connection, protocol and read failures, timeouts, a body that cannot be decoded.
                 reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
+                if isinstance(exc, TimeoutError):
+                    reason = f"no complete response within timeout_s={cfg.timeout_s:g}"
             else:
                 if resp.status_code == 200:
                     return self._parse(resp)
@@ -345,10 +415,14 @@ class OpenAIBackend(Backend):
                         for name in refused:
                             if self.optional.pop(name, None) is not None:
                                 log.warning("%s refuses the request field %r; sending without it",
-                                            self.base_url, name)
+                                            self.shown_url, name)
                         continue
                 if resp.status_code not in RETRY_STATUS and resp.status_code < 500:
-                    raise RequestFailed(f"HTTP {resp.status_code}: {text}")
+                    hint = ""
+                    if resp.status_code in (401, 403) and self.key_withheld:
+                        hint = (f" (${cfg.api_key_env} was not sent: set regenerate.api_key_host to this "
+                                "server's host to send it)")
+                    raise RequestFailed(f"HTTP {resp.status_code}: {text}{hint}")
                 reason = f"HTTP {resp.status_code}: {text}"
                 retry_after = retry_after_seconds(resp.headers.get("retry-after"))
             if attempt >= cfg.max_retries:
@@ -363,6 +437,8 @@ class OpenAIBackend(Backend):
             data = resp.json()
             choice = data["choices"][0]
             text = choice["message"].get("content") or ""
+            if not isinstance(text, str):
+                raise TypeError(f"content is a {type(text).__name__}, not text")
             tokens = (data.get("usage") or {}).get("completion_tokens")
             return Turn(text, choice.get("finish_reason") or "stop", tokens)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
@@ -383,6 +459,9 @@ class OpenAIBackend(Backend):
                             conv.answer(await self.complete(client, list(history)))
                     except RequestFailed as exc:
                         conv.error = str(exc)
+                    except Exception as exc:  # noqa: BLE001 - one conversation fails, not the worker
+                        log.warning("conversation %s failed: %s: %s", conv.id, type(exc).__name__, exc)
+                        conv.error = f"{type(exc).__name__}: {exc}"
                     done(conv)
 
             await asyncio.gather(*(worker() for _ in range(self.cfg.concurrency)))

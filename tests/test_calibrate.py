@@ -100,7 +100,7 @@ def test_calibrate_stage_reads_holdout_cache(tiny_target, tmp_path, monkeypatch)
         {"input_ids": torch.tensor(p + [5, 6, 7]), "loss_mask": torch.tensor([False] * len(p) + [True] * 3)} for p in ids
     ] + [{"input_ids": torch.tensor([1, 2]), "loss_mask": torch.tensor([False, False])}]  # no assistant turn
     fake = types.ModuleType("drafter.cache")
-    fake.open_split = lambda cache_dir, split: samples if split == "holdout" else None
+    fake.open_split = lambda cache_dir, split, **kw: samples if split == "holdout" else None
     monkeypatch.setitem(sys.modules, "drafter.cache", fake)
     folder = BigramDrafter.random(tiny_target.vocab_size, seed=0, concentration=0.05, confidences=True).export(tmp_path / "drafter" / "best")
     cfg = tiny_cfg("calibrate.max_new_tokens=12", "calibrate.eval_fraction=0.34")

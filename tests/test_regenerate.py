@@ -216,17 +216,47 @@ def test_missing_input_is_a_clear_error(tiny_config, tiny_target, tmp_path):
 class Scripted(BaseHTTPRequestHandler):
     script: list = []
     seen: list = []
+    auth: list = []  # the Authorization header of every request (None when absent)
 
     def log_message(self, *args):
         pass
 
+    def do_GET(self):
+        type(self).auth.append(self.headers.get("authorization"))
+        data = json.dumps({"data": [{"id": "served-model"}]}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         type(self).seen.append((time.monotonic(), body))
+        type(self).auth.append(self.headers.get("authorization"))
         action = type(self).script.pop(0) if type(self).script else ("ok",)
         if action[0] == "drop":
             self.close_connection = True
             self.connection.close()
+            return
+        if action[0] == "bad-gzip":  # a body that cannot be decoded: httpx.DecodingError
+            self.send_response(200)
+            self.send_header("content-encoding", "gzip")
+            self.send_header("content-length", "12")
+            self.end_headers()
+            self.wfile.write(b"not gzipped!")
+            return
+        if action[0] == "trickle":  # headers at once, then a byte at a time: no read ever times out
+            self.send_response(200)
+            self.send_header("content-length", "100")
+            self.end_headers()
+            try:
+                for _ in range(100):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:
+                pass  # the client gave up
             return
         if action[0] == "ok":
             last = body["messages"][-1]["content"]
@@ -247,7 +277,7 @@ class Scripted(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    Scripted.script, Scripted.seen = [], []
+    Scripted.script, Scripted.seen, Scripted.auth = [], [], []
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -326,3 +356,105 @@ def test_unreachable_server_without_model_name_is_clear(tiny_config):
     cfg = config(tiny_config, backend="openai", base_url="http://127.0.0.1:9/v1", timeout_s=2)
     with pytest.raises(RegenerateError, match="regenerate.model"):
         OpenAIBackend(cfg.regenerate)
+
+
+# ----- credentials: the key goes to its own host only, never in clear text off this machine ------
+KEY = "sk-test-secret-0123456789"
+
+
+def _run_one(cfg, tmp_path):
+    ingested = write_ingested(tmp_path / "in", [conversation(0)], [conversation(2)])
+    return regenerate(cfg, ingested, tmp_path / "out")
+
+
+@pytest.mark.parametrize("host, sent", [
+    (None, False),                # no host named: the key stays home
+    ("api.example.com", False),   # the key is for another host
+    ("127.0.0.1", True),
+    ("127.0.0.1:{port}", True),
+    ("127.0.0.1:1", False),       # same machine, another port: another server
+])
+def test_api_key_goes_only_to_its_configured_host(tiny_config, server, tmp_path, monkeypatch, host, sent):
+    monkeypatch.setenv("DRAFTER_TEST_API_KEY", KEY)
+    port = server.rsplit(":", 1)[1].split("/")[0]
+    cfg = config(tiny_config, backend="openai", base_url=server, model=None, limit=None,
+                 api_key_env="DRAFTER_TEST_API_KEY", api_key_host=host and host.format(port=port))
+    manifest = _run_one(cfg, tmp_path)
+    assert manifest["counts"]["train"]["succeeded"] == 1 and manifest["params"]["model"] == "served-model"
+    assert len(Scripted.auth) == 3  # GET /models, then one completion per split
+    assert Scripted.auth == [f"Bearer {KEY}" if sent else None] * 3
+
+
+def test_unauthorized_hints_at_the_key_host(tiny_config, server, tmp_path, monkeypatch):
+    monkeypatch.setenv("DRAFTER_TEST_API_KEY", KEY)
+    Scripted.script = [("status", 401, {}, {"error": "missing api key"})]
+    cfg = openai_cfg(tiny_config, server, api_key_env="DRAFTER_TEST_API_KEY", limit=None)
+    _run_one(cfg, tmp_path)
+    reason = read_jsonl(tmp_path / "out" / "errors.jsonl")[0]["reason"]
+    assert "HTTP 401" in reason and "regenerate.api_key_host" in reason
+
+
+def test_api_key_is_never_sent_in_clear_text_off_this_machine(tiny_config, monkeypatch):
+    monkeypatch.setenv("DRAFTER_TEST_API_KEY", KEY)
+    remote = dict(backend="openai", model="m", api_key_env="DRAFTER_TEST_API_KEY", api_key_host="192.0.2.10")
+    with pytest.raises(RegenerateError, match="plain http"):
+        OpenAIBackend(config(tiny_config, base_url="http://192.0.2.10:8000/v1", **remote).regenerate)
+    backend = OpenAIBackend(config(tiny_config, base_url="https://192.0.2.10/v1", **remote).regenerate)
+    assert backend.headers == {"Authorization": f"Bearer {KEY}"}  # https to its host: sent
+    # Credentials written into the URL are the same secret: refused over plain http too.
+    with pytest.raises(RegenerateError, match="plain http"):
+        OpenAIBackend(config(tiny_config, backend="openai", model="m",
+                             base_url="http://bob:hunter2@192.0.2.10/v1").regenerate)
+    # Nothing secret to send: plain http to another machine is the user's choice.
+    monkeypatch.delenv("DRAFTER_TEST_API_KEY")
+    assert OpenAIBackend(config(tiny_config, base_url="http://192.0.2.10:8000/v1", **remote).regenerate).headers == {}
+
+
+def test_credentials_in_the_base_url_are_not_recorded(tiny_config, server, tmp_path):
+    url = server.replace("http://", "http://bob:hunter2@")
+    manifest = _run_one(openai_cfg(tiny_config, url, limit=None), tmp_path)
+    assert manifest["counts"]["train"]["succeeded"] == 1
+    assert manifest["params"]["base_url"] == server.replace("http://", "http://REDACTED@")
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert {p.name for p in written} >= {"manifest.json", "train.jsonl", "config.yaml"}
+    for path in written:
+        assert b"hunter2" not in path.read_bytes(), path
+
+
+# ----- transport failures: retried like any transient failure, then recorded -------------------
+def test_undecodable_and_stalled_responses_are_retried_then_recorded(tiny_config, server, tmp_path):
+    Scripted.script = [("bad-gzip",), ("trickle",), ("ok",),  # conv-0000: two failures, then an answer
+                       ("drop",), ("trickle",), ("bad-gzip",)]  # conv-0002: fails every attempt
+    ingested = write_ingested(tmp_path / "in", [conversation(0), conversation(2)], [conversation(3)])
+    cfg = openai_cfg(tiny_config, server, max_retries=2, concurrency=1, timeout_s=0.5, limit=None)
+    start = time.monotonic()
+    manifest = regenerate(cfg, ingested, tmp_path / "out")
+    assert time.monotonic() - start < 8  # each 10 s trickle was cut off at the request's timeout
+    c = manifest["counts"]["train"]
+    assert (c["input"], c["succeeded"], c["errors"]) == (2, 1, 1)
+    errors = read_jsonl(tmp_path / "out" / "errors.jsonl")
+    assert [e["id"] for e in errors] == ["conv-0002"]
+    assert "gave up after 3 attempts" in errors[0]["reason"] and "DecodingError" in errors[0]["reason"]
+    assert manifest["counts"]["holdout"]["succeeded"] == 1
+    assert manifest["throughput"]["retries"] == 4
+    assert len(Scripted.seen) == 7
+
+
+def test_an_unexpected_error_fails_its_conversation_not_the_run(tiny_config, server, tmp_path, monkeypatch):
+    original = OpenAIBackend._parse
+    calls = {"n": 0}
+
+    def parse(resp):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("unexpected")
+        return original(resp)
+
+    monkeypatch.setattr(OpenAIBackend, "_parse", staticmethod(parse))
+    ingested = write_ingested(tmp_path / "in", [conversation(0), conversation(1), conversation(2)],
+                              [conversation(3)])
+    manifest = regenerate(openai_cfg(tiny_config, server, concurrency=2, limit=None), ingested, tmp_path / "out")
+    c = manifest["counts"]["train"]
+    assert (c["succeeded"], c["errors"]) == (2, 1)
+    assert "RuntimeError: unexpected" in read_jsonl(tmp_path / "out" / "errors.jsonl")[0]["reason"]
+    assert manifest["counts"]["holdout"]["succeeded"] == 1

@@ -129,6 +129,7 @@ FROZEN_KEYS = ("embed_tokens.weight", "verifier_lm_head.weight", "verifier_norm.
 
 
 def read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -141,7 +142,14 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise DrafterFormatError(f"{cfg_path}: not valid JSON: {exc}") from exc
     if "speculators_model_type" not in config:
         raise DrafterFormatError(f"{cfg_path}: no speculators_model_type; not a speculators checkpoint")
-    return config, load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise DrafterFormatError(
+            f"{weights}: cannot read the drafter's weights ({type(exc).__name__}: {exc}); the file is damaged "
+            "or was cut short: restore it, or train or export the drafter again"
+        ) from None
+    return config, state
 
 
 def check_target(config: dict[str, Any], heads: Any, path: Path) -> None:
@@ -161,19 +169,22 @@ def export_drafter(
     verifier: str | None = None,
     which: str = "best",
     calibration_dir: str | Path | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Copy a trained drafter into a standalone speculators folder (what `vllm serve` loads).
 
     `drafter_dir` is a training output (its `best/` or `last/` is taken) or a drafter
     folder itself. `verifier` sets `speculators_config.verifier.name_or_path` (a hub id or
     a path the serving machine can read). The drafter's calibration.json (beside it, or
-    in `calibration_dir` when fitted on these weights) is copied along.
+    in `calibration_dir` when fitted on these weights) is copied along. An existing `out_dir`
+    is replaced only when drafter wrote it (or with `force`).
     """
     import shutil
 
-    from drafter.manifest import atomic_dir
+    from drafter.manifest import atomic_dir, check_replaceable
     from drafter.scheduler import find_calibration
 
+    check_replaceable(out_dir, force)  # before any work: never wipe a folder that is not ours
     src = Path(drafter_dir)
     if not (src / CONFIG_FILE).is_file():
         src = src / which
@@ -181,7 +192,7 @@ def export_drafter(
     if verifier:
         config["speculators_config"]["verifier"]["name_or_path"] = verifier
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, force=force) as tmp:
         shutil.copy2(src / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
         atomic_write_json(tmp / CONFIG_FILE, config)
         calibration = find_calibration(src, calibration_dir)

@@ -163,11 +163,18 @@ def worker_train(args) -> None:
     print(json.dumps({"exported": str(export), "step": b, "train_cpu_s": meta["train_cpu_s"]}), flush=True)
 
 
+# Config sections the figures depend on (config_hash); the rest (ingest, registry, ...) does not.
+FIGURE_SECTIONS = {"run", "runtime", "target", "cache", "drafter", "train", "evaluate"}
+# Settings added after the curves were first measured; unset, they change no weights or figures.
+LATER_SETTINGS = {"train": "init_from", "regenerate": "api_key_host"}
+
+
 def without_unset_init(config: dict) -> dict:
-    """The config without `train.init_from` when unset, so curves measured before the option
-    existed keep their keys."""
-    if config.get("train", {}).get("init_from") is None:
-        config = config | {"train": {k: v for k, v in config["train"].items() if k != "init_from"}}
+    """The config without the later settings that are unset, so curves measured before those
+    settings existed keep their keys."""
+    for section, key in LATER_SETTINGS.items():
+        if key in config.get(section, {}) and config[section][key] is None:
+            config = config | {section: {k: v for k, v in config[section].items() if k != key}}
     return config
 
 
@@ -192,15 +199,27 @@ class Bench:
         self.env.setdefault("DRAFTER_HOME", str(self.data.resolve().parent / "state"))
         self.lock = threading.Lock()
         self.commands: dict[str, str] = {}
-        self.config_hash = sha256_json({
-            "config": without_unset_init(cfg.to_dict()), "max_steps": self.max_steps, "checkpoint_every": self.every,
-            "eval_every": self.eval_every})[:16]
+        self.config_hash = self._config_hash(cfg.to_dict())
         self.out = Path(args.out)
         self.doc = self._load()
+
+    def _config_hash(self, config: dict) -> str:
+        """What the figures depend on: the sections the curve runs (not ingest or registry
+        settings), the budget grid and the cadence."""
+        relevant = {k: v for k, v in without_unset_init(config).items() if k in FIGURE_SECTIONS}
+        return sha256_json({"config": relevant, "max_steps": self.max_steps, "checkpoint_every": self.every,
+                            "eval_every": self.eval_every})[:16]
 
     # ----- the JSON -----
     def _load(self) -> dict:
         doc = json.loads(self.out.read_text()) if self.out.is_file() else {}
+        stored = doc.get("config", {})
+        if (doc.get("config_hash") not in (None, self.config_hash) and doc.get("points")
+                and self._config_hash(stored) == self.config_hash):
+            # Same figures, hashed before the hash left out unrelated sections: re-key the points
+            # (in prepare, once the holdout source is known).
+            self.rekey_from = doc["config_hash"]
+            doc["config_hash"] = self.config_hash
         if doc.get("config_hash") not in (None, self.config_hash) and doc.get("points"):
             backup = self.out.with_name(f"{self.out.stem}.{doc['config_hash']}{self.out.suffix}")
             atomic_write_json(backup, doc)
@@ -295,6 +314,11 @@ class Bench:
             self.call("build-cache", "build-cache", self.drafter_cmd("build-cache", "--in", str(regen), "--out",
                                                                       str(cache)))
         self.ingested = self.holdout_source()
+        if getattr(self, "rekey_from", None):
+            for p in self.doc["points"]:
+                k = p["prompts_per_set"] if isinstance(p["prompts_per_set"], int) else 0
+                p["key"] = self.point_key(p["algorithm"], p["seed"], p["steps"], k, p.get("init_from_step"))
+            say(f"{self.out}: points of config hash {self.rekey_from} re-keyed to {self.config_hash} (same figures)")
 
     def regenerated(self) -> Path | None:
         here = self.data / "regenerated"

@@ -225,13 +225,14 @@ def registry_export_cmd(
     allow_unapproved: Annotated[bool, typer.Option(
         "--allow-unapproved", help="Export a version that is not approved (a candidate, for testing; SERVE.md says so).")
     ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out even if drafter did not write it.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write the version behind an alias as vLLM loads it, with an example --speculative-config.
     Only approved versions, unless --allow-unapproved; the weights' hash is always checked."""
     from drafter import registry
 
-    result = registry.export_alias(name, alias, out_dir, allow_unapproved=allow_unapproved)
+    result = registry.export_alias(name, alias, out_dir, allow_unapproved=allow_unapproved, force=force)
     if as_json:
         out.print_json(json.dumps(result, default=str))
         return
@@ -329,12 +330,14 @@ def export_cmd(
     calibration: Annotated[
         Path, typer.Option(help="`drafter calibrate` output; its temperatures go along when fitted on these weights.")
     ] = Path("data/calibration"),
+    force: Annotated[bool, typer.Option("--force", help="Replace --out even if drafter did not write it.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a trained drafter in the speculators format vLLM loads (config.json + model.safetensors)."""
     from drafter.models.speculators_format import export_drafter
 
-    print_mapping("exported drafter", export_drafter(drafter_dir, out_dir, verifier, which, calibration), as_json)
+    print_mapping("exported drafter", export_drafter(drafter_dir, out_dir, verifier, which, calibration, force=force),
+                  as_json)
 
 
 # ----- traces: demo logs and ingest (drafter/traces) ------------------------------------------------

@@ -56,7 +56,7 @@ from typing import Any
 
 from drafter.config import Config
 from drafter.errors import DrafterError
-from drafter.manifest import atomic_dir, atomic_write_json, atomic_write_text, sha256_file
+from drafter.manifest import atomic_dir, atomic_write_json, atomic_write_text, redact_url, sha256_file
 
 CANDIDATE, PRODUCTION, PREVIOUS = "candidate", "production", "previous"
 PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
@@ -765,7 +765,8 @@ def speculative_config(folder: Path, facts: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def export_alias(name: str, alias: str, out: str | Path, allow_unapproved: bool = False) -> dict[str, Any]:
+def export_alias(name: str, alias: str, out: str | Path, allow_unapproved: bool = False,
+                 force: bool = False) -> dict[str, Any]:
     """Write the version behind `alias` to `out`: the drafter folder vLLM loads, its evidence,
     `speculative_config.json` and `SERVE.md` with the `vllm serve` command.
 
@@ -786,7 +787,7 @@ def export_alias(name: str, alias: str, out: str | Path, allow_unapproved: bool 
                           f"exported. Approve it (drafter approve {name} {version} ...), or pass "
                           "--allow-unapproved to export a candidate for testing")
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, force=force) as tmp:
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
         speculators_folder(tmp)
         registered = mv.tags.get("drafter.weights_sha256")
@@ -803,7 +804,7 @@ def export_alias(name: str, alias: str, out: str | Path, allow_unapproved: bool 
         atomic_write_json(tmp / "speculative_config.json", spec)
         atomic_write_json(tmp / "registry.json", {
             "name": name, "version": version, "alias": alias, "exported_at": _now(),
-            "tracking_uri": tracking_uri(), "tags": dict(mv.tags),
+            "tracking_uri": redact_url(tracking_uri()), "tags": dict(mv.tags),
         })
         warning = "" if approved else (
             f"**Not approved** (approval.state={state}): exported with --allow-unapproved, for testing only. "

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 from drafter import registry
 from drafter.config import Config
+from drafter.manifest import redact_urls
 
 REPORT_SUFFIXES = (".json", ".md", ".csv", ".png")
 # One "View run at" line per nested run is noise; the flow links its parent run as an artifact.
@@ -51,7 +52,7 @@ class FlowTracking:
         self.parent = self.client.create_run(
             self.experiment_id, run_name=run_name, tags={"drafter.config_hash": cfg.hash(), **(tags or {})}
         ).info.run_id
-        params = [Param(k, str(v)[:6000]) for k, v in _flatten(cfg.to_dict()).items()]
+        params = [Param(k, str(v)[:6000]) for k, v in _flatten(redact_urls(cfg.to_dict())).items()]
         for i in range(0, len(params), 100):
             self.client.log_batch(self.parent, params=params[i : i + 100])
 
@@ -76,6 +77,7 @@ class FlowTracking:
 
         self.client.set_tag(run_id, "drafter.cached", str(cached).lower())
         if manifest:
+            manifest = redact_urls(manifest)  # a URL with credentials never reaches MLflow
             params = [Param(k, str(v)[:6000]) for k, v in _flatten(manifest.get("params") or {}).items()][:100]
             metrics = [Metric(k, v, 0, 0) for k, v in numeric_leaves(manifest).items()]
             self.client.log_batch(run_id, metrics=metrics[:1000], params=params)

@@ -198,7 +198,8 @@ def test_retrain_flow_wiring_with_standin_stages(servers, tmp_path, monkeypatch)
     taus = {"default": {"gsm8k": 2.5, "mt-bench": 2.0}}
     install_standin_stages(monkeypatch, calls, taus)
     monkeypatch.setattr(retrain, "code_version", lambda: "test-code")
-    overrides = setup_run(tmp_path, "flow-retrain", ["drafter.block_size=4"])
+    overrides = setup_run(tmp_path, "flow-retrain", ["drafter.block_size=4",
+                                                     "regenerate.base_url=http://bob:s3cret@127.0.0.1:9/v1"])
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
     assert retrain.ensure_demo_logs(cfg, n=30) == tmp_path / "raw"
     assert retrain.ensure_demo_logs(cfg, n=30) is None  # logs present: left alone
@@ -215,6 +216,7 @@ def test_retrain_flow_wiring_with_standin_stages(servers, tmp_path, monkeypatch)
     c = registry.client()
     parent = c.get_run(first["mlflow_run"])
     assert parent.data.params["drafter.block_size"] == "4" and parent.info.status == "FINISHED"
+    assert parent.data.params["regenerate.base_url"] == "http://REDACTED@127.0.0.1:9/v1"  # no password in MLflow
     children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {r.info.run_name for r in children} == {
         "ingest", "regenerate", "build-cache", "train", "calibrate", "evaluate", "gate", "register"}

@@ -106,9 +106,12 @@ class IngestConfig(Section):
     require_assistant: bool = True  # drop conversations with no assistant turn
     phone_regions: list[str] = ["US"]  # national phone formats recognised without a +country code
     max_line_bytes: int = Field(8_000_000, ge=1024)  # longer lines are quarantined, never held whole
-    quarantine_keep_bytes: int = Field(65_536, ge=256)  # raw bytes of a bad record kept in quarantine.jsonl
+    quarantine_keep_bytes: int = Field(65_536, ge=256)  # bytes of a bad record's redacted excerpt in quarantine.jsonl
     sniff_records: int = Field(20, ge=1)  # records read to detect a file's format
     batch_size: int = Field(1024, ge=1)  # conversations per redact/tokenize/dedup batch
+    max_pending_bytes: int = Field(128 << 20, ge=1)  # raw bytes of a batch: past it the batch runs early
+    max_decompressed_bytes: int = Field(8 << 30, ge=1)  # per .gz/.zst file; the rest past it is quarantined
+    max_compression_ratio: float = Field(1000.0, gt=1)  # decompressed/compressed, checked after 4 MiB (bombs)
     validate_rows: int = Field(5_000, ge=1)  # rows per Great Expectations batch (bounds memory)
     max_invalid_fraction: float = Field(0.05, ge=0, lt=1)  # row-level failures allowed per batch
 

@@ -274,13 +274,13 @@ def test_unreadable_file_is_named_and_the_rest_ingests(cfg, tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / "good.jsonl").write_text("\n".join(chat_line(prompt(i)) for i in range(5)) + "\n")
-    bad = raw / "locked.jsonl"
+    bad = tmp_path / "locked.jsonl"  # named on the command line (a folder refuses symlinks that leave it)
     bad.write_text(chat_line(prompt(9)) + "\n")
     os.chmod(bad, 0)
     if os.access(bad, os.R_OK):  # running as root: permissions do not stop us; use a file reads fail on
         bad.unlink()
         bad.symlink_to("/proc/self/mem")
-    result = CliRunner().invoke(app, ["ingest", str(raw), "--out", str(tmp_path / "out"),
+    result = CliRunner().invoke(app, ["ingest", str(raw), str(bad), "--out", str(tmp_path / "out"),
                                       "-c", str(ROOT / "configs" / "tiny.yaml")])
     assert result.exit_code == 1
     assert "locked.jsonl" in result.output and "cannot read" in result.output

@@ -14,8 +14,10 @@ empty turns, no assistant turn) -> token length (target tokenizer) -> decontamin
 small batches; the dedup index is on disk, so memory stays bounded.
 
 Output (see drafter/CONTRACTS.md): `train/` and `holdout/` (datasets `save_to_disk`),
-`quarantine.jsonl`, `dropped.jsonl` (id, source, line and reason of every duplicate,
-decontaminated and filtered conversation: no text), `validation.json` / `.md`,
+`quarantine.jsonl` (source, line, byte offset, reason, the sha256 of the record's bytes and
+a redacted excerpt of at most `quarantine_keep_bytes`: never the raw record),
+`dropped.jsonl` (id, source, line and reason of every duplicate, decontaminated and
+filtered conversation: no text), `validation.json` / `.md`,
 `watermarks.json`, `index.sqlite` (dedup index), `config.yaml` and `manifest.json`.
 A run builds the next version of the whole folder beside it and swaps it in at the
 end, so a killed run leaves the previous output (and its watermarks) untouched and the
@@ -24,6 +26,7 @@ next run redoes the lost work. A run that finds nothing new changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -50,12 +53,20 @@ from drafter.traces import formats
 from drafter.traces.dedup import Deduper, normalize, prompt_text
 from drafter.traces.domain import classify
 from drafter.traces.formats import NotAConversation, Parsed
-from drafter.traces.redact import Redactor
+from drafter.traces.redact import Redactor, has_leftover, mask_leftovers
 from drafter.traces.schema import COLUMNS, ROLES, Conversation, record_id
 from drafter.traces.sources import RawRecord, SourceReader, Watermark, discover, head_hash
 from drafter.traces.validate import Validator, ValidationFailed, markdown
 
 log = logging.getLogger(__name__)
+
+# Bytes of a bad record read beyond the excerpt kept, so that a secret across the excerpt's
+# end is seen whole by redaction (the excerpt is cut after redacting, never before).
+EXCERPT_MARGIN = 4096
+# The run of characters at the end of a record cut short may be the first part of a secret
+# that no detector recognises any more: it is left out of the excerpt. (Matched on the
+# reversed text: a regex anchored at the end would rescan every run before it.)
+PARTIAL_TAIL = re.compile(r"[^\s\"',;{}\[\]<>`]*")
 
 # Which role may follow which (None = start of the conversation).
 NEXT_ROLES = {
@@ -77,6 +88,8 @@ class Candidate:
     parsed: Parsed
     num_tokens: int | None = None  # counted only when the size alone cannot decide the bounds
     num_bytes: int = 0
+    offset: int = 0  # of its record in the decompressed file
+    sha256: str = ""  # of its record's bytes
 
 
 @dataclass
@@ -199,6 +212,7 @@ class IngestRun:
         self.dropped = JsonlWriter(work / "dropped.new.jsonl")
         self.staged = {s: JsonlWriter(work / f"{s}.new.jsonl") for s in ("train", "holdout")}
         self.pending: list[Candidate] = []
+        self.pending_bytes = 0  # raw bytes of the records behind `pending` (bounds a batch's memory)
         self.to_validate: list[tuple[Candidate, dict, str]] = []
         self.files: dict[str, dict[str, Any]] = {}
         self._tokenizer = None
@@ -238,14 +252,46 @@ class IngestRun:
     def redact_text(self, text: str) -> str:
         return self.redactor.redact(text)[0]
 
-    def quarantine_record(self, rec: RawRecord, reason: str, detail: str) -> None:
+    def excerpt(self, data: bytes, cut: bool = False, obj: Any = None) -> dict[str, Any]:
+        """A bad record's excerpt for the quarantine: redacted first, then cut to
+        `quarantine_keep_bytes`. JSON is parsed and every string in it redacted (escapes
+        cannot hide a secret then); other text is redacted as text (with its JSON-unescaped
+        views). Whatever the validation's secret patterns still flag is masked; if one
+        still matches, no excerpt is kept at all (the hash and reason remain)."""
         keep = self.icfg.quarantine_keep_bytes
-        raw = rec.data[:keep].decode("utf-8", errors="replace")
-        self.quarantine.write({
-            "source": rec.source, "line": rec.line, "reason": reason, "detail": self.redact_text(detail)[:2000],
-            "stage": "parse", "raw": self.redact_text(raw), "raw_bytes": rec.size,
-            "raw_truncated": len(rec.data) > keep or rec.size > len(rec.data) + 2,
-        })
+        text = None
+        if obj is None and not cut:
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                obj = None
+        if obj is not None:
+            try:
+                text = orjson.dumps(self.redactor.redact_json(obj)).decode()
+            except (TypeError, RecursionError):  # ints past 64 bits, very deep nesting: as text
+                text = None
+        if text is None:
+            text = self.redact_text(data.decode("utf-8", errors="replace"))
+            if cut:
+                text = text[: len(text) - PARTIAL_TAIL.match(text[::-1]).end()]
+        text = mask_leftovers(text)
+        short = text.encode()[:keep].decode("utf-8", errors="ignore")
+        if has_leftover(short):
+            return {"excerpt": None, "excerpt_dropped": "a secret pattern survived redaction"}
+        return {"excerpt": short, "excerpt_truncated": cut or len(short) < len(text)}
+
+    def bad_record(self, rec: RawRecord) -> dict[str, Any]:
+        """Where a bad record is, its hash and its redacted excerpt (no raw bytes)."""
+        digest = rec.sha256 or (hashlib.sha256(rec.data).hexdigest() if rec.data or rec.size else None)
+        return {"source": rec.source, "line": rec.line, "offset": rec.offset, "bytes": rec.size, "sha256": digest,
+                **self.excerpt(rec.data, rec.cut, rec.obj)}
+
+    def write_quarantine(self, entry: dict[str, Any], reason: str, detail: str, stage: str = "parse") -> None:
+        detail = mask_leftovers(self.redact_text(detail))[:2000]
+        self.quarantine.write({**entry, "reason": reason, "detail": detail, "stage": stage})
+
+    def quarantine_record(self, rec: RawRecord, reason: str, detail: str) -> None:
+        self.write_quarantine(self.bad_record(rec), reason, detail)
         self.ledger.records["quarantined"] += 1
         self.ledger.quarantined[reason] += 1
 
@@ -261,7 +307,7 @@ class IngestRun:
         if previous is not None and previous.format and previous.offset > 0:
             return previous.format
         samples = []
-        reader = SourceReader(path, max_line_bytes=self.icfg.max_line_bytes)
+        reader = self.reader(path, None)
         gen = reader.records()
         try:
             for rec in gen:
@@ -304,8 +350,13 @@ class IngestRun:
             self.quarantine_record(rec, "malformed_json", f"malformed JSON: {exc}")
             return None
 
+    def reader(self, path: Path, previous: Watermark | None) -> SourceReader:
+        icfg = self.icfg
+        return SourceReader(path, previous, icfg.max_line_bytes, icfg.quarantine_keep_bytes + EXCERPT_MARGIN,
+                            icfg.max_decompressed_bytes, icfg.max_compression_ratio)
+
     def read_file(self, path: Path, previous: Watermark | None, fmt: str | None) -> Watermark:
-        reader = SourceReader(path, previous, self.icfg.max_line_bytes, self.icfg.quarantine_keep_bytes)
+        reader = self.reader(path, previous)
         before = self.ledger.records["read"]
         from tqdm import tqdm
 
@@ -327,12 +378,15 @@ class IngestRun:
                     self.quarantine_record(rec, exc.reason, exc.detail)
                     continue
                 self.ledger.records["parsed"] += 1
+                digest = hashlib.sha256(rec.data).hexdigest()
                 for item in parsed:
                     if fmt == "openai-batch-input":
                         self.join_batch_output(item)
                     self.ledger.conversations["parsed"] += 1
-                    self.pending.append(Candidate(record_id(rec.data, item.sub), str(path), rec.line, item))
-                if len(self.pending) >= self.icfg.batch_size:
+                    self.pending.append(Candidate(record_id(rec.data, item.sub), str(path), rec.line, item,
+                                                  offset=rec.offset, sha256=digest))
+                self.pending_bytes += rec.size
+                if len(self.pending) >= self.icfg.batch_size or self.pending_bytes >= self.icfg.max_pending_bytes:
                     self.flush()
         self.flush()
         wm = reader.watermark
@@ -353,7 +407,7 @@ class IngestRun:
 
             self._batch_out = sqlite3.connect(str(self.work / "batch_outputs.sqlite"))
             self._batch_out.execute("CREATE TABLE IF NOT EXISTS out (custom_id TEXT PRIMARY KEY, source TEXT, "
-                                    "line INTEGER, message TEXT, meta TEXT, raw TEXT, size INTEGER, used INTEGER)")
+                                    "line INTEGER, message TEXT, meta TEXT, bad TEXT, used INTEGER)")
         return self._batch_out
 
     def store_batch_output(self, rec: RawRecord, obj: Any) -> None:
@@ -364,9 +418,10 @@ class IngestRun:
             return
         if message is not None:
             message = {"role": message["role"], "content": self.redact_text(message["content"])}
-        raw = self.redact_text(rec.data[: self.icfg.quarantine_keep_bytes].decode("utf-8", errors="replace"))
-        cur = self.batch_out.execute("INSERT OR IGNORE INTO out VALUES (?, ?, ?, ?, ?, ?, ?, 0)", (
-            custom_id, rec.source, rec.line, json.dumps(message), json.dumps(meta), raw, rec.size))
+        # kept for the quarantine in case no input comes: located, hashed and redacted already
+        bad = json.dumps(self.bad_record(dataclasses.replace(rec, obj=obj)))
+        cur = self.batch_out.execute("INSERT OR IGNORE INTO out VALUES (?, ?, ?, ?, ?, ?, 0)", (
+            custom_id, rec.source, rec.line, json.dumps(message), json.dumps(meta), bad))
         if cur.rowcount == 0:
             self.quarantine_record(rec, "duplicate_custom_id", f"custom_id {custom_id!r} already seen in a batch output")
 
@@ -392,19 +447,20 @@ class IngestRun:
         """Batch output lines whose input never came: quarantined (nothing to pair them with)."""
         if self._batch_out is None:
             return
-        for custom_id, source, line, raw, size in self.batch_out.execute(
-            "SELECT custom_id, source, line, raw, size FROM out WHERE used = 0 ORDER BY source, line"
+        for custom_id, bad in self.batch_out.execute(
+            "SELECT custom_id, bad FROM out WHERE used = 0 ORDER BY source, line"
         ):
-            rec = RawRecord(source, line, raw.encode(), size)
-            self.quarantine_record(rec, "batch_output_without_input",
-                                   f"no batch input line with custom_id {custom_id!r} in this run")
+            reason = "batch_output_without_input"
+            self.write_quarantine(json.loads(bad), reason, f"no batch input line with custom_id {custom_id!r} in this run")
+            self.ledger.records["quarantined"] += 1
+            self.ledger.quarantined[reason] += 1
         self._batch_out.close()
 
     # ----- the conversation pipeline ------------------------------------------------------------
     def flush(self) -> None:
         if not self.pending:
             return
-        batch, self.pending = self.pending, []
+        batch, self.pending, self.pending_bytes = self.pending, [], 0
         with self.timer("redact_filter"):
             survivors = [c for c in batch if self.clean(c)]
         with self.timer("tokenize"):
@@ -525,10 +581,10 @@ class IngestRun:
             failed = result.bad_rows.get(i)
             if failed:
                 self.dedup.forget(cand.id)
-                self.quarantine.write({
-                    "source": cand.source, "line": cand.line, "reason": "validation", "detail": ", ".join(failed),
-                    "stage": "validate", "id": cand.id, "raw": json.dumps(row, ensure_ascii=False),
-                })
+                # The row was redacted, yet it may hold what no_secret_left flagged: the excerpt masks it.
+                entry = {"source": cand.source, "line": cand.line, "offset": cand.offset, "sha256": cand.sha256,
+                         "id": cand.id, **self.excerpt(b"", obj=row)}
+                self.write_quarantine(entry, "validation", ", ".join(failed), stage="validate")
                 self.ledger.quarantined["validation:" + failed[0]] += 1
                 self.ledger.conversations["quarantined"] += 1
                 continue

@@ -10,6 +10,11 @@ addresses, Luhn-checked card numbers and globally routable IP addresses.
 
 Every detector has cheap literal hints: a text containing none of them skips the regex,
 which keeps redaction fast on ordinary text.
+
+Text that holds JSON as a string (a pasted request body, a logged payload, a quarantined
+line) hides secrets behind escapes: `\\"password\\": \\"...\\"`, `jane\\u0040mail.com`,
+`Bearer abc\\/def`. The detectors also run on the JSON-unescaped view of such text (and on
+the view of that view), and what they find there is masked in the text itself.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -271,6 +277,55 @@ def _active(text: str) -> list[int]:
     return sorted(active)
 
 
+# ----- JSON-escaped text -------------------------------------------------------------------
+ESCAPE = re.compile(r'\\(?:u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|(["\\/bfnrt]))')
+SIMPLE_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+ESCAPE_LEVELS = 3  # JSON in a JSON string in a log line: each level doubles the backslashes
+
+
+def unescape(text: str) -> tuple[str, list[tuple[int, int]]]:
+    """`text` with its JSON string escapes decoded, and anchors (view offset, text offset) at
+    each escape and after it, from which `to_text` maps a position in the view back."""
+    out, anchors, last, pos = [], [], 0, 0
+    for m in ESCAPE.finditer(text):
+        out.append(text[last : m.start()])
+        pos += m.start() - last
+        high, low, code, simple = m.groups()
+        if high:
+            out.append(chr(0x10000 + ((int(high, 16) - 0xD800) << 10) + int(low, 16) - 0xDC00))
+        else:
+            out.append(chr(int(code, 16)) if code else SIMPLE_ESCAPES[simple])
+        anchors += [(pos, m.start()), (pos + 1, m.end())]
+        pos, last = pos + 1, m.end()
+    out.append(text[last:])
+    return "".join(out), anchors
+
+
+def to_text(pos: int, anchors: list[tuple[int, int]]) -> int:
+    i = bisect_right(anchors, (pos, math.inf)) - 1
+    if i < 0:
+        return pos
+    view, text = anchors[i]
+    return text + pos - view
+
+
+def escaped_views(text: str):
+    """(view, anchor lists from the view back to `text`) for each level of JSON escaping."""
+    maps: list[list[tuple[int, int]]] = []
+    for _ in range(ESCAPE_LEVELS):
+        if ESCAPE.search(text) is None:
+            return
+        text, anchors = unescape(text)
+        maps.append(anchors)
+        yield text, maps
+
+
+def _map_back(pos: int, maps: list[list[tuple[int, int]]]) -> int:
+    for anchors in reversed(maps):
+        pos = to_text(pos, anchors)
+    return pos
+
+
 @dataclass
 class Redactor:
     """`redact(text) -> (clean_text, Counter of kinds)`; counts accumulate in `totals`."""
@@ -282,34 +337,67 @@ class Redactor:
         found: Counter = Counter()
         if not text:
             return text, found
+        if "\\" in text:
+            text = self._escaped(text, found)
         for i in _active(text):
             text = self._apply(DETECTORS[i], text, found)
         text = self._phones(text, found)
         self.totals.update(found)
         return text, found
 
+    def redact_json(self, value):
+        """A parsed JSON value with every string in it (keys too) redacted."""
+        if isinstance(value, str):
+            return self.redact(value)[0]
+        if isinstance(value, list):
+            return [self.redact_json(v) for v in value]
+        if isinstance(value, dict):
+            out = {}
+            for key, v in value.items():
+                key = self.redact(key)[0] if isinstance(key, str) else key
+                base, n = key, 1
+                while key in out:  # two keys redacted to the same placeholder
+                    n += 1
+                    key = f"{base}#{n}"
+                out[key] = self.redact_json(v)
+            return out
+        return value
+
     @staticmethod
-    def _apply(det: Detector, text: str, found: Counter) -> str:
-        out, last = [], 0
+    def _matches(det: Detector, text: str):
+        """(start, end) of each accepted finding of one detector, left to right, not overlapping."""
+        last = 0
         for m in det.pattern.finditer(text):
             start, end = m.span(det.group)
             if start < last or start == end:
                 continue
             if det.check is not None and not det.check(m.group(det.group)):
                 continue
-            out.append(text[last:start])
-            out.append(placeholder(det.kind))
-            found[det.kind] += 1
+            yield start, end
             last = end
-        if not out:
-            return text
-        out.append(text[last:])
-        return "".join(out)
+
+    @classmethod
+    def _apply(cls, det: Detector, text: str, found: Counter) -> str:
+        spans = [(start, end, det.kind) for start, end in cls._matches(det, text)]
+        return _replace(text, spans, found)
+
+    def _escaped(self, text: str, found: Counter) -> str:
+        """Mask in `text` what the detectors find in its JSON-unescaped views."""
+        spans, unicode = [], "\\u" in text  # only \uXXXX can hide a phone number's digits (the slow matcher)
+        for view, maps in escaped_views(text):
+            hits = [(s, e, DETECTORS[i].kind) for i in _active(view) for s, e in self._matches(DETECTORS[i], view)]
+            if unicode:
+                hits += [(s, e, "phone") for s, e in self._phone_spans(view)]
+            spans += [(_map_back(s, maps), _map_back(e, maps), kind) for s, e, kind in hits]
+        return _replace(text, spans, found)
 
     def _phones(self, text: str, found: Counter) -> str:
+        return _replace(text, [(s, e, "phone") for s, e in self._phone_spans(text)], found)
+
+    def _phone_spans(self, text: str) -> set[tuple[int, int]]:
+        spans: set[tuple[int, int]] = set()
         if not TWO_DIGITS.search(text):
-            return text
-        spans = set()
+            return spans
         hint = NANP_HINT if set(self.phone_regions) <= {"US", "CA"} else ANY_HINT
         for cand in hint.finditer(text):
             if cand.group(0).isdigit() and not PHONE_WORDS.search(text[max(0, cand.start() - 40) : cand.start()]):
@@ -322,18 +410,26 @@ class Redactor:
                     start, end = lo + m.start, lo + m.end
                     if not (m.raw_string.isdigit() and not PHONE_WORDS.search(text[max(0, start - 40) : start])):
                         spans.add((start, end))
-        if not spans:
-            return text
-        out, last = [], 0
-        for start, end in sorted(set(spans)):
-            if start < last:
-                continue
-            out.append(text[last:start])
-            out.append(placeholder("phone"))
-            found["phone"] += 1
-            last = end
-        out.append(text[last:])
-        return "".join(out)
+        return spans
+
+
+def _replace(text: str, spans: list[tuple[int, int, str]], found: Counter) -> str:
+    """Each span replaced by its placeholder; a span overlapping an earlier one joins it."""
+    if not spans:
+        return text
+    merged: list[list] = []
+    for start, end, kind in sorted(spans, key=lambda s: (s[0], -s[1])):
+        if merged and start < merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end, kind])
+    out, last = [], 0
+    for start, end, kind in merged:
+        out += [text[last:start], placeholder(kind)]
+        found[kind] += 1
+        last = end
+    out.append(text[last:])
+    return "".join(out)
 
 
 def secret_patterns() -> list[str]:
@@ -350,3 +446,33 @@ def secret_patterns() -> list[str]:
         r"eyJ[A-Za-z0-9_\-]{10,}\.eyJ[A-Za-z0-9_\-]{10,}\.",
         r"(?:r|s)k_live_[0-9a-zA-Z]{24}",
     ]
+
+
+# What `secret_patterns` flags after redaction is masked in quarantine excerpts, widened to
+# the whole token around it (a pattern may match only a prefix: a JWT's first two parts)
+# and, after a private key header, over the key body.
+LEFTOVER = [re.compile(p) for p in secret_patterns()]
+TOKEN_AFTER = re.compile(r"[\w\-.+/=~]*")
+KEY_BODY_AFTER = re.compile(r"[A-Za-z0-9+/=\s:,\-\\]*")
+
+
+def _token_char(ch: str) -> bool:
+    return ch.isalnum() or ch in "_-.+/=~"
+
+
+def mask_leftovers(text: str) -> str:
+    spans = []
+    for pattern in LEFTOVER:
+        after = KEY_BODY_AFTER if "PRIVATE KEY" in pattern.pattern else TOKEN_AFTER
+        for m in pattern.finditer(text):
+            start = m.start()
+            while start > 0 and _token_char(text[start - 1]):  # a scan, not a regex: linear in the token
+                start -= 1
+            spans.append((start, after.match(text, m.end()).end(), "secret"))
+    return _replace(text, spans, Counter())
+
+
+def has_leftover(text: str) -> bool:
+    """Does a secret pattern match the text or one of its JSON-unescaped views?"""
+    views = [text] + [view for view, _ in escaped_views(text)]
+    return any(p.search(view) for view in views for p in LEFTOVER)

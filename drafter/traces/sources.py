@@ -5,6 +5,11 @@ record a line (JSONL) or one JSON array of records (such as the ShareGPT dump). 
 are read with bounded memory: a line longer than `max_line_bytes` is skipped through
 and reported, never held whole.
 
+Compressed data is bounded too: a file that decompresses past `max_decompressed_bytes`,
+or more than `max_compression_ratio` times its compressed size once `RATIO_AFTER` bytes
+are out (a decompression bomb), stops there; the rest of it is one bad record
+(`decompression_limit`), like the unreadable rest of a damaged file.
+
 A watermark per file remembers how far it was read (decompressed bytes and records) and
 the SHA-256 of what was read. On the next run the reader checks that prefix is unchanged
 and carries on after it, so only new lines are read; a file whose prefix changed
@@ -31,6 +36,10 @@ LOG_SUFFIXES = (".jsonl", ".json", ".ndjson", ".log")
 COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
 HEAD_BYTES = 4096  # prefix hashed to recognise a file seen before under another name
 CHUNK = 1 << 16
+RATIO_AFTER = 4 << 20  # decompressed bytes before the ratio is checked (a small file's header skews it)
+# Compressed bytes per zstd decompress call: a zstd block of 4 bytes (RLE) can hold 128 KiB,
+# so one call yields at most ~8 MiB, whatever the data.
+ZSTD_PIECE = 256
 
 
 @dataclass
@@ -60,9 +69,12 @@ class RawRecord:
     line: int  # 1-based line number (of the element's start, for arrays)
     data: bytes  # the record's bytes (a bounded prefix when `error` is set)
     size: int  # full size in bytes
-    error: str | None = None  # line_too_long | truncated_file | malformed_json | invalid_utf8
+    error: str | None = None  # line_too_long | truncated_file | decompression_limit | malformed_json | invalid_utf8
     detail: str = ""
     obj: object = None  # already parsed (JSON array elements)
+    offset: int = 0  # of the record's first byte in the decompressed stream
+    cut: bool = False  # `data` is a prefix of the record
+    sha256: str | None = None  # of the whole record, when `data` is cut
 
 
 # ----- discovery -----------------------------------------------------------------------
@@ -82,18 +94,18 @@ def discover(inputs: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Files to read (sorted, each once) and (path, error) for inputs that cannot be read.
 
     Files named explicitly are always read; folders contribute their log-like files
-    (*.jsonl, *.json, *.ndjson, *.log, rotated *.log.1, each optionally .gz/.zst).
+    (*.jsonl, *.json, *.ndjson, *.log, rotated *.log.1, each optionally .gz/.zst). A symlink
+    in a folder is followed only while it stays inside that folder: one that leads out of it
+    is refused (an error names it), so a folder cannot make ingest read any file on the host.
     """
     files: dict[str, Path] = {}
     errors: list[tuple[str, str]] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and is_log_name(p.name) and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            if not found:
+            refused = len(errors)
+            found = _walk(path, errors)
+            if not found and len(errors) == refused:
                 errors.append((str(path), "folder holds no log files (*.jsonl, *.json, *.ndjson, *.log, optionally .gz/.zst)"))
             for p in found:
                 files.setdefault(str(p.resolve()), p)
@@ -106,13 +118,52 @@ def discover(inputs: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
     return [files[k] for k in sorted(files)], errors
 
 
+def _walk(root: Path, errors: list[tuple[str, str]]) -> list[Path]:
+    """The log files under `root` (hidden names skipped); symlinked folders are not entered
+    (those inside `root` are read under their own path), symlinks leading out are refused."""
+    real_root = root.resolve()
+    found = []
+
+    def unlisted(exc: OSError) -> None:
+        errors.append((str(exc.filename), f"cannot list: {exc.strerror or exc}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in dirnames:
+            link = Path(dirpath, name)
+            if link.is_symlink() and (why := _outside(link, real_root)):
+                errors.append((str(link), why + ": not followed"))
+        for name in sorted(filenames):
+            if name.startswith(".") or not is_log_name(name):
+                continue
+            p = Path(dirpath, name)
+            if p.is_symlink() and (why := _outside(p, real_root)):
+                errors.append((str(p), why + ": not read"))
+            elif p.is_file():
+                found.append(p)
+    return found
+
+
+def _outside(link: Path, real_root: Path) -> str | None:
+    """Why a symlink may not be followed (it leads out of the input folder), or None."""
+    try:
+        target = link.resolve()
+    except (OSError, RuntimeError):
+        return "symlink loop"
+    return None if target.is_relative_to(real_root) else f"symlink leaves the input folder (to {target})"
+
+
 # ----- decompression ---------------------------------------------------------------------
+class DecompressionLimit(Exception):
+    """Compressed data expands past the configured bounds (a decompression bomb?)."""
+
+
 class _ChunkReader(io.RawIOBase):
     """A raw stream over an iterator of byte chunks (so BufferedReader can readline it)."""
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks = chunks
-        self._pending = b""
+        self._pending = memoryview(b"")  # handed out from an offset: the rest is never copied
         self._error: BaseException | None = None  # raised again on every later read
 
     def readable(self) -> bool:
@@ -123,7 +174,7 @@ class _ChunkReader(io.RawIOBase):
             if self._error is not None:
                 raise self._error
             try:
-                self._pending = next(self._chunks)
+                self._pending = memoryview(next(self._chunks))
             except StopIteration:
                 return 0
             except DECOMPRESS_ERRORS as exc:
@@ -135,26 +186,83 @@ class _ChunkReader(io.RawIOBase):
         return n
 
 
+class _Counted(io.RawIOBase):
+    """The compressed file, counting the bytes read from it (for the ratio)."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw, self.count = raw, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.raw.readinto(buffer)
+        self.count += n
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+class _Limited(io.RawIOBase):
+    """Decompressed bytes, refused (DecompressionLimit, on every later read too) once past
+    `max_bytes` or `max_ratio` times the compressed bytes read."""
+
+    def __init__(self, inner: BinaryIO, source: _Counted, kind: str, max_bytes: int, max_ratio: float) -> None:
+        self.inner, self.source, self.kind = inner, source, kind
+        self.max_bytes, self.max_ratio = max_bytes, max_ratio
+        self.out = 0
+        self._error: DecompressionLimit | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self._error is None:
+            n = self.inner.readinto(buffer)
+            self.out += n
+            if self.out > self.max_bytes:
+                self._error = DecompressionLimit(
+                    f"{self.kind} data decompresses past {self.max_bytes:,} bytes (ingest.max_decompressed_bytes)")
+            elif self.out > RATIO_AFTER and self.out > self.max_ratio * self.source.count:
+                self._error = DecompressionLimit(
+                    f"{self.kind} data expands more than {self.max_ratio:g} times ({self.out:,} bytes from "
+                    f"{self.source.count:,}; ingest.max_compression_ratio): a decompression bomb?")
+            else:
+                return n
+        raise self._error
+
+    def close(self) -> None:
+        self.inner.close()
+        self.source.close()
+        super().close()
+
+
 def _zstd_chunks(raw: BinaryIO) -> Iterator[bytes]:
-    """Decompress zstd frames one after another; a frame cut short raises EOFError
-    (zstandard's stream reader would just stop, losing the fact that data is missing)."""
+    """Decompress zstd frames one after another, a small piece of input at a time (so no
+    single output is large); a frame cut short raises EOFError (zstandard's stream reader
+    would just stop, losing the fact that data is missing)."""
     dctx = zstandard.ZstdDecompressor()
     obj, in_frame = dctx.decompressobj(), False
     while True:
-        data = raw.read(CHUNK)
-        if not data:
+        block = raw.read(CHUNK)
+        if not block:
             if in_frame:
                 raise EOFError("zstd data ended in the middle of a frame")
             return
-        while data:
-            in_frame = True
-            out = obj.decompress(data)
-            if out:
-                yield out
-            if obj.eof:
-                data, obj, in_frame = obj.unused_data, dctx.decompressobj(), False
-            else:
-                data = b""
+        view = memoryview(block)
+        for start in range(0, len(view), ZSTD_PIECE):
+            data = view[start : start + ZSTD_PIECE]
+            while data:
+                in_frame = True
+                out = obj.decompress(data)
+                if out:
+                    yield out
+                if obj.eof:
+                    data, obj, in_frame = obj.unused_data, dctx.decompressobj(), False
+                else:
+                    data = b""
 
 
 def compression_of(path: Path) -> str:
@@ -167,18 +275,22 @@ def compression_of(path: Path) -> str:
     return "none"
 
 
-def open_decompressed(path: Path) -> BinaryIO:
+def open_decompressed(path: Path, max_bytes: int = 8 << 30, max_ratio: float = 1000.0) -> BinaryIO:
+    """The file's decompressed bytes, streamed and bounded (see `DecompressionLimit`)."""
     kind = compression_of(path)
-    if kind == "gzip":
-        return gzip.open(path, "rb")  # type: ignore[return-value]
     raw = open(path, "rb")
-    if kind == "zstd":
-        return io.BufferedReader(_ChunkReader(_zstd_chunks(raw)), CHUNK)  # type: ignore[arg-type]
-    return raw
+    if kind == "none":
+        return raw
+    source = _Counted(raw)
+    if kind == "gzip":
+        inner = gzip.GzipFile(fileobj=source, mode="rb")
+    else:
+        inner = _ChunkReader(_zstd_chunks(source))
+    return io.BufferedReader(_Limited(inner, source, kind, max_bytes, max_ratio), CHUNK)  # type: ignore[arg-type]
 
 
-# The errors a damaged compressed stream raises while being read.
-DECOMPRESS_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError)
+# The errors a damaged (or over-expanding) compressed stream raises while being read.
+DECOMPRESS_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError, DecompressionLimit)
 
 
 # ----- reading -----------------------------------------------------------------------------
@@ -190,6 +302,8 @@ class SourceReader:
     previous: Watermark | None = None
     max_line_bytes: int = 8_000_000
     keep_bytes: int = 65_536  # bytes of a bad record kept for the quarantine
+    max_decompressed_bytes: int = 8 << 30
+    max_compression_ratio: float = 1000.0
     watermark: Watermark = field(init=False)
     restarted: bool = field(init=False, default=False)  # prefix changed: read from the start
     pending_partial: bool = field(init=False, default=False)  # unterminated last line left for later
@@ -204,7 +318,7 @@ class SourceReader:
         if prev is not None and prev.damaged and prev.size == os.path.getsize(self.path):
             self.watermark = prev  # the damaged tail was quarantined already
             return
-        stream = open_decompressed(self.path)
+        stream = self._open()
         try:
             hasher, offset, count, head = hashlib.sha256(), 0, 0, b""
             if self.previous is not None and self.previous.offset > 0:
@@ -214,7 +328,7 @@ class SourceReader:
                 else:
                     self.restarted = True
                     stream.close()
-                    stream = open_decompressed(self.path)
+                    stream = self._open()
                     hasher, head = hashlib.sha256(), b""
             state = {"hasher": hasher, "offset": offset, "count": count, "head": head, "damaged": False}
             if offset == 0 and self._is_array():
@@ -234,6 +348,9 @@ class SourceReader:
             stream.close()
 
     # -- helpers
+    def _open(self) -> BinaryIO:
+        return open_decompressed(self.path, self.max_decompressed_bytes, self.max_compression_ratio)
+
     @staticmethod
     def _verify_prefix(stream: BinaryIO, wm: Watermark) -> tuple[bool, "hashlib._Hash", bytes]:
         hasher, left, head = hashlib.sha256(), wm.offset, b""
@@ -254,7 +371,7 @@ class SourceReader:
         """Does the file hold one JSON array (first non-blank byte '[')? Checked on a separate
         stream, so that damaged data is reported by the main read, not here."""
         try:
-            with open_decompressed(self.path) as probe:
+            with self._open() as probe:
                 head = probe.read(CHUNK)
         except DECOMPRESS_ERRORS:
             return False
@@ -270,11 +387,11 @@ class SourceReader:
     def _line_records(self, stream: BinaryIO, state: dict) -> Iterator[RawRecord]:
         source, limit = str(self.path), self.max_line_bytes
         while True:
-            line_no = state["count"] + 1
+            line_no, offset = state["count"] + 1, state["offset"]
             try:
                 chunk = stream.readline(limit + 1)
             except DECOMPRESS_ERRORS as exc:
-                yield self._truncated(line_no, exc)
+                yield self._unreadable(line_no, offset, exc)
                 self._note_truncation(state)
                 return
             if not chunk:
@@ -282,6 +399,7 @@ class SourceReader:
             if len(chunk) > limit and not chunk.endswith(b"\n"):
                 # Too long to hold: skip through to the end of the line, keep a prefix.
                 size, kept, truncated = len(chunk), chunk[: self.keep_bytes], None
+                digest = hashlib.sha256(chunk)
                 self._consume(state, chunk, records=0)
                 while not chunk.endswith(b"\n"):
                     try:
@@ -292,12 +410,14 @@ class SourceReader:
                     if not chunk:
                         break
                     size += len(chunk)
+                    digest.update(chunk.rstrip(b"\r\n"))
                     self._consume(state, chunk, records=0)
                 state["count"] += 1
                 yield RawRecord(source, line_no, kept, size, "line_too_long",
-                                f"line of {size:,} bytes is over the {limit:,}-byte limit (ingest.max_line_bytes)")
+                                f"line of {size:,} bytes is over the {limit:,}-byte limit (ingest.max_line_bytes)",
+                                offset=offset, cut=True, sha256=digest.hexdigest())
                 if truncated is not None:
-                    yield self._truncated(line_no + 1, truncated)
+                    yield self._unreadable(line_no + 1, state["offset"], truncated)
                     self._note_truncation(state)
                     return
                 continue
@@ -308,11 +428,14 @@ class SourceReader:
                 return
             self._consume(state, chunk)
             data = chunk.rstrip(b"\r\n")
-            yield RawRecord(source, line_no, data, len(chunk))
+            yield RawRecord(source, line_no, data, len(chunk), offset=offset)
 
-    def _truncated(self, line_no: int, exc: BaseException) -> RawRecord:
+    def _unreadable(self, line_no: int, offset: int, exc: BaseException) -> RawRecord:
+        """The rest of a file that cannot be read: damaged, or expanding past the limits."""
+        if isinstance(exc, DecompressionLimit):
+            return RawRecord(str(self.path), line_no, b"", 0, "decompression_limit", str(exc), offset=offset)
         return RawRecord(str(self.path), line_no, b"", 0, "truncated_file",
-                         f"{self.compression} data is damaged or cut short: {exc}")
+                         f"{self.compression} data is damaged or cut short: {exc}", offset=offset)
 
     def _note_truncation(self, state: dict) -> None:
         state["count"] += 1  # the unreadable rest counts as one record (quarantined)
@@ -324,32 +447,51 @@ class SourceReader:
         utf8 = codecs.getincrementaldecoder("utf-8")()
         buf, pos, line, eof, want = "", 0, 1, False, CHUNK
         started = False
+        mark = [0, 0]  # a position in buf and its byte offset in the stream (advanced, never recounted)
+
+        def byte_at(p: int) -> int:
+            mark[1] += len(buf[mark[0] : p].encode())
+            mark[0] = p
+            return mark[1]
 
         def fail(reason: str, detail: str) -> RawRecord:
             # The rest of an array cannot be resynchronised: it is one quarantined record.
             state["count"] += 1
-            return RawRecord(source, line, buf[pos : pos + self.keep_bytes].encode(), len(buf) - pos, reason, detail)
+            rest = buf[pos:]
+            return RawRecord(source, line, rest[: self.keep_bytes].encode(), len(rest), reason, detail,
+                             offset=byte_at(pos), cut=len(rest) > self.keep_bytes,
+                             sha256=hashlib.sha256(rest.encode()).hexdigest())
 
         while True:
-            # Make sure a whole element is in the buffer (or the input is exhausted).
-            while not eof and len(buf) - pos < want:
-                try:
-                    block = stream.read(CHUNK)
-                except DECOMPRESS_ERRORS as exc:
-                    yield fail("truncated_file", f"{self.compression} data is damaged or cut short: {exc}")
+            # Make sure a whole element is in the buffer (or the input is exhausted); the
+            # blocks are joined once, not appended one by one to a growing buffer.
+            if not eof and len(buf) - pos < want:
+                mark[1], mark[0] = byte_at(pos), 0
+                parts, have, error = [buf[pos:]], len(buf) - pos, None
+                while not eof and have < want:
+                    try:
+                        block = stream.read(CHUNK)
+                    except DECOMPRESS_ERRORS as exc:
+                        error = exc
+                        break
+                    eof = not block
+                    try:
+                        text = utf8.decode(block, final=eof)
+                    except UnicodeDecodeError as exc:
+                        error = exc
+                        break
+                    self._consume(state, block, records=0)
+                    parts.append(text)
+                    have += len(text)
+                buf, pos = "".join(parts), 0
+                if isinstance(error, UnicodeDecodeError):
+                    yield fail("invalid_utf8", f"invalid UTF-8 in a JSON array: {error}")
+                    return
+                if error is not None:
+                    record = self._unreadable(line, 0, error)
+                    yield fail(record.error, record.detail)
                     state["damaged"] = True
                     return
-                if not block:
-                    eof = True
-                    block = b""
-                try:
-                    text = utf8.decode(block, final=eof)
-                except UnicodeDecodeError as exc:
-                    yield fail("invalid_utf8", f"invalid UTF-8 in a JSON array: {exc}")
-                    return
-                self._consume(state, block, records=0)
-                buf = buf[pos:] + text
-                pos = 0
             # Skip whitespace, the opening bracket and separators.
             while pos < len(buf) and buf[pos] in " \t\r\n,\ufeff[":
                 if buf[pos] == "\n":
@@ -387,7 +529,7 @@ class SourceReader:
                 return
             text = buf[pos:end]
             state["count"] += 1
-            yield RawRecord(source, line, text.encode(), len(text), obj=obj)
+            yield RawRecord(source, line, text.encode(), len(text), obj=obj, offset=byte_at(pos))
             line += buf.count("\n", pos, end)
             pos, want = end, CHUNK
 

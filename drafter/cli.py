@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from drafter.config import DEFAULT_CONFIG, Config, ConfigError, load_config
-from drafter.errors import DrafterError
+from drafter.errors import DrafterError, ExitCode
 
 app = typer.Typer(
     help="Keep speculative-decoding drafters matched to the traffic a target model serves.",
@@ -122,10 +122,12 @@ def run_cmd(
         raise ConfigError(f"no production logs in ingest.inputs={[str(p) for p in cfg.ingest.inputs]}: point it at "
                           "your logs (-s 'ingest.inputs=[DIR]'), or pass --demo to write demo logs there")
     result = retrain_flow(config=str(config), overrides=set_ or [], wait_for_approval=wait)
+    release = result["release"]
     if as_json:
         out.print_json(json.dumps(result, default=str))
+        if not release.get("registered"):
+            raise typer.Exit(ExitCode.GATE_FAILED)
         return
-    release = result["release"]
     table = Table(title="tau per dataset")
     for column in ("dataset", "candidate", "production", "change"):
         table.add_column(column)
@@ -134,7 +136,7 @@ def run_cmd(
     out.print(table)
     if not release.get("registered"):
         out.print(f"gate failed: {release.get('reasons')}; the registry is unchanged")
-        return
+        raise typer.Exit(ExitCode.GATE_FAILED)
     decision = release["approval"]["decision"]
     out.print(f"registered {release['name']} version {release['version']}: {decision}")
     if decision in ("awaiting", "timeout"):
@@ -362,14 +364,15 @@ def ingest_cmd(
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: <data_dir>/ingested).")] = None,
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out even if drafter did not write it.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Parse, redact, dedup, decontaminate, validate and split production logs into train/holdout
-    datasets. Exit code 0 (bad lines are quarantined), 1 if an input could not be read, 2 if a
+    datasets. Exit code 0 (bad lines are quarantined), 4 if an input could not be read, 5 if a
     batch-level validation failed."""
     from drafter.traces.ingest import ingest
 
-    manifest = ingest(load(config, set_), paths or None, out_dir)
+    manifest = ingest(load(config, set_), paths or None, out_dir, force=force)
     if as_json:
         out.print_json(json.dumps(manifest, default=str))
     else:
@@ -385,7 +388,7 @@ def ingest_cmd(
     for err in manifest.get("errors", []):
         console.print(f"[bold red]error:[/] {err['path']}: {err['error']}", highlight=False, soft_wrap=True)
     if manifest.get("errors"):
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.PARTIAL_INPUT)
 
 # ----- regenerate and build-cache ---------------------------------------------------
 InOpt = Annotated[Optional[Path], typer.Option("--in", help="Input folder (default under run.data_dir).")]
@@ -585,7 +588,7 @@ def gate_cmd(
     set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Apply the promotion policy (verdict in DATA_DIR/gate/); exit status 1 when the candidate fails."""
+    """Apply the promotion policy (verdict in DATA_DIR/gate/); exit status 6 when the candidate fails."""
     from drafter.gates import gate
 
     cfg = load(config, set_)
@@ -601,7 +604,7 @@ def gate_cmd(
             table.add_row(c["name"], "pass" if c["passed"] else "[red]FAIL[/]", fmt(c["value"]), fmt(c["threshold"]), c["detail"])
         out.print(table)
     if not verdict["passed"]:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.GATE_FAILED)
 
 
 # `drafter --help` lists the commands in pipeline order, grouped.
@@ -632,8 +635,12 @@ def main() -> None:
     try:
         app()
     except DrafterError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        code = int(exc.exit_code)
+        if "--json" in sys.argv[1:]:  # a script reading --json output gets its error as JSON too
+            out.print_json(json.dumps({"error": str(exc), "type": type(exc).__name__, "exit_code": code}))
+        else:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

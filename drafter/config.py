@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from drafter.errors import DrafterError
+from drafter.errors import DrafterError, ExitCode
 
 # Shipped in the package (the repository's configs/ links here), so the default works anywhere.
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -27,6 +27,8 @@ BUNDLED_EVAL_DIR = Path(__file__).parent / "data" / "eval_datasets"
 
 class ConfigError(DrafterError, ValueError):
     """A configuration problem; the message names the file and the key."""
+
+    exit_code = ExitCode.CONFIG
 
 
 class Section(BaseModel):

@@ -27,7 +27,10 @@ Decisions (approve, promote, reject, rollback) run one at a time under a file lo
 the append-only decision log, with the OS user and host (`decision_log`). Within a decision
 the log entry comes first, the version's state tag last, and the run is marked FINISHED
 when the aliases have moved: a crash leaves an unfinished entry, never a state without
-its record.
+its record. The next decision first finishes it from what the entry holds (the decision
+and the aliases before it; every step can be repeated), and a decision repeated after a
+crash (the same one on the same version, or a rollback after a rollback) is that
+finishing, not a second decision: a killed `drafter rollback` run again rolls back once.
 
 The rules: `production` only ever points at a version whose approval state is `approved`
 (`_set_production` is the one place that moves it and it checks the record); `approve`
@@ -43,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import logging
 import os
 import re
 import socket
@@ -55,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from drafter.config import Config
-from drafter.errors import DrafterError
+from drafter.errors import DrafterError, ExitCode
 from drafter.manifest import atomic_dir, atomic_write_json, atomic_write_text, redact_url, sha256_file
 
 CANDIDATE, PRODUCTION, PREVIOUS = "candidate", "production", "previous"
@@ -64,6 +68,8 @@ MODEL_TYPE = "speculators-drafter"
 _HISTORY_MAX_CHARS = 4000
 DECISIONS_EXPERIMENT = "drafter-registry-decisions"
 LOCK_ENV = "DRAFTER_REGISTRY_LOCK"  # a lock file every decider sees (shared storage for a server backend)
+
+log = logging.getLogger(__name__)
 
 
 class RegistryError(DrafterError):
@@ -76,6 +82,8 @@ class ApprovalRequired(RegistryError):
 
 class GateFailed(RegistryError):
     """Refused: the candidate failed its gate, so the registry stays unchanged."""
+
+    exit_code = ExitCode.GATE_FAILED
 
 
 class NotServable(RegistryError):
@@ -562,8 +570,9 @@ def _decisions_experiment(c) -> str:
 
 
 def _open_entry(c, name: str, decision: str, version: str | None, by: str, reason: str, via: str,
-                before: dict[str, str], forced: list[str]) -> str:
-    """Start the decision's log entry (an MLflow run, left RUNNING until the decision is done)."""
+                before: dict[str, str], forced: list[str]) -> tuple[str, dict[str, str]]:
+    """Start the decision's log entry (an MLflow run, left RUNNING until the decision is done).
+    -> (run id, its tags: all that `_carry_out` needs to do the decision, or finish it later)."""
     tags = {
         "registry.model": name, "decision": decision, "version": version or "", "by": by, "reason": reason[:5000],
         "via": via, "os_user": getpass.getuser(), "host": socket.gethostname(), "at": _now(),
@@ -571,17 +580,94 @@ def _open_entry(c, name: str, decision: str, version: str | None, by: str, reaso
         "forced": "; ".join(forced),
     }
     run = c.create_run(_decisions_experiment(c), run_name=f"{decision} {name} {version or ''}".strip(), tags=tags)
-    return run.info.run_id
+    return run.info.run_id, tags
 
 
-def _close_entry(c, run_id: str, after: dict[str, str]) -> None:
+def _close_entry(c, run_id: str, after: dict[str, str], finished_late: bool = False) -> None:
+    if finished_late:
+        c.set_tag(run_id, "finished_late", f"{_now()} by {getpass.getuser()}@{socket.gethostname()}")
     c.set_tag(run_id, "production_after", after.get(PRODUCTION, ""))
     c.set_tag(run_id, "previous_after", after.get(PREVIOUS, ""))
     c.set_terminated(run_id, "FINISHED")
 
 
+def _decide(c, name: str, decision: str, version: str | None, by: str, reason: str, via: str,
+            before: dict[str, str], forced: list[str] | None = None) -> dict[str, Any]:
+    """Log the decision, carry it out, close the entry."""
+    run_id, tags = _open_entry(c, name, decision, version, by, reason, via, before, forced or [])
+    result = _carry_out(c, name, tags)
+    _close_entry(c, run_id, aliases(name, c))
+    return result
+
+
+def _carry_out(c, name: str, t: dict[str, str]) -> dict[str, Any]:
+    """What a logged decision does, from its entry's tags. Every step may be repeated, so a
+    decision a crash cut short is finished by running this again (`_finish_interrupted`)."""
+    decision, version = t["decision"], t["version"]
+    if decision in (APPROVED, REJECTED):
+        if t.get("forced"):
+            c.set_model_version_tag(name, version, "approval.forced", t["forced"])
+        _record_decision(c, name, version, decision, t["by"], t["reason"], t["via"], t["at"])
+    if decision in (APPROVED, "promote"):
+        return _set_production(c, name, version)
+    if decision == REJECTED:
+        current = aliases(name, c)
+        if current.get(CANDIDATE) == version:
+            c.delete_registered_model_alias(name, CANDIDATE)
+        return {"name": name, "rejected": version, "production": current.get(PRODUCTION)}
+    if decision != "rollback":
+        raise RegistryError(f"unknown decision {decision!r} in the decision log of {name}")
+    # `version` leaves production for the previous version the entry saw (none: plain decoding).
+    mv = _version(c, name, version)
+    _append_history(c, name, version, mv.tags, {"decision": "rolled_back", "by": t["by"], "at": t["at"],
+                                                "reason": t["reason"], "via": t["via"]})
+    for key, value in [("rollback.by", t["by"]), ("rollback.reason", t["reason"]), ("rollback.at", t["at"])]:
+        c.set_model_version_tag(name, version, key, value)
+    target = t.get("previous_before") or None
+    if target is not None:
+        result = _set_production(c, name, target, rollback=True)
+    else:
+        if PRODUCTION in aliases(name, c):
+            c.delete_registered_model_alias(name, PRODUCTION)
+        result = {"name": name, "production": None}
+    return {**result, "previous": None, "rolled_back": version}
+
+
+def _finish_interrupted(c, name: str) -> dict[str, Any] | None:
+    """Finish the last decision on `name` if a crash cut it short (its entry still RUNNING):
+    the entry holds what it was and the aliases before it, and every step can be repeated.
+    Runs under the decision lock before every decision, so production is never left
+    half-moved for the next one. -> {"decision", "version", "result"} of the finished one."""
+    exp = c.get_experiment_by_name(DECISIONS_EXPERIMENT)
+    if exp is None:
+        return None
+    last = c.search_runs([exp.experiment_id], f"tags.`registry.model` = '{name}'", max_results=1,
+                         order_by=["attributes.start_time DESC"])
+    if not last or last[0].info.status != "RUNNING":
+        return None
+    run, tags = last[0], last[0].data.tags
+    try:
+        result = _carry_out(c, name, tags)
+    except RegistryError as exc:  # e.g. its version was deleted since: say so, and let decisions go on
+        log.warning("the interrupted %s of %s cannot be finished: %s", tags.get("decision"), name, exc)
+        c.set_tag(run.info.run_id, "finished_late", f"no: {exc}"[:5000])
+        c.set_terminated(run.info.run_id, "FAILED")
+        return None
+    _close_entry(c, run.info.run_id, aliases(name, c), finished_late=True)
+    return {"decision": tags["decision"], "version": tags["version"], "result": result}
+
+
+def _repeats(finished: dict[str, Any] | None, decision: str, version: str | None = None) -> bool:
+    """Whether this call repeats the decision a crash cut short (the same decision on the same
+    version; any rollback after a rollback): then finishing that one is this call's result, and
+    re-running a killed command does not decide twice (nor roll back two versions)."""
+    return finished is not None and finished["decision"] == decision and (
+        decision == "rollback" or finished["version"] == version)
+
+
 def decision_log(name: str) -> list[dict[str, Any]]:
-    """Every decision on `name`, oldest first; `complete` is False for one a crash cut short."""
+    """Every decision on `name`, oldest first; `complete` is False for one a crash cut short and
+    no decision has finished since (`finished_late` says when the next one did)."""
     c = client()
     exp = c.get_experiment_by_name(DECISIONS_EXPERIMENT)
     if exp is None:
@@ -589,7 +675,7 @@ def decision_log(name: str) -> list[dict[str, Any]]:
     runs = c.search_runs([exp.experiment_id], f"tags.`registry.model` = '{name}'", max_results=50000,
                          order_by=["attributes.start_time ASC"])
     keys = ("decision", "version", "by", "reason", "via", "os_user", "host", "at", "forced", "production_before",
-            "production_after", "previous_after")
+            "previous_before", "production_after", "previous_after", "finished_late")
     return [{k: r.data.tags.get(k, "") for k in keys} | {"complete": r.info.status == "FINISHED",
                                                           "run_id": r.info.run_id} for r in runs]
 
@@ -600,10 +686,10 @@ def _require_by_reason(decision: str, by: str | None, reason: str | None) -> tup
     return by.strip(), reason.strip()
 
 
-def _record_decision(c, name: str, version: str, decision: str, by: str, reason: str, via: str) -> None:
+def _record_decision(c, name: str, version: str, decision: str, by: str, reason: str, via: str, at: str) -> None:
     """The version's approval tags; the state last, so a crash never pairs it with an old record."""
     mv = _version(c, name, version)
-    entry = {"decision": decision, "by": by, "at": _now(), "reason": reason, "via": via}
+    entry = {"decision": decision, "by": by, "at": at, "reason": reason, "via": via}
     _append_history(c, name, version, mv.tags, entry)
     for key, value in [("approval.by", by), ("approval.at", entry["at"]), ("approval.reason", reason[:1000]),
                        ("approval.via", via), ("approval.state", decision)]:
@@ -612,7 +698,10 @@ def _record_decision(c, name: str, version: str, decision: str, by: str, reason:
 
 def _append_history(c, name: str, version: str, tags: dict[str, str], entry: dict[str, str]) -> None:
     """Recent decisions on the version (a tag has a size limit); the decision log keeps them all."""
-    history = json.loads(tags.get("approval.history", "[]")) + [entry]
+    history = json.loads(tags.get("approval.history", "[]"))
+    if history and history[-1] == entry:  # written before a crash; the decision is being finished
+        return
+    history.append(entry)
     dropped = int(tags.get("approval.history_dropped", "0"))
     while len(json.dumps(history)) > _HISTORY_MAX_CHARS and len(history) > 1:
         history.pop(0)
@@ -649,11 +738,20 @@ def _require_approved(c, name: str, version: str) -> None:
         )
 
 
-def _set_production(c, name: str, version: str) -> dict[str, Any]:
-    """The only code that moves `production`: it requires an approval record."""
+def _set_production(c, name: str, version: str, rollback: bool = False) -> dict[str, Any]:
+    """The only code that moves `production`: it requires an approval record. A promotion
+    keeps the old version as `previous`; a rollback clears `previous` first, so it never
+    names the version leaving production (a rollback repeated would bring that one back)."""
     _require_approved(c, name, version)
     current = aliases(name, c)
     old = current.get(PRODUCTION)
+    if rollback:
+        if PREVIOUS in current:
+            c.delete_registered_model_alias(name, PREVIOUS)
+        if old != version:
+            c.set_registered_model_alias(name, PRODUCTION, version)
+            c.set_model_version_tag(name, version, "production.promoted_at", _now())
+        return {"name": name, "production": version, "previous": None}
     if old != version:
         if old is not None:
             c.set_registered_model_alias(name, PREVIOUS, old)
@@ -673,19 +771,16 @@ def approve(name: str, version: str | int, by: str, reason: str, via: str = "cli
     by, reason = _require_by_reason(APPROVED, by, reason)
     with decision_lock():
         c = client()
+        finished = _finish_interrupted(c, name)
+        if _repeats(finished, APPROVED, version):
+            return finished["result"]
         mv = _version(c, name, version)
         current = aliases(name, c)
         problems = approval_problems(mv, current)
         if problems and not force:
             raise ApprovalRequired(f"{name} version {version} cannot be approved: " + "; ".join(problems)
                                    + ". Production is unchanged (--force overrides, and is logged).")
-        entry = _open_entry(c, name, APPROVED, version, by, reason, via, current, problems)
-        if problems:
-            c.set_model_version_tag(name, version, "approval.forced", "; ".join(problems))
-        _record_decision(c, name, version, APPROVED, by, reason, via)
-        result = _set_production(c, name, version)
-        _close_entry(c, entry, aliases(name, c))
-    return result
+        return _decide(c, name, APPROVED, version, by, reason, via, current, problems)
 
 
 def promote(name: str, version: str | int, by: str | None = None, via: str = "cli") -> dict[str, Any]:
@@ -693,12 +788,12 @@ def promote(name: str, version: str | int, by: str | None = None, via: str = "cl
     version = normalize_version(version)
     with decision_lock():
         c = client()
+        finished = _finish_interrupted(c, name)
+        if _repeats(finished, "promote", version):
+            return finished["result"]
         current = aliases(name, c)
         _require_approved(c, name, version)
-        entry = _open_entry(c, name, "promote", version, by or getpass.getuser(), "promote", via, current, [])
-        result = _set_production(c, name, version)
-        _close_entry(c, entry, aliases(name, c))
-    return result
+        return _decide(c, name, "promote", version, by or getpass.getuser(), "promote", via, current)
 
 
 def reject(name: str, version: str | int, by: str, reason: str, via: str = "cli") -> dict[str, Any]:
@@ -707,16 +802,14 @@ def reject(name: str, version: str | int, by: str, reason: str, via: str = "cli"
     by, reason = _require_by_reason(REJECTED, by, reason)
     with decision_lock():
         c = client()
+        finished = _finish_interrupted(c, name)
+        if _repeats(finished, REJECTED, version):
+            return finished["result"]
         _version(c, name, version)
         current = aliases(name, c)
         if current.get(PRODUCTION) == version:
             raise RegistryError(f"{name} version {version} is in production: use `drafter rollback {name}`")
-        entry = _open_entry(c, name, REJECTED, version, by, reason, via, current, [])
-        _record_decision(c, name, version, REJECTED, by, reason, via)
-        if current.get(CANDIDATE) == version:
-            c.delete_registered_model_alias(name, CANDIDATE)
-        _close_entry(c, entry, aliases(name, c))
-    return {"name": name, "rejected": version, "production": current.get(PRODUCTION)}
+        return _decide(c, name, REJECTED, version, by, reason, via, current)
 
 
 def record_timeout(name: str, version: str | int, waited_s: int) -> None:
@@ -733,26 +826,16 @@ def rollback(name: str, by: str | None = None, reason: str | None = None, via: s
     by, reason = (by or getpass.getuser()).strip(), (reason or "rollback").strip()
     with decision_lock():
         c = client()
+        finished = _finish_interrupted(c, name)
+        if _repeats(finished, "rollback"):
+            return finished["result"]
         current = aliases(name, c)
         old, target = current.get(PRODUCTION), current.get(PREVIOUS)
         if old is None:
             raise RegistryError(f"{name} has no version in production to roll back (aliases: {current})")
         if target is not None:
             _require_approved(c, name, target)  # before anything is logged or moved
-        entry = _open_entry(c, name, "rollback", old, by, reason, via, current, [])
-        mv = _version(c, name, old)
-        _append_history(c, name, old, mv.tags, {"decision": "rolled_back", "by": by, "at": _now(), "reason": reason,
-                                                 "via": via})
-        for key, value in [("rollback.by", by), ("rollback.reason", reason), ("rollback.at", _now())]:
-            c.set_model_version_tag(name, old, key, value)
-        if target is not None:
-            result = _set_production(c, name, target)
-            c.delete_registered_model_alias(name, PREVIOUS)
-        else:
-            c.delete_registered_model_alias(name, PRODUCTION)
-            result = {"name": name, "production": None}
-        _close_entry(c, entry, aliases(name, c))
-    return {**result, "previous": None, "rolled_back": old}
+        return _decide(c, name, "rollback", old, by, reason, via, current)
 
 
 # ----- export for serving -----------------------------------------------------

@@ -36,3 +36,59 @@ def test_help_lists_every_command_in_pipeline_order():
 def test_params_json(tmp_path):
     res = CliRunner().invoke(app, ["params", "--out", str(tmp_path / "p.yaml"), "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout) == {"wrote": str(tmp_path / "p.yaml")}
+
+
+def _drafter(*args: str, tmp_path=None):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if tmp_path is not None:
+        env["DRAFTER_HOME"] = str(tmp_path / "state")
+    return subprocess.run([sys.executable, "-m", "drafter", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_exit_codes_are_distinct_and_errors_come_as_json(tmp_path):
+    """Usage 2, bad config 3 (validation 5 below; partial input 4 and gate 6 are tested with
+    their commands); with --json the error is JSON on stdout."""
+    usage = _drafter("approve", "m", "1", tmp_path=tmp_path)  # --by/--reason missing
+    assert usage.returncode == 2
+    bad = _drafter("params", "--out", str(tmp_path / "p.yaml"), "-s", "train.lr=-1", tmp_path=tmp_path)
+    assert bad.returncode == 3 and "train.lr" in bad.stderr and "Traceback" not in bad.stderr
+    as_json = _drafter("params", "--out", str(tmp_path / "p.yaml"), "-s", "train.lr=-1", "--json", tmp_path=tmp_path)
+    err = json.loads(as_json.stdout)
+    assert as_json.returncode == 3 and err["type"] == "ConfigError" and err["exit_code"] == 3 and "train.lr" in err["error"]
+
+
+def test_validation_failure_exits_5(tmp_path, monkeypatch):
+    import sys
+
+    import pytest
+
+    from drafter.cli import main
+    from tests.conftest import ROOT
+    from tests.test_traces_ingest import chat_line, prompt
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.jsonl").write_text("\n".join(chat_line(prompt(i)) for i in range(5)) + "\n")
+    # a bug that gives every conversation the same id: the unique-id expectation stops the stage
+    monkeypatch.setattr("drafter.traces.ingest.record_id", lambda raw, sub="": "0" * 16)
+    monkeypatch.setattr(sys, "argv", ["drafter", "ingest", str(raw), "--out", str(tmp_path / "out"),
+                                      "-c", str(ROOT / "configs" / "tiny.yaml")])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 5 and not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_out_folder_not_written_by_drafter_is_refused_before_any_work(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    res = _drafter("ingest", str(tmp_path), "--out", str(mine), "-c", "configs/tiny.yaml", tmp_path=tmp_path)
+    assert res.returncode == 1 and "--force" in res.stderr
+    assert (mine / "thesis.tex").read_text() == "years of work"

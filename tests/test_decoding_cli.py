@@ -58,7 +58,7 @@ def test_evaluate_profile_gate_commands(tiny_target, tmp_path):
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["gate", "-c", TINY, "--candidate", str(tmp_path / "eval"), "-s", "gate.min_tau=9",
                               "-s", f"run.data_dir={tmp_path}"])
-    assert res.exit_code == 1 and "FAIL" in res.stdout
+    assert res.exit_code == 6 and "FAIL" in res.stdout
     assert json.loads((tmp_path / "gate" / "gate.json").read_text())["passed"] is False  # DATA_DIR/gate
 
 
@@ -72,7 +72,7 @@ def test_missing_drafter_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["drafter", "evaluate", "-c", TINY, "-d", str(tmp_path / "none")])
     with pytest.raises(SystemExit) as exit_info:
         main()
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert "no drafter at" in err and "Traceback" not in err
 

@@ -47,6 +47,7 @@ from drafter.manifest import (
     atomic_write_json,
     atomic_write_text,
     check_accounting,
+    check_replaceable,
     write_manifest,
 )
 from drafter.traces import formats
@@ -667,23 +668,28 @@ def previous_for(path: Path, marks: dict[str, Watermark]) -> Watermark | None:
     return best
 
 
-def ingest(cfg: Config, inputs: list[Path] | None = None, out_dir: Path | None = None) -> dict[str, Any]:
+def ingest(cfg: Config, inputs: list[Path] | None = None, out_dir: Path | None = None,
+           force: bool = False) -> dict[str, Any]:
     """Ingest new log lines into `out_dir` (default `<data_dir>/ingested`); returns the manifest.
 
     Unreadable inputs are reported in `manifest["errors"]` (the other files still ingest).
-    Raises `ValidationFailed` when a batch-level expectation fails (nothing is published).
+    Raises `ValidationFailed` when a batch-level expectation fails (nothing is published), and
+    `OutputDirError` before any work when `out_dir` is a folder drafter did not write (unless
+    `force`).
     """
     from filelock import FileLock
 
     started = time.time()
     inputs = [Path(p) for p in (inputs or cfg.ingest.inputs)]
     out_dir = Path(out_dir or cfg.data_dir / "ingested")
+    check_replaceable(out_dir, force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out_dir.parent / f".{out_dir.name}.lock")):
-        return _ingest_locked(cfg, inputs, out_dir, started)
+        return _ingest_locked(cfg, inputs, out_dir, started, force)
 
 
-def _ingest_locked(cfg: Config, inputs: list[Path], out_dir: Path, started: float) -> dict[str, Any]:
+def _ingest_locked(cfg: Config, inputs: list[Path], out_dir: Path, started: float,
+                   force: bool = False) -> dict[str, Any]:
     files, errors = discover(inputs)
     marks = load_watermarks(out_dir)
     previous_hash = json.loads((out_dir / "manifest.json").read_text()).get("config_hash") \
@@ -741,7 +747,7 @@ def _ingest_locked(cfg: Config, inputs: list[Path], out_dir: Path, started: floa
         return {"stage": "ingest", "changed": False, "counts": counts, "errors": _errors(errors),
                 "out_dir": str(out_dir), "inputs": {str(p): run.files.get(str(p), {}) for p in files}}
 
-    with run.timer("write_datasets"), atomic_dir(out_dir) as tmp:
+    with run.timer("write_datasets"), atomic_dir(out_dir, force=force) as tmp:
         totals = {
             split: build_split(out_dir / split, work / f"{split}.new.jsonl", tmp / split, work / "cache")
             for split in ("train", "holdout")

@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from drafter.errors import DrafterError
+from drafter.errors import DrafterError, ExitCode
 from drafter.traces.redact import secret_patterns
 from drafter.traces.schema import DOMAINS, ROLES
 
@@ -33,6 +33,8 @@ FRAME_COLUMNS = ["id", "source", "line", "timestamp", "model", "tenant", "route"
 
 class ValidationFailed(DrafterError, RuntimeError):
     """A batch-level expectation failed: the stage stops and publishes nothing."""
+
+    exit_code = ExitCode.VALIDATION
 
 
 @dataclass

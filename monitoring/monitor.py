@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +28,7 @@ from monitoring import telemetry
 from monitoring.report import write_report
 
 DRIFT_EVENT = "drafter.drift.detected"
+log = logging.getLogger("monitoring")
 
 
 def production_reference(cfg: Config) -> dict[str, Any]:
@@ -37,13 +39,17 @@ def production_reference(cfg: Config) -> dict[str, Any]:
     except registry.RegistryError:
         evidence = None
     if evidence is None:
-        return {"name": name, "version": None, "tau": None, "accept_rate": [], "domains": None}
+        return {"name": name, "version": None, "tau": None, "accept_rate": [], "domains": None, "approved": None}
+    approved = evidence["tags"].get("approval.state") == registry.APPROVED
+    if not approved:  # an alias moved outside the product (e.g. the MLflow UI): say so, loudly
+        log.error("%s@production is version %s, which is not approved (approval.state=%s): check the registry "
+                  "(drafter registry log %s)", name, evidence["version"], evidence["tags"].get("approval.state"), name)
     summary = registry.eval_summary(evidence.get("eval_report"))
     tau = summary["tau_macro"]
     if tau is None and evidence["tags"].get("eval.tau_macro"):
         tau = float(evidence["tags"]["eval.tau_macro"])
     return {"name": name, "version": evidence["version"], "tau": tau, "accept_rate": summary["accept_rate"],
-            "domains": (evidence.get("data_profile") or {}).get("domains")}
+            "domains": (evidence.get("data_profile") or {}).get("domains"), "approved": approved}
 
 
 def on_drift(cfg: Config, name: str, kinds: list[str], details: dict[str, Any], trigger: bool) -> dict[str, Any]:

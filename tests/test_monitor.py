@@ -221,6 +221,13 @@ def test_monitor_quiet_when_nothing_changed_and_without_production(store, tmp_pa
     assert out["acceptance"]["production_tau"] == pytest.approx(3.0) and out["mix"]["status"] == "ok"
     assert not (tmp_path / "data" / "monitor" / "drift.jsonl").exists()
 
+    from monitoring.monitor import production_reference
+
+    assert production_reference(cfg)["approved"] is True
+    registry.register_candidate(cfg, make_drafter(tmp_path / "other", seed=5), gate_verdict=passing_verdict())
+    registry.client().set_registered_model_alias("mon-ok", "production", "2")  # behind the product's back
+    assert production_reference(cfg)["approved"] is False
+
     bare = load_config(ROOT / "configs" / "tiny.yaml", ["registry.model_name=mon-none", f"run.data_dir={tmp_path / 'd2'}"])
     nothing = monitor(bare)
     assert nothing["production_version"] is None and nothing["drift"] == []

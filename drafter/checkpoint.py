@@ -14,9 +14,14 @@ from typing import Any
 
 import torch
 
+from drafter.errors import DrafterError
 from drafter.manifest import atomic_dir, atomic_write_bytes, atomic_write_json
 
 STATE_FILE = "state.json"
+
+
+class CheckpointError(DrafterError):
+    """A checkpoint that cannot be read back (damaged or from another model)."""
 
 
 def _optimizer_split(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -59,6 +64,17 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, loop: dict[str, A
 
 
 def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict[str, Any]:
+    from safetensors import SafetensorError
+
+    try:
+        return _load_checkpoint(folder, model, optimizer, scheduler)
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as exc:  # damaged file, JSON, shapes
+        raise CheckpointError(
+            f"{folder}: the checkpoint cannot be read ({type(exc).__name__}: {str(exc)[:300]}); delete that folder "
+            "to resume from the one before it, or train into a fresh --out") from exc
+
+
+def _load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(str(folder / "model.safetensors")))

@@ -285,3 +285,14 @@ def test_init_from_a_drafter_of_another_shape_is_refused(target, data, tmp_path,
     with pytest.raises(ConfigError, match="no model.safetensors"):
         train(tiny_cfg(f"train.init_from={tmp_path}"), out_dir=tmp_path / "c", target=target, data=data,
               collate=collate)
+
+
+def test_damaged_checkpoint_is_a_clear_error(target, data, tmp_path):
+    from drafter.checkpoint import CheckpointError
+
+    cfg = tiny_cfg("train.max_steps=4", "train.checkpoint_every=2", "train.eval_every=100")
+    train(cfg, out_dir=tmp_path, target=target, data=data, collate=collate, stop_at=2)
+    weights = tmp_path / "checkpoints" / "step-00000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short, as a full disk would leave it
+    with pytest.raises(CheckpointError, match="step-00000002.*cannot be read.*delete that folder"):
+        train(cfg, out_dir=tmp_path, target=target, data=data, collate=collate)

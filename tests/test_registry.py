@@ -362,3 +362,86 @@ def test_export_refuses_unapproved_and_tampered_versions(module_store, tmp_path)
     with pytest.raises(registry.NotServable, match="sha256"):
         registry.export_alias("reg-serve", "production", tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
+
+
+class Crash(BaseException):
+    """A process dying mid-decision (found by the kill campaign, bench/kill_campaign.py)."""
+
+
+def crash_at(monkeypatch, method: str, when=lambda *args: True) -> None:
+    """The next MLflow call `method` (matching `when`) dies instead; the calls before it are real."""
+    from mlflow import MlflowClient
+
+    real = getattr(MlflowClient, method)
+
+    def dying(self, *args, **kwargs):
+        if when(*args):
+            monkeypatch.setattr(MlflowClient, method, real)
+            raise Crash(method)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, method, dying)
+
+
+def test_a_rollback_killed_after_production_moved_and_run_again_rolls_back_once(module_store, tmp_path,
+                                                                                monkeypatch):
+    """Killed after the aliases moved, before the log entry was closed: running `rollback` again
+    used to roll back a second time (production 2 -> 1, then 1 -> none)."""
+    cfg = config(tmp_path, "reg-kill-rb")
+    for tag in ("1", "2"):
+        registry.approve("reg-kill-rb", register(cfg, tmp_path, tag).version, by="a", reason=f"v{tag}", force=True)
+    crash_at(monkeypatch, "set_terminated")
+    with pytest.raises(Crash):
+        registry.rollback("reg-kill-rb", by="ops", reason="latency")
+    assert registry.aliases("reg-kill-rb") == {"production": "1"} and not registry.decision_log("reg-kill-rb")[-1][
+        "complete"]
+    result = registry.rollback("reg-kill-rb", by="ops", reason="latency")  # the same command, run again
+    assert result["production"] == "1" and result["rolled_back"] == "2"
+    assert registry.aliases("reg-kill-rb") == {"production": "1"}
+    log = registry.decision_log("reg-kill-rb")
+    assert [(e["decision"], e["complete"]) for e in log] == [("approved", True)] * 2 + [("rollback", True)]
+    assert log[-1]["finished_late"] and log[-1]["production_after"] == "1"
+    history = json.loads(registry.client().get_model_version("reg-kill-rb", "2").tags["approval.history"])
+    assert [h["decision"] for h in history] == ["approved", "rolled_back"]  # not twice
+
+
+def test_a_rollback_killed_between_its_alias_moves_never_points_previous_at_the_bad_version(
+        module_store, tmp_path, monkeypatch):
+    """The old rollback set previous -> the version leaving production, then deleted it: killed in
+    between, the next rollback brought that version back into production."""
+    cfg = config(tmp_path, "reg-kill-mid")
+    for tag in ("1", "2"):
+        registry.approve("reg-kill-mid", register(cfg, tmp_path, tag).version, by="a", reason=f"v{tag}", force=True)
+    crash_at(monkeypatch, "set_registered_model_alias", lambda name, alias, version: alias == "production")
+    with pytest.raises(Crash):
+        registry.rollback("reg-kill-mid", by="ops", reason="bad answers")
+    assert registry.aliases("reg-kill-mid") == {"production": "2"}  # previous cleared first, 2 not yet moved
+    registry.rollback("reg-kill-mid", by="ops", reason="bad answers")
+    assert registry.aliases("reg-kill-mid") == {"production": "1"}
+
+
+def test_the_next_decision_finishes_an_interrupted_one_first(module_store, tmp_path, monkeypatch):
+    """An approve killed after its state tag, before production moved: a different decision
+    finishes it (production, previous, one history entry), then is made itself."""
+    cfg = config(tmp_path, "reg-kill-next")
+    v1, v2, v3 = (register(cfg, tmp_path, t).version for t in ("1", "2", "3"))
+    registry.approve("reg-kill-next", v1, by="a", reason="first")
+    crash_at(monkeypatch, "set_registered_model_alias", lambda name, alias, version: alias == "production")
+    with pytest.raises(Crash):
+        registry.approve("reg-kill-next", v2, by="b", reason="second", force=True)
+    assert registry.client().get_model_version("reg-kill-next", v2).tags["approval.state"] == "approved"
+    assert registry.aliases("reg-kill-next")["production"] == v1  # half done: previous moved, production not
+    registry.reject("reg-kill-next", v3, by="c", reason="worse")
+    assert registry.aliases("reg-kill-next") == {"production": v2, "previous": v1}
+    log = registry.decision_log("reg-kill-next")
+    assert [(e["decision"], e["version"], e["complete"]) for e in log] == [
+        ("approved", v1, True), ("approved", v2, True), ("rejected", v3, True)]
+    assert log[1]["finished_late"] and log[1]["production_after"] == v2 and not log[2]["finished_late"]
+    history = json.loads(registry.client().get_model_version("reg-kill-next", v2).tags["approval.history"])
+    assert [h["decision"] for h in history] == ["approved"]
+    # The same approve run again after a crash is that decision, not a second one.
+    crash_at(monkeypatch, "set_terminated")
+    with pytest.raises(Crash):
+        registry.approve("reg-kill-next", v1, by="a", reason="back", force=True)
+    assert registry.approve("reg-kill-next", v1, by="a", reason="back", force=True)["production"] == v1
+    assert [e["decision"] for e in registry.decision_log("reg-kill-next")].count("approved") == 3

@@ -276,6 +276,7 @@ def calibrate_drafter(
         counts=counts,
         durations=timer.durations,
         outputs={"calibration": str(out_dir / "calibration.json")},
+        metrics=result.get("summary") or {},
     )
     return result
 

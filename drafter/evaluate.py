@@ -372,6 +372,7 @@ def evaluate_drafter(
         counts=counts | {"rounds": report["overall"]["rounds"], "tokens": report["overall"]["tokens"]},
         durations=timer.durations,
         outputs={name: str(out_dir / name) for name in ("report.json", "report.md", "acceptance.csv")},
+        metrics=report_metrics(report),
     )
     log_to_mlflow(report, out_dir)
     return report
@@ -601,21 +602,27 @@ def plot_tau(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def report_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The headline figures of an evaluation, flat (the manifest's `metrics`, MLflow metrics)."""
+    o = report["overall"]
+    metrics = {"macro_tau": report["macro_tau"], "tau_pooled": o["tau_pooled"],
+               "lossless_passed": float(report["lossless"]["passed"])}
+    for key in ("speedup", "decode_speedup", "tokens_per_s", "plain_tokens_per_s", "acceptance_rate"):
+        metrics[key] = o.get(key)
+    metrics |= {f"accept_rate_at_{k + 1}": a for k, a in enumerate(o.get("accept_rate_at_k") or [])}
+    metrics |= {f"tau.{d}": m["tau_pooled"] for d, m in report["datasets"].items()}
+    metrics |= {f"domain_tau.{d}": m["tau_pooled"] for d, m in report["domains"].items()}
+    if report["calibration"].get("applicable"):
+        metrics["ece"] = report["calibration"]["ece"]
+    return {k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}
+
+
 def log_to_mlflow(report: dict[str, Any], out_dir: Path) -> bool:
     """Log the headline metrics and the report files to the active MLflow run, if any."""
     mlflow = sys.modules.get("mlflow")  # a run can only be active if the caller imported mlflow
     if mlflow is None or mlflow.active_run() is None:
         return False
-    metrics = {"eval/macro_tau": report["macro_tau"], "eval/tau_pooled": report["overall"]["tau_pooled"],
-               "eval/lossless_passed": float(report["lossless"]["passed"])}
-    for key in ("speedup", "decode_speedup", "tokens_per_s", "plain_tokens_per_s", "acceptance_rate"):
-        if report["overall"].get(key) is not None:
-            metrics[f"eval/{key}"] = report["overall"][key]
-    metrics |= {f"eval/tau/{d}": m["tau_pooled"] for d, m in report["datasets"].items()}
-    metrics |= {f"eval/domain_tau/{d}": m["tau_pooled"] for d, m in report["domains"].items()}
-    if report["calibration"].get("applicable"):
-        metrics["eval/ece"] = report["calibration"]["ece"]
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))})
+    mlflow.log_metrics({f"eval/{k}": v for k, v in report_metrics(report).items()})
     for name in ("report.json", "report.md", "acceptance.csv", "acceptance_curve.png", "tau_per_dataset.png", "manifest.json"):
         if (out_dir / name).is_file():
             mlflow.log_artifact(str(out_dir / name), artifact_path="eval")

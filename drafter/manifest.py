@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -290,8 +291,11 @@ def write_manifest(
     counts: dict[str, Any] | None = None,
     durations: dict[str, float] | None = None,
     outputs: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
+    """`metrics`: the stage's headline figures, flat `name -> number` (what MLflow shows and
+    the flow rolls up onto its parent run)."""
     manifest = {
         "stage": stage,
         "inputs": inputs or {},
@@ -299,11 +303,16 @@ def write_manifest(
         "counts": counts or {},
         "durations_s": durations or {},
         "outputs": outputs or {},
+        "metrics": {k: v for k, v in (metrics or {}).items() if _finite(v)},
         **(extra or {}),
         "provenance": provenance(),
     }
     # Manifests travel (MLflow, the registry's lineage, DVC): no URL keeps its credentials.
     return atomic_write_json(Path(out_dir) / "manifest.json", redact_urls(manifest))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:

@@ -67,6 +67,7 @@ PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
 MODEL_TYPE = "speculators-drafter"
 _HISTORY_MAX_CHARS = 4000
 DECISIONS_EXPERIMENT = "drafter-registry-decisions"
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 LOCK_ENV = "DRAFTER_REGISTRY_LOCK"  # a lock file every decider sees (shared storage for a server backend)
 
 log = logging.getLogger(__name__)
@@ -157,13 +158,15 @@ def experiment_id(cfg: Config, mlflow_client=None) -> str:
     c = mlflow_client or client()
     name = cfg.registry.experiment or cfg.run.name
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = state_paths().mlflow_artifacts.as_uri() if is_local_store() else None
-    try:
-        return c.create_experiment(name, artifact_location=location)
-    except MlflowException:  # created concurrently
-        return c.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        location = state_paths().mlflow_artifacts.as_uri() if is_local_store() else None
+        try:
+            exp = c.get_experiment(c.create_experiment(name, artifact_location=location))
+        except MlflowException:  # created concurrently
+            exp = c.get_experiment_by_name(name)
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # open on the runs, not the GenAI traces page
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def run_url(run_id: str, mlflow_client=None) -> str:

@@ -549,9 +549,14 @@ class Trainer:
                   "target_fingerprint": self.target.fingerprint,
                   "cache_meta": {k: v for k, v in self.meta.items() if isinstance(v, (str, int, float, list, bool))}}
         manifest_path = out_dir / "manifest.json"
+        final = loop.evals[-1]
+        metrics = {"best_holdout_sim_tau": loop.best_tau, "final_holdout_sim_tau": final.get("sim_tau"),
+                   "final_holdout_sim_tau_greedy": final.get("sim_tau_greedy"), "train_cpu_s": loop.cpu_s,
+                   # per CPU second of the optimizer steps: both count every resume (wall time would not)
+                   "tokens_per_cpu_s": loop.tokens / loop.cpu_s if loop.cpu_s else None}
         if self.main:
             write_manifest(out_dir, "train", inputs=inputs, params=params, counts=counts,
-                           durations=self.timer.durations, outputs=outputs)
+                           durations=self.timer.durations, outputs=outputs, metrics=metrics)
             if loop.mlflow_run_id is not None:
                 tracking.log_artifacts(loop.mlflow_run_id, out_dir)
         self.accelerator.wait_for_everyone()

@@ -3,6 +3,7 @@ is one, resumed by id after a restart; params once, metric batches per step, art
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,10 @@ def start_run(cfg: Config, run_id: str | None):
     kwargs = {"log_system_metrics": cfg.train.system_metrics}
     if run_id:
         return mlflow.start_run(run_id=run_id, nested=parent is not None, **kwargs)
-    return mlflow.start_run(run_name=f"train-{cfg.drafter.algorithm}", nested=parent is not None, **kwargs)
+    # In the retrain flow: under the flow's "train" stage run (flows/tracking.py sets it).
+    stage_run = os.environ.get("DRAFTER_MLFLOW_PARENT_RUN_ID") if parent is None else None
+    return mlflow.start_run(run_name=f"train-{cfg.drafter.algorithm}", nested=parent is not None,
+                            parent_run_id=stage_run, **kwargs)
 
 
 def log_params(cfg: Config, model, target, steps: int, n_train: int, n_holdout: int, processes: int) -> None:

@@ -31,7 +31,9 @@ from prefect.tasks import exponential_backoff
 
 from drafter import __version__, registry
 from drafter.config import DEFAULT_CONFIG, Config, load_config
-from drafter.manifest import atomic_write_json, atomic_write_text, git_state, sha256_file, sha256_json, sha256_tree
+from drafter.manifest import (
+    atomic_write_json, atomic_write_text, git_state, read_manifest, sha256_file, sha256_json, sha256_tree,
+)
 from flows.approval import approval_flow
 from flows.tracking import FlowTracking
 
@@ -80,14 +82,16 @@ def train_task(config: dict, cache_dir: str, out_dir: str, input_hash: str, code
 def calibrate_task(config: dict, drafter_dir: str, cache_dir: str, out_dir: str, input_hash: str, code: str) -> dict:
     from drafter.calibrate import calibrate
 
-    return calibrate(_cfg(config), Path(drafter_dir), Path(cache_dir), Path(out_dir))
+    calibrate(_cfg(config), Path(drafter_dir), Path(cache_dir), Path(out_dir))
+    return read_manifest(out_dir)  # its metrics section: ECE/AUROC/Brier before and after STS
 
 
 @stage_task("evaluate")
 def evaluate_task(config: dict, drafter_dir: str, out_dir: str, ingested_dir: str, input_hash: str, code: str) -> dict:
     from drafter.evaluate import evaluate
 
-    return evaluate(_cfg(config), Path(drafter_dir), Path(out_dir), ingested_dir=Path(ingested_dir))
+    evaluate(_cfg(config), Path(drafter_dir), Path(out_dir), ingested_dir=Path(ingested_dir))
+    return read_manifest(out_dir)  # its metrics section: tau per set, speedup, accept_rate@k
 
 
 @task(name="gate")
@@ -306,7 +310,8 @@ def retrain_flow(
     ingested, regenerated, cache = d / "ingested", d / "regenerated", d / "cache"
     drafter_dir, calibration, eval_dir = d / "drafter", d / "calibration", d / "eval"
     tracking = FlowTracking(cfg, run_name=f"retrain {flow_run.get_name() or ''}".strip(),
-                            tags={"prefect.flow_run_id": str(flow_run.get_id() or "")})
+                            tags={"prefect.flow_run_id": str(flow_run.get_id() or "")},
+                            commit=git_state(Path(__file__).resolve().parents[1])["commit"])
     create_link_artifact(tracking.url, link_text="MLflow parent run", key="drafter-mlflow-run")
     stages: list[dict] = []
     try:
@@ -316,6 +321,8 @@ def retrain_flow(
         run_stage(tracking, stages, "regenerate", regenerate_task, regenerated, config=conf,
                   in_dir=str(ingested), out_dir=str(regenerated),
                   input_hash=content_hash(ingested / "manifest.json"), code=code)
+        tracking.log_datasets({name: (folder, content_hash(folder / "manifest.json"))
+                               for name, folder in (("ingested", ingested), ("regenerated", regenerated))})
         run_stage(tracking, stages, "build-cache", build_cache_task, cache, config=conf,
                   in_dir=str(regenerated), out_dir=str(cache),
                   input_hash=content_hash(regenerated / "manifest.json"), code=code)
@@ -338,6 +345,7 @@ def retrain_flow(
             atomic_write_text(d / "gate" / "verdict.md", verdict_markdown(verdict))
             tracking.log_stage(gate_run, None, d / "gate", cached=False)
             tracking.client.set_tag(gate_run, "drafter.gate", "passed" if registry.gate_passed(verdict) else "failed")
+            tracking.rollup("gate", {"passed": float(registry.gate_passed(verdict))})
         release = release_flow(config, overrides, str(drafter_dir), str(eval_dir), verdict,
                                str(production) if production else None, wait_for_approval, tracking.parent)
     except BaseException:

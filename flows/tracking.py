@@ -2,13 +2,17 @@
 
 Only the flow talks to MLflow (through `MlflowClient`, no global active-run state), so
 the tasks stay plain calls of the stage functions and a cached task still gets a
-nested run (tagged `drafter.cached=true`) showing the manifest it reused.
+nested run (tagged `drafter.cached=true`) showing the manifest it reused. Each stage's
+headline metrics (its manifest's `metrics`) also roll up onto the parent as
+`<stage>.<metric>`, so the run list compares retrainings at a glance; training, which
+logs its own curves, nests its run under the stage's (`PARENT_RUN_ENV`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,6 +22,7 @@ from drafter.config import Config
 from drafter.manifest import redact_urls
 
 REPORT_SUFFIXES = (".json", ".md", ".csv", ".png")
+PARENT_RUN_ENV = "DRAFTER_MLFLOW_PARENT_RUN_ID"  # the stage run a stage's own MLflow run nests under
 # One "View run at" line per nested run is noise; the flow links its parent run as an artifact.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
@@ -43,14 +48,19 @@ def numeric_leaves(manifest: dict[str, Any]) -> dict[str, float]:
 
 
 class FlowTracking:
-    def __init__(self, cfg: Config, run_name: str, tags: dict[str, str] | None = None) -> None:
+    def __init__(self, cfg: Config, run_name: str, tags: dict[str, str] | None = None,
+                 commit: str | None = None) -> None:
         from mlflow.entities import Param
 
         self.client = registry.client()
         self.cfg = cfg
         self.experiment_id = registry.experiment_id(cfg, self.client)
+        source = {"mlflow.source.type": "JOB", "mlflow.source.name": "flows/retrain.py"}
+        if commit:
+            source["mlflow.source.git.commit"] = commit
         self.parent = self.client.create_run(
-            self.experiment_id, run_name=run_name, tags={"drafter.config_hash": cfg.hash(), **(tags or {})}
+            self.experiment_id, run_name=run_name,
+            tags={"drafter.config_hash": cfg.hash(), **source, **(tags or {})},
         ).info.run_id
         params = [Param(k, str(v)[:6000]) for k, v in _flatten(redact_urls(cfg.to_dict())).items()]
         for i in range(0, len(params), 100):
@@ -65,12 +75,41 @@ class FlowTracking:
         run_id = self.client.create_run(
             self.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.parent, "drafter.stage": name}
         ).info.run_id
+        os.environ[PARENT_RUN_ENV] = run_id
         try:
             yield run_id
         except BaseException:
             self.client.set_terminated(run_id, "FAILED")
             raise
+        finally:
+            os.environ.pop(PARENT_RUN_ENV, None)
         self.client.set_terminated(run_id, "FINISHED")
+
+    def rollup(self, stage: str, metrics: dict[str, float]) -> None:
+        """Headline metrics onto the parent run, as `<stage>.<name>`."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        rows = [Metric(f"{stage}.{k}", float(v), now, 0) for k, v in metrics.items()]
+        for i in range(0, len(rows), 1000):
+            self.client.log_batch(self.parent, metrics=rows[i : i + 1000])
+
+    def log_datasets(self, datasets: dict[str, tuple[Path, str]]) -> None:
+        """`{name: (path, content hash)}` as the parent's inputs (MLflow's Dataset column)."""
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = []
+        for name, (path, digest) in datasets.items():
+            with warnings.catch_warnings():  # a local path matches two equivalent local source types
+                warnings.simplefilter("ignore", UserWarning)
+                source = resolve_dataset_source(str(Path(path).resolve()))
+            ds = MetaDataset(source=source, name=name, digest=digest[:36])
+            inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")]))
+        self.client.log_inputs(self.parent, datasets=inputs)
 
     def log_stage(self, run_id: str, manifest: dict[str, Any] | None, out_dir: Path | None, cached: bool) -> None:
         from mlflow.entities import Metric, Param
@@ -81,6 +120,9 @@ class FlowTracking:
             params = [Param(k, str(v)[:6000]) for k, v in _flatten(manifest.get("params") or {}).items()][:100]
             metrics = [Metric(k, v, 0, 0) for k, v in numeric_leaves(manifest).items()]
             self.client.log_batch(run_id, metrics=metrics[:1000], params=params)
+            stage = self.client.get_run(run_id).info.run_name
+            if manifest.get("metrics"):
+                self.rollup(stage, manifest["metrics"])
             self.client.log_text(run_id, json.dumps(manifest, indent=2, default=str), "manifest.json")
         if out_dir is not None and Path(out_dir).is_dir():
             for item in sorted(Path(out_dir).iterdir()):

@@ -172,8 +172,10 @@ def install_standin_stages(monkeypatch, calls: list, taus: dict) -> None:
 
     def evaluate(cfg, drafter_dir, out_dir, ingested_dir=None, target=None):
         calls.append(("evaluate", str(drafter_dir), str(out_dir), str(ingested_dir)))
-        make_eval(Path(out_dir), taus.get(str(drafter_dir), taus["default"]))
-        write_manifest(out_dir, "evaluate", counts={"datasets": 2})
+        t = taus.get(str(drafter_dir), taus["default"])
+        make_eval(Path(out_dir), t)
+        write_manifest(out_dir, "evaluate", counts={"datasets": 2},
+                       metrics={"macro_tau": sum(t.values()) / len(t), **{f"tau.{d}": v for d, v in t.items()}})
         return json.loads((Path(out_dir) / "manifest.json").read_text())
 
     def gate(cfg, candidate_report, production_report=None):

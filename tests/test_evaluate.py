@@ -165,7 +165,11 @@ def test_evaluate_logs_to_active_mlflow_run(tiny_target, noisy, tmp_path):
         report = evaluate_drafter(cfg_with("evaluate.measure_speedup=false"), noisy, tiny_target, tmp_path / "eval")
     logged = mlflow.get_run(run.info.run_id).data.metrics
     assert logged["eval/macro_tau"] == pytest.approx(report["macro_tau"])
-    assert logged["eval/tau/gsm8k"] == pytest.approx(report["tau"]["gsm8k"])
+    assert logged["eval/tau.gsm8k"] == pytest.approx(report["tau"]["gsm8k"])
+    assert logged["eval/accept_rate_at_1"] == pytest.approx(report["overall"]["accept_rate_at_k"][0])
+    # the same figures are the manifest's metrics section (what the flow rolls up)
+    manifest = json.loads((tmp_path / "eval" / "manifest.json").read_text())
+    assert manifest["metrics"] == pytest.approx({k.removeprefix("eval/"): v for k, v in logged.items()})
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "eval")}
     assert {"eval/report.json", "eval/acceptance_curve.png"} <= artifacts
 

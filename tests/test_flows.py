@@ -220,6 +220,13 @@ def test_retrain_flow_wiring_with_standin_stages(servers, tmp_path, monkeypatch)
     children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {r.info.run_name for r in children} == {
         "ingest", "regenerate", "build-cache", "train", "calibrate", "evaluate", "gate", "register"}
+    # Headline metrics roll up onto the parent (what the run list compares), datasets are its
+    # inputs, the source commit is tagged and the experiment opens on its runs.
+    assert parent.data.metrics["evaluate.macro_tau"] == pytest.approx(2.25)
+    assert parent.data.metrics["evaluate.tau.gsm8k"] == 2.5 and parent.data.metrics["gate.passed"] == 1.0
+    assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {"ingested", "regenerated"}
+    assert parent.data.tags["mlflow.source.type"] == "JOB"
+    assert c.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     ingest_run = next(r for r in children if r.info.run_name == "ingest")
     assert ingest_run.data.metrics["counts.read"] == 30
     # The registered version carries the training domain mix and the stage manifests' hashes.
@@ -284,6 +291,18 @@ def test_retrain_end_to_end_tiny(servers, tmp_path):
     out = retrain.retrain_flow(str(ROOT / "configs" / "tiny.yaml"), overrides, wait_for_approval=False)
     for stage in ("ingested", "regenerated", "cache", "drafter", "calibration", "eval"):
         assert (tmp_path / "data" / stage / "manifest.json").is_file(), stage
+    # One tree in MLflow: the training run nests under the flow's train stage (no orphan), and
+    # the real stages' headline metrics roll up onto the parent.
+    c = registry.client()
+    parent = c.get_run(out["mlflow_run"])
+    runs = c.search_runs([parent.info.experiment_id])
+    stage_train = next(r for r in runs if r.info.run_name == "train"
+                       and r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    trainer = next(r for r in runs if r.info.run_name.startswith("train-"))
+    assert trainer.data.tags["mlflow.parentRunId"] == stage_train.info.run_id
+    assert "train.best_holdout_sim_tau" in parent.data.metrics and "evaluate.macro_tau" in parent.data.metrics
+    assert parent.data.metrics["evaluate.macro_tau"] == pytest.approx(
+        json.loads((tmp_path / "data" / "eval" / "report.json").read_text())["macro_tau"])
     if out["release"]["registered"]:
         assert registry.aliases("flow-e2e")["candidate"] == out["release"]["version"]
         registry.approve("flow-e2e", out["release"]["version"], by="ci", reason="end-to-end test")

@@ -66,6 +66,8 @@ def configure_environment() -> StatePaths:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "PREFECT_LOGGING_LEVEL": "WARNING",
+        # The product's own loggers reach the flow run's logs in the Prefect UI.
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "drafter,flows,monitoring",
         # MLflow: SQLite store, absolute URI, no network lookups.
         "MLFLOW_TRACKING_URI": paths.mlflow_uri,
         "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true",

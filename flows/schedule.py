@@ -33,12 +33,16 @@ def deployment_name(cfg: Config) -> str:
 
 def retraining_deployment(cfg: Config, config_path: str | Path, overrides: list[str] | None = None):
     """The deployment of the retraining flow with the cron schedule of `cfg.schedule`."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.schedules import Cron
 
     from flows.retrain import retrain_flow
 
     return retrain_flow.to_deployment(
         name=cfg.schedule.deployment,
+        # Scheduled and drift-triggered runs (the same deployment) never overlap on the same
+        # data: one at a time, the next queued behind it.
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
         schedule=Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone),
         parameters={
             "config": str(Path(config_path).resolve()),

@@ -310,3 +310,29 @@ def test_retrain_end_to_end_tiny(servers, tmp_path):
     else:  # a random tiny target may not pass the tau floor; the registry must then be untouched
         with pytest.raises(registry.RegistryError):
             registry.aliases("flow-e2e")
+
+
+def test_product_loggers_reach_the_flow_run_logs(servers):
+    """A `drafter.*` logger inside a flow shows in the Prefect UI's logs of that run."""
+    import logging
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    @flow(name="drafter-logging-check")
+    def noisy() -> str:
+        from prefect.runtime import flow_run
+
+        logging.getLogger("drafter.stage").warning("stage says hello")
+        return str(flow_run.get_id())
+
+    run_id = noisy()
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+            if any("stage says hello" in log.message for log in logs):
+                break
+            time.sleep(0.5)
+    assert any(log.name == "drafter.stage" and "stage says hello" in log.message for log in logs)

@@ -27,6 +27,8 @@ def test_schedule_needs_a_server_and_builds_the_cron_deployment(tmp_path):
     assert (schedule.cron, schedule.timezone) == ("30 2 * * *", "Europe/Paris")
     assert deployment.parameters == {"config": str((ROOT / "configs" / "tiny.yaml").resolve()),
                                      "overrides": ["train.lr=1e-4"], "wait_for_approval": False}
+    assert deployment.concurrency_limit == 1  # scheduled and drift-triggered runs never overlap
+    assert deployment.concurrency_options.collision_strategy == "ENQUEUE"
 
 
 @pytest.mark.integration

@@ -485,6 +485,7 @@ def write_outputs(report: dict[str, Any], samples: list[dict], out_dir: Path) ->
     atomic_write_text(out_dir / "report.md", render_markdown(report))
     atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
     atomic_write_text(out_dir / "acceptance.csv", acceptance_csv(report))
+    atomic_write_json(out_dir / "metrics.json", report_metrics(report))  # flat: `dvc metrics show`
     plot_acceptance(report, out_dir / "acceptance_curve.png")
     plot_tau(report, out_dir / "tau_per_dataset.png")
 

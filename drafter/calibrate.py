@@ -34,6 +34,7 @@ import torch
 from drafter.config import Config
 from drafter.decoding import Round, SpecEngine, block_size_of, load_drafter, resolve_drafter_dir
 from drafter.errors import DrafterError
+from drafter import plots
 from drafter.manifest import Timer, atomic_write_json, atomic_write_text, check_accounting, sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
@@ -264,7 +265,7 @@ def calibrate_drafter(
                 "auroc_before": _mean(before, "auroc"), "auroc_after": _mean(after, "auroc"),
             },
         }
-        reliability_plot(before, after, out_dir / "reliability.png")
+        plots.reliability(before, after, out_dir / "reliability.png")
     atomic_write_json(out_dir / "calibration.json", result)
     atomic_write_text(out_dir / "report.md", render_markdown(result))
     cfg.save(out_dir / "config.yaml")
@@ -304,34 +305,3 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines + [""])
 
 
-def reliability_plot(before: list[dict], after: list[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = [i for i, b in enumerate(before) if b["count"]]
-    cols = min(4, max(len(shown), 1))
-    rows = max(1, math.ceil(len(shown) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.set_visible(False)
-    for ax, i in zip(axes.flat, shown):
-        ax.set_visible(True)
-        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-        for data, label in ((before[i], "raw"), (after[i], "STS")):
-            pts = data["reliability"]
-            ax.plot([p["confidence"] for p in pts], [p["survival"] for p in pts], marker="o", markersize=3,
-                    label=f"{label} (ECE {data['ece']:.3f})")
-        ax.set_title(f"position {before[i]['position']} (n={before[i]['count']})", fontsize=9)
-        ax.set_xlabel("predicted prefix survival a_k", fontsize=8)
-        ax.set_ylabel("observed survival", fontsize=8)
-        ax.legend(fontsize=7)
-    fig.suptitle("Reliability of the confidence head, before and after STS")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path

@@ -47,9 +47,9 @@ import torch
 from drafter.config import BUNDLED_EVAL_DIR, Config
 from drafter.decoding import Generation, Round, SpecEngine, block_size_of, load_drafter, resolve_drafter_dir
 from drafter.errors import DrafterError
+from drafter import plots
 from drafter.manifest import (
     Timer,
-    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     check_accounting,
@@ -486,8 +486,10 @@ def write_outputs(report: dict[str, Any], samples: list[dict], out_dir: Path) ->
     atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
     atomic_write_text(out_dir / "acceptance.csv", acceptance_csv(report))
     atomic_write_json(out_dir / "metrics.json", report_metrics(report))  # flat: `dvc metrics show`
-    plot_acceptance(report, out_dir / "acceptance_curve.png")
-    plot_tau(report, out_dir / "tau_per_dataset.png")
+    plots.acceptance_per_position(report, out_dir / "acceptance_curve.png")
+    plots.tau_per_dataset(report, out_dir / "tau_per_dataset.png")
+    plots.accepted_length_histogram([r[3] for s in samples for r in s["spec"]["rounds"]], report["drafter"]["gamma"],
+                                    out_dir / "accepted_length.png")
 
 
 def acceptance_csv(report: dict[str, Any]) -> str:
@@ -551,56 +553,6 @@ def render_markdown(r: dict[str, Any]) -> str:
     if r["skipped"]:
         lines += ["", f"Skipped prompts: {len(r['skipped'])} (see report.json)."]
     return "\n".join(lines) + "\n"
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def plot_acceptance(report: dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ks = list(range(1, report["drafter"]["gamma"] + 1))
-    for name, m in report["datasets"].items():
-        ax.plot(ks, m["accept_rate_at_k"], marker="o", markersize=3, linewidth=1, label=name)
-    ax.plot(ks, report["overall"]["accept_rate_at_k"], color="black", linewidth=2.5, label="overall")
-    ax.set_xlabel("draft position k")
-    ax.set_ylabel("accept_rate@k (prefix survival)")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(f"{report['drafter']['algorithm']} on {report['target']['name']}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-
-
-def plot_tau(report: dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
-    names = list(report["datasets"])
-    taus = [report["datasets"][n]["tau_pooled"] for n in names]
-    errs = [[t - (m["tau_ci"] or [t, t])[0] for t, m in zip(taus, report["datasets"].values())],
-            [(m["tau_ci"] or [t, t])[1] - t for t, m in zip(taus, report["datasets"].values())]]
-    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(names) + 2), 4))
-    ax.bar(names, taus, yerr=errs, capsize=3, color="#4c72b0")
-    ax.axhline(report["macro_tau"], color="black", linestyle="--", linewidth=1, label=f"macro {report['macro_tau']:.2f}")
-    ax.set_ylabel("tau (pooled, tokens per round)")
-    ax.set_ylim(0, report["drafter"]["gamma"] + 1)
-    ax.legend(fontsize=8)
-    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
 
 
 def report_metrics(report: dict[str, Any]) -> dict[str, float]:

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from drafter import plots
 from drafter import train_tracking as tracking
 from drafter.config import Config, ConfigError
 from drafter.errors import DrafterError
@@ -524,6 +525,7 @@ class Trainer:
                 "best_tau": loop.best_tau, "evals": loop.evals, "history": loop.history,
             })
             cfg.save(out_dir / "config.yaml")
+            plots.training_curves(loop.history, loop.evals, out_dir / "training_curves.png")
         seen = loop.step * tc.batch_size
         counts = {
             "train_sequences": len(self.train_ds), "holdout_sequences": len(self.holdout_ds),

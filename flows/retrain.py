@@ -29,7 +29,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.tasks import exponential_backoff
 
-from drafter import __version__, registry
+from drafter import __version__, plots, registry
 from drafter.config import DEFAULT_CONFIG, Config, load_config
 from drafter.manifest import (
     atomic_write_json, atomic_write_text, git_state, read_manifest, sha256_file, sha256_json, sha256_tree,
@@ -207,12 +207,16 @@ def release_flow(
     production_eval_dir: str | None = None,
     wait_for_approval: bool | None = None,
     mlflow_parent_run_id: str | None = None,
+    plots_url: str | None = None,
 ) -> dict[str, Any]:
     """Gate artifacts -> register the candidate -> approval -> promote (or leave it awaiting)."""
     from drafter.lineage import collect_lineage
 
     cfg = load_config(config, overrides or [])
     markdown = verdict_markdown(verdict)
+    if plots_url:
+        markdown += (f"\n\nPlots (candidate vs production, acceptance per position, tau per dataset, accepted "
+                     f"lengths, reliability, training curves): [MLflow]({plots_url})\n")
     rows = tau_table(Path(eval_dir), Path(production_eval_dir) if production_eval_dir else None)
     create_table_artifact(rows, key="drafter-tau", description="tau per dataset: candidate vs production")
     create_markdown_artifact(markdown, key="drafter-gate", description="gate verdict")
@@ -343,11 +347,20 @@ def retrain_flow(
                                 str(production / "report.json") if production else None)
             atomic_write_json(d / "gate" / "verdict.json", verdict)
             atomic_write_text(d / "gate" / "verdict.md", verdict_markdown(verdict))
+            plots.candidate_vs_production(
+                json.loads((eval_dir / "report.json").read_text()),
+                json.loads((production / "report.json").read_text()) if production else None,
+                d / "gate" / "candidate_vs_production.png")
             tracking.log_stage(gate_run, None, d / "gate", cached=False)
+            tracking.log_plots([d / "gate" / "candidate_vs_production.png",
+                                *(eval_dir / n for n in ("acceptance_curve.png", "tau_per_dataset.png",
+                                                         "accepted_length.png")),
+                                calibration / "reliability.png", drafter_dir / "training_curves.png"])
             tracking.client.set_tag(gate_run, "drafter.gate", "passed" if registry.gate_passed(verdict) else "failed")
             tracking.rollup("gate", {"passed": float(registry.gate_passed(verdict))})
         release = release_flow(config, overrides, str(drafter_dir), str(eval_dir), verdict,
-                               str(production) if production else None, wait_for_approval, tracking.parent)
+                               str(production) if production else None, wait_for_approval, tracking.parent,
+                               plots_url=f"{tracking.url}/artifacts/plots")
     except BaseException:
         tracking.finish("FAILED")
         raise

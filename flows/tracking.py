@@ -94,6 +94,12 @@ class FlowTracking:
         for i in range(0, len(rows), 1000):
             self.client.log_batch(self.parent, metrics=rows[i : i + 1000])
 
+    def log_plots(self, paths: list[Path]) -> None:
+        """The run's plots, gathered on the parent under `plots/` (one link for the approver)."""
+        for path in paths:
+            if Path(path).is_file():
+                self.client.log_artifact(self.parent, str(path), "plots")
+
     def log_datasets(self, datasets: dict[str, tuple[Path, str]]) -> None:
         """`{name: (path, content hash)}` as the parent's inputs (MLflow's Dataset column)."""
         import warnings

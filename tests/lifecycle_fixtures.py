@@ -46,9 +46,12 @@ def make_eval(path: Path, taus: dict[str, float], accept: list[float] | None = N
     """An evaluation output folder: report.json (+ .md, acceptance.csv)."""
     path.mkdir(parents=True, exist_ok=True)
     accept = accept or [0.8, 0.6, 0.4, 0.2]
-    report = {
-        "datasets": {name: {"tau": tau, "accept_rate": accept} for name, tau in taus.items()},
-        "macro": {"tau": sum(taus.values()) / len(taus), "accept_rate": accept},
+    macro = sum(taus.values()) / len(taus)
+    report = {  # the fields of drafter.evaluate's report that the registry, gate and plots read
+        "datasets": {name: {"tau": tau, "tau_pooled": tau, "accept_rate": accept, "accept_rate_at_k": accept}
+                     for name, tau in taus.items()},
+        "macro": {"tau": macro, "accept_rate": accept},
+        "macro_tau": macro, "tau": dict(taus), "overall": {"tau_pooled": macro, "accept_rate_at_k": accept},
     }
     (path / "report.json").write_text(json.dumps(report))
     (path / "report.md").write_text("# Evaluation\n" + "\n".join(f"- {k}: {v}" for k, v in taus.items()))

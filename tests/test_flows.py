@@ -303,6 +303,10 @@ def test_retrain_end_to_end_tiny(servers, tmp_path):
     assert "train.best_holdout_sim_tau" in parent.data.metrics and "evaluate.macro_tau" in parent.data.metrics
     assert parent.data.metrics["evaluate.macro_tau"] == pytest.approx(
         json.loads((tmp_path / "data" / "eval" / "report.json").read_text())["macro_tau"])
+    # the plots an approver looks at, gathered on the parent run (the approval request links there)
+    shown = {a.path for a in c.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/candidate_vs_production.png", "plots/acceptance_curve.png", "plots/tau_per_dataset.png",
+            "plots/accepted_length.png", "plots/training_curves.png"} <= shown
     if out["release"]["registered"]:
         assert registry.aliases("flow-e2e")["candidate"] == out["release"]["version"]
         registry.approve("flow-e2e", out["release"]["version"], by="ci", reason="end-to-end test")

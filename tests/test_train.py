@@ -57,7 +57,8 @@ def test_tiny_drafter_learns_held_out_tau_rises(target, data, tmp_path):
     assert counts["sequences_seen"] == 40 * 8 == counts["sequences_with_targets"] + counts["sequences_without_targets"]
     assert (tmp_path / "config.yaml").is_file() and manifest["params"]["selected_by"] == "sim_tau_greedy"
     suffixes = {p.suffix for p in tmp_path.rglob("*") if p.is_file()}
-    assert suffixes <= {".json", ".safetensors", ".yaml"}, suffixes
+    assert suffixes <= {".json", ".safetensors", ".yaml", ".png"}, suffixes
+    assert (tmp_path / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # idempotent: the same config and data again is a no-op
     calls = []
     again = train(cfg, out_dir=tmp_path, target=target, data=data, collate=collate,

@@ -11,10 +11,11 @@ of approve / reject / rollback / promote calls on a real MLflow SQLite store).
 
 Per stage: an uninterrupted reference run gives the expected output and the stage's working
 time (from its manifest; the registry driver reports its own). A round starts from a fresh
-output; 1-3 runs of the same command are SIGKILLed in a row (each a delay drawn uniformly
-over the working time at the end of the reference run, i.e. after interpreter start-up and
-imports), then the command runs again to completion and its output is compared with the
-reference. A run that finishes before its kill lands ends the round early. Rounds go on
+output; 1-3 runs of the same command are SIGKILLed in a row, each when the process has used a
+CPU time drawn uniformly over the CPU seconds of the reference run's working part (after
+interpreter start-up and imports; CPU rather than wall time, so a loaded machine does not
+push the kills out of the work), then the command runs again to completion and its output
+is compared with the reference. A run that finishes before its kill lands ends the round early. Rounds go on
 until `--kills` kills have landed.
 
 What is compared (lost / duplicated / mismatches):
@@ -81,29 +82,49 @@ def launch(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def run_killed(cmd: list[str], env: dict[str, str], log: Path, delay: float) -> tuple[bool, int | None, float]:
-    """Start `cmd`, SIGKILL it after `delay` s. -> (landed, exit code if it ended first, seconds)."""
-    start = time.monotonic()
-    proc = launch(cmd, env, log)
-    try:
-        rc = proc.wait(timeout=delay)
-        return False, rc, time.monotonic() - start
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        return True, None, time.monotonic() - start
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def run_to_end(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> tuple[int, float]:
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system, all threads) the process has used so far; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def run_killed(cmd: list[str], env: dict[str, str], log: Path, at_cpu_s: float,
+               timeout: float) -> tuple[bool, int | None, float]:
+    """Start `cmd`, SIGKILL it once it has used `at_cpu_s` CPU seconds (CPU, not wall time: the
+    machine's load does not move the kill out of the work). -> (landed, exit code if it ended
+    first, wall seconds)."""
     start = time.monotonic()
     proc = launch(cmd, env, log)
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        rc = -1
-    return rc, time.monotonic() - start
+    while proc.poll() is None:
+        used = cpu_seconds(proc.pid)
+        if (used is not None and used >= at_cpu_s) or time.monotonic() - start > timeout:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True, None, time.monotonic() - start
+        time.sleep(0.01)
+    return False, proc.returncode, time.monotonic() - start
+
+
+def run_to_end(cmd: list[str], env: dict[str, str], log: Path, timeout: float,
+               timeline: list[tuple[float, float]] | None = None) -> tuple[int, float]:
+    """Run `cmd` to its end. -> (exit code, wall seconds); `timeline` gets (wall, CPU) samples."""
+    start = time.monotonic()
+    proc = launch(cmd, env, log)
+    while proc.poll() is None:
+        if time.monotonic() - start > timeout:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return -1, time.monotonic() - start
+        if timeline is not None and (used := cpu_seconds(proc.pid)) is not None:
+            timeline.append((time.monotonic() - start, used))
+        time.sleep(0.02)
+    return proc.returncode, time.monotonic() - start
 
 
 def tail(log: Path, n: int = 1500) -> str:
@@ -556,10 +577,16 @@ def reference(stage: Stage, work: Path, variant: str, env: dict[str, str]) -> di
     if info.is_file():
         return json.loads(info.read_text()) | {"dir": rd}
     stage.fresh(rd, variant)
-    rc, wall = run_to_end(stage.command(rd), env, rd / "run.log", 1800)
-    if rc != 0:
+    timeline: list[tuple[float, float]] = []
+    rc, wall = run_to_end(stage.command(rd), env, rd / "run.log", 1800, timeline)
+    if rc != 0 or not timeline:
         raise RuntimeError(f"the reference {stage.name} run failed ({rc}):\n{tail(rd / 'run.log')}")
-    data = {"wall_s": round(wall, 2), "work_s": round(stage.work_s(rd), 2), "variant": variant}
+    work_s = stage.work_s(rd)
+    # The kill window in CPU seconds: from the CPU time the run had used when its work began
+    # (wall time minus the manifest's working time) to the CPU time it used in all.
+    began = [cpu for t, cpu in timeline if t <= wall - work_s] or [timeline[0][1]]
+    data = {"wall_s": round(wall, 2), "work_s": round(work_s, 2), "variant": variant,
+            "cpu_window_s": [round(began[-1], 2), round(timeline[-1][1], 2)]}
     info.write_text(json.dumps(data))
     return data | {"dir": rd}
 
@@ -582,19 +609,19 @@ def campaign(stage: Stage, work: Path, env: dict[str, str], kills: int, seed: in
         if variant not in refs:  # the rounds of a variant compare with one uninterrupted run of it
             refs[variant] = reference(stage, work, variant, env)
         ref = refs[variant]
-        lo, hi = max(0.5, ref["wall_s"] - ref["work_s"]), ref["wall_s"]
+        lo, hi = ref["cpu_window_s"]
         record: dict[str, Any] = {"round": r, "variant": variant or None, "kills": []}
         finished = None
         for _ in range(rng.randint(*in_row)):
             if totals["kills"] >= kills:
                 break
-            delay = rng.uniform(lo, hi)
-            landed, rc, _ = run_killed(stage.command(rd), env, rd / "run.log", delay)
+            at_cpu = rng.uniform(lo, hi)
+            landed, rc, wall = run_killed(stage.command(rd), env, rd / "run.log", at_cpu, 20 * ref["wall_s"] + 300)
             if not landed:  # it ended first: that run was the resume
                 finished = rc
                 break
             totals["kills"] += 1
-            record["kills"].append({"delay_s": round(delay, 2), "at": stage.progress(rd)})
+            record["kills"].append({"cpu_s": round(at_cpu, 2), "wall_s": round(wall, 2), "at": stage.progress(rd)})
         if finished is None:
             finished, seconds = run_to_end(stage.command(rd), env, rd / "run.log", 20 * ref["wall_s"] + 300)
             record["resume_s"] = round(seconds, 2)
@@ -619,8 +646,8 @@ def campaign(stage: Stage, work: Path, env: dict[str, str], kills: int, seed: in
         failures = 0
         misses += not record["kills"]
         if misses > 3 * kills:
-            raise RuntimeError(f"{stage.name}: runs keep finishing before the kill (window {lo:.1f}-{hi:.1f} s)")
-    return {**totals, "rounds_total": len(rounds), "kill_window_s": [round(lo, 2), round(hi, 2)],
+            raise RuntimeError(f"{stage.name}: runs keep finishing before the kill (CPU window {lo}-{hi} s)")
+    return {**totals, "rounds_total": len(rounds), "kill_window_cpu_s": [lo, hi],
             "reference": {v: {k: x for k, x in ref.items() if k != "dir"} for v, ref in refs.items()},
             "wall_s": round(time.monotonic() - started, 1), "rounds": rounds}
 
@@ -671,24 +698,27 @@ def markdown(doc: dict[str, Any]) -> str:
         "# Kill campaign: SIGKILL at random points, resume, compare with an uninterrupted run", "",
         f"Command: `{doc['command']}` (seed {doc['seed']}; commit {str(doc['code'].get('commit'))[:10]}; "
         f"{doc['machine']['cpu_count']} CPUs, load average {doc['machine']['load_average']} at the start)", "",
-        "| stage | kills | rounds | lost | duplicated | mismatches | kill window s | stage wall s |",
+        "| stage | kills | rounds | lost | duplicated | mismatches | kill window, CPU s | stage wall s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in doc["stages"].items():
         lines.append(f"| {name} | {s['kills']} | {s['rounds_total']} | {s['lost']} | {s['duplicated']} | "
-                     f"{s['mismatches']} | {s['kill_window_s'][0]}-{s['kill_window_s'][1]} | {s['wall_s']} |")
+                     f"{s['mismatches']} | {s['kill_window_cpu_s'][0]}-{s['kill_window_cpu_s'][1]} | {s['wall_s']} |")
     lines += ["", doc.get("notes", "")]
     return "\n".join(lines).rstrip() + "\n"
 
 
 NOTES = (
     "Each round starts from a fresh output (ingest alternates a first ingest and an incremental one onto a "
-    "published output), takes 1-3 SIGKILLs in a row of the real command at delays drawn over the stage's "
-    "working time, then runs the command to completion. lost = in the reference output, not in the resumed one; "
+    "published output), takes 1-3 SIGKILLs in a row of the real command, each when the process has used a CPU "
+    "time drawn uniformly over the CPU seconds of the reference run's working part (after interpreter start-up, "
+    "imports and model loading; CPU time, so the machine's load does not shift the kills), then runs the command "
+    "to completion. lost = in the reference output, not in the resumed one; "
     "duplicated = an id (a training step, a registry step) twice; mismatches = records, tensors, steps, weights, "
     "manifest counts, registry states that differ from the uninterrupted run, plus inconsistencies between the "
     "registry's aliases, approval states and decision log, plus resumes that did not exit 0. "
-    "Details per round (the delay of each kill and how far the killed run had got) are in kill_campaign.json."
+    "Details per round (each kill's CPU and wall seconds and how far the killed run had got) are in "
+    "kill_campaign.json."
 )
 
 

@@ -140,11 +140,18 @@ _OURS_BEFORE_MARKER = ("optimizer.safetensors", "drafter_source.json", "registry
 def _is_ours(folder: Path) -> bool:
     if (folder / MARKER).is_file() or any((folder / name).is_file() for name in _OURS_BEFORE_MARKER):
         return True
-    try:  # a stage manifest (write_manifest), not any file called manifest.json
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
+    config = _json_file(folder / "config.json")  # a drafter export from before the marker (best/, steps/...)
+    if isinstance(config, dict) and {"speculators_model_type", "drafter"} <= config.keys():
+        return True
+    manifest = _json_file(folder / "manifest.json")  # a stage manifest (write_manifest), not any manifest.json
     return isinstance(manifest, dict) and {"stage", "provenance"} <= manifest.keys()
+
+
+def _json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def check_replaceable(final: str | Path, force: bool = False) -> None:

@@ -83,6 +83,14 @@ def test_our_folders_are_replaced(tmp_path):
     (tmp_path / "stage").mkdir()
     write_manifest(tmp_path / "stage", "ingest")
     publish(tmp_path / "stage", "x")
+    # A drafter export from before the marker (a training run's best/ that a resumed run replaces).
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "config.json").write_text(json.dumps({"speculators_model_type": "dspark", "drafter": {}}))
+    publish(tmp_path / "best", "x")
+    (tmp_path / "hf").mkdir()  # someone else's model folder is not ours
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(DrafterError, match="not written by drafter"):
+        publish(tmp_path / "hf", "x")
     (tmp_path / "webapp").mkdir()
     (tmp_path / "webapp" / "manifest.json").write_text(json.dumps({"name": "my app", "icons": []}))
     with pytest.raises(DrafterError, match="not written by drafter"):

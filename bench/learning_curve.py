@@ -635,7 +635,8 @@ def render(doc: dict) -> str:
         lines += [f"## {NAMES[alg]}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for p in rows:
             h = p.get("holdout_sim_tau") or {}
-            cells = [str(p["steps"]), str(p["seed"]), _f(p["cpu_minutes"], 1),
+            steps = str(p["steps"]) + (f" (warm restart at {p['init_from_step']})" if p.get("init_from_step") else "")
+            cells = [steps, str(p["seed"]), _f(p["cpu_minutes"], 1),
                      _f(p["macro_tau_greedy"], 3), _f(p["macro_tau_t1"], 3), _x(p["speedup_greedy"]),
                      _x(p["speedup_t1"]), f"{_f(h.get('t1'), 3)} / {_f(h.get('greedy'), 3)}",
                      str(p["prompts_per_set"] if not isinstance(p["prompts_per_set"], dict)
@@ -685,13 +686,15 @@ def plot(doc: dict, path: Path) -> bool:
             kw = dict(color=COLORS[alg], marker="o" if main else "s", markersize=4 if main else 6,
                       mfc=COLORS[alg] if main else "none", linewidth=1.6 if main else 0.8)
             label = NAMES[alg] + ("" if main else f" (seed {seed})")
-            nan = float("nan")
-            ax1.plot(x, [p["macro_tau_greedy"] or nan for p in rows], linestyle="-", label=f"{label}, greedy", **kw)
-            ax1.plot(x, [p["macro_tau_t1"] or nan for p in rows], linestyle="--", label=f"{label}, T=1", **kw)
-            ax1.plot(x, [(p.get("holdout_sim_tau") or {}).get("t1") or nan for p in rows], linestyle=":",
-                     label=f"{label}, held-out sim. T=1 (not decoded)", **kw)
-            ax2.plot(x, [p["speedup_greedy"] or float("nan") for p in rows], linestyle="-", label=f"{label}, greedy", **kw)
-            ax2.plot(x, [p["speedup_t1"] or float("nan") for p in rows], linestyle="--", label=f"{label}, T=1", **kw)
+            for ax, value, style, what in (
+                (ax1, lambda p: p["macro_tau_greedy"], "-", "greedy"),
+                (ax1, lambda p: p["macro_tau_t1"], "--", "T=1"),
+                (ax1, lambda p: (p.get("holdout_sim_tau") or {}).get("t1"), ":", "held-out sim. T=1 (not decoded)"),
+                (ax2, lambda p: p["speedup_greedy"], "-", "greedy"),
+                (ax2, lambda p: p["speedup_t1"], "--", "T=1"),
+            ):  # a line through the points that have the value (not broken by the ones that do not)
+                have = [(xi, value(p)) for xi, p in zip(x, rows) if value(p)]
+                ax.plot([h[0] for h in have], [h[1] for h in have], linestyle=style, label=f"{label}, {what}", **kw)
             if main:
                 for p, xi in zip(rows, x):
                     y = p["macro_tau_greedy"] or (p.get("holdout_sim_tau") or {}).get("t1")

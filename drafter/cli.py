@@ -260,12 +260,16 @@ def params_cmd(
 
 
 @app.command("schedule")
-def schedule_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None) -> None:
+def schedule_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, as_json: JsonOpt = False) -> None:
     """Serve the retraining deployment on schedule.cron (needs `prefect server start`)."""
     from flows.schedule import deployment_name, serve
 
     cfg = load(config, set_)
-    console.print(f"serving {deployment_name(cfg)} on '{cfg.schedule.cron}' ({cfg.schedule.timezone}); Ctrl-C stops")
+    if as_json:  # one line a supervisor can read before the process settles into serving
+        out.print_json(json.dumps({"deployment": deployment_name(cfg), "cron": cfg.schedule.cron,
+                                   "timezone": cfg.schedule.timezone}))
+    else:
+        console.print(f"serving {deployment_name(cfg)} on '{cfg.schedule.cron}' ({cfg.schedule.timezone}); Ctrl-C stops")
     serve(cfg, config, set_ or [])
 
 
@@ -453,6 +457,8 @@ def generate_cmd(
         help="Write the spec-decode counters (Prometheus text) here at the end.")] = None,
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the answer and its figures as JSON at the end "
+                                                          "instead of streaming.")] = False,
 ) -> None:
     """Stream an answer with speculative decoding; print tokens/s and tau.
 
@@ -481,6 +487,8 @@ def generate_cmd(
     def stream(_index: int, new: list[int], final: bool = False) -> None:
         nonlocal shown
         tokens.extend(new)
+        if as_json:
+            return
         text = tok.decode(tokens, skip_special_tokens=True)
         settled = text if final else text.rstrip("\ufffd")  # hold back half a multi-byte character
         if settled.startswith(shown):
@@ -497,16 +505,25 @@ def generate_cmd(
             metrics.serve(metrics_port)
     gen = engine.generate(ids, max_new_tokens, on_tokens=stream)
     stream(0, [], final=True)
-    sys.stdout.write("\n")
+    if not as_json:
+        sys.stdout.write("\n")
     if metrics is not None:
         for r in gen.rounds:
             if r.verified:
                 metrics.observe_round(num_draft=r.verified, num_accepted=r.accepted)
         if metrics_file is not None:
             metrics.write(metrics_file)
-    rate = len(gen.tokens) / gen.seconds if gen.seconds else float("nan")
-    what = f"tau {gen.tau:.2f} over {len(gen.rounds)} rounds" if model is not None else "plain decoding"
-    console.print(f"{len(gen.tokens)} tokens in {gen.seconds:.2f} s: {rate:.1f} tokens/s, {what} ({gen.finish_reason})")
+    rate = len(gen.tokens) / gen.seconds if gen.seconds else None
+    if as_json:
+        out.print_json(json.dumps({
+            "text": tok.decode(gen.tokens, skip_special_tokens=True), "tokens": len(gen.tokens),
+            "seconds": gen.seconds, "tokens_per_s": rate, "drafter": str(folder) if folder else None,
+            "tau": gen.tau if model is not None else None, "rounds": len(gen.rounds) if model is not None else None,
+            "finish_reason": gen.finish_reason}))
+    else:
+        what = f"tau {gen.tau:.2f} over {len(gen.rounds)} rounds" if model is not None else "plain decoding"
+        console.print(f"{len(gen.tokens)} tokens in {gen.seconds:.2f} s: {rate or float('nan'):.1f} tokens/s, "
+                      f"{what} ({gen.finish_reason})")
     if metrics_port is not None and metrics_hold > 0:
         console.print(f"serving http://127.0.0.1:{metrics_port}/metrics for {metrics_hold:.0f} s")
         time.sleep(metrics_hold)
@@ -630,17 +647,34 @@ def _group_help() -> None:
 _group_help()
 
 
+def _fail(message: str, kind: str, code: int) -> None:
+    if "--json" in sys.argv[1:]:  # a script reading --json output gets its error as JSON too
+        out.print_json(json.dumps({"error": message, "type": kind, "exit_code": code}))
+    else:
+        console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        app()
+    if "--json" not in sys.argv[1:]:
+        try:
+            app()
+        except DrafterError as exc:
+            _fail(str(exc), type(exc).__name__, int(exc.exit_code))
+        return
+    try:  # non-standalone, so that a usage error reaches us and can be answered as JSON
+        code = app(standalone_mode=False)
     except DrafterError as exc:
-        code = int(exc.exit_code)
-        if "--json" in sys.argv[1:]:  # a script reading --json output gets its error as JSON too
-            out.print_json(json.dumps({"error": str(exc), "type": type(exc).__name__, "exit_code": code}))
-        else:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(code)
+        _fail(str(exc), type(exc).__name__, int(exc.exit_code))
+    except typer.Abort:
+        _fail("aborted", "Abort", int(ExitCode.ERROR))
+    except Exception as exc:
+        # click's usage errors (typer vendors click, so matched by shape): format_message + exit_code 2
+        if callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int):
+            _fail(exc.format_message(), type(exc).__name__, exc.exit_code)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,9 @@ def test_exit_codes_are_distinct_and_errors_come_as_json(tmp_path):
     their commands); with --json the error is JSON on stdout."""
     usage = _drafter("approve", "m", "1", tmp_path=tmp_path)  # --by/--reason missing
     assert usage.returncode == 2
+    usage_json = _drafter("approve", "m", "1", "--json", tmp_path=tmp_path)
+    err = json.loads(usage_json.stdout)
+    assert usage_json.returncode == 2 and err["exit_code"] == 2 and "--by" in err["error"]
     bad = _drafter("params", "--out", str(tmp_path / "p.yaml"), "-s", "train.lr=-1", tmp_path=tmp_path)
     assert bad.returncode == 3 and "train.lr" in bad.stderr and "Traceback" not in bad.stderr
     as_json = _drafter("params", "--out", str(tmp_path / "p.yaml"), "-s", "train.lr=-1", "--json", tmp_path=tmp_path)
@@ -92,3 +95,23 @@ def test_out_folder_not_written_by_drafter_is_refused_before_any_work(tmp_path):
     res = _drafter("ingest", str(tmp_path), "--out", str(mine), "-c", "configs/tiny.yaml", tmp_path=tmp_path)
     assert res.returncode == 1 and "--force" in res.stderr
     assert (mine / "thesis.tex").read_text() == "years of work"
+
+
+def test_every_command_answers_json():
+    """A new command must take --json (scripts drive the CLI); groups are walked down to their commands."""
+    import typer
+
+    def commands(group: typer.Typer, prefix: str = ""):
+        for info in group.registered_commands:
+            yield prefix + (info.name or info.callback.__name__), info.callback
+        for sub in group.registered_groups:
+            yield from commands(sub.typer_instance, prefix + sub.name + " ")
+
+    import inspect
+
+    found = dict(commands(app))
+    assert {"run", "generate", "schedule", "registry export", "target info"} <= found.keys()
+    lacking = [name for name, fn in found.items() if "as_json" not in inspect.signature(fn).parameters]
+    assert lacking == []
+    help_text = CliRunner().invoke(app, ["generate", "--help"], terminal_width=200).stdout
+    assert "--json" in help_text

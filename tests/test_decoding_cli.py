@@ -26,6 +26,10 @@ def test_generate_streams_and_reports_tau(tiny_target, tmp_path):
     plain = runner.invoke(app, ["generate", "-c", TINY, "-p", "Write a function", "-n", "12"])
     assert plain.exit_code == 0 and "plain decoding" in plain.stderr
     assert plain.stdout == res.stdout  # greedy: the drafter changes the speed, never the text
+    as_json = runner.invoke(app, ["generate", "-c", TINY, "-p", "Write a function", "-n", "12", "-d", str(folder),
+                                  "--json"])
+    answer = json.loads(as_json.stdout)  # nothing streamed before the JSON
+    assert answer["text"] == res.stdout.rstrip("\n") and answer["tokens"] == 12 and answer["tau"] >= 1
 
 
 def test_evaluate_profile_gate_commands(tiny_target, tmp_path):

@@ -260,16 +260,33 @@ def params_cmd(
 
 
 @app.command("schedule")
-def schedule_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, as_json: JsonOpt = False) -> None:
-    """Serve the retraining deployment on schedule.cron (needs `prefect server start`)."""
-    from flows.schedule import deployment_name, serve
+def schedule_cmd(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+    work_pool: Annotated[Optional[str], typer.Option(
+        "--work-pool", help="Register the deployment on this process work pool (created if missing) and exit; "
+        "`prefect worker start --pool NAME` runs it. Default: serve it from this process.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Schedule the retraining deployment on schedule.cron (needs a Prefect server): served from
+    this process, or registered on a work pool for a worker."""
+    from flows.schedule import deploy_to_work_pool, deployment_name, require_server, serve
 
     cfg = load(config, set_)
+    require_server()
+    info = {"deployment": deployment_name(cfg), "cron": cfg.schedule.cron, "timezone": cfg.schedule.timezone}
+    if work_pool:
+        info |= {"work_pool": work_pool, "deployment_id": deploy_to_work_pool(cfg, config, set_ or [], work_pool)}
+        if as_json:
+            out.print_json(json.dumps(info))
+        else:
+            console.print(f"deployed {info['deployment']} on work pool '{work_pool}' ('{cfg.schedule.cron}', "
+                          f"{cfg.schedule.timezone}); run it with: prefect worker start --pool {work_pool}")
+        return
     if as_json:  # one line a supervisor can read before the process settles into serving
-        out.print_json(json.dumps({"deployment": deployment_name(cfg), "cron": cfg.schedule.cron,
-                                   "timezone": cfg.schedule.timezone}))
+        out.print_json(json.dumps(info))
     else:
-        console.print(f"serving {deployment_name(cfg)} on '{cfg.schedule.cron}' ({cfg.schedule.timezone}); Ctrl-C stops")
+        console.print(f"serving {info['deployment']} on '{cfg.schedule.cron}' ({cfg.schedule.timezone}); Ctrl-C stops")
     serve(cfg, config, set_ or [])
 
 

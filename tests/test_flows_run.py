@@ -31,6 +31,30 @@ def test_schedule_needs_a_server_and_builds_the_cron_deployment(tmp_path):
     assert deployment.concurrency_options.collision_strategy == "ENQUEUE"
 
 
+def test_schedule_on_a_work_pool_registers_a_deployment_a_process_worker_can_run(tmp_path, monkeypatch):
+    """`drafter schedule --work-pool`: the pool is created (process type), the deployment points at
+    this checkout's flow with the cron schedule and one run at a time (read back from a real
+    Prefect API: the temporary local one)."""
+    from prefect.client.orchestration import get_client
+
+    from flows.schedule import ENTRYPOINT, deploy_to_work_pool
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["schedule.cron=0 3 * * 1"])
+    first = deploy_to_work_pool(cfg, ROOT / "configs" / "tiny.yaml", ["train.lr=1e-4"], "drafter-test-pool")
+    again = deploy_to_work_pool(cfg, ROOT / "configs" / "tiny.yaml", ["train.lr=1e-4"], "drafter-test-pool")
+    assert again == first  # re-running updates the same deployment
+    with get_client(sync_client=True) as client:
+        pool = client.read_work_pool("drafter-test-pool")
+        deployment = client.read_deployment(first)
+    assert pool.type == "process"
+    assert deployment.work_pool_name == "drafter-test-pool" and deployment.entrypoint == ENTRYPOINT
+    assert deployment.schedules[0].schedule.cron == "0 3 * * 1"
+    assert deployment.parameters["overrides"] == ["train.lr=1e-4"]
+    assert deployment.global_concurrency_limit.limit == 1
+    assert str(ROOT) in str(deployment.pull_steps)  # the worker runs this checkout's code
+
+
 @pytest.mark.integration
 def test_drafter_run_without_a_server_ends_awaiting_approval(store, tmp_path, monkeypatch):
     """The README's main command on the temporary local API: demo logs in, a candidate awaiting

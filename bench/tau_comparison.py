@@ -183,7 +183,7 @@ def render(details: dict, summary: dict, cfg, datasets: list[str]) -> str:
     lines = [
         f"# tau: EAGLE-3 vs DFlash vs DSpark on {details['target']} (same data, same budget)",
         "",
-        (f"Greedy decoding (temperature 0)" if ec.temperature == 0 else f"Sampling at temperature {ec.temperature}") + f", block/TTT length {cfg.drafter.block_size}, "
+        ("Greedy decoding (temperature 0)" if ec.temperature == 0 else f"Sampling at temperature {ec.temperature}") + f", block/TTT length {cfg.drafter.block_size}, "
         f"{ec.max_new_tokens} new tokens per prompt, chain drafting, lossless verification. "
         f"Prompts per set (seeded, seed {cfg.run.seed}): " + ", ".join(f"{n} {k}" for n, k in prompts.items()) + ".",
         "tau = DeepSpec's pooled acceptance length (tokens emitted in verification rounds / rounds, the bonus "
@@ -209,7 +209,7 @@ def render(details: dict, summary: dict, cfg, datasets: list[str]) -> str:
     mb = {a: _macro(A[a]["tau_pooled"], bundled) for a in algs}
     lines.append(f"| **macro (all {len(datasets)})** | " + " | ".join(f"**{m[a]:.3f}**" for a in algs)
                  + f" | **{pct(m.get('dspark', 0), m.get('eagle3', 0))}** | **{pct(m.get('dspark', 0), m.get('dflash', 0))}** |")
-    lines.append(f"| macro (8 bundled sets) | " + " | ".join(f"{mb[a]:.3f}" for a in algs)
+    lines.append("| macro (8 bundled sets) | " + " | ".join(f"{mb[a]:.3f}" for a in algs)
                  + f" | {pct(mb.get('dspark', 0), mb.get('eagle3', 0))} | {pct(mb.get('dspark', 0), mb.get('dflash', 0))} |")
     lines += [
         "",

@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from tqdm.auto import tqdm
 
 from drafter import chat
 from drafter.config import Config
@@ -65,6 +64,7 @@ from drafter.manifest import (
     write_manifest,
 )
 from drafter.models.base import TrainBatch
+from drafter.progress import StageProgress
 from drafter.runtime import DTYPES, dtype_name
 
 log = logging.getLogger(__name__)
@@ -439,7 +439,7 @@ def _build(cfg, target, records, final: Path, key, split, dataset_hash, end_stri
                                  cfg.regenerate.enable_thinking)
 
         done_before = len(mine) - len(todo)
-        bar = tqdm(total=len(mine), initial=done_before, desc=f"cache {split}", unit="shard",
+        bar = StageProgress(total=len(mine), initial=done_before, desc=f"cache {split}", unit="shard",
                    disable=not todo or not dist.main)
         for c in todo:
             chunk = records[c * ccfg.shard_samples : (c + 1) * ccfg.shard_samples]

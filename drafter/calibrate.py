@@ -34,6 +34,7 @@ import torch
 from drafter.config import Config
 from drafter.decoding import Round, SpecEngine, block_size_of, load_drafter, resolve_drafter_dir
 from drafter.errors import DrafterError
+from drafter.progress import StageProgress
 from drafter import plots
 from drafter.manifest import Timer, atomic_write_json, atomic_write_text, check_accounting, sha256_file, write_manifest
 
@@ -225,9 +226,8 @@ def calibrate_drafter(
     eval_ids = set(order[:n_eval])
     fit_rounds: list[Round] = []
     eval_rounds: list[Round] = []
-    from tqdm import tqdm
 
-    with timer("decode"), tqdm(total=len(prompts), desc="calibration prompts", disable=len(prompts) < 8) as bar:
+    with timer("decode"), StageProgress(total=len(prompts), desc="calibration prompts", disable=len(prompts) < 8) as bar:
         for lo in range(0, len(prompts), cc.concurrency):
             batch = prompts[lo : lo + cc.concurrency]
             for i, gen in enumerate(engine.generate_batch(batch, cc.max_new_tokens), start=lo):

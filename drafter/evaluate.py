@@ -47,6 +47,7 @@ import torch
 from drafter.config import BUNDLED_EVAL_DIR, Config
 from drafter.decoding import Generation, Round, SpecEngine, block_size_of, load_drafter, resolve_drafter_dir
 from drafter.errors import DrafterError
+from drafter.progress import StageProgress
 from drafter import plots
 from drafter.manifest import (
     Timer,
@@ -329,15 +330,15 @@ def evaluate_drafter(
     todo = [p for p in prompts if p.id not in done]
     if done:
         log.info("resuming: %d of %d prompts already evaluated", len(prompts) - len(todo), len(prompts))
-    from tqdm import tqdm
-
     with timer("warmup"):  # first calls pay one-off costs (allocations, kernels): not measured
         spec.generate(prompts[0].ids, min(ec.warmup_tokens, ec.max_new_tokens))
         plain.generate(prompts[0].ids, min(ec.warmup_tokens, ec.max_new_tokens))
     with timer("decode"), partial.open("a") as sink:
         if not done:
             sink.write(json.dumps({"fingerprint": fingerprint}) + "\n")
-        for n, p in enumerate(tqdm(todo, desc="evaluating", disable=len(todo) < 2)):
+        bar = StageProgress(total=len(prompts), initial=len(prompts) - len(todo), desc="evaluate", unit="prompt",
+                            disable=len(todo) < 2)
+        for n, p in enumerate(todo):
             record = _evaluate_prompt(p, spec, plain, ec, cfg.run.seed)
             needs_check = ec.temperature > 0 and len(prompts) - len(todo) + n < ec.lossless_check_samples
             if ec.temperature == 0:
@@ -353,6 +354,8 @@ def evaluate_drafter(
             sink.write(json.dumps(record) + "\n")
             sink.flush()
             done[p.id] = record
+            bar.update(1)
+        bar.close()
     samples = [done[p.id] for p in prompts]
 
     report = build_report(cfg, target, drafter, samples, skipped, gamma, temperatures, drafter_dir, fingerprint)

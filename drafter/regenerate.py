@@ -42,11 +42,11 @@ from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 import torch
-from tqdm.auto import tqdm
 
 from drafter import chat
 from drafter.config import Config, RegenerateConfig
 from drafter.errors import DrafterError
+from drafter.progress import StageProgress
 from drafter.runtime import dtype_name
 from drafter.manifest import (
     Timer,
@@ -604,7 +604,7 @@ def _regenerate_split(backend: Backend, split: str, ds, partial: Path, out_dir: 
     order, todo, skipped = _select(ds, done, limit)
     errors: dict[str, dict] = {}
     out_log = Appender(partial / f"{split}.jsonl")
-    bar = tqdm(total=len(todo), desc=f"regenerate {split}", unit="conv", disable=not todo)
+    bar = StageProgress(total=len(todo), desc=f"regenerate {split}", unit="conv", disable=not todo)
 
     def finished(conv: Conversation) -> None:
         if conv.error is None:

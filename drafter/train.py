@@ -44,6 +44,7 @@ from drafter import plots
 from drafter import train_tracking as tracking
 from drafter.config import Config, ConfigError
 from drafter.errors import DrafterError
+from drafter.progress import StageProgress
 from drafter.checkpoint import STATE_FILE, checkpoint, latest_checkpoint, load_checkpoint
 from drafter.manifest import (
     Timer, atomic_dir, atomic_write_json, check_accounting, sha256_file, sha256_json, write_manifest,
@@ -416,13 +417,12 @@ class Trainer:
         the run is complete."""
         tc, loop, timer = self.cfg.train, self.loop, self.timer
         end = self.steps if stop_at is None else min(stop_at, self.steps)
-        from tqdm.auto import tqdm
-
         self.run.model.train()
         if loop.step == 0 and not loop.evals:
             with timer("evaluate"):
                 self.record_eval(0)  # the untrained baseline
-        bar = tqdm(total=self.steps, initial=loop.step, disable=not self.main, desc=f"train {self.cfg.drafter.algorithm}",
+        bar = StageProgress(total=self.steps, initial=loop.step, disable=not self.main,
+                            desc=f"train {self.cfg.drafter.algorithm}",
                    unit="step", mininterval=2.0)
         try:
             while loop.step < end:

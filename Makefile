@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.drafter-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench constraints clean-state
+.PHONY: setup demo test test-fast bench constraints clean-state browser
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,15 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/drafter run --demo
 
-test: setup
+# The browser tests drive Debian's chromium (headless); installed here when missing and apt is
+# there (as root), otherwise those tests are skipped with the reason.
+browser:
+	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+	  { apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; } || \
+	  echo "could not install chromium: the browser tests will be skipped"
+
+test: setup browser
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 test-fast: setup

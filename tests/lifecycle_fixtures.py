@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import save_file
 
 
@@ -124,8 +125,9 @@ class MlflowServer:
 # they merge, these stand-ins with the contract's signatures and outputs check the wiring:
 # the order, the arguments, caching, MLflow runs, artifacts and the release. They do real
 # file work (manifests, a HF dataset, safetensors) so every downstream reader is real.
-def install_standin_stages(monkeypatch, calls: list, taus: dict) -> None:
-    """`taus[str(drafter_dir)]` (or `taus["default"]`) is what `evaluate` reports for a drafter."""
+def install_standin_stages(monkeypatch, calls: list, taus: dict, speedups: dict | None = None) -> None:
+    """`taus[str(drafter_dir)]` (or `taus["default"]`) is what `evaluate` reports for a drafter;
+    `speedups`, keyed the same way, its end-to-end speedup."""
     import types
 
     from drafter.manifest import write_manifest
@@ -177,8 +179,10 @@ def install_standin_stages(monkeypatch, calls: list, taus: dict) -> None:
         calls.append(("evaluate", str(drafter_dir), str(out_dir), str(ingested_dir)))
         t = taus.get(str(drafter_dir), taus["default"])
         make_eval(Path(out_dir), t)
+        speedup = (speedups or {}).get(str(drafter_dir), (speedups or {}).get("default"))
         write_manifest(out_dir, "evaluate", counts={"datasets": 2},
-                       metrics={"macro_tau": sum(t.values()) / len(t), **{f"tau.{d}": v for d, v in t.items()}})
+                       metrics={"macro_tau": sum(t.values()) / len(t), **{f"tau.{d}": v for d, v in t.items()},
+                                **({"speedup": speedup} if speedup is not None else {})})
         return json.loads((Path(out_dir) / "manifest.json").read_text())
 
     def gate(cfg, candidate_report, production_report=None):
@@ -203,3 +207,23 @@ def install_standin_stages(monkeypatch, calls: list, taus: dict) -> None:
     module("drafter.calibrate", calibrate=calibrate)
     module("drafter.evaluate", evaluate=evaluate)
     module("drafter.gates", gate=gate)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """A real `mlflow server` and Prefect's test server, started side by side."""
+    import mlflow
+    from prefect.testing.utilities import prefect_test_harness
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    mp = pytest.MonkeyPatch()
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            server.wait()
+            mp.setenv("MLFLOW_TRACKING_URI", server.url)
+            mlflow.set_tracking_uri(server.url)
+            yield server
+    finally:
+        mlflow.set_tracking_uri(None)
+        mp.undo()
+        server.__exit__()

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from lifecycle_fixtures import MlflowServer, install_standin_stages, make_drafter, make_eval, passing_verdict
+from lifecycle_fixtures import install_standin_stages, make_drafter, make_eval, passing_verdict, servers  # noqa: F401
 
 from drafter import registry
 from drafter.config import load_config
@@ -22,26 +22,6 @@ from drafter.manifest import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    """A real `mlflow server` and Prefect's test server, started side by side."""
-    import mlflow
-    from prefect.testing.utilities import prefect_test_harness
-
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
-    mp = pytest.MonkeyPatch()
-    try:
-        with prefect_test_harness(server_startup_timeout=120):
-            server.wait()
-            mp.setenv("MLFLOW_TRACKING_URI", server.url)
-            mlflow.set_tracking_uri(server.url)
-            yield server
-    finally:
-        mlflow.set_tracking_uri(None)
-        mp.undo()
-        server.__exit__()
 
 
 def flow_runs(flow_name: str) -> list:
@@ -301,6 +281,7 @@ def test_retrain_end_to_end_tiny(servers, tmp_path):
     trainer = next(r for r in runs if r.info.run_name.startswith("train-"))
     assert trainer.data.tags["mlflow.parentRunId"] == stage_train.info.run_id
     assert "train.best_holdout_sim_tau" in parent.data.metrics and "evaluate.macro_tau" in parent.data.metrics
+    assert len(parent.data.metrics) >= 10  # the headline figures a person compares, on the parent row
     assert parent.data.metrics["evaluate.macro_tau"] == pytest.approx(
         json.loads((tmp_path / "data" / "eval" / "report.json").read_text())["macro_tau"])
     # the plots an approver looks at, gathered on the parent run (the approval request links there)

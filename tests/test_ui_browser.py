@@ -1,0 +1,94 @@
+"""The UIs as a person sees them: Debian's chromium, headless, driven by Playwright, against a
+real `mlflow server` and Prefect's test server. Screenshots are kept under
+`test-artifacts/screenshots/` (or $DRAFTER_TEST_ARTIFACTS) for a person to look at.
+
+`make test` installs chromium when it is missing; without it these tests are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from lifecycle_fixtures import install_standin_stages, servers  # noqa: F401
+
+from drafter import registry
+from drafter.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(CHROMIUM is None, reason="no chromium (make test installs Debian's)")]
+# What the probe of this machine found chromium needs to start in a closed network, as root.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def screenshots() -> Path:
+    folder = Path(os.environ.get("DRAFTER_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@contextmanager
+def browser_page():
+    pytest.importorskip("playwright")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page(viewport={"width": 1600, "height": 1000})
+        finally:
+            browser.close()
+
+
+def retrain(tmp_path: Path, monkeypatch, name: str, block_size: int, taus: dict, speedup: float) -> str:
+    """One retraining flow (stand-in stages, real Prefect and MLflow); its parent run id."""
+    from flows import retrain as flows_retrain
+
+    install_standin_stages(monkeypatch, [], {"default": taus}, {"default": speedup})
+    overrides = [f"registry.model_name={name}", f"run.data_dir={tmp_path / 'data'}", f"ingest.inputs=[{tmp_path / 'raw'}]",
+                 f"drafter.block_size={block_size}"]
+    flows_retrain.ensure_demo_logs(load_config(ROOT / "configs" / "tiny.yaml", overrides), n=30)
+    return flows_retrain.retrain_flow(str(ROOT / "configs" / "tiny.yaml"), overrides, wait_for_approval=False)["mlflow_run"]
+
+
+def test_mlflow_compare_view_shows_two_retrains_side_by_side(servers, tmp_path, monkeypatch):  # noqa: F811
+    """Two retrains with different configs: two parent rows, every stage nested under one of them
+    (no orphan), and the compare view shows their macro tau, tau per set and speedup."""
+    first = retrain(tmp_path / "a", monkeypatch, "ui-compare", 4, {"gsm8k": 2.125, "mt-bench": 1.875}, 1.25)
+    second = retrain(tmp_path / "b", monkeypatch, "ui-compare", 5, {"gsm8k": 2.625, "mt-bench": 2.375}, 1.375)
+
+    c = registry.client()
+    experiment = c.get_run(first).info.experiment_id
+    runs = c.search_runs([experiment])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert {r.info.run_id for r in parents} == {first, second}  # no orphan run
+    for run in parents:
+        stages = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id}
+        assert {"ingest", "regenerate", "build-cache", "train", "calibrate", "evaluate", "gate"} <= stages
+
+    url = f"{servers.url}/#/compare-runs?runs={json.dumps([first, second])}&experiments={json.dumps([experiment])}"
+    with browser_page() as page:
+        page.goto(url)
+        page.get_by_text("evaluate.macro_tau").first.wait_for(timeout=90_000)
+        metrics = page.get_by_text("Metrics", exact=True).last
+        metrics.scroll_into_view_if_needed()
+        page.get_by_text("evaluate.speedup").last.wait_for(timeout=30_000)
+        page.screenshot(path=str(screenshots() / "mlflow_compare_runs.png"))
+        text = page.inner_text("body")
+        (screenshots() / "mlflow_compare_runs.txt").write_text(text)
+    # The Metrics table: the metric names, then one value per run (in the URL's order) for each.
+    section = text.split("\nMetrics\nShow diff only\n", 1)[1].split("\nArtifacts", 1)[0].splitlines()
+    names = [line for line in section if line.startswith(("evaluate.", "gate.", "train.", "calibrate."))]
+    values = section[len(names):]
+    table = {name: values[2 * i : 2 * i + 2] for i, name in enumerate(names)}
+    assert table["evaluate.macro_tau"] == ["2", "2.5"]
+    assert table["evaluate.speedup"] == ["1.25", "1.375"]
+    assert table["evaluate.tau.gsm8k"] == ["2.125", "2.625"] and table["evaluate.tau.mt-bench"] == ["1.875", "2.375"]
+    assert table["gate.passed"] == ["1", "1"]

@@ -76,3 +76,24 @@ def module_store(tmp_path_factory):
     """One MLflow store for a module (each test uses its own model name)."""
     with _mlflow_store(tmp_path_factory.mktemp("mlflow")) as uri:
         yield uri
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """A real `mlflow server` and Prefect's test server, started side by side (once per test module)."""
+    import mlflow
+    from lifecycle_fixtures import MlflowServer
+    from prefect.testing.utilities import prefect_test_harness
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    mp = pytest.MonkeyPatch()
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            server.wait()
+            mp.setenv("MLFLOW_TRACKING_URI", server.url)
+            mlflow.set_tracking_uri(server.url)
+            yield server
+    finally:
+        mlflow.set_tracking_uri(None)
+        mp.undo()
+        server.__exit__()

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from safetensors.numpy import save_file
 
 
@@ -207,23 +206,3 @@ def install_standin_stages(monkeypatch, calls: list, taus: dict, speedups: dict 
     module("drafter.calibrate", calibrate=calibrate)
     module("drafter.evaluate", evaluate=evaluate)
     module("drafter.gates", gate=gate)
-
-
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    """A real `mlflow server` and Prefect's test server, started side by side."""
-    import mlflow
-    from prefect.testing.utilities import prefect_test_harness
-
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
-    mp = pytest.MonkeyPatch()
-    try:
-        with prefect_test_harness(server_startup_timeout=120):
-            server.wait()
-            mp.setenv("MLFLOW_TRACKING_URI", server.url)
-            mlflow.set_tracking_uri(server.url)
-            yield server
-    finally:
-        mlflow.set_tracking_uri(None)
-        mp.undo()
-        server.__exit__()

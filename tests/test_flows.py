@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from lifecycle_fixtures import install_standin_stages, make_drafter, make_eval, passing_verdict, servers  # noqa: F401
+from lifecycle_fixtures import install_standin_stages, make_drafter, make_eval, passing_verdict
 
 from drafter import registry
 from drafter.config import load_config

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from lifecycle_fixtures import install_standin_stages, servers  # noqa: F401
+from lifecycle_fixtures import install_standin_stages
 
 from drafter import registry
 from drafter.config import load_config
@@ -58,7 +58,7 @@ def retrain(tmp_path: Path, monkeypatch, name: str, block_size: int, taus: dict,
     return flows_retrain.retrain_flow(str(ROOT / "configs" / "tiny.yaml"), overrides, wait_for_approval=False)["mlflow_run"]
 
 
-def test_mlflow_compare_view_shows_two_retrains_side_by_side(servers, tmp_path, monkeypatch):  # noqa: F811
+def test_mlflow_compare_view_shows_two_retrains_side_by_side(servers, tmp_path, monkeypatch):
     """Two retrains with different configs: two parent rows, every stage nested under one of them
     (no orphan), and the compare view shows their macro tau, tau per set and speedup."""
     first = retrain(tmp_path / "a", monkeypatch, "ui-compare", 4, {"gsm8k": 2.125, "mt-bench": 1.875}, 1.25)

@@ -206,3 +206,53 @@ def install_standin_stages(monkeypatch, calls: list, taus: dict, speedups: dict 
     module("drafter.calibrate", calibrate=calibrate)
     module("drafter.evaluate", evaluate=evaluate)
     module("drafter.gates", gate=gate)
+
+
+class PrefectServer:
+    """A real `prefect server start` (API and UI) on 127.0.0.1 with its own home and SQLite
+    database; the test harness serves no UI. No background services: nothing here needs them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api_url = f"{self.url}/api"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> PrefectServer:
+        import httpx
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PREFECT_HOME": str(self.root), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "PREFECT_API_URL": self.api_url, "PREFECT_UI_API_URL": self.api_url}
+        self.log = (self.root / "server.log").open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
+             "--no-services"], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prefect server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("prefect server did not become healthy")
+
+    def settings(self):
+        """Point this thread's Prefect client at the server."""
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        return temporary_settings(updates={PREFECT_API_URL: self.api_url})
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.log.close()
+

@@ -48,6 +48,7 @@ from drafter.config import BUNDLED_EVAL_DIR, Config
 from drafter.decoding import Generation, Round, SpecEngine, block_size_of, load_drafter, resolve_drafter_dir
 from drafter.errors import DrafterError
 from drafter.progress import StageProgress
+from drafter.reports import EvalReport, parse
 from drafter import plots
 from drafter.manifest import (
     Timer,
@@ -484,6 +485,7 @@ def _domain_of(samples: list[dict], dataset: str) -> str:
 
 # ----- outputs --------------------------------------------------------------------------------
 def write_outputs(report: dict[str, Any], samples: list[dict], out_dir: Path) -> None:
+    parse(EvalReport, report, "the report")  # the shape the registry, the gate and monitoring read
     atomic_write_json(out_dir / "report.json", report)
     atomic_write_text(out_dir / "report.md", render_markdown(report))
     atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))

@@ -28,6 +28,7 @@ from typing import Any
 from drafter.config import Config
 from drafter.errors import DrafterError
 from drafter.manifest import atomic_write_json, atomic_write_text, provenance
+from drafter.reports import GateVerdict, parse
 
 
 class GateError(DrafterError, ValueError):
@@ -149,6 +150,7 @@ def gate(
         "provenance": provenance(),
     }
     verdict["markdown"] = render_markdown(verdict)
+    parse(GateVerdict, verdict, "the verdict")  # the shape the registry and the flow read
     if out_dir is not None:
         atomic_write_json(Path(out_dir) / "gate.json", verdict)
         atomic_write_text(Path(out_dir) / "gate.md", verdict["markdown"])

@@ -60,6 +60,7 @@ from typing import Any
 
 from drafter.config import Config
 from drafter.errors import DrafterError, ExitCode
+from drafter.reports import EvalReport, GateVerdict, parse
 from drafter.manifest import atomic_dir, atomic_write_json, atomic_write_text, redact_url, sha256_file
 
 CANDIDATE, PRODUCTION, PREVIOUS = "candidate", "production", "previous"
@@ -183,35 +184,17 @@ def _now() -> str:
 
 # ----- reading reports (the stages' outputs) ---------------------------------
 def eval_summary(report: dict[str, Any] | None) -> dict[str, Any]:
-    """`{"tau_macro", "tau_by_dataset", "accept_rate"}` from an evaluation report.
-
-    Reads `report["datasets"]` as `{name: {"tau": ..}}` or `[{"dataset"|"name": .., "tau": ..}]`,
-    the macro tau from `report["macro"]["tau"]` or `report["tau_macro"]` (else the mean),
-    and per-position acceptance from `accept_rate` (a list) at the top level or in `macro`.
-    """
-    if not report:
+    """`{"tau_macro", "tau_by_dataset", "accept_rate"}` of an evaluation report (None: no report)."""
+    if report is None:
         return {"tau_macro": None, "tau_by_dataset": {}, "accept_rate": []}
-    datasets = report.get("datasets") or {}
-    if isinstance(datasets, list):
-        datasets = {d.get("dataset") or d.get("name"): d for d in datasets}
-    taus = {str(k): float(v["tau"]) for k, v in datasets.items() if isinstance(v, dict) and v.get("tau") is not None}
-    macro = report.get("macro") if isinstance(report.get("macro"), dict) else {}
-    tau = macro.get("tau", report.get("tau_macro", report.get("tau")))
-    if tau is None and taus:
-        tau = sum(taus.values()) / len(taus)
-    accept = macro.get("accept_rate") or report.get("accept_rate") or []
-    return {
-        "tau_macro": None if tau is None else float(tau),
-        "tau_by_dataset": taus,
-        "accept_rate": [float(a) for a in accept] if isinstance(accept, list) else [],
-    }
+    head = parse(EvalReport, report, "the evaluation report")
+    return {"tau_macro": head.macro.tau, "tau_by_dataset": {k: v.tau for k, v in head.datasets.items()},
+            "accept_rate": list(head.macro.accept_rate)}
 
 
 def gate_passed(verdict: dict[str, Any]) -> bool:
-    """The gate's decision: `passed: bool` (or `verdict: "pass"|"fail"`)."""
-    if "passed" in verdict:
-        return bool(verdict["passed"])
-    return str(verdict.get("verdict", verdict.get("decision", ""))).lower() in ("pass", "passed", "promote")
+    """The gate's decision."""
+    return parse(GateVerdict, verdict, "the gate verdict").passed
 
 
 def _read_json(path_or_obj: Any) -> dict[str, Any] | None:
@@ -329,7 +312,7 @@ def register_candidate(
     folder = speculators_folder(drafter_dir)
     verdict = _read_json(gate_verdict)
     if verdict is not None and not gate_passed(verdict):
-        reasons = verdict.get("reasons") or verdict.get("reason") or "see the gate report"
+        reasons = verdict.get("reasons") or "see the gate report"
         raise GateFailed(f"the candidate failed its gate ({reasons}); the registry is unchanged")
     eval_dir = Path(eval_dir) if eval_dir is not None else None
     if eval_dir is not None and not eval_dir.is_dir():

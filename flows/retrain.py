@@ -190,11 +190,9 @@ def tau_table(candidate_eval: Path, production_eval: Path | None) -> list[dict[s
 
 
 def sps_table_path(cfg: Config) -> Path | None:
-    """The SPS(B) cost table, wherever the scheduler/evaluation stage profiled it."""
-    for path in (cfg.data_dir / "eval" / "sps_cost_table.json", cfg.data_dir / "drafter" / "sps_cost_table.json"):
-        if path.is_file():
-            return path
-    return None
+    """The SPS(B) cost table the evaluation ran with (evaluate copies it next to its report)."""
+    path = cfg.data_dir / "eval" / "sps_cost_table.json"
+    return path if path.is_file() else None
 
 
 @flow(name="drafter-release")

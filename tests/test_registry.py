@@ -236,12 +236,17 @@ def test_lineage_reads_manifests_and_dvc_lock(tmp_path, monkeypatch):
     assert tags["lineage.dvc.data/ingested"] == "bbb.dir" and tags["lineage.manifests.cache"]
 
 
-def test_eval_summary_shapes():
-    assert registry.eval_summary({"datasets": [{"dataset": "a", "tau": 2}, {"dataset": "b", "tau": 4}]})["tau_macro"] == 3
+def test_reports_are_read_in_the_one_shape_their_stage_writes():
+    from drafter.reports import ReportError
+
     s = registry.eval_summary({"datasets": {"a": {"tau": 2.0}}, "macro": {"tau": 2.5, "accept_rate": [0.9, 0.5]}})
     assert s == {"tau_macro": 2.5, "tau_by_dataset": {"a": 2.0}, "accept_rate": [0.9, 0.5]}
     assert registry.eval_summary(None)["tau_macro"] is None
-    assert registry.gate_passed({"verdict": "pass"}) and not registry.gate_passed({"passed": False})
+    with pytest.raises(ReportError, match="datasets"):  # a list of datasets is no report of ours
+        registry.eval_summary({"datasets": [{"dataset": "a", "tau": 2}], "macro": {"tau": 2}})
+    assert registry.gate_passed({"passed": True}) and not registry.gate_passed({"passed": False})
+    with pytest.raises(ReportError, match="passed"):  # no guessing from other keys
+        registry.gate_passed({"verdict": "pass"})
 
 
 def test_processes_starting_together_share_a_fresh_store(tmp_path):

@@ -1,0 +1,53 @@
+"""The typed heads of the reports stages hand to each other: what `drafter evaluate` writes in
+report.json and `drafter gate` in gate.json, as far as the registry, the release flow and
+monitoring read them. The producers validate what they write against these models and the
+readers parse with them, so there is one shape of each file, checked at both ends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from drafter.errors import DrafterError
+
+
+class ReportError(DrafterError, ValueError):
+    """A report that is not in the shape its stage writes."""
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the reports carry more than their readers need
+
+
+class DatasetFigures(_Open):
+    tau: float
+
+
+class MacroFigures(_Open):
+    tau: float
+    accept_rate: list[float] = []
+
+
+class EvalReport(_Open):
+    """report.json of `drafter evaluate`: tau per eval set and the macro figures."""
+
+    datasets: dict[str, DatasetFigures]
+    macro: MacroFigures
+
+
+class GateVerdict(_Open):
+    """gate.json of `drafter gate`."""
+
+    passed: bool
+    failed: list[str] = []
+    reasons: list[str] = []
+
+
+def parse(model: type[_Open], data: Any, what: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors()[:5])
+        raise ReportError(f"{what} is not a {model.__name__} as drafter writes it: {problems}") from None

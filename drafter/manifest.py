@@ -314,6 +314,9 @@ def write_manifest(
         **(extra or {}),
         "provenance": provenance(),
     }
+    from drafter.reports import Manifest, parse
+
+    parse(Manifest, manifest, f"the {stage} manifest")
     # Manifests travel (MLflow, the registry's lineage, DVC): no URL keeps its credentials.
     return atomic_write_json(Path(out_dir) / "manifest.json", redact_urls(manifest))
 
@@ -326,4 +329,8 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     path = Path(out_dir) / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"no manifest.json in {out_dir}: has that stage run?")
-    return json.loads(path.read_text())
+    from drafter.reports import Manifest, parse
+
+    data = json.loads(path.read_text())
+    parse(Manifest, data, str(path))
+    return data

@@ -37,6 +37,19 @@ class EvalReport(_Open):
     macro: MacroFigures
 
 
+class Manifest(_Open):
+    """manifest.json of every stage: what went in, the settings, the counts that add up, the
+    durations, what came out and the headline metrics (flat, finite; rolled up in MLflow)."""
+
+    stage: str
+    inputs: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    counts: dict[str, Any] = {}
+    durations_s: dict[str, float] = {}
+    outputs: dict[str, Any] = {}
+    metrics: dict[str, float] = {}
+
+
 class GateVerdict(_Open):
     """gate.json of `drafter gate`."""
 

@@ -450,3 +450,19 @@ def test_the_next_decision_finishes_an_interrupted_one_first(module_store, tmp_p
         registry.approve("reg-kill-next", v1, by="a", reason="back", force=True)
     assert registry.approve("reg-kill-next", v1, by="a", reason="back", force=True)["production"] == v1
     assert [e["decision"] for e in registry.decision_log("reg-kill-next")].count("approved") == 3
+
+
+def test_a_manifest_is_checked_when_written_and_read(tmp_path):
+    """One manifest shape: metrics are numbers (what MLflow rolls up), the sections are mappings."""
+    import json
+
+    from drafter.manifest import read_manifest, write_manifest
+    from drafter.reports import ReportError
+
+    write_manifest(tmp_path, "evaluate", counts={"prompts": 3}, metrics={"macro_tau": 2.5, "nan": float("nan")})
+    assert read_manifest(tmp_path)["metrics"] == {"macro_tau": 2.5}  # non-finite figures are dropped
+    with pytest.raises(ReportError, match="counts"):
+        write_manifest(tmp_path, "evaluate", counts=[1, 2])  # type: ignore[arg-type]
+    (tmp_path / "manifest.json").write_text(json.dumps({"stage": "evaluate", "metrics": {"macro_tau": "high"}}))
+    with pytest.raises(ReportError, match="metrics.macro_tau"):
+        read_manifest(tmp_path)

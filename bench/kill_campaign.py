@@ -698,12 +698,13 @@ def markdown(doc: dict[str, Any]) -> str:
         "# Kill campaign: SIGKILL at random points, resume, compare with an uninterrupted run", "",
         f"Command: `{doc['command']}` (seed {doc['seed']}; commit {str(doc['code'].get('commit'))[:10]}; "
         f"{doc['machine']['cpu_count']} CPUs, load average {doc['machine']['load_average']} at the start)", "",
-        "| stage | kills | rounds | lost | duplicated | mismatches | kill window, CPU s | stage wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| stage | kills | rounds | lost | duplicated | mismatches | kill window, CPU s | stage wall s | commit |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in doc["stages"].items():
         lines.append(f"| {name} | {s['kills']} | {s['rounds_total']} | {s['lost']} | {s['duplicated']} | "
-                     f"{s['mismatches']} | {s['kill_window_cpu_s'][0]}-{s['kill_window_cpu_s'][1]} | {s['wall_s']} |")
+                     f"{s['mismatches']} | {s['kill_window_cpu_s'][0]}-{s['kill_window_cpu_s'][1]} | {s['wall_s']} | "
+                     f"{str((s.get('code') or doc['code']).get('commit'))[:10]} |")
     lines += ["", doc.get("notes", "")]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -732,7 +733,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--work", type=Path, default=Path("/tmp/drafter-kill-campaign"))
     parser.add_argument("--out", type=Path, default=RESULTS / "kill_campaign.json")
-    parser.add_argument("--force", action="store_true", help="run stages already in --out again")
+    parser.add_argument("--force", action="store_true",
+                        help="run the --stages already in --out again (the other stages' results are kept)")
     args = parser.parse_args(argv)
 
     names = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -746,7 +748,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(ROOT))
 
     command = "python bench/kill_campaign.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    doc = json.loads(args.out.read_text()) if args.out.is_file() and not args.force else {}
+    doc = json.loads(args.out.read_text()) if args.out.is_file() else {}  # --force replaces named stages only
     if doc.get("seed", args.seed) != args.seed or doc.get("kills_per_stage", args.kills) != args.kills:
         doc = {}  # another campaign: start over
     doc |= {"command": command.strip(), "seed": args.seed, "kills_per_stage": args.kills,
@@ -760,7 +762,8 @@ def main(argv: list[str] | None = None) -> None:
                           work / "inputs.log") if todo else {}
     for name in todo:
         doc["stages"][name] = campaign(stages[name], work, env, args.kills, args.seed,
-                                       log=lambda line: print(line, flush=True))
+                                       log=lambda line: print(line, flush=True)) | {
+            "command": command.strip(), "code": doc["code"]}  # stages may come from different runs
         doc["stages"] = {n: doc["stages"][n] for n in STAGES if n in doc["stages"]}
         doc["wall_s"] = round(sum(s["wall_s"] for s in doc["stages"].values()), 1)
         args.out.parent.mkdir(parents=True, exist_ok=True)

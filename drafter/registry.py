@@ -170,12 +170,25 @@ def experiment_id(cfg: Config, mlflow_client=None) -> str:
     return exp.experiment_id
 
 
+# MLflow 3's UI opens in its GenAI view unless told otherwise (the experiment tag alone does
+# not switch it): our links ask for the model-training view, where runs and metrics are.
+UI_VIEW = "workflowType=machine_learning"
+
+
+def ui_base() -> str:
+    """Where the MLflow UI is: the tracking server, or where `mlflow ui` serves a local store."""
+    return tracking_uri().rstrip("/") if not is_local_store() else "http://127.0.0.1:5000"
+
+
+def experiment_url(experiment_id: str) -> str:
+    return f"{ui_base()}/#/experiments/{experiment_id}?{UI_VIEW}"
+
+
 def run_url(run_id: str, mlflow_client=None) -> str:
-    """A link to the run in the MLflow UI (on a local store: where `mlflow ui` serves it)."""
+    """A link to the run in the MLflow UI."""
     c = mlflow_client or client()
     run = c.get_run(run_id)
-    base = tracking_uri().rstrip("/") if not is_local_store() else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return f"{ui_base()}/#/experiments/{run.info.experiment_id}/runs/{run_id}?{UI_VIEW}"
 
 
 def _now() -> str:

@@ -77,6 +77,14 @@ def test_mlflow_compare_view_shows_two_retrains_side_by_side(servers, tmp_path, 
 
     url = f"{servers.url}/#/compare-runs?runs={json.dumps([first, second])}&experiments={json.dumps([experiment])}"
     with browser_page() as page:
+        # Our links open the experiment on its runs (the model-training view), not on GenAI traces,
+        # and the run link on the run's metrics.
+        page.goto(registry.experiment_url(experiment))
+        for run_id in (first, second):
+            page.get_by_text(c.get_run(run_id).info.run_name).first.wait_for(timeout=90_000)
+        page.screenshot(path=str(screenshots() / "mlflow_experiment_runs.png"))
+        page.goto(registry.run_url(first))
+        page.get_by_text("evaluate.macro_tau").first.wait_for(timeout=90_000)
         page.goto(url)
         page.get_by_text("evaluate.macro_tau").first.wait_for(timeout=90_000)
         metrics = page.get_by_text("Metrics", exact=True).last

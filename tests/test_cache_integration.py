@@ -84,7 +84,10 @@ def test_smollm2_cache(smollm2_target, tmp_path):
         assert masked == answer + "<|im_end|>"  # the answer and its end-of-turn token, nothing else
         ref = smollm2_target.capture(sample["input_ids"].unsqueeze(0))
         scale = ref.layers[0].abs().amax(dim=-1, keepdim=True)
-        assert ((sample["features"] - ref.layers[0]).abs() <= scale / 64).all()  # bf16 storage
+        # bf16 storage, and a bf16 forward: a row padded in the cache's batch differs from this lone
+        # forward by rounding compounded over 28 layers (measured: at most 0.024 of the row's max);
+        # a wrong layer or position would be off by the order of the scale.
+        assert ((sample["features"] - ref.layers[0]).abs() <= scale / 32).all()
         p = torch.softmax(smollm2_target.logits_from_hidden(ref.final[0]).float(), -1).topk(64)
         assert (sample["target_ids"][:, 0] == p.indices[:, 0]).float().mean() > 0.95  # the target's argmax
         torch.testing.assert_close(sample["target_probs"], p.values, atol=0.02, rtol=0.05)

@@ -187,7 +187,10 @@ def test_evaluate_on_smollm2(smollm2_target, tmp_path):
     torch.manual_seed(0)
     drafter = ScriptedDrafter({tuple(p.ids): g.tokens for p, g in zip(prompts, answers)}, smollm2_target.vocab_size)
     report = evaluate_drafter(cfg, drafter, smollm2_target, tmp_path)
-    assert report["lossless"]["passed"] and report["lossless"]["identical"] == 2
+    # bf16: a greedy step whose top-2 logits tie within rounding may go either way between the
+    # batched and the single-row forward; such a step is a tie, never a mismatch.
+    lossless = report["lossless"]
+    assert lossless["passed"] and lossless["mismatches"] == 0 and lossless["identical"] + lossless["ties"] == 2
     assert report["target"]["name"] == "SmolLM2-135M-Instruct"
     assert 1.5 < report["overall"]["tau_pooled"] < 8
     assert report["overall"]["speedup"] > 0

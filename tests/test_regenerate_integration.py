@@ -145,6 +145,9 @@ def test_smollm2_local_regeneration(smollm2_target, tmp_path):
     cfg = load_config(ROOT / "configs" / "smollm2-135m-dspark.yaml",
                       ["regenerate.temperature=0", "regenerate.max_new_tokens=16"])
     two_turns = {**conversation(1, turns=2, system=True)}
+    # A system prompt the answer does not hang on a tie for: with "You are a concise assistant."
+    # the first token is "The" 24.69 vs "La" 24.69 in fp32, and bf16 flips it (margin here: 1.4).
+    two_turns["messages"][0]["content"] = "Answer in one short sentence."
     two_turns["messages"][1]["content"] = "What is the capital of France?"
     two_turns["messages"][3]["content"] = "And what is the capital of Italy?"
     ingested = write_ingested(tmp_path / "in", [two_turns], [conversation(3)])
@@ -153,6 +156,6 @@ def test_smollm2_local_regeneration(smollm2_target, tmp_path):
     rec = read_jsonl(tmp_path / "out" / "train.jsonl")[0]
     answers = [m["content"] for m in rec["messages"] if m["role"] == "assistant"]
     assert "Paris" in answers[0] and "Rome" in answers[1]
-    assert rec["messages"][0] == {"role": "system", "content": "You are a concise assistant."}
+    assert rec["messages"][0] == {"role": "system", "content": "Answer in one short sentence."}
     assert rec["regen"]["model"] == "SmolLM2-135M-Instruct"
     assert manifest["throughput"]["tokens_per_s"] > 0

@@ -70,6 +70,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(proc: subprocess.Popen, health_url: str, log: Path, what: str) -> None:
+    """Until `health_url` answers 200 (two minutes at most); the server's log if it dies first."""
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(health_url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{what} did not become healthy")
+
+
+def stop(proc: subprocess.Popen | None, timeout: float) -> None:
+    if proc is not None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 with a SQLite store, for the duration of a test module."""
 
@@ -95,27 +121,11 @@ class MlflowServer:
         return self
 
     def wait(self) -> MlflowServer:
-        import httpx
-
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("mlflow server did not become healthy")
+        wait_healthy(self.proc, f"{self.url}/health", self.root / "server.log", "mlflow server")
+        return self
 
     def __exit__(self, *exc) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop(self.proc, timeout=20)
         self.log.close()
 
 
@@ -220,8 +230,6 @@ class PrefectServer:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> PrefectServer:
-        import httpx
-
         self.root.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PREFECT_HOME": str(self.root), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                "PREFECT_API_URL": self.api_url, "PREFECT_UI_API_URL": self.api_url}
@@ -229,17 +237,8 @@ class PrefectServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
              "--no-services"], stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited: {(self.root / 'server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("prefect server did not become healthy")
+        wait_healthy(self.proc, f"{self.api_url}/health", self.root / "server.log", "prefect server")
+        return self
 
     def settings(self):
         """Point this thread's Prefect client at the server."""
@@ -248,11 +247,7 @@ class PrefectServer:
         return temporary_settings(updates={PREFECT_API_URL: self.api_url})
 
     def __exit__(self, *exc) -> None:
+        stop(self.proc, timeout=30)
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
             self.log.close()
 

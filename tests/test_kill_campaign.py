@@ -66,3 +66,22 @@ def test_the_registry_check_sees_a_rollback_made_twice():
     out = kc.registry_compare(ref, got)
     assert out["mismatches"] >= 2 and any("step 2 rollback" in e for e in out["examples"])
     assert kc.registry_consistency(ref) == []
+
+
+def test_the_kill_window_shrinks_to_runs_that_use_less_cpu_than_the_reference(campaign_setup):
+    """On a loaded machine the reference run can use more CPU than every later run (CI saw
+    build-cache and train finish before each drawn kill). A whole run that ends first sets the
+    window to its own CPU, and the next round's kill lands."""
+    import dataclasses
+
+    work, env, stages = campaign_setup
+    stage = dataclasses.replace(stages["build-cache"], name="build-cache-window")
+    ref = kc.reference(stage, work, "", env)
+    info = ref["dir"] / "reference.json"
+    lo, hi = ref["cpu_window_s"]
+    inflated = [round(hi * 1.3, 2), round(hi * 1.6, 2)]  # past the end of any run
+    info.write_text(json.dumps(json.loads(info.read_text()) | {"cpu_window_s": inflated}))
+    got = kc.campaign(stage, work, env, kills=1, seed=0, in_row=(1, 1), log=lambda _: None)
+    assert got["rounds"][0]["kills"] == [], "the first run should end before a kill past its end"
+    assert got["kills"] == 1 and got["kill_window_cpu_s"][1] < inflated[0]
+    assert (got["lost"], got["duplicated"], got["mismatches"]) == (0, 0, 0)

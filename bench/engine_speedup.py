@@ -5,8 +5,11 @@ tau (the ceiling with free drafting and free verification).
 With `--drafter NAME=DIR` (repeatable) each trained drafter is evaluated by
 `drafter.evaluate` on the configured eval sets. Without, synthetic drafters that follow the
 target's own greedy answers with random corruptions (tests/drafters.py `ScriptedDrafter`)
-span acceptance from perfect to poor; their drafting is free, so speedup / tau measures
-what verification and the engine cost on this machine.
+span acceptance from perfect to poor; their drafting costs a table lookup, so speedup / tau
+measures what verification and the engine cost on this machine. Every drafter also runs at
+gamma=1 (one drafted token a round, an MTP-1-style baseline). Per row, `breakdown` says where
+an average round's milliseconds go (draft, verify, accept, extend, kv, other) and what a round
+costs in plain decoding steps.
 
     python bench/engine_speedup.py [--drafter dspark=data/drafter ...] [--samples 2] [--max-new-tokens 64]
 
@@ -16,9 +19,6 @@ Writes bench/results/engine_speedup.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -28,8 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench._common import RESULTS, add_clock_args, apply_threads, command, machine, write_results  # noqa: E402
 from drafter.config import load_config  # noqa: E402
-from drafter.decoding import SpecEngine, load_drafter  # noqa: E402
+from drafter.decoding import PHASES, SpecEngine, load_drafter  # noqa: E402
 from drafter.evaluate import evaluate_drafter, load_prompts  # noqa: E402
 from drafter.target import load_target  # noqa: E402
 
@@ -39,6 +40,7 @@ SYNTHETIC = {  # name: Beta(a, b) of the per-position corruption rate (mean a / 
     "synthetic, 25% corrupted": (1.0, 3.0),
     "synthetic, 50% corrupted": (1.0, 1.0),
 }
+GAMMA1 = ("oracle (no corruption)", "synthetic, 10% corrupted")  # the synthetic drafters also run at gamma=1
 
 
 def main() -> None:
@@ -49,61 +51,66 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=2, help="prompts per dataset")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--gamma", type=int, default=7)
-    ap.add_argument("--clock", choices=["wall", "process"], default="wall",
-                    help="process = CPU time of this process (shared machines; use --threads 1)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("-s", "--set", dest="overrides", action="append", default=[], help="section.key=value")
+    add_clock_args(ap)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--name", default="engine_speedup", help="results file name (<out>/<name>.json and .md)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
 
-    cfg = load_config(args.config, [
-        f"evaluate.datasets=[{','.join(args.datasets)}]", f"evaluate.samples_per_dataset={args.samples}",
-        f"evaluate.max_new_tokens={args.max_new_tokens}", f"evaluate.block_size={args.gamma}", "evaluate.bootstrap=200",
-        f"evaluate.clock={args.clock}",
-    ])
+    def config(gamma: int):
+        return load_config(args.config, [
+            f"evaluate.datasets=[{','.join(args.datasets)}]", f"evaluate.samples_per_dataset={args.samples}",
+            f"evaluate.max_new_tokens={args.max_new_tokens}", f"evaluate.block_size={gamma}", "evaluate.bootstrap=200",
+            f"evaluate.clock={args.clock}", *args.overrides,
+        ])
+
+    cfg = config(args.gamma)
     target = load_target(cfg)
+    runs = []  # (row name, drafter, gamma)
     if args.drafter:
-        drafters = {}
         for item in args.drafter:
             name, _, folder = item.partition("=")
-            drafters[name] = load_drafter(folder, target)[0]
+            model = load_drafter(folder, target)[0]
+            runs += [(name, model, args.gamma), (f"{name}, gamma=1", model, 1)]
     else:
         from tests.drafters import ScriptedDrafter
 
         prompts = load_prompts(cfg, target.tokenizer, None)[0]
-        answers = SpecEngine(target, None).generate_batch([p.ids for p in prompts], args.max_new_tokens)
-        scripts = {tuple(p.ids): g.tokens for p, g in zip(prompts, answers)}
+        plain = SpecEngine(target, None)  # one prompt at a time, as evaluation decodes: in bf16 a batch rounds apart
+        scripts = {tuple(p.ids): plain.generate(p.ids, args.max_new_tokens).tokens for p in prompts}
         torch.manual_seed(0)
-        drafters = {name: ScriptedDrafter(scripts, target.vocab_size, error=err) for name, err in SYNTHETIC.items()}
+        models = {name: ScriptedDrafter(scripts, target.vocab_size, error=err) for name, err in SYNTHETIC.items()}
+        runs += [(name, model, args.gamma) for name, model in models.items()]
+        runs += [(f"{name}, gamma=1", models[name], 1) for name in GAMMA1]
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="engine-speedup-") as tmp:
-        for name, drafter in drafters.items():
+        for name, drafter, gamma in runs:
             print(f"evaluating {name}", file=sys.stderr, flush=True)
-            r = evaluate_drafter(cfg, drafter, target, Path(tmp) / name.replace(" ", "_").replace("/", "_"))
+            folder = Path(tmp) / name.replace(" ", "_").replace("/", "_").replace(",", "")
+            r = evaluate_drafter(config(gamma), drafter, target, folder)
             o = r["overall"]
             rows.append({
-                "drafter": name, "tau": o["tau_pooled"], "tau_ci": o["tau_ci"], "acceptance_rate": o["acceptance_rate"],
-                "tokens_per_s": o["tokens_per_s"], "plain_tokens_per_s": o["plain_tokens_per_s"],
-                "speedup": o["speedup"], "decode_speedup": o["decode_speedup"], "lossless": r["lossless"]["passed"],
+                "drafter": name, "gamma": gamma, "tau": o["tau_pooled"], "tau_ci": o["tau_ci"],
+                "acceptance_rate": o["acceptance_rate"], "tokens_per_s": o["tokens_per_s"],
+                "plain_tokens_per_s": o["plain_tokens_per_s"], "speedup": o["speedup"],
+                "decode_speedup": o["decode_speedup"], "lossless": r["lossless"]["passed"],
+                "breakdown": {"round_ms": o["round_ms"], "plain_step_ms": o["plain_step_ms"],
+                              "round_cost_in_plain_steps": o["round_cost_in_plain_steps"]},
                 "per_dataset": {d: {"tau": m["tau_pooled"], "speedup": m["speedup"]} for d, m in r["datasets"].items()},
             })
 
     out = {
-        "command": ("python bench/engine_speedup.py " + " ".join(sys.argv[1:])).strip(),
+        "command": command(),
         "target": target.info(),
         "settings": {"datasets": args.datasets, "samples_per_dataset": args.samples, "gamma": args.gamma,
                      "max_new_tokens": args.max_new_tokens, "temperature": 0.0},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "load_average": os.getloadavg()},
+        "machine": machine(),
         "clock": args.clock,
         "results": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "engine_speedup.json").write_text(json.dumps(out, indent=2) + "\n")
-    (args.out / "engine_speedup.md").write_text(render(out))
-    print(render(out))
+    write_results(args.out, args.name, out, render(out))
 
 
 def render(out: dict) -> str:
@@ -111,22 +118,31 @@ def render(out: dict) -> str:
     lines = [
         "# Engine speedup over plain decoding (same target, same engine, same run)",
         "",
-        f"Target {out['target']['name']} on {out['target']['device']} ({out['machine']['cpus']} CPUs, load average "
-        f"{out['machine']['load_average'][0]:.1f} at the end); {', '.join(s['datasets'])}, {s['samples_per_dataset']} "
-        f"prompts each, block {s['gamma']}, greedy, {s['max_new_tokens']} new tokens; "
-        f"{'CPU time of the process' if out['clock'] == 'process' else 'wall clock'}, "
-        f"{out['machine']['torch_threads']} torch thread(s).",
+        f"Target {out['target']['name']} ({out['target']['dtype']}) on {out['target']['device']} "
+        f"({out['machine']['cpus']} CPUs, load average {out['machine']['load_average'][0]:.1f} at the end); "
+        f"{', '.join(s['datasets'])}, {s['samples_per_dataset']} prompts each, greedy, {s['max_new_tokens']} new "
+        f"tokens; {'CPU time of the process' if out['clock'] == 'process' else 'wall clock'}, "
+        f"{out['machine'].get('torch_threads')} torch thread(s).",
         f"Command: `{out['command']}`",
         "",
-        "| drafter | tau (pooled) | acceptance | tok/s | plain tok/s | speedup | decode-only speedup | speedup / tau | lossless |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| drafter | gamma | tau (pooled) | acceptance | tok/s | plain tok/s | speedup | decode-only speedup | "
+        "speedup / tau | round cost (plain steps) | lossless |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in out["results"]:
         lines.append(
-            f"| {r['drafter']} | {r['tau']:.2f} | {r['acceptance_rate']:.2f} | {r['tokens_per_s']:.2f} | "
+            f"| {r['drafter']} | {r['gamma']} | {r['tau']:.2f} | {r['acceptance_rate']:.2f} | {r['tokens_per_s']:.2f} | "
             f"{r['plain_tokens_per_s']:.2f} | {r['speedup']:.2f}x | {r['decode_speedup']:.2f}x | "
-            f"{r['speedup'] / r['tau']:.2f} | {'yes' if r['lossless'] else 'NO'} |"
+            f"{r['speedup'] / r['tau']:.2f} | {r['breakdown']['round_cost_in_plain_steps']:.2f} | "
+            f"{'yes' if r['lossless'] else 'NO'} |"
         )
+    lines += ["", "Where a round's time goes (ms per round; a plain decoding step for comparison):", "",
+              "| drafter | gamma | " + " | ".join(PHASES) + " | round | plain step |",
+              "|---" * (len(PHASES) + 4) + "|"]
+    for r in out["results"]:
+        b = r["breakdown"]
+        lines.append(f"| {r['drafter']} | {r['gamma']} | " + " | ".join(f"{b['round_ms'][k]:.1f}" for k in PHASES)
+                     + f" | {b['round_ms']['total']:.1f} | {b['plain_step_ms']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -58,6 +59,8 @@ class Generation:
     finish_reason: str | None = None  # "eos" | "length" | "context"
     seconds: float = 0.0  # wall clock from the start of the batch to this request's end
     prefill_seconds: float = 0.0
+    # Seconds of the batch's rounds by phase (PHASES), shared by the requests decoded together.
+    breakdown: dict[str, float] = field(default_factory=dict)
 
     @property
     def tau(self) -> float:
@@ -71,6 +74,7 @@ class Generation:
             "finish_reason": self.finish_reason,
             "seconds": self.seconds,
             "prefill_seconds": self.prefill_seconds,
+            "breakdown": self.breakdown,
             "rounds": [[r.proposed, r.verified, r.accepted, r.emitted] for r in self.rounds],
             "confidences": [r.confidences for r in self.rounds] if any(r.confidences for r in self.rounds) else None,
         }
@@ -127,6 +131,26 @@ def accept_greedy(logits: torch.Tensor, draft: torch.Tensor) -> tuple[int, int]:
 
 
 # ----- the engine ---------------------------------------------------------------------
+# Where a round's time goes: the drafter's proposals, the target's verification forward (LM
+# head included), acceptance and emission, the drafter's state update with the target's
+# features, KV-cache bookkeeping, and the rest (scheduling, building the block, Python).
+PHASES = ("draft", "verify", "accept", "extend", "kv", "other")
+
+
+class _Phases:
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self.seconds[name] += self.clock() - start
+
+
 @dataclass
 class _Request:
     index: int
@@ -169,7 +193,7 @@ class SpecEngine:
         self.scheduler = scheduler
         self.clock = clock  # wall clock by default; time.process_time on a shared machine (one torch thread)
         self.overhead_s: dict[int, float] = {}  # per batch size: moving average of a round's time outside the forward
-        self._forward_s = 0.0
+        self._phases = _Phases(clock)
         self.eos = set(target.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.device = target.device
         self.generator = torch.Generator(device=self.device)
@@ -205,17 +229,24 @@ class SpecEngine:
             raise DecodingError("empty prompt: the target needs at least one token to condition on")
         start = self.clock()
         cache, mask = self._prefill(reqs, max_new_tokens, on_tokens, start)
+        phases = self._phases = _Phases(self.clock)
         cache, mask, rows = self._drop_finished(cache, mask, reqs)  # row i of the cache belongs to rows[i]
+        rounds_s = 0.0
         while rows:
-            begin, batch = self.clock(), len(rows)
+            begin, batch, verify_before = self.clock(), len(rows), phases.seconds["verify"]
             width = self._round(rows, cache, mask, max_new_tokens, on_tokens)
-            mask = self._realign(cache, mask, rows, width)
-            cache, mask, rows = self._drop_finished(cache, mask, rows)
-            overhead = self.clock() - begin - self._forward_s
+            with phases("kv"):
+                mask = self._realign(cache, mask, rows, width)
+                cache, mask, rows = self._drop_finished(cache, mask, rows)
+            took = self.clock() - begin
+            rounds_s += took
+            overhead = took - (phases.seconds["verify"] - verify_before)  # what the SPS profile leaves out
             previous = self.overhead_s.get(batch)
             self.overhead_s[batch] = overhead if previous is None else 0.8 * previous + 0.2 * overhead
+        phases.seconds["other"] = max(0.0, rounds_s - sum(phases.seconds.values()))
         for r in reqs:
             r.gen.seconds = r.t_end - start
+            r.gen.breakdown = dict(phases.seconds)
         return [r.gen for r in reqs]
 
     # ----- steps -----------------------------------------------------------------------
@@ -272,7 +303,9 @@ class SpecEngine:
                 probs.append(None)
                 confs.append(None)
                 continue
-            prop = self.drafter.propose(r.state, torch.tensor([r.anchor], device=self.device), g, self.temperature, self.generator)
+            with self._phases("draft"):
+                prop = self.drafter.propose(r.state, torch.tensor([r.anchor], device=self.device), g, self.temperature,
+                                            self.generator)
             tokens = prop.tokens.reshape(-1).to(self.device)
             if not 1 <= tokens.numel() <= g:
                 raise DecodingError(f"drafter proposed {tokens.numel()} tokens when asked for {g}")
@@ -301,29 +334,29 @@ class SpecEngine:
             block[i, 1 : lengths[i] + 1] = drafts[i][: lengths[i]]
             block_mask[i, : lengths[i] + 1] = 1
             positions[i] = r.position + torch.arange(width, device=self.device)
-        forward_start = self.clock()
-        feats = self.target.capture(
-            block,
-            attention_mask=torch.cat([mask, block_mask], dim=1),
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        logits = self.target.logits_from_hidden(feats.final)  # [R, w, V]
-        self._forward_s = self.clock() - forward_start  # what the SPS profile measures
+        with self._phases("verify"):  # what the SPS profile measures
+            feats = self.target.capture(
+                block,
+                attention_mask=torch.cat([mask, block_mask], dim=1),
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = self.target.logits_from_hidden(feats.final)  # [R, w, V]
 
         for i, r in enumerate(rows):
             n_ver = lengths[i]
             draft = drafts[i][:n_ver]
-            if self.greedy:
-                n, nxt = accept_greedy(logits[i, : n_ver + 1], draft)
-            else:
-                p_t = target_probs(logits[i, : n_ver + 1], self.temperature)
-                p_d = probs[i][:n_ver] if n_ver else p_t[:0]
-                n, nxt = accept_sampled(p_t, p_d, draft, self.generator)
-            accepted = draft[:n].tolist()
-            before = len(r.gen.tokens)
-            self._emit(r, [*accepted, nxt], max_new, on_tokens)
+            with self._phases("accept"):
+                if self.greedy:
+                    n, nxt = accept_greedy(logits[i, : n_ver + 1], draft)
+                else:
+                    p_t = target_probs(logits[i, : n_ver + 1], self.temperature)
+                    p_d = probs[i][:n_ver] if n_ver else p_t[:0]
+                    n, nxt = accept_sampled(p_t, p_d, draft, self.generator)
+                accepted = draft[:n].tolist()
+                before = len(r.gen.tokens)
+                self._emit(r, [*accepted, nxt], max_new, on_tokens)
             emitted = len(r.gen.tokens) - before
             c = confs[i]
             r.gen.rounds.append(Round(proposed[i], n_ver, min(n, emitted), emitted, None if c is None else c.tolist()))
@@ -332,7 +365,8 @@ class SpecEngine:
                 r.t_end = self.clock()
                 continue
             if self.drafter is not None:
-                self.drafter.extend(r.state, feats.layers[i : i + 1, : n + 1], block[i : i + 1, : n + 1])
+                with self._phases("extend"):
+                    self.drafter.extend(r.state, feats.layers[i : i + 1, : n + 1], block[i : i + 1, : n + 1])
             r.anchor, r.position = nxt, r.position + n + 1
         return width
 

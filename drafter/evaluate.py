@@ -17,6 +17,9 @@ Metrics, per dataset, per domain and overall (ALGORITHMS.md section 0):
 - `acceptance_rate` = accepted / verified drafts; `verify_rate` = verified / drafted;
 - `tokens_per_s` with the drafter and `plain_tokens_per_s` without, end to end (prefill
   included), and `speedup` = their ratio; `decode_speedup` leaves the prefill out;
+- `round_ms`: an average round's milliseconds by phase (draft, verify, accept, extend, kv,
+  other) and `round_cost_in_plain_steps`: what a round costs against one plain decoding step
+  (speedup = tau / that cost, up to the prefill);
 - losslessness: at temperature 0 the two outputs must be identical token for token; a
   divergence at a position where the target's top two logits are within `tie_tolerance`
   is a floating-point tie (block vs single-token verification), counted apart.
@@ -45,7 +48,7 @@ import numpy as np
 import torch
 
 from drafter.config import BUNDLED_EVAL_DIR, Config
-from drafter.decoding import Generation, Round, SpecEngine, block_size_of, load_drafter, resolve_drafter_dir
+from drafter.decoding import PHASES, Generation, Round, SpecEngine, block_size_of, load_drafter, resolve_drafter_dir
 from drafter.errors import DrafterError
 from drafter.progress import StageProgress
 from drafter.reports import EvalReport, parse
@@ -203,7 +206,23 @@ def group_metrics(samples: list[dict], gamma: int, bootstrap: int, ci: float, se
         out["decode_tokens_per_s"] = _ratio(spec_tok - len(timed), spec_dec)
         out["plain_decode_tokens_per_s"] = _ratio(plain_tok - len(timed), plain_dec)
         out["decode_speedup"] = _ratio(out["decode_tokens_per_s"], out["plain_decode_tokens_per_s"])
+        out |= round_breakdown(timed)
     return out
+
+
+def round_breakdown(samples: list[dict]) -> dict[str, Any]:
+    """Milliseconds of an average round by phase (drafter.decoding.PHASES), and what a round
+    costs in plain decoding steps (a plain step: plain decode time per token after the first)."""
+    broken = [s for s in samples if s["spec"].get("breakdown") and s["spec"]["rounds"]]
+    rounds = sum(len(s["spec"]["rounds"]) for s in broken)
+    if not rounds:
+        return {}
+    ms = {k: 1000 * sum(s["spec"]["breakdown"].get(k, 0.0) for s in broken) / rounds for k in PHASES}
+    ms["total"] = sum(ms.values())
+    plain_steps = sum(s["plain"]["tokens"] - 1 for s in broken)
+    plain_s = sum(s["plain"]["seconds"] - s["plain"]["prefill_seconds"] for s in broken)
+    step_ms = _ratio(1000 * plain_s, plain_steps)
+    return {"round_ms": ms, "plain_step_ms": step_ms, "round_cost_in_plain_steps": _ratio(ms["total"], step_ms)}
 
 
 def _ratio(a, b) -> float:
@@ -547,6 +566,10 @@ def render_markdown(r: dict[str, Any]) -> str:
     for k in range(r["drafter"]["gamma"]):
         vals = [o["accept_rate_at_k"][k], *(m["accept_rate_at_k"][k] for m in r["datasets"].values())]
         lines.append(f"| {k + 1} | " + " | ".join(_fmt(v, 3) for v in vals) + " |")
+    if o.get("round_ms"):
+        ms = o["round_ms"]
+        lines += ["", f"A round takes {_fmt(ms['total'], 1)} ms, {_fmt(o['round_cost_in_plain_steps'], 2)} plain decoding "
+                  f"steps of {_fmt(o['plain_step_ms'], 1)} ms: " + ", ".join(f"{k} {_fmt(ms[k], 1)}" for k in PHASES) + "."]
     cal = r["calibration"]
     lines.append("")
     if cal.get("applicable"):
@@ -565,7 +588,8 @@ def report_metrics(report: dict[str, Any]) -> dict[str, float]:
     o = report["overall"]
     metrics = {"macro_tau": report["macro_tau"], "tau_pooled": o["tau_pooled"],
                "lossless_passed": float(report["lossless"]["passed"])}
-    for key in ("speedup", "decode_speedup", "tokens_per_s", "plain_tokens_per_s", "acceptance_rate"):
+    for key in ("speedup", "decode_speedup", "tokens_per_s", "plain_tokens_per_s", "acceptance_rate",
+                "round_cost_in_plain_steps"):
         metrics[key] = o.get(key)
     metrics |= {f"accept_rate_at_{k + 1}": a for k, a in enumerate(o.get("accept_rate_at_k") or [])}
     metrics |= {f"tau.{d}": m["tau_pooled"] for d, m in report["datasets"].items()}

@@ -111,6 +111,29 @@ def test_plain_decoding_without_drafter(lively):
     assert all(r.emitted == 1 and r.proposed == 0 for r in gen.rounds) and len(gen.rounds) == 19
 
 
+def test_round_breakdown_charges_each_phase_its_own_time(lively, monkeypatch):
+    """A clock that only the drafter's propose (5 ticks), the target's verification forward (3)
+    and the drafter's extend (2) move: each phase gets exactly its own ticks, nothing else."""
+    ticks = [0.0]
+
+    def advance(n, fn):
+        def wrapped(*a, **k):
+            ticks[0] += n
+            return fn(*a, **k)
+        return wrapped
+
+    drafter = LMDrafter(lively.model)
+    monkeypatch.setattr(drafter, "propose", advance(5, drafter.propose))
+    monkeypatch.setattr(drafter, "extend", advance(2, drafter.extend))
+    engine = SpecEngine(lively, drafter, gamma=5, clock=lambda: ticks[0])
+    prompt = chat(lively, QUESTIONS[0])
+    monkeypatch.setattr(lively, "capture", advance(3, lively.capture))
+    gen = engine.generate(prompt, 25)
+    n = len(gen.rounds)  # 4 full rounds; the last one ends the request, so no extend after it
+    assert gen.breakdown == {"draft": 5 * n, "verify": 3 * n, "accept": 0, "extend": 2 * (n - 1), "kv": 0, "other": 0}
+    assert set(gen.breakdown) == set(dec.PHASES) and gen.to_dict()["breakdown"] == gen.breakdown
+
+
 def test_eos_stops_and_accepted_eos_has_no_bonus(lively):
     prompt = chat(lively, QUESTIONS[0])
     free = reference(lively, prompt, 30)

@@ -97,6 +97,14 @@ def test_report_figures_match_the_rounds(tiny_target, noisy, ingested, tmp_path)
     assert all(m["tau"] == m["tau_pooled"] for m in report["datasets"].values())
     assert report["lossless"]["passed"] and report["lossless"]["checked"] == 8
     assert report["overall"]["speedup"] > 0 and report["overall"]["plain_tokens_per_s"] > 0
+    # the round breakdown: the samples' phase seconds per round, against a plain step
+    o, all_rounds = report["overall"], sum(len(s["spec"]["rounds"]) for s in samples)
+    verify_ms = 1000 * sum(s["spec"]["breakdown"]["verify"] for s in samples) / all_rounds
+    assert o["round_ms"]["verify"] == pytest.approx(verify_ms) and verify_ms > 0
+    assert o["round_ms"]["total"] == pytest.approx(sum(o["round_ms"][k] for k in dec.PHASES))
+    step_ms = 1000 * sum(s["plain"]["seconds"] - s["plain"]["prefill_seconds"] for s in samples) / sum(
+        s["plain"]["tokens"] - 1 for s in samples)
+    assert o["round_cost_in_plain_steps"] == pytest.approx(o["round_ms"]["total"] / step_ms)
     assert report["calibration"]["applicable"] and len(report["calibration"]["ece_raw"]) == gamma
     csv_lines = (tmp_path / "acceptance.csv").read_text().splitlines()
     assert csv_lines[0] == "position,overall,gsm8k,humaneval,holdout" and len(csv_lines) == gamma + 1

@@ -1,0 +1,61 @@
+"""What every benchmark script shares: the machine block of its JSON, the command that made
+it, the clock and torch threads it measured with, and writing `<name>.json` + `<name>.md`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def add_clock_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="process = CPU time of this process (a shared machine; use with --threads 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def command() -> str:
+    """How this run was started, as a person would type it again."""
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    return " ".join(["python", str(shown), *sys.argv[1:]])
+
+
+def machine(**extra: Any) -> dict[str, Any]:
+    """The machine and its load at the time of the call (put it at the end of a run)."""
+    cpu = ""
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), "")
+    info: dict[str, Any] = {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
+                            "python": platform.python_version(), "torch": version("torch"),
+                            "load_average": [round(x, 2) for x in os.getloadavg()]}
+    if "torch" in sys.modules:
+        info["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return info | extra
+
+
+def write_results(out_dir: Path, name: str, doc: dict[str, Any], markdown: str) -> None:
+    """`<out_dir>/<name>.json` (machine-readable) and `<name>.md`; the markdown is printed too."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out_dir / f"{name}.md").write_text(markdown)
+    print(markdown)

@@ -42,7 +42,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -319,7 +319,9 @@ def evaluate_drafter(
     ingested_dir: Path | None = None,
     drafter_dir: Path | None = None,
     timer: Timer | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
+    """Decode the prompts with and without `drafter`; `clock` replaces `evaluate.clock`'s."""
     ec = cfg.evaluate
     timer = timer or Timer()
     out_dir = Path(out_dir)
@@ -338,7 +340,7 @@ def evaluate_drafter(
         "scheduler": cfg.scheduler.model_dump(mode="json"), "gamma": gamma, "temperatures": temperatures,
         "seed": cfg.run.seed,
     })[:16]
-    clock = CLOCKS[ec.clock]
+    clock = clock or CLOCKS[ec.clock]
     spec = SpecEngine(target, drafter, gamma=gamma, temperature=ec.temperature, scheduler=scheduler, seed=cfg.run.seed,
                       clock=clock)
     plain = SpecEngine(target, None, temperature=ec.temperature, seed=cfg.run.seed, clock=clock)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -176,9 +176,13 @@ class ScriptedDrafter(DraftModel):
         error: tuple[float, float] = (1.0, 3.0),
         overconfidence: float = 1.0,
         shift: float = 0.0,
+        resync: Callable[[list[int]], list[int]] | None = None,
     ):
         super().__init__({}, heads=None)
-        self.scripts, self.vocab_size = scripts, vocab_size
+        self.scripts, self.vocab_size = dict(scripts), vocab_size
+        # When the emitted text leaves the script (in bf16 a verification block and a single
+        # token can round a near-tie apart), `resync(ids)` gives the continuation from there.
+        self.resync = resync
         self.error = torch.distributions.Beta(*error)
         # A deliberately mis-calibrated head: sigmoid(overconfidence * logit(c) + shift).
         self.overconfidence, self.shift = overconfidence, shift
@@ -190,10 +194,15 @@ class ScriptedDrafter(DraftModel):
         state["ids"] += input_ids.reshape(-1).tolist()
 
     def _script(self, ids: list[int]) -> tuple[list[int], int]:
-        for prompt, answer in self.scripts.items():
-            if tuple(ids[: len(prompt)]) == prompt:
-                return answer, len(ids) - len(prompt)
-        return [], 0
+        """The script for `ids` (the longest matching prefix) and the offset of the next token."""
+        found = max((p for p in self.scripts if tuple(ids[: len(p)]) == p), key=len, default=None)
+        if found is None:
+            return [], 0
+        answer, offset = self.scripts[found], len(ids) - len(found)
+        if self.resync is not None and ids[len(found):] != answer[:offset]:
+            answer, offset = self.resync(ids), 0
+            self.scripts[tuple(ids)] = answer
+        return answer, offset
 
     def propose(self, state, anchor, gamma, temperature, generator=None) -> Proposal:
         answer, offset = self._script(state["ids"] + [int(anchor.reshape(-1)[0])])

@@ -104,6 +104,26 @@ def test_oracle_drafter_accepts_every_token(lively):
     assert gen.tau == 6.0 and gen.finish_reason == "length"
 
 
+def test_scripted_drafter_resyncs_where_the_output_leaves_its_script(lively):
+    """The engine benchmark's synthetic drafters: a script that is wrong from its third token
+    on is rejected there once; resync gives the target's own continuation from that point,
+    and every later round accepts its whole block."""
+    prompt = chat(lively, QUESTIONS[0])
+    truth = reference(lively, prompt, 25)
+    wrong = truth[:2] + [(t + 1) % lively.vocab_size for t in truth[2:]]
+    calls = []
+
+    def resync(ids):
+        calls.append(len(ids) - len(prompt))
+        return reference(lively, ids, 25)
+
+    drafter = ScriptedDrafter({tuple(prompt): wrong}, lively.vocab_size, error=(1e-4, 1e4), resync=resync)
+    gen = SpecEngine(lively, drafter, gamma=5).generate(prompt, 25)
+    assert gen.tokens == truth
+    assert calls == [3]  # once: after the round that rejected the script's first wrong token
+    assert gen.rounds[0].accepted == 1 and all(r.accepted == r.verified for r in gen.rounds[1:])
+
+
 def test_plain_decoding_without_drafter(lively):
     prompt = chat(lively, QUESTIONS[1])
     gen = SpecEngine(lively, None).generate(prompt, 20)

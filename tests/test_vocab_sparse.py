@@ -111,6 +111,33 @@ def test_reduced_vocabulary_every_algorithm(target, heads, batch, algo, tmp_path
     assert torch.equal(again.tokens, model.propose(state, batch.input_ids[0, 10:11], 3, 0.0).tokens)
 
 
+def test_the_kept_head_slice_follows_the_head_and_the_vocabulary(target, heads, batch):
+    """vocab_logits keeps the frozen head's draft rows between calls; a changed head or d2t
+    is sliced again, and a slice first made under inference_mode still trains."""
+    counts = torch.bincount(batch.input_ids[batch.loss_mask], minlength=heads.vocab_size)
+    model = make(target, heads, "dspark", "drafter.draft_vocab_size=64", counts=counts)
+    h = torch.randn(3, heads.lm_head.weight.shape[1])
+
+    def fresh():  # the product without any kept slice
+        return h @ heads.lm_head.weight[model.draft_ids].T
+
+    with torch.inference_mode():
+        torch.testing.assert_close(model.vocab_logits(h), fresh())
+    assert model.draft_head()[0] is model.draft_head()[0]  # kept, not sliced again
+    with torch.no_grad():
+        heads.lm_head.weight.mul_(2.0)  # the head changes in place
+    try:
+        torch.testing.assert_close(model.vocab_logits(h), fresh())
+        model.set_draft_vocab(counts.flip(0))  # another vocabulary
+        torch.testing.assert_close(model.vocab_logits(h), fresh())
+        h.requires_grad_(True)
+        model.vocab_logits(h).sum().backward()  # not an inference tensor
+        assert h.grad is not None and h.grad.abs().sum() > 0
+    finally:
+        with torch.no_grad():
+            heads.lm_head.weight.mul_(0.5)
+
+
 @pytest.mark.parametrize("algo", ALGOS)
 def test_greedy_equality_with_a_reduced_vocabulary(algo):
     """Lossless whatever the drafter scores: tokens outside its vocabulary have q = 0."""

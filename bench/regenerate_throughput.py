@@ -1,7 +1,8 @@
 """Generated tokens per second of the `local` regeneration backend: batched vs one at a time.
 
     python bench/regenerate_throughput.py [--prompts 16] [--max-new-tokens 48] [--batch-sizes 1,4,8,16]
-                                          [--repeats 2] [--threads N] [--config configs/smollm2-135m-dspark.yaml]
+                                          [--continuous-sizes 16] [--repeats 2] [--threads N]
+                                          [--config configs/smollm2-135m-dspark.yaml]
 
 The real target (default SmolLM2-135M-Instruct) answers the first turns of the bundled
 MT-bench questions through `LocalBackend.run`, the path `drafter regenerate` takes
@@ -9,6 +10,8 @@ MT-bench questions through `LocalBackend.run`, the path `drafter regenerate` tak
 side by side in one process with the same prompts and the configured sampling
 (temperature 0.7, top-p 0.8, top-k 20; seeded), in interleaved rounds (the best round of
 each batch size is reported, every round is listed). Batch size 1 is one request at a time.
+`--continuous-sizes` adds rows with `regenerate.batching=continuous` (transformers'
+continuous batching over a pool of 8 x batch size prompts, finished rows refilled).
 Generated tokens are counted up to and including each answer's end-of-turn token (the
 padding a finished row keeps producing while its batch runs on is not counted).
 Writes bench/results/regenerate_throughput.json and .md.
@@ -18,15 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
+
+from bench._common import RESULTS, command, machine, write_results  # noqa: E402
 
 
 def prompts(n: int) -> list[str]:
@@ -36,12 +38,12 @@ def prompts(n: int) -> list[str]:
     return [json.loads(line)["turns"][0] for line in lines[:n]]
 
 
-def measure(target, cfg, questions: list[str], batch_size: int) -> dict:
+def measure(target, cfg, questions: list[str], batch_size: int, batching: str = "static") -> dict:
     import torch
 
     from drafter.regenerate import Conversation, LocalBackend
 
-    backend = LocalBackend(cfg.regenerate.model_copy(update={"batch_size": batch_size}), target)
+    backend = LocalBackend(cfg.regenerate.model_copy(update={"batch_size": batch_size, "batching": batching}), target)
     convs = [Conversation(row={"id": str(i)}, source=[{"role": "user", "content": q},
                                                       {"role": "assistant", "content": ""}])
              for i, q in enumerate(questions)]
@@ -55,7 +57,7 @@ def measure(target, cfg, questions: list[str], batch_size: int) -> dict:
         raise RuntimeError(f"batch {batch_size}: {errors[0]}")
     tokens = sum(t.tokens for c in finished for t in c.turns)
     stops = sum(t.finish_reason == "stop" for c in finished for t in c.turns)
-    return {"batch_size": batch_size, "requests": len(finished), "generated_tokens": tokens,
+    return {"batch_size": batch_size, "batching": batching, "requests": len(finished), "generated_tokens": tokens,
             "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 2),
             "stopped_on_eos": stops}
 
@@ -65,6 +67,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-sizes", default="1,4,8,16")
+    parser.add_argument("--continuous-sizes", default="", help="batch sizes also run with continuous batching")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "smollm2-135m-dspark.yaml")
     parser.add_argument("--repeats", type=int, default=2,
                         help="rounds over all batch sizes, interleaved; the best round of each is reported")
@@ -83,51 +86,50 @@ def main() -> None:
     cfg = load_config(args.config, [f"regenerate.max_new_tokens={args.max_new_tokens}"])
     target = load_target(cfg)
     questions = prompts(args.prompts)
-    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    cases = [(int(x), "static") for x in args.batch_sizes.split(",")]
+    cases += [(int(x), "continuous") for x in args.continuous_sizes.split(",") if x]
     measure(target, cfg, questions[:2], 2)  # warm-up: first-call allocations and lazy inits
-    runs: dict[int, list[dict]] = {size: [] for size in sizes}
+    if any(b == "continuous" for _, b in cases):
+        measure(target, cfg, questions[:2], 2, "continuous")
+    runs: dict[tuple[int, str], list[dict]] = {case: [] for case in cases}
     for _ in range(args.repeats):  # interleaved, so a busy spell on a shared machine hits all sizes alike
-        for size in sizes:
-            runs[size].append(measure(target, cfg, questions, size))
-            print(json.dumps(runs[size][-1]), flush=True)
+        for case in cases:
+            runs[case].append(measure(target, cfg, questions, *case))
+            print(json.dumps(runs[case][-1]), flush=True)
     rows = []
-    for size in sizes:
-        best = max(runs[size], key=lambda r: r["tokens_per_s"])
-        rows.append({**best, "all_tokens_per_s": [r["tokens_per_s"] for r in runs[size]]})
-    base = next((r for r in rows if r["batch_size"] == 1), rows[0])
+    for case in cases:
+        best = max(runs[case], key=lambda r: r["tokens_per_s"])
+        rows.append({**best, "all_tokens_per_s": [r["tokens_per_s"] for r in runs[case]]})
+    base = next((r for r in rows if (r["batch_size"], r["batching"]) == (1, "static")), rows[0])
     for r in rows:
         r["speedup_vs_one_at_a_time"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
 
-    command = "python bench/regenerate_throughput.py " + " ".join(sys.argv[1:])
     result = {
         "benchmark": "regenerate_throughput",
-        "command": command.strip(),
+        "command": command(),
         "target": target.info() | {"dtype": str(target.dtype)},
         "sampling": {k: getattr(cfg.regenerate, k) for k in ("temperature", "top_p", "top_k", "max_new_tokens")},
         "prompts": f"first turns of the first {len(questions)} bundled MT-bench questions",
-        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(),
-                    "device": str(target.device), "load_average": os.getloadavg()},
+        "machine": machine(device=str(target.device)),
         "results": rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "regenerate_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# Regeneration throughput (`local` backend)",
         "",
         f"Target {target.name} ({target.info()['parameters']:,} parameters, {target.dtype}, {target.device}); "
         f"{result['prompts']}; sampling {result['sampling']}.",
         "",
-        "| batch size | requests | generated tokens | seconds | tokens/s (best) | every round | vs one at a time |",
-        "|---:|---:|---:|---:|---:|---|---:|",
+        "| batching | batch size | requests | generated tokens | seconds | tokens/s (best) | every round | "
+        "vs one at a time |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
-        label = "1 (one at a time)" if r["batch_size"] == 1 else str(r["batch_size"])
-        lines.append(f"| {label} | {r['requests']} | {r['generated_tokens']} | {r['seconds']} | "
+        label = "1 (one at a time)" if (r["batch_size"], r["batching"]) == (1, "static") else str(r["batch_size"])
+        lines.append(f"| {r['batching']} | {label} | {r['requests']} | {r['generated_tokens']} | {r['seconds']} | "
                      f"{r['tokens_per_s']} | {', '.join(map(str, r['all_tokens_per_s']))} | "
                      f"{r['speedup_vs_one_at_a_time']}x |")
     lines += ["", f"Command: `{result['command']}`", f"Machine: {result['machine']}", ""]
-    (RESULTS / "regenerate_throughput.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(RESULTS, "regenerate_throughput", result, "\n".join(lines))
 
 
 if __name__ == "__main__":

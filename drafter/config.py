@@ -138,6 +138,10 @@ class RegenerateConfig(Section):
     max_new_tokens: int = Field(256, ge=1)
     enable_thinking: bool = False  # passed to templates that have the switch (Qwen3 and the like)
     batch_size: int = Field(8, ge=1)  # local
+    # local: "static" left-pads batch_size prompts and runs them to the longest answer;
+    # "continuous" hands the pool to transformers' continuous batching (paged attention), which
+    # refills a finished row with the next prompt.
+    batching: Literal["static", "continuous"] = "static"
     concurrency: int = Field(8, ge=1)  # openai: requests in flight
     timeout_s: float = Field(120.0, gt=0)  # openai: per request
     max_retries: int = Field(5, ge=0)  # openai: on 429, 5xx, timeouts and connection errors

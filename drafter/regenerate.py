@@ -174,8 +174,10 @@ class LocalBackend(Backend):
         chat.render(self.tokenizer, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
 
     def params(self) -> dict[str, Any]:
-        return {**_sampling(self.cfg), "batch_size": self.cfg.batch_size, "target_fingerprint": self.target.fingerprint,
-                "dtype": dtype_name(self.target.dtype)}
+        # "batching" only when not the default, so that runs made before the option keep their key.
+        return {**_sampling(self.cfg), "batch_size": self.cfg.batch_size,
+                **({"batching": self.cfg.batching} if self.cfg.batching != "static" else {}),
+                "target_fingerprint": self.target.fingerprint, "dtype": dtype_name(self.target.dtype)}
 
     def _prepare(self, conv: Conversation) -> None:
         if conv.prompt_ids is not None:
@@ -192,37 +194,52 @@ class LocalBackend(Backend):
                 f"exceeds the target's context of {self.max_positions}"
             )
 
+    def _sampling(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if cfg.temperature > 0:
+            return {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k or None}
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]]) -> list[Turn]:
-        """One left-padded batch through `generate` (KV cache on)."""
-        cfg = self.cfg
+        """Answer `prompts` (in order): one left-padded batch, or continuous batching."""
+        if self.cfg.batching == "continuous":
+            return self._generate_continuous(prompts)
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
-        sampling = (
-            {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k or None}
-            if cfg.temperature > 0
-            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        )
         out = self.target.model.generate(
             input_ids=ids.to(self.target.device),
             attention_mask=mask.to(self.target.device),
-            max_new_tokens=cfg.max_new_tokens,
+            max_new_tokens=self.cfg.max_new_tokens,
             pad_token_id=self.pad_id,
             eos_token_id=self.eos or None,
             use_cache=True,
-            **sampling,
+            **self._sampling(),
         )
-        turns = []
-        for row in out[:, width:].tolist():
-            stop = next((i for i, t in enumerate(row) if t in self.eos), None)
-            body = row if stop is None else row[:stop]
-            text = self.tokenizer.decode(body, skip_special_tokens=True)
-            turns.append(Turn(text, "length" if stop is None else "stop", len(row) if stop is None else stop + 1))
-        return turns
+        return [self._turn(row) for row in out[:, width:].tolist()]
+
+    def _generate_continuous(self, prompts: list[list[int]]) -> list[Turn]:
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(max_new_tokens=self.cfg.max_new_tokens, pad_token_id=self.pad_id,
+                                  eos_token_id=self.eos or None, **self._sampling())
+        out = self.target.model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
+        if len(out) != len(prompts):
+            raise RegenerateError(f"continuous batching answered {len(out)} of {len(prompts)} prompts")
+        # Request ids are "req_<index in prompts>".
+        rows = sorted(out.items(), key=lambda item: int(item[0].rsplit("_", 1)[-1]))
+        return [self._turn(list(result.generated_tokens)) for _, result in rows]
+
+    def _turn(self, row: list[int]) -> Turn:
+        """Generated ids -> the answer up to the first end token (padding after it ignored)."""
+        stop = next((i for i, t in enumerate(row) if t in self.eos), None)
+        body = row if stop is None else row[:stop]
+        text = self.tokenizer.decode(body, skip_special_tokens=True)
+        return Turn(text, "length" if stop is None else "stop", len(row) if stop is None else stop + 1)
 
     def _generate_safe(self, batch: list[Conversation]) -> None:
         """Generate for a batch; on failure split it so one bad request fails alone."""
@@ -262,7 +279,8 @@ class LocalBackend(Backend):
                     return
                 continue
             active.sort(key=lambda c: len(c.prompt_ids))
-            self._generate_safe(active[: self.cfg.batch_size])
+            # Continuous batching takes the whole pool and keeps batch_size-ish rows busy itself.
+            self._generate_safe(active if self.cfg.batching == "continuous" else active[: self.cfg.batch_size])
 
 
 # ----- openai: any OpenAI-compatible server ----------------------------------------

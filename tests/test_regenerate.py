@@ -114,6 +114,26 @@ def test_batched_left_padding_matches_one_at_a_time(tiny_config, tiny_target):
     assert all(t.tokens == 6 and t.finish_reason == "length" for t in batched)
 
 
+def test_continuous_batching_matches_one_at_a_time(tiny_config, tiny_target, ingested, tmp_path):
+    """transformers' continuous batching (paged attention, finished rows refilled): greedy
+    answers equal the static backend's one prompt at a time, and a whole regeneration run
+    through it keeps every conversation."""
+    static = LocalBackend(config(tiny_config, temperature=0.0, max_new_tokens=6).regenerate, tiny_target)
+    cont = LocalBackend(config(tiny_config, temperature=0.0, max_new_tokens=6, batching="continuous").regenerate,
+                        tiny_target)
+    tok = tiny_target.tokenizer
+    prompts = [chat.prompt_ids(tok, [{"role": "user", "content": q}])
+               for q in ("Hi", "What is 17 times 3?", "Explain binary search in detail.", "Name a prime.")]
+    single = [static.generate([p])[0] for p in prompts]
+    together = cont.generate(prompts)
+    assert [(t.text, t.tokens, t.finish_reason) for t in together] == [
+        (t.text, t.tokens, t.finish_reason) for t in single]
+    assert cont.params()["batching"] == "continuous" and "batching" not in static.params()
+    manifest = regenerate(config(tiny_config, limit=None, batching="continuous"), ingested, tmp_path / "out",
+                          target=tiny_target)
+    assert manifest["counts"]["train"]["succeeded"] == 7 and manifest["counts"]["train"]["errors"] == 0
+
+
 def test_stop_on_eos_reports_finish_reason(tiny_config, tiny_target, monkeypatch):
     backend = LocalBackend(config(tiny_config, temperature=0.0, max_new_tokens=8).regenerate, tiny_target)
     eos = tiny_target.eos_token_ids[0]

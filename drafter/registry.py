@@ -656,12 +656,18 @@ def _finish_interrupted(c, name: str) -> dict[str, Any] | None:
     return {"decision": tags["decision"], "version": tags["version"], "result": result}
 
 
-def _repeats(finished: dict[str, Any] | None, decision: str, version: str | None = None) -> bool:
-    """Whether this call repeats the decision a crash cut short (the same decision on the same
-    version; any rollback after a rollback): then finishing that one is this call's result, and
-    re-running a killed command does not decide twice (nor roll back two versions)."""
-    return finished is not None and finished["decision"] == decision and (
-        decision == "rollback" or finished["version"] == version)
+@contextlib.contextmanager
+def _deciding(name: str, decision: str, version: str | None = None):
+    """What every decision starts with: the lock, a client, and a decision a crash cut short
+    finished first. Yields (client, that decision's result when this call repeats it, else
+    None): the same decision on the same version, or any rollback after a rollback. Re-running
+    a killed command then does not decide twice (nor roll back two versions)."""
+    with decision_lock():
+        c = client()
+        finished = _finish_interrupted(c, name)
+        repeats = finished is not None and finished["decision"] == decision and (
+            decision == "rollback" or finished["version"] == version)
+        yield c, finished["result"] if repeats else None
 
 
 def decision_log(name: str) -> list[dict[str, Any]]:
@@ -768,11 +774,9 @@ def approve(name: str, version: str | int, by: str, reason: str, via: str = "cli
     rejected, unless `force` (logged with what it overrode)."""
     version = normalize_version(version)
     by, reason = _require_by_reason(APPROVED, by, reason)
-    with decision_lock():
-        c = client()
-        finished = _finish_interrupted(c, name)
-        if _repeats(finished, APPROVED, version):
-            return finished["result"]
+    with _deciding(name, APPROVED, version) as (c, repeated):
+        if repeated is not None:
+            return repeated
         mv = _version(c, name, version)
         current = aliases(name, c)
         problems = approval_problems(mv, current)
@@ -785,11 +789,9 @@ def approve(name: str, version: str | int, by: str, reason: str, via: str = "cli
 def promote(name: str, version: str | int, by: str | None = None, via: str = "cli") -> dict[str, Any]:
     """Put an already approved version back into production (refused without a record)."""
     version = normalize_version(version)
-    with decision_lock():
-        c = client()
-        finished = _finish_interrupted(c, name)
-        if _repeats(finished, "promote", version):
-            return finished["result"]
+    with _deciding(name, "promote", version) as (c, repeated):
+        if repeated is not None:
+            return repeated
         current = aliases(name, c)
         _require_approved(c, name, version)
         return _decide(c, name, "promote", version, by or getpass.getuser(), "promote", via, current)
@@ -799,11 +801,9 @@ def reject(name: str, version: str | int, by: str, reason: str, via: str = "cli"
     """Record a rejection; the version loses the `candidate` alias and is never promoted by it."""
     version = normalize_version(version)
     by, reason = _require_by_reason(REJECTED, by, reason)
-    with decision_lock():
-        c = client()
-        finished = _finish_interrupted(c, name)
-        if _repeats(finished, REJECTED, version):
-            return finished["result"]
+    with _deciding(name, REJECTED, version) as (c, repeated):
+        if repeated is not None:
+            return repeated
         _version(c, name, version)
         current = aliases(name, c)
         if current.get(PRODUCTION) == version:
@@ -823,11 +823,9 @@ def rollback(name: str, by: str | None = None, reason: str | None = None, via: s
     `previous` then cleared. With no previous version, production is cleared: the fleet
     serves the target without this drafter (plain decoding) until a version is approved."""
     by, reason = (by or getpass.getuser()).strip(), (reason or "rollback").strip()
-    with decision_lock():
-        c = client()
-        finished = _finish_interrupted(c, name)
-        if _repeats(finished, "rollback"):
-            return finished["result"]
+    with _deciding(name, "rollback") as (c, repeated):
+        if repeated is not None:
+            return repeated
         current = aliases(name, c)
         old, target = current.get(PRODUCTION), current.get(PREVIOUS)
         if old is None:

@@ -17,6 +17,9 @@ sends its block, padded on the right to the longest; afterwards each row keeps i
 and accepted drafts, and its rejected slots are rotated to the left where they become
 padding. So the cache is always "padding, then the request's confirmed tokens", which
 is exact for sliding-window attention too. With one request this is a plain crop.
+
+Every generation carries `breakdown`: its batch's round time by phase (PHASES), read by the
+evaluation report and `bench/engine_speedup.py`.
 """
 
 from __future__ import annotations

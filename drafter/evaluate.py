@@ -298,7 +298,9 @@ def classify_divergence(target, prompt: list[int], a: list[int], b: list[int], t
     i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     if i >= min(len(a), len(b)):  # one is a prefix of the other: a length/EOS disagreement
         return {"position": i, "margin": None, "noise": None, "tie": False}
-    paths = [_last_logits(target, prompt + a[:i], cut) for cut in (0, len(prompt), len(prompt) + i - 1)]
+    ids = prompt + a[:i]
+    cuts = dict.fromkeys(c if 0 < c < len(ids) else 0 for c in (0, len(prompt), len(ids) - 1))  # distinct forwards
+    paths = [_last_logits(target, ids, cut) for cut in cuts]
     logits = paths[0]
     margin = float((logits[a[i]] - logits[b[i]]).abs())
     noise = max(float((x - y).abs().max()) for x in paths for y in paths)
@@ -312,8 +314,8 @@ def _last_logits(target, ids: list[int], cut: int) -> torch.Tensor:
     from transformers import DynamicCache
 
     x = torch.tensor([ids], device=target.device)
-    cache = DynamicCache() if 0 < cut < len(ids) else None
-    if cache is not None:
+    if cut:
+        cache = DynamicCache()
         target.capture(x[:, :cut], past_key_values=cache, use_cache=True)
         feats = target.capture(x[:, cut:], position_ids=torch.arange(cut, len(ids), device=target.device)[None],
                                past_key_values=cache, use_cache=True)

@@ -194,7 +194,8 @@ class LocalBackend(Backend):
                 f"exceeds the target's context of {self.max_positions}"
             )
 
-    def _sampling(self) -> dict[str, Any]:
+    def _generate_kwargs(self) -> dict[str, Any]:
+        """The sampling arguments of transformers' generate (greedy when temperature is 0)."""
         cfg = self.cfg
         if cfg.temperature > 0:
             return {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k or None}
@@ -218,7 +219,7 @@ class LocalBackend(Backend):
             pad_token_id=self.pad_id,
             eos_token_id=self.eos or None,
             use_cache=True,
-            **self._sampling(),
+            **self._generate_kwargs(),
         )
         return [self._turn(row) for row in out[:, width:].tolist()]
 
@@ -226,7 +227,7 @@ class LocalBackend(Backend):
         from transformers import GenerationConfig
 
         config = GenerationConfig(max_new_tokens=self.cfg.max_new_tokens, pad_token_id=self.pad_id,
-                                  eos_token_id=self.eos or None, **self._sampling())
+                                  eos_token_id=self.eos or None, **self._generate_kwargs())
         out = self.target.model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
         if len(out) != len(prompts):
             raise RegenerateError(f"continuous batching answered {len(out)} of {len(prompts)} prompts")

@@ -23,7 +23,8 @@ def config(tmp_path: Path, name: str) -> Config:
 
 
 def register(cfg: Config, tmp_path: Path, tag: str, taus=None, **kw) -> registry.Candidate:
-    folder = make_drafter(tmp_path / f"drafter-{tag}", seed=hash(tag) % 1000)
+    # A seed that differs for every tag (hash() is salted per process: two tags could share weights).
+    folder = make_drafter(tmp_path / f"drafter-{tag}", seed=int.from_bytes(tag.encode(), "little"))
     eval_dir = make_eval(tmp_path / f"eval-{tag}", taus or {"gsm8k": 2.5, "humaneval": 2.1})
     return registry.register_candidate(cfg, folder, eval_dir=eval_dir, gate_verdict=passing_verdict(), **kw)
 

@@ -8,8 +8,10 @@ Patterns of our own cover what they lack: whole private key blocks, current Open
 Anthropic keys, bearer tokens, high-entropy `api_key = "..."` assignments, e-mail
 addresses, Luhn-checked card numbers and globally routable IP addresses.
 
-Every detector has cheap literal hints: a text containing none of them skips the regex,
-which keeps redaction fast on ordinary text.
+Every detector has cheap literal hints or a small gate regex: a text containing none of
+them skips the detector. All hints and gates (and the phone-number hints) are matched in one
+pass of a Hyperscan database, so ordinary text costs one scan; without Hyperscan the same
+tests run one by one in Python (`_active_python`, the reference the scan is tested against).
 
 Text that holds JSON as a string (a pasted request body, a logged payload, a quarantined
 line) hides secrets behind escapes: `\\"password\\": \\"...\\"`, `jane\\u0040mail.com`,
@@ -28,6 +30,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import phonenumbers
+
+try:
+    import hyperscan
+except ImportError:  # no wheel for this platform: the hints are tested one by one
+    hyperscan = None
 from detect_secrets.plugins.aws import AWSKeyDetector
 from detect_secrets.plugins.azure_storage_key import AzureStorageKeyDetector
 from detect_secrets.plugins.basic_auth import BasicAuthDetector
@@ -188,7 +195,9 @@ DETECTORS: list[Detector] = [
     *_ds(SquareOAuthDetector, "square_token", ("sq0csp-",)),
     *_ds(AzureStorageKeyDetector, "azure_storage_key", ("AccountKey=",)),
     *[
-        Detector("discord_token", rx, gate=re.compile(r"\.[\w-]{6}\.[\w-]{27}"), check=lambda s: _random_looking(s, 24))
+        # The gate is wider than the token (any non-space, non-dot run): Hyperscan cannot hold
+        # a Unicode \w repeated 27 times, and a wider gate only runs the detector more often.
+        Detector("discord_token", rx, gate=re.compile(r"\.[^.\s]{6}\.[^.\s]{27}"), check=lambda s: _random_looking(s, 24))
         for rx in DiscordBotTokenDetector.denylist
     ],
     Detector(
@@ -269,12 +278,51 @@ HINT_TABLE: list[tuple[str, tuple[int, ...]]] = sorted(
 GATED = [i for i, d in enumerate(DETECTORS) if d.gate is not None]
 
 
-def _active(text: str) -> list[int]:
+PHONE_IDS = {"nanp": len(DETECTORS), "any": len(DETECTORS) + 1}  # prefilter ids of the phone hints
+PHONE_HINTS = set(PHONE_IDS.values())
+
+
+def _active_python(text: str) -> set[int]:
+    """The detectors whose hint or gate is in the text, and the phone hints that match."""
     active = {i for i in GATED if DETECTORS[i].gate.search(text)}
     for hint, idxs in HINT_TABLE:
         if hint in text:
             active.update(idxs)
-    return sorted(active)
+    active.update(i for name, i in PHONE_IDS.items() if (NANP_HINT if name == "nanp" else ANY_HINT).search(text))
+    return active
+
+
+def _prefilter_database():
+    """One Hyperscan database of every hint (literal), gate and phone hint, each reported once
+    under its detector's index. UTF-8 with Unicode properties, as Python's `re` reads `\\d`."""
+    patterns = [(re.escape(h), idx) for h, idxs in HINT_TABLE for idx in idxs]
+    patterns += [(DETECTORS[i].gate.pattern, i) for i in GATED]
+    patterns += [(NANP_HINT.pattern, PHONE_IDS["nanp"]), (ANY_HINT.pattern, PHONE_IDS["any"])]
+    # Python's \s also holds the separators \x1c-\x1f (every \s here is inside a [class]).
+    patterns = [(p.replace("\\s", "\\s\\x1c-\\x1f"), i) for p, i in patterns]
+    flags = hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_UTF8 | hyperscan.HS_FLAG_UCP
+    db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+    db.compile(expressions=[p.encode() for p, _ in patterns], ids=[i for _, i in patterns],
+               elements=len(patterns), flags=[flags] * len(patterns))
+    return db
+
+
+def _on_match(idx: int, start: int, end: int, flags: int, found: set[int]) -> None:
+    found.add(idx)
+
+
+_DATABASE = None
+
+
+def _active(text: str) -> set[int]:
+    global _DATABASE
+    if hyperscan is None:
+        return _active_python(text)
+    if _DATABASE is None:
+        _DATABASE = _prefilter_database()
+    found: set[int] = set()
+    _DATABASE.scan(text.encode("utf-8", "surrogatepass"), match_event_handler=_on_match, context=found)
+    return found
 
 
 # ----- JSON-escaped text -------------------------------------------------------------------
@@ -339,9 +387,12 @@ class Redactor:
             return text, found
         if "\\" in text:
             text = self._escaped(text, found)
-        for i in _active(text):
-            text = self._apply(DETECTORS[i], text, found)
-        text = self._phones(text, found)
+        active = _active(text)
+        if active:
+            for i in sorted(active - PHONE_HINTS):
+                text = self._apply(DETECTORS[i], text, found)
+            if PHONE_IDS[self._phone_hint] in active:
+                text = self._phones(text, found)
         self.totals.update(found)
         return text, found
 
@@ -385,11 +436,16 @@ class Redactor:
         """Mask in `text` what the detectors find in its JSON-unescaped views."""
         spans, unicode = [], "\\u" in text  # only \uXXXX can hide a phone number's digits (the slow matcher)
         for view, maps in escaped_views(text):
-            hits = [(s, e, DETECTORS[i].kind) for i in _active(view) for s, e in self._matches(DETECTORS[i], view)]
+            hits = [(s, e, DETECTORS[i].kind) for i in sorted(_active(view) - PHONE_HINTS)
+                    for s, e in self._matches(DETECTORS[i], view)]
             if unicode:
                 hits += [(s, e, "phone") for s, e in self._phone_spans(view)]
             spans += [(_map_back(s, maps), _map_back(e, maps), kind) for s, e, kind in hits]
         return _replace(text, spans, found)
+
+    @property
+    def _phone_hint(self) -> str:
+        return "nanp" if set(self.phone_regions) <= {"US", "CA"} else "any"
 
     def _phones(self, text: str, found: Counter) -> str:
         return _replace(text, [(s, e, "phone") for s, e in self._phone_spans(text)], found)
@@ -398,7 +454,7 @@ class Redactor:
         spans: set[tuple[int, int]] = set()
         if not TWO_DIGITS.search(text):
             return spans
-        hint = NANP_HINT if set(self.phone_regions) <= {"US", "CA"} else ANY_HINT
+        hint = NANP_HINT if self._phone_hint == "nanp" else ANY_HINT
         for cand in hint.finditer(text):
             if cand.group(0).isdigit() and not PHONE_WORDS.search(text[max(0, cand.start() - 40) : cand.start()]):
                 continue

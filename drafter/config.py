@@ -114,7 +114,7 @@ class IngestConfig(Section):
     max_pending_bytes: int = Field(128 << 20, ge=1)  # raw bytes of a batch: past it the batch runs early
     max_decompressed_bytes: int = Field(8 << 30, ge=1)  # per .gz/.zst file; the rest past it is quarantined
     max_compression_ratio: float = Field(1000.0, gt=1)  # decompressed/compressed, checked after 4 MiB (bombs)
-    validate_rows: int = Field(5_000, ge=1)  # rows per Great Expectations batch (bounds memory)
+    validate_rows: int = Field(20_000, ge=1)  # rows per Great Expectations batch (bounds memory; ~0.4 s a call)
     max_invalid_fraction: float = Field(0.05, ge=0, lt=1)  # row-level failures allowed per batch
 
     @model_validator(mode="after")

@@ -83,10 +83,10 @@ class EvalIndex:
         self.boilerplate = len(owner) - len(self.grams)
 
     def match(self, texts: list[str]) -> str | None:
-        """Name of the first evaluation set one of the texts overlaps, else None."""
+        """Name of the first evaluation set one of the texts (`normalize`d) overlaps, else None."""
         n = self.n
         for text in texts:
-            words = normalize(text).split()
+            words = text.split()
             if len(words) < n:
                 hit = self.short.get(" ".join(words))
                 if hit is not None:

@@ -2,9 +2,10 @@
 
 The prompt of a conversation is its user turns. Exact duplicates share the hash of the
 normalised prompt (case, spacing and punctuation folded); near duplicates are found with
-MinHash signatures (datasketch) over word shingles and LSH banding: two prompts whose
-Jaccard similarity is above the threshold share a band with high probability. The
-first conversation seen is kept; later ones are counted as duplicates of it.
+MinHash signatures over word shingles (rensa: a batch of prompts in one Rust call) and LSH
+banding: two prompts whose Jaccard similarity is above the threshold share a band with high
+probability. The bands and rows are datasketch's optimum for the threshold. The first
+conversation seen is kept; later ones are counted as duplicates of it.
 
 The index lives in SQLite (one row per exact hash and per LSH band of each kept prompt),
 so memory stays flat however many prompts were ingested, and later runs see what
@@ -18,8 +19,10 @@ import sqlite3
 import unicodedata
 from pathlib import Path
 
+import numpy as np
+import rensa
 import xxhash
-from datasketch import MinHash, MinHashLSH
+from datasketch import MinHashLSH
 
 from drafter.errors import DrafterError
 
@@ -38,10 +41,6 @@ def normalize(text: str) -> str:
     return " ".join(WORD.findall(unicodedata.normalize("NFKC", text).lower()))
 
 
-def prompt_text(user_turns: list[str]) -> str:
-    return "\n".join(user_turns)
-
-
 def shingles(normalized: str) -> list[bytes]:
     words = normalized.split()
     if len(words) <= SHINGLE:
@@ -49,9 +48,13 @@ def shingles(normalized: str) -> list[bytes]:
     return [" ".join(words[i : i + SHINGLE]).encode() for i in range(len(words) - SHINGLE + 1)]
 
 
-def shingle_hash(data: bytes) -> int:
-    """32-bit shingle hash for MinHash: xxhash (C) instead of datasketch's default SHA-1 (5x faster)."""
-    return xxhash.xxh32_intdigest(data)
+MINHASH_SEED = 1  # part of the index's params: another seed hashes prompts into other buckets
+
+
+def signatures(normalized: list[str], num_perm: int) -> np.ndarray:
+    """[prompts, num_perm] uint32 MinHash signatures of the prompts' word shingles."""
+    matrix = rensa.RMinHash.digest_matrix_from_token_byte_sets([shingles(n) for n in normalized], num_perm, MINHASH_SEED)
+    return np.asarray(matrix.to_rows(), dtype=np.uint32).reshape(len(normalized), num_perm)
 
 
 def _key(tag: int, data: bytes) -> int:
@@ -68,30 +71,33 @@ class Deduper:
         self.db = sqlite3.connect(str(path))
         self.db.execute("PRAGMA journal_mode=OFF")  # the whole index file is swapped in atomically
         self.db.execute("PRAGMA synchronous=OFF")
+        self.db.execute("PRAGMA cache_size=-65536")  # 64 MiB of pages: lookups of random keys stay in memory
         self.db.execute("CREATE TABLE IF NOT EXISTS seen (key INTEGER PRIMARY KEY, ref TEXT NOT NULL)")
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
-        params = f"{threshold}:{num_perm}:{self.bands}x{self.rows}:{SHINGLE}:xxh32:xxh64"
+        params = (f"{threshold}:{num_perm}:{self.bands}x{self.rows}:{SHINGLE}:"
+                  f"rensa{rensa.RMinHash.ALGORITHM_VERSION}-{MINHASH_SEED}:xxh64")
         row = self.db.execute("SELECT value FROM meta WHERE name='params'").fetchone()
         if row is None:
             self.db.execute("INSERT INTO meta VALUES ('params', ?)", (params,))
         elif row[0] != params:
             # Different LSH parameters would hash the same prompt into other buckets.
-            raise DedupIndexError(f"dedup index was built with {row[0]}, the config asks for {params}; "
+            raise DedupIndexError(f"dedup index was built with {row[0]}; this run hashes with {params} (the config's "
+                                  "threshold and num_perm, this drafter's MinHash): "
                                   "ingest into a fresh --out folder")
         self._added: dict[str, tuple[int, ...]] = {}  # kept since the last settle(): may still be forgotten
 
-    def keys(self, normalized: str, signature) -> tuple[int, list[int]]:
+    def keys(self, normalized: str, signature: np.ndarray) -> tuple[int, list[int]]:
         exact = _key(0, normalized.encode())
-        hv = signature.hashvalues.tobytes()
-        width = signature.hashvalues.itemsize * self.rows
+        hv = signature.tobytes()
+        width = signature.itemsize * self.rows
         bands = [_key(1 + i, hv[i * width : (i + 1) * width]) for i in range(self.bands)]
         return exact, bands
 
-    def check(self, ids: list[str], prompts: list[str]) -> list[tuple[str, str] | None]:
-        """In order: each prompt is checked against the index and the prompts kept before it."""
-        normalized = [normalize(p) for p in prompts]
-        signatures = MinHash.bulk([shingles(n) for n in normalized], num_perm=self.num_perm, hashfunc=shingle_hash)
-        keys = [self.keys(n, sig) for n, sig in zip(normalized, signatures)]
+    def check(self, ids: list[str], normalized: list[str]) -> list[tuple[str, str] | None]:
+        """In order: each prompt (`normalize`d) is checked against the index and the prompts
+        kept before it."""
+        sigs = signatures(normalized, self.num_perm) if normalized else []
+        keys = [self.keys(n, sig) for n, sig in zip(normalized, sigs)]
         known: dict[int, str] = {}  # key -> id of the prompt that holds it
         wanted = list({k for exact, bands in keys for k in (exact, *bands)})
         for i in range(0, len(wanted), LOOKUP):
@@ -113,6 +119,7 @@ class Deduper:
                 rows.append((k, cid))
             self._added[cid] = (exact, *bands)
             out.append(None)
+        rows.sort()  # in key order: each B-tree page is visited once
         self.db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", rows)
         return out
 

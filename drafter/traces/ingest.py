@@ -51,7 +51,7 @@ from drafter.manifest import (
     write_manifest,
 )
 from drafter.traces import formats
-from drafter.traces.dedup import Deduper, normalize, prompt_text
+from drafter.traces.dedup import Deduper, normalize
 from drafter.traces.domain import classify
 from drafter.traces.formats import NotAConversation, Parsed
 from drafter.traces.redact import Redactor, has_leftover, mask_leftovers
@@ -91,6 +91,7 @@ class Candidate:
     num_bytes: int = 0
     offset: int = 0  # of its record in the decompressed file
     sha256: str = ""  # of its record's bytes
+    users: list[str] = field(default_factory=list)  # its user turns, `normalize`d (after redaction)
 
 
 @dataclass
@@ -141,9 +142,9 @@ class JsonlWriter:
 
 
 def split_of(first_user_turn: str, fraction: float, seed: int) -> str:
-    """Deterministic split by the normalised opening prompt: a conversation, its longer
-    continuations and its exact repeats always land on the same side."""
-    digest = hashlib.blake2b(f"{seed}\0{normalize(first_user_turn)}".encode(), digest_size=8).digest()
+    """Deterministic split by the normalised opening prompt (`normalize`d already): a
+    conversation, its longer continuations and its exact repeats always land on the same side."""
+    digest = hashlib.blake2b(f"{seed}\0{first_user_turn}".encode(), digest_size=8).digest()
     return "holdout" if int.from_bytes(digest, "big") / 2**64 < fraction else "train"
 
 
@@ -221,6 +222,7 @@ class IngestRun:
         self._validator: Validator | None = None
         self._batch_out = None
         self._size: TokenSize | None = None
+        self._fields: dict[str, tuple[str, Counter]] = {}
 
     # ----- lazily built helpers (a run with nothing new needs none of them) -----------------
     @property
@@ -252,6 +254,19 @@ class IngestRun:
     # ----- quarantine / dropped ---------------------------------------------------------------
     def redact_text(self, text: str) -> str:
         return self.redactor.redact(text)[0]
+
+    def redact_field(self, text: str | None) -> str | None:
+        """A short field (tenant, route, model): the same few values on every line, redacted once."""
+        if not text or len(text) > 256:
+            return self.redact_text(text) if text else text
+        hit = self._fields.get(text)
+        if hit is None:
+            if len(self._fields) > 10_000:
+                self._fields.clear()
+            hit = self._fields[text] = self.redactor.redact(text)
+        else:
+            self.redactor.totals.update(hit[1])  # counted as often as it occurs
+        return hit[0]
 
     def excerpt(self, data: bytes, cut: bool = False, obj: Any = None) -> dict[str, Any]:
         """A bad record's excerpt for the quarantine: redacted first, then cut to
@@ -469,14 +484,15 @@ class IngestRun:
         with self.timer("decontaminate"):
             kept = []
             for cand in survivors:
-                hit = self.eval_index.match([m["content"] for m in cand.parsed.messages if m["role"] == "user"])
+                cand.users = [normalize(m["content"]) for m in cand.parsed.messages if m["role"] == "user"]
+                hit = self.eval_index.match(cand.users)
                 if hit is None:
                     kept.append(cand)
                 else:
                     self.ledger.decontaminated[hit] += 1
                     self.drop(cand, "decontaminated", hit)
         with self.timer("dedup"):
-            prompts = [prompt_text([m["content"] for m in c.parsed.messages if m["role"] == "user"]) for c in kept]
+            prompts = [" ".join(u for u in c.users if u) for c in kept]  # = normalize() of the user turns joined
             verdicts = self.dedup.check([c.id for c in kept], prompts)
         for cand, verdict in zip(kept, verdicts):
             if verdict is not None:
@@ -494,9 +510,7 @@ class IngestRun:
         for msg in p.messages:
             if isinstance(msg.get("content"), str):
                 msg["content"] = self.redact_text(msg["content"])
-        p.tenant = self.redact_text(p.tenant) if p.tenant else p.tenant
-        p.route = self.redact_text(p.route) if p.route else p.route
-        p.model = self.redact_text(p.model) if p.model else p.model
+        p.tenant, p.route, p.model = self.redact_field(p.tenant), self.redact_field(p.route), self.redact_field(p.model)
         reason = None
         if "error_response" in p.flags:
             reason = "error_response"
@@ -560,7 +574,7 @@ class IngestRun:
             id=cand.id, source=cand.source, line=cand.line, timestamp=p.timestamp, model=p.model,
             tenant=p.tenant, route=p.route, domain=classify(users), messages=p.messages,
         )
-        return cand, conv.row(), split_of(users[0], self.icfg.holdout_fraction, self.cfg.run.seed)
+        return cand, conv.row(), split_of(cand.users[0], self.icfg.holdout_fraction, self.cfg.run.seed)
 
     def validate(self) -> None:
         if not self.to_validate:

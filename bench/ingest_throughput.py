@@ -1,26 +1,28 @@
 """Ingest throughput and memory on generated production logs (default: 1,000,000 lines).
 
-    python bench/ingest_throughput.py [--lines 1000000] [--work /tmp/drafter-bench-ingest]
+    python bench/ingest_throughput.py [--lines 1000000] [--workers 1,2] [--work /tmp/drafter-bench-ingest]
                                       [--config configs/smollm2-135m-dspark.yaml]
 
 1. Generates an OpenAI chat-completions gateway log: prompts and answers are 1-3
    sentences drawn at random from the ShareGPT dump (so almost every prompt is new, the
    costly path), with 3% retried requests logged twice, 2% pasted secrets and 0.5%
    broken lines.
-2. Runs `python -m drafter ingest LOG --out DIR` in a child process (real target
-   tokenizer, bundled evaluation sets, Great Expectations), polling its resident memory
-   once a second.
-3. Writes bench/results/ingest.json and bench/results/ingest.md: lines/s, peak RSS,
-   RSS along the run (bounded memory: it must not grow with the number of lines), and
-   the stage's own timings and counts from its manifest.
+2. For each worker count, runs `python -m drafter ingest LOG --out DIR --workers N` in a
+   child process (real target tokenizer, bundled evaluation sets, Great Expectations; N > 1
+   prepares batches on a Dask LocalCluster), polling the resident memory of the whole
+   process tree (the ingest and its Dask workers) once a second.
+3. Writes bench/results/ingest.json and bench/results/ingest.md: per run lines/s, peak RSS
+   of the tree, RSS along the run (bounded memory: it must not grow with the number of
+   lines), the stage's own timings and counts from its manifest; and checks that every run
+   kept the same conversations (the output does not depend on the number of workers).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import platform
 import random
 import re
 import shutil
@@ -30,9 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
-sys.path.insert(0, str(ROOT))
+from _common import RESULTS, ROOT, command, machine, write_results
 
 
 def sentence_pools(limit: int = 6000) -> tuple[list[str], list[str]]:
@@ -92,33 +92,29 @@ def generate(path: Path, lines: int, seed: int = 0) -> dict:
     return {"lines": lines, "bytes": path.stat().st_size, "kinds": kinds, "seconds": round(time.time() - t0, 1)}
 
 
-def run_ingest(log: Path, out: Path, config: Path) -> dict:
+def run_ingest(log: Path, out: Path, config: Path, workers: int) -> dict:
     import psutil
 
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "drafter", "ingest", str(log), "--out", str(out), "-c", str(config), "--json"]
+    cmd = [sys.executable, "-m", "drafter", "ingest", str(log), "--out", str(out), "-c", str(config),
+           "--workers", str(workers), "--json"]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     start = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    samples: list[tuple[float, int, int]] = []
-
-    def anon(pid: int) -> int:
-        """Anonymous resident memory (heap): RSS minus file-backed pages such as memory-mapped
-        Arrow files, which the kernel can drop at any time."""
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+    samples: list[tuple[float, int]] = []
 
     def poll() -> None:
-        p = psutil.Process(proc.pid)
+        """RSS of the ingest and every process under it (Dask's nanny and worker processes)."""
+        root = psutil.Process(proc.pid)
         while proc.poll() is None:
+            total = 0
             try:
-                rss, heap = p.memory_info().rss, anon(proc.pid)
-            except (psutil.Error, OSError):
+                for p in [root, *root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        total += p.memory_info().rss
+            except psutil.Error:
                 break
-            samples.append((round(time.time() - start, 1), rss, heap))
+            samples.append((round(time.time() - start, 1), total))
             time.sleep(1.0)
 
     watcher = threading.Thread(target=poll, daemon=True)
@@ -129,12 +125,18 @@ def run_ingest(log: Path, out: Path, config: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"ingest failed ({proc.returncode}):\n{stderr[-3000:]}")
     manifest = json.loads((out / "manifest.json").read_text())
-    return {"wall_s": round(wall, 1), "samples": samples, "manifest": manifest, "command": " ".join(cmd)}
+    samples = [s for s in samples if s[1] > 0]
+    n = len(samples)
+    along = [samples[min(n - 1, int(n * q))] for q in (0.1, 0.25, 0.5, 0.75, 1.0)] if n else []
+    return {"wall_s": round(wall, 1), "peak_rss_mib": round(max((s[1] for s in samples), default=0) / 2**20, 1),
+            "rss_along_run_mib": [(t, round(rss / 2**20, 1)) for t, rss in along],
+            "manifest": manifest, "command": " ".join(cmd).replace(sys.executable, "python")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lines", type=int, default=1_000_000)
+    parser.add_argument("--workers", default="1,2", help="worker counts to run, comma-separated")
     parser.add_argument("--work", type=Path, default=Path("/tmp/drafter-bench-ingest"))
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "smollm2-135m-dspark.yaml")
     parser.add_argument("--keep", action="store_true", help="keep the generated log and output")
@@ -144,63 +146,51 @@ def main() -> None:
     log = args.work / f"gateway-{args.lines}.jsonl"
     gen = generate(log, args.lines)
     print(f"generated {gen['lines']:,} lines ({gen['bytes'] / 1e6:.0f} MB) in {gen['seconds']} s", flush=True)
-    run = run_ingest(log, args.work / "ingested", args.config)
-    m = run["manifest"]
-    counts = m["counts"]
-    run["samples"] = [s for s in run["samples"] if s[1] > 0]  # an exited process reads 0
-    peak = max((s[1] for s in run["samples"]), default=0)
-    peak_anon = max((s[2] for s in run["samples"]), default=0)
-    n = len(run["samples"])
-    along = [run["samples"][min(n - 1, int(n * q))] for q in (0.1, 0.25, 0.5, 0.75, 1.0)] if n else []
-    result = {
-        "lines": args.lines,
-        "log_bytes": gen["bytes"],
-        "generated": gen["kinds"],
-        "wall_s": run["wall_s"],
-        "lines_per_s": round(args.lines / run["wall_s"], 1),
-        "mb_per_s": round(gen["bytes"] / 1e6 / run["wall_s"], 2),
-        "peak_rss_mb": round(peak / 2**20, 1),
-        "peak_rss_anon_mb": round(peak_anon / 2**20, 1),
-        "rss_along_run_mb": [(t, round(rss / 2**20, 1), round(heap / 2**20, 1)) for t, rss, heap in along],
-        "stage_durations_s": m["durations_s"],
-        "counts": {k: counts[k] for k in ("records", "conversations", "quarantined_by_reason", "duplicates_by_kind",
-                                            "redactions", "domains", "totals")},
-        "command": f"python bench/ingest_throughput.py --lines {args.lines}",
-        "ingest_command": run["command"],
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ingest.json").write_text(json.dumps(result, indent=2) + "\n")
+    runs, kept = [], {}
+    for workers in [int(w) for w in args.workers.split(",")]:
+        out = args.work / f"ingested-w{workers}"
+        run = run_ingest(log, out, args.config, workers)
+        m = run["manifest"]
+        kept[workers] = (m["counts"]["totals"], m["outputs"])
+        runs.append({
+            "workers": workers, "lines": args.lines, "wall_s": run["wall_s"],
+            "lines_per_s": round(args.lines / run["wall_s"], 1), "mb_per_s": round(gen["bytes"] / 1e6 / run["wall_s"], 2),
+            "peak_rss_mib": run["peak_rss_mib"], "rss_along_run_mib": run["rss_along_run_mib"],
+            "stage_durations_s": m["durations_s"],
+            "counts": {k: m["counts"][k] for k in ("records", "conversations", "quarantined_by_reason",
+                                                     "duplicates_by_kind", "redactions", "domains", "totals")},
+            "ingest_command": run["command"],
+        })
+        print(f"workers={workers}: {runs[-1]['lines_per_s']:,.0f} lines/s, peak RSS {run['peak_rss_mib']:,.0f} MiB",
+              flush=True)
+        shutil.rmtree(out, ignore_errors=True) if not args.keep else None
+    same = len({json.dumps(v, sort_keys=True) for v in kept.values()}) == 1
+    doc = {"runs": runs, "log_bytes": gen["bytes"], "generated": gen["kinds"], "same_output": same,
+           "command": command(), "machine": machine(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    base = runs[0]
     md = [
-        "# Ingest throughput",
+        "# Ingest throughput", "",
+        f"Command: `{doc['command']}` ({gen['lines']:,} generated gateway lines, {gen['bytes'] / 1e6:,.0f} MB)", "",
+        "| workers | wall time | lines/s | vs first | MB/s | peak RSS (process tree) |",
+        "|---:|---:|---:|---:|---:|---:|",
+        *[f"| {r['workers']} | {r['wall_s']:,.0f} s | {r['lines_per_s']:,.0f} | "
+          f"{r['lines_per_s'] / base['lines_per_s']:.2f}x | {r['mb_per_s']} | {r['peak_rss_mib']:,.0f} MiB |" for r in runs],
         "",
-        f"Command: `{result['command']}` (runs `{run['command'].split(' -c ')[0].replace(sys.executable, 'python')} ...`)",
-        "",
-        "| lines | log size | wall time | lines/s | MB/s | peak RSS | peak anonymous RSS |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {args.lines:,} | {gen['bytes'] / 1e6:,.0f} MB | {run['wall_s']:,.0f} s | {result['lines_per_s']:,.0f} | "
-        f"{result['mb_per_s']} | {result['peak_rss_mb']:,.0f} MiB | {result['peak_rss_anon_mb']:,.0f} MiB |",
-        "",
-        "RSS along the run (time: total / anonymous MiB): "
-        + ", ".join(f"{t:.0f} s: {mb:.0f} / {heap:.0f}" for t, mb, heap in result["rss_along_run_mb"]),
-        "Anonymous RSS is the process's own memory; the rest is file-backed (memory-mapped Arrow",
-        "files while the datasets are written), which the kernel reclaims under pressure.",
-        "",
-        f"Kept {counts['totals']['train']:,} train + {counts['totals']['holdout']:,} holdout; "
-        f"duplicates {counts['conversations']['duplicate']:,}; quarantined {counts['records']['quarantined']:,}; "
-        f"redactions {sum(counts['redactions'].values()):,}.",
-        "",
-        "Stage timings (s): " + ", ".join(f"{k} {v}" for k, v in m["durations_s"].items()),
-        "",
-        f"Machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs shared with other work "
-        f"(load average at the end: {result['machine']['load_avg_at_end']}).",
+        f"Same output (kept conversations, checksums of every output file) for every worker count: {same}.",
+        f"Kept {base['counts']['totals']['train']:,} train + {base['counts']['totals']['holdout']:,} holdout; "
+        f"duplicates {base['counts']['conversations']['duplicate']:,}; "
+        f"quarantined {base['counts']['records']['quarantined']:,}; "
+        f"redactions {sum(base['counts']['redactions'].values()):,}.", "",
+        *[f"Stage timings, {r['workers']} worker(s) (s; prepare steps summed over workers): "
+          + ", ".join(f"{k} {v}" for k, v in r["stage_durations_s"].items()) for r in runs], "",
+        f"Machine: {doc['machine']['platform']}, {doc['machine']['cpus']} CPUs "
+        f"(load average at the end: {doc['machine']['load_average']}).",
     ]
-    (RESULTS / "ingest.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_results(RESULTS, "ingest", doc, "\n".join(md) + "\n")
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)
+    if not same:
+        raise SystemExit("the runs kept different conversations: the output depends on the number of workers")
 
 
 if __name__ == "__main__":

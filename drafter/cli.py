@@ -386,6 +386,8 @@ def ingest_cmd(
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out even if drafter did not write it.")] = False,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", min=1, help="Dask worker processes preparing batches (ingest.workers; output is the same).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Parse, redact, dedup, decontaminate, validate and split production logs into train/holdout
@@ -393,7 +395,8 @@ def ingest_cmd(
     batch-level validation failed."""
     from drafter.traces.ingest import ingest
 
-    manifest = ingest(load(config, set_), paths or None, out_dir, force=force)
+    overrides = [*(set_ or []), *([f"ingest.workers={workers}"] if workers else [])]
+    manifest = ingest(load(config, overrides), paths or None, out_dir, force=force)
     if as_json:
         out.print_json(json.dumps(manifest, default=str))
     else:

@@ -30,13 +30,13 @@ def test_exact_near_and_distinct_prompts(tmp_path):
     assert jaccard(normalize(near), normalize(base[0])) > 0.9 and jaccard(normalize(far), normalize(base[1])) < 0.5
     dedup = Deduper(tmp_path / "index.sqlite", 0.85, 128)
     ids = [f"c{i}" for i in range(len(base))]
-    assert dedup.check(ids, [normalize(p) for p in base]) == [None] * len(base)
+    assert dedup.check(ids, dedup.keys([normalize(p) for p in base])) == [None] * len(base)
     got = dedup.check(["exact", "near", "far", "inbatch"],
-                      [normalize(base[2].upper() + "!!"), normalize(near), normalize(far), normalize(far)])
+                      dedup.keys([normalize(base[2].upper() + "!!"), normalize(near), normalize(far), normalize(far)]))
     assert got == [("exact", "c2"), ("near", "c0"), None, ("exact", "far")]
     dedup.close()
     again = Deduper(tmp_path / "index.sqlite", 0.85, 128)  # a later run sees what this one kept
-    assert again.check(["later"], [normalize(near)]) == [("near", "c0")]
+    assert again.check(["later"], again.keys([normalize(near)])) == [("near", "c0")]
     assert again.count() == len(base) + 1
     again.close()
     with pytest.raises(DedupIndexError, match="fresh --out"):

@@ -107,7 +107,7 @@ def test_token_size_bounds_hold_for_smollm2():
     real tokenizer the bounds must hold on real prompts of every kind (and their cut-offs)."""
     from drafter.config import BUNDLED_EVAL_DIR
     from drafter.target import load_tokenizer
-    from drafter.traces.ingest import TokenSize
+    from drafter.traces.prepare import TokenSize
 
     size = TokenSize(load_tokenizer(load_config(ROOT / "configs" / "smollm2-135m-dspark.yaml")))
     assert not size.exact_only and size.longest_plain < size.longest

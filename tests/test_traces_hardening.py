@@ -313,13 +313,13 @@ def test_pending_bytes_bound_flushes_early_and_changes_nothing(tmp_path, monkeyp
     raw = tmp_path / "raw"
     write_mixed(raw)
     sizes: dict[str, list[int]] = {}
-    flush = IngestRun.flush
+    submit = IngestRun.submit
 
-    def spy(self):
-        sizes.setdefault(self.cfg.run.name, []).append(len(self.pending))
-        flush(self)
+    def spy(self, records, fmt):
+        sizes.setdefault(self.cfg.run.name, []).append(len(records))
+        submit(self, records, fmt)
 
-    monkeypatch.setattr(IngestRun, "flush", spy)
+    monkeypatch.setattr(IngestRun, "submit", spy)
     results = {}
     for name, overrides in {"default": [], "tiny": ["ingest.max_pending_bytes=1"]}.items():
         out = tmp_path / name

@@ -62,12 +62,31 @@ def _key(tag: int, data: bytes) -> int:
     return xxhash.xxh64_intdigest(data, seed=tag) - (1 << 63)
 
 
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows): datasketch's optimum for the threshold (fewest false positives and negatives)."""
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    return lsh.b, lsh.r
+
+
+def prompt_keys(normalized: list[str], num_perm: int, bands: int, rows: int) -> list[tuple[int, tuple[int, ...]]]:
+    """(exact key, band keys) of each `normalize`d prompt: all that the index needs of it."""
+    if not normalized:
+        return []
+    sigs = signatures(normalized, num_perm)
+    width = sigs.itemsize * rows
+    out = []
+    for text, sig in zip(normalized, sigs):
+        hv = sig.tobytes()
+        out.append((_key(0, text.encode()), tuple(_key(1 + i, hv[i * width : (i + 1) * width]) for i in range(bands))))
+    return out
+
+
 class Deduper:
-    """`check(ids, prompts)` -> per prompt None (kept, now indexed) or (kind, id of the original)."""
+    """`check(ids, keys)` -> per prompt None (kept, now indexed) or (kind, id of the original)."""
 
     def __init__(self, path: Path, threshold: float = 0.85, num_perm: int = 128) -> None:
-        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)  # only for its optimal (bands, rows)
-        self.bands, self.rows, self.num_perm = lsh.b, lsh.r, num_perm
+        self.bands, self.rows = lsh_params(threshold, num_perm)
+        self.num_perm = num_perm
         self.db = sqlite3.connect(str(path))
         self.db.execute("PRAGMA journal_mode=OFF")  # the whole index file is swapped in atomically
         self.db.execute("PRAGMA synchronous=OFF")
@@ -86,18 +105,12 @@ class Deduper:
                                   "ingest into a fresh --out folder")
         self._added: dict[str, tuple[int, ...]] = {}  # kept since the last settle(): may still be forgotten
 
-    def keys(self, normalized: str, signature: np.ndarray) -> tuple[int, list[int]]:
-        exact = _key(0, normalized.encode())
-        hv = signature.tobytes()
-        width = signature.itemsize * self.rows
-        bands = [_key(1 + i, hv[i * width : (i + 1) * width]) for i in range(self.bands)]
-        return exact, bands
+    def keys(self, normalized: list[str]) -> list[tuple[int, tuple[int, ...]]]:
+        return prompt_keys(normalized, self.num_perm, self.bands, self.rows)
 
-    def check(self, ids: list[str], normalized: list[str]) -> list[tuple[str, str] | None]:
-        """In order: each prompt (`normalize`d) is checked against the index and the prompts
-        kept before it."""
-        sigs = signatures(normalized, self.num_perm) if normalized else []
-        keys = [self.keys(n, sig) for n, sig in zip(normalized, sigs)]
+    def check(self, ids: list[str], keys: list[tuple[int, tuple[int, ...]]]) -> list[tuple[str, str] | None]:
+        """In order: each prompt (its `prompt_keys`) is checked against the index and the
+        prompts kept before it."""
         known: dict[int, str] = {}  # key -> id of the prompt that holds it
         wanted = list({k for exact, bands in keys for k in (exact, *bands)})
         for i in range(0, len(wanted), LOOKUP):

@@ -10,8 +10,12 @@ and sends each to exactly one place:
 
 in this order: parse -> redact -> filters (errors, non-text content, broken roles,
 empty turns, no assistant turn) -> token length (target tokenizer) -> decontamination
--> dedup -> domain tag -> split -> Great Expectations -> write. Everything streams in
-small batches; the dedup index is on disk, so memory stays bounded.
+-> domain tag, split -> dedup -> Great Expectations -> write. Records are read here in
+batches of `ingest.batch_size`; each batch is prepared up to the dedup step
+(`drafter.traces.prepare`) in this process or, with `ingest.workers` > 1 or
+`ingest.scheduler_address`, on Dask workers, and batches are committed (dedup index,
+validation, writes) in the order they were read: the output is the same wherever they ran.
+The dedup index is on disk and at most a few batches are in flight, so memory stays bounded.
 
 Output (see drafter/CONTRACTS.md): `train/` and `holdout/` (datasets `save_to_disk`),
 `quarantine.jsonl` (source, line, byte offset, reason, the sha256 of the record's bytes and
@@ -27,14 +31,11 @@ next run redoes the lost work. A run that finds nothing new changes nothing.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import re
 import shutil
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
@@ -46,85 +47,22 @@ from drafter.manifest import (
     atomic_dir,
     atomic_write_json,
     atomic_write_text,
-    check_accounting,
     check_replaceable,
     write_manifest,
 )
 from drafter.traces import formats
-from drafter.traces.dedup import Deduper, normalize
-from drafter.traces.domain import classify
+from drafter.traces.dedup import Deduper
 from drafter.traces.formats import NotAConversation, Parsed
-from drafter.traces.redact import Redactor, has_leftover, mask_leftovers
-from drafter.traces.schema import COLUMNS, ROLES, Conversation, record_id
+from drafter.traces.prepare import EXCERPT_MARGIN, Batch, Kept, Ledger, Preparer, TokenSize, prepare_remote
+from drafter.traces.schema import COLUMNS
 from drafter.traces.sources import RawRecord, SourceReader, Watermark, discover, head_hash
 from drafter.traces.validate import Validator, ValidationFailed, markdown
 
 log = logging.getLogger(__name__)
 
-# Bytes of a bad record read beyond the excerpt kept, so that a secret across the excerpt's
-# end is seen whole by redaction (the excerpt is cut after redacting, never before).
-EXCERPT_MARGIN = 4096
-# The run of characters at the end of a record cut short may be the first part of a secret
-# that no detector recognises any more: it is left out of the excerpt. (Matched on the
-# reversed text: a regex anchored at the end would rescan every run before it.)
-PARTIAL_TAIL = re.compile(r"[^\s\"',;{}\[\]<>`]*")
-
-# Which role may follow which (None = start of the conversation).
-NEXT_ROLES = {
-    None: {"system", "user"},
-    "system": {"user"},
-    "user": {"assistant"},
-    "assistant": {"user", "tool"},
-    "tool": {"tool", "assistant"},
-}
-
-
-@dataclass
-class Candidate:
-    """A parsed conversation on its way through the filters."""
-
-    id: str
-    source: str
-    line: int
-    parsed: Parsed
-    num_tokens: int | None = None  # counted only when the size alone cannot decide the bounds
-    num_bytes: int = 0
-    offset: int = 0  # of its record in the decompressed file
-    sha256: str = ""  # of its record's bytes
-    users: list[str] = field(default_factory=list)  # its user turns, `normalize`d (after redaction)
-
-
-@dataclass
-class Ledger:
-    """Where every record and every conversation went (this run)."""
-
-    records: Counter = field(default_factory=Counter)  # read, parsed, quarantined, blank, joined
-    conversations: Counter = field(default_factory=Counter)  # parsed, train, holdout, duplicate, ...
-    quarantined: Counter = field(default_factory=Counter)  # by reason
-    filtered: Counter = field(default_factory=Counter)  # by reason
-    duplicates: Counter = field(default_factory=Counter)  # exact / near
-    decontaminated: Counter = field(default_factory=Counter)  # by evaluation set
-    domains: Counter = field(default_factory=Counter)  # kept, by domain
-
-    def check(self) -> None:
-        r, c = self.records, self.conversations
-        check_accounting(r["read"], {k: r[k] for k in ("parsed", "quarantined", "blank", "joined")}, "records")
-        check_accounting(c["parsed"], {k: c[k] for k in ("train", "holdout", "duplicate", "decontaminated",
-                                                            "filtered", "quarantined")}, "conversations")
-
-    def counts(self) -> dict[str, Any]:
-        keys_r = ("read", "parsed", "quarantined", "blank", "joined")
-        keys_c = ("parsed", "train", "holdout", "duplicate", "decontaminated", "filtered", "quarantined")
-        return {
-            "records": {k: self.records[k] for k in keys_r},
-            "conversations": {k: self.conversations[k] for k in keys_c},
-            "quarantined_by_reason": dict(sorted(self.quarantined.items())),
-            "filtered_by_reason": dict(sorted(self.filtered.items())),
-            "duplicates_by_kind": dict(sorted(self.duplicates.items())),
-            "decontaminated_by_set": dict(sorted(self.decontaminated.items())),
-            "domains": dict(sorted(self.domains.items())),
-            "tokenized_exactly": self.records["tokenized"],  # the rest were decided by their size
-        }
+# Batch API inputs and outputs are paired by custom_id across lines and files: their batches
+# are prepared in this process, where the stored outputs are.
+BATCH_FORMATS = ("openai-batch-input", "openai-batch-output")
 
 
 class JsonlWriter:
@@ -141,178 +79,75 @@ class JsonlWriter:
         self.f.close()
 
 
-def split_of(first_user_turn: str, fraction: float, seed: int) -> str:
-    """Deterministic split by the normalised opening prompt (`normalize`d already): a
-    conversation, its longer continuations and its exact repeats always land on the same side."""
-    digest = hashlib.blake2b(f"{seed}\0{first_user_turn}".encode(), digest_size=8).digest()
-    return "holdout" if int.from_bytes(digest, "big") / 2**64 < fraction else "train"
+class DaskPool:
+    """Batches prepared on Dask workers: a LocalCluster of `workers` single-threaded processes,
+    or the cluster at `address`. At most `window` batches are in flight (bounded memory)."""
 
+    def __init__(self, workers: int, address: str | None = None) -> None:
+        from distributed import Client, LocalCluster
 
-def role_problem(messages: list[dict]) -> str | None:
-    prev = None
-    for msg in messages:
-        role = msg["role"]
-        if role not in ROLES:
-            return "role_unknown"
-        if role not in NEXT_ROLES[prev]:
-            return "role_order"
-        prev = role
-    return None
-
-
-class TokenSize:
-    """Token counts, or bounds on them from a text's size alone.
-
-    Without a normaliser, every token of a byte-level (or byte-fallback) tokenizer is a
-    piece of the text at least one byte long, so a text has at most `bytes` tokens (plus
-    one prefix token per message, for SentencePiece-style tokenizers) and at least
-    `bytes / longest token`. The longest tokens are runs of one character ("\\n" + 80
-    spaces, "####..."); a text without such a run can only use the others, which are much
-    shorter. Tokenizers with a normaliser are always counted exactly.
-    """
-
-    RUN = re.compile(r"(.)\1\1", re.S)
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        self.exact_only = backend is None or backend.normalizer is not None
-        ids = sorted(tokenizer.get_vocab().values())
-        if backend is not None:  # decoded in Rust: a Python loop over the vocabulary takes seconds
-            pieces = backend.decode_batch([[i] for i in ids], skip_special_tokens=False)
+        self.cluster = None
+        if address:
+            self.client = Client(address)
         else:
-            pieces = [tokenizer.decode([i]) for i in ids]
-        self.longest = max(len(p.encode()) for p in pieces)
-        self.longest_plain = max(len(p.encode()) for p in pieces if not self.RUN.search(p))
+            self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                        dashboard_address=None, silence_logs=logging.WARNING)
+            self.client = Client(self.cluster)
+        self.workers = len(self.client.scheduler_info().get("workers", {})) or workers
+        self.window = 2 * self.workers
 
-    def bounds(self, texts: list[str], nbytes: int, floor: int = 0) -> tuple[int, int]:
-        """(at least, at most) tokens; the run search (slow) only when `floor` needs it."""
-        if self.exact_only:
-            return 0, 1 << 62
-        low = -(-nbytes // self.longest)
-        if low < floor and not any(self.RUN.search(t) for t in texts):
-            low = -(-nbytes // self.longest_plain)
-        return low, nbytes + len(texts)
+    def submit(self, cfg: Config, records: list[RawRecord], fmt: str | None):
+        return self.client.submit(prepare_remote, cfg, records, fmt, pure=False)
 
-    def count(self, texts: list[str]) -> list[int]:
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None and hasattr(backend, "encode_batch_fast"):  # Rust, no offsets: lengths only
-            return [len(enc.ids) for enc in backend.encode_batch_fast(texts, add_special_tokens=False)]
-        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    def close(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
 
 
 class IngestRun:
-    def __init__(self, cfg: Config, out_dir: Path, work: Path) -> None:
+    """Reads the files, has their batches prepared (here or on a `DaskPool`) and commits them
+    in read order: dedup index, Great Expectations, staged rows, quarantine and dropped files."""
+
+    def __init__(self, cfg: Config, out_dir: Path, work: Path, pool: DaskPool | None = None) -> None:
         self.cfg, self.icfg, self.out_dir, self.work = cfg, cfg.ingest, out_dir, work
         self.ledger = Ledger()
-        self.redactor = Redactor(phone_regions=tuple(self.icfg.phone_regions))
+        self.local = Preparer(cfg)  # batches prepared here, and the quarantine entries written here
+        self.redactions: Counter = Counter()  # of the batches committed
         self.timer = Timer()
+        self.pool = pool
+        self.inflight: deque = deque()  # Batch (prepared here) or a future of one, in read order
         if (out_dir / "index.sqlite").is_file():
             shutil.copyfile(out_dir / "index.sqlite", work / "index.sqlite")
         self.dedup = Deduper(work / "index.sqlite", self.icfg.near_dup_threshold, self.icfg.num_perm)
         self.quarantine = JsonlWriter(work / "quarantine.new.jsonl")
         self.dropped = JsonlWriter(work / "dropped.new.jsonl")
         self.staged = {s: JsonlWriter(work / f"{s}.new.jsonl") for s in ("train", "holdout")}
-        self.pending: list[Candidate] = []
-        self.pending_bytes = 0  # raw bytes of the records behind `pending` (bounds a batch's memory)
-        self.to_validate: list[tuple[Candidate, dict, str]] = []
+        self.to_validate: list[Kept] = []
         self.files: dict[str, dict[str, Any]] = {}
-        self._tokenizer = None
-        self._eval = None
         self._validator: Validator | None = None
         self._batch_out = None
-        self._size: TokenSize | None = None
-        self._fields: dict[str, tuple[str, Counter]] = {}
-
-    # ----- lazily built helpers (a run with nothing new needs none of them) -----------------
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from drafter.target import load_tokenizer
-
-            with self.timer("load_tokenizer"):
-                self._tokenizer = load_tokenizer(self.cfg)
-        return self._tokenizer
-
-    @property
-    def eval_index(self):
-        if self._eval is None:
-            from drafter.traces.decontam import eval_index
-
-            with self.timer("load_eval_sets"):
-                self._eval = eval_index(list(self.icfg.eval_sets), self.icfg.ngram)
-        return self._eval
 
     @property
     def validator(self) -> Validator:
         if self._validator is None:
             with self.timer("load_great_expectations"):
                 self._validator = Validator(self.icfg.min_tokens, self.icfg.max_tokens, self.icfg.max_invalid_fraction,
-                                            max_bytes=self.icfg.max_tokens * TokenSize(self.tokenizer).longest)
+                                            max_bytes=self.icfg.max_tokens * TokenSize(self.local.tokenizer).longest)
         return self._validator
 
+    def redaction_counts(self) -> Counter:
+        return self.redactions + self.local.redactor.totals  # batches + what was redacted here
+
     # ----- quarantine / dropped ---------------------------------------------------------------
-    def redact_text(self, text: str) -> str:
-        return self.redactor.redact(text)[0]
-
-    def redact_field(self, text: str | None) -> str | None:
-        """A short field (tenant, route, model): the same few values on every line, redacted once."""
-        if not text or len(text) > 256:
-            return self.redact_text(text) if text else text
-        hit = self._fields.get(text)
-        if hit is None:
-            if len(self._fields) > 10_000:
-                self._fields.clear()
-            hit = self._fields[text] = self.redactor.redact(text)
-        else:
-            self.redactor.totals.update(hit[1])  # counted as often as it occurs
-        return hit[0]
-
     def excerpt(self, data: bytes, cut: bool = False, obj: Any = None) -> dict[str, Any]:
-        """A bad record's excerpt for the quarantine: redacted first, then cut to
-        `quarantine_keep_bytes`. JSON is parsed and every string in it redacted (escapes
-        cannot hide a secret then); other text is redacted as text (with its JSON-unescaped
-        views). Whatever the validation's secret patterns still flag is masked; if one
-        still matches, no excerpt is kept at all (the hash and reason remain)."""
-        keep = self.icfg.quarantine_keep_bytes
-        text = None
-        if obj is None and not cut:
-            try:
-                obj = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                obj = None
-        if obj is not None:
-            try:
-                text = orjson.dumps(self.redactor.redact_json(obj)).decode()
-            except (TypeError, RecursionError):  # ints past 64 bits, very deep nesting: as text
-                text = None
-        if text is None:
-            text = self.redact_text(data.decode("utf-8", errors="replace"))
-            if cut:
-                text = text[: len(text) - PARTIAL_TAIL.match(text[::-1]).end()]
-        text = mask_leftovers(text)
-        short = text.encode()[:keep].decode("utf-8", errors="ignore")
-        if has_leftover(short):
-            return {"excerpt": None, "excerpt_dropped": "a secret pattern survived redaction"}
-        return {"excerpt": short, "excerpt_truncated": cut or len(short) < len(text)}
-
-    def bad_record(self, rec: RawRecord) -> dict[str, Any]:
-        """Where a bad record is, its hash and its redacted excerpt (no raw bytes)."""
-        digest = rec.sha256 or (hashlib.sha256(rec.data).hexdigest() if rec.data or rec.size else None)
-        return {"source": rec.source, "line": rec.line, "offset": rec.offset, "bytes": rec.size, "sha256": digest,
-                **self.excerpt(rec.data, rec.cut, rec.obj)}
+        return self.local.excerpt(data, cut, obj)
 
     def write_quarantine(self, entry: dict[str, Any], reason: str, detail: str, stage: str = "parse") -> None:
-        detail = mask_leftovers(self.redact_text(detail))[:2000]
-        self.quarantine.write({**entry, "reason": reason, "detail": detail, "stage": stage})
+        self.quarantine.write(self.local.quarantine_entry(entry, reason, detail, stage))
 
-    def quarantine_record(self, rec: RawRecord, reason: str, detail: str) -> None:
-        self.write_quarantine(self.bad_record(rec), reason, detail)
-        self.ledger.records["quarantined"] += 1
-        self.ledger.quarantined[reason] += 1
-
-    def drop(self, cand: Candidate, outcome: str, reason: str, of: str | None = None) -> None:
-        entry = {"id": cand.id, "source": cand.source, "line": cand.line, "outcome": outcome, "reason": reason}
+    def drop(self, kept: Kept, outcome: str, reason: str, of: str | None = None) -> None:
+        entry = {"id": kept.id, "source": kept.source, "line": kept.line, "outcome": outcome, "reason": reason}
         if of:
             entry["of"] = of
         self.dropped.write(entry)
@@ -345,27 +180,6 @@ class IngestRun:
             gen.close()
         return formats.detect(samples)
 
-    def decode(self, rec: RawRecord) -> Any:
-        """The record's JSON value, or None after quarantining / counting it."""
-        if rec.error:
-            self.quarantine_record(rec, rec.error, rec.detail)
-            return None
-        if rec.obj is not None:
-            return rec.obj
-        if not rec.data.strip():
-            self.ledger.records["blank"] += 1
-            return None
-        try:
-            text = rec.data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            self.quarantine_record(rec, "invalid_utf8", f"invalid UTF-8: {exc}")
-            return None
-        try:
-            return orjson.loads(text)
-        except orjson.JSONDecodeError as exc:
-            self.quarantine_record(rec, "malformed_json", f"malformed JSON: {exc}")
-            return None
-
     def reader(self, path: Path, previous: Watermark | None) -> SourceReader:
         icfg = self.icfg
         return SourceReader(path, previous, icfg.max_line_bytes, icfg.quarantine_keep_bytes + EXCERPT_MARGIN,
@@ -376,35 +190,17 @@ class IngestRun:
         before = self.ledger.records["read"]
         from tqdm import tqdm
 
+        records, size = [], 0
         with tqdm(reader.records(), desc=f"ingest {path.name}", unit=" lines", disable=None, leave=False) as bar:
             for rec in bar:
                 self.ledger.records["read"] += 1
-                obj = self.decode(rec)
-                if obj is None:
-                    continue
-                if fmt is None:
-                    self.quarantine_record(rec, "unknown_shape", "no record of this file has a known log format")
-                    continue
-                if fmt == "openai-batch-output":
-                    self.store_batch_output(rec, obj)
-                    continue
-                try:
-                    parsed = formats.parse(obj, fmt)
-                except NotAConversation as exc:
-                    self.quarantine_record(rec, exc.reason, exc.detail)
-                    continue
-                self.ledger.records["parsed"] += 1
-                digest = hashlib.sha256(rec.data).hexdigest()
-                for item in parsed:
-                    if fmt == "openai-batch-input":
-                        self.join_batch_output(item)
-                    self.ledger.conversations["parsed"] += 1
-                    self.pending.append(Candidate(record_id(rec.data, item.sub), str(path), rec.line, item,
-                                                  offset=rec.offset, sha256=digest))
-                self.pending_bytes += rec.size
-                if len(self.pending) >= self.icfg.batch_size or self.pending_bytes >= self.icfg.max_pending_bytes:
-                    self.flush()
-        self.flush()
+                records.append(rec)
+                size += rec.size
+                if len(records) >= self.icfg.batch_size or size >= self.icfg.max_pending_bytes:
+                    self.submit(records, fmt)
+                    records, size = [], 0
+        if records:
+            self.submit(records, fmt)
         wm = reader.watermark
         wm.format = fmt
         self.files[str(path)] = {
@@ -414,6 +210,45 @@ class IngestRun:
             "restarted": reader.restarted, "pending_partial_line": reader.pending_partial,
         }
         return wm
+
+    # ----- batches: prepared here or on the pool, committed in read order -----------------------
+    def submit(self, records: list[RawRecord], fmt: str | None) -> None:
+        if self.pool is None or fmt in BATCH_FORMATS:
+            join = self.join_batch_output if fmt == "openai-batch-input" else None
+            self.inflight.append(self.local.prepare(records, fmt, join=join, store=self.store_batch_output))
+        else:
+            self.inflight.append(self.pool.submit(self.cfg, records, fmt))
+        self.commit_ready(self.pool.window if self.pool is not None else 0)
+
+    def commit_ready(self, keep: int = 0) -> None:
+        """Commit the oldest batches until at most `keep` are in flight."""
+        while len(self.inflight) > keep:
+            item = self.inflight.popleft()
+            if not isinstance(item, Batch):
+                with self.timer("wait_for_workers"):
+                    item = item.result()
+            self.commit(item)
+
+    def commit(self, batch: Batch) -> None:
+        self.ledger.add(batch.ledger)
+        self.redactions.update(batch.redactions)
+        for name, seconds in batch.durations.items():  # summed over batches (and workers)
+            self.timer.durations[name] = round(self.timer.durations.get(name, 0.0) + seconds, 4)
+        for entry in batch.quarantine:
+            self.quarantine.write(entry)
+        for entry in batch.dropped:
+            self.dropped.write(entry)
+        with self.timer("dedup"):
+            verdicts = self.dedup.check([k.id for k in batch.kept], [(k.exact, k.bands) for k in batch.kept])
+        for kept, verdict in zip(batch.kept, verdicts):
+            if verdict is not None:
+                kind, original = verdict
+                self.ledger.duplicates[kind] += 1
+                self.drop(kept, "duplicate", kind, of=original)
+                continue
+            self.to_validate.append(kept)
+        if len(self.to_validate) >= self.icfg.validate_rows:
+            self.validate()
 
     # ----- OpenAI Batch API: outputs are kept (redacted) until their inputs come by ---------------
     @property
@@ -430,16 +265,16 @@ class IngestRun:
         try:
             custom_id, message, meta = formats.batch_output_message(obj if isinstance(obj, dict) else {})
         except NotAConversation as exc:
-            self.quarantine_record(rec, exc.reason, exc.detail)
+            self.local.quarantine_record(rec, exc.reason, exc.detail)  # into the batch being prepared
             return
         if message is not None:
-            message = {"role": message["role"], "content": self.redact_text(message["content"])}
+            message = {"role": message["role"], "content": self.local.redact_text(message["content"])}
         # kept for the quarantine in case no input comes: located, hashed and redacted already
-        bad = json.dumps(self.bad_record(dataclasses.replace(rec, obj=obj)))
+        bad = json.dumps(self.local.bad_record(dataclasses.replace(rec, obj=obj)))
         cur = self.batch_out.execute("INSERT OR IGNORE INTO out VALUES (?, ?, ?, ?, ?, ?, 0)", (
             custom_id, rec.source, rec.line, json.dumps(message), json.dumps(meta), bad))
         if cur.rowcount == 0:
-            self.quarantine_record(rec, "duplicate_custom_id", f"custom_id {custom_id!r} already seen in a batch output")
+            self.local.quarantine_record(rec, "duplicate_custom_id", f"custom_id {custom_id!r} already seen in a batch output")
 
     def join_batch_output(self, item: Parsed) -> None:
         if self._batch_out is None or not item.custom_id:
@@ -472,146 +307,44 @@ class IngestRun:
             self.ledger.quarantined[reason] += 1
         self._batch_out.close()
 
-    # ----- the conversation pipeline ------------------------------------------------------------
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        batch, self.pending, self.pending_bytes = self.pending, [], 0
-        with self.timer("redact_filter"):
-            survivors = [c for c in batch if self.clean(c)]
-        with self.timer("tokenize"):
-            survivors = self.token_filter(survivors)
-        with self.timer("decontaminate"):
-            kept = []
-            for cand in survivors:
-                cand.users = [normalize(m["content"]) for m in cand.parsed.messages if m["role"] == "user"]
-                hit = self.eval_index.match(cand.users)
-                if hit is None:
-                    kept.append(cand)
-                else:
-                    self.ledger.decontaminated[hit] += 1
-                    self.drop(cand, "decontaminated", hit)
-        with self.timer("dedup"):
-            prompts = [" ".join(u for u in c.users if u) for c in kept]  # = normalize() of the user turns joined
-            verdicts = self.dedup.check([c.id for c in kept], prompts)
-        for cand, verdict in zip(kept, verdicts):
-            if verdict is not None:
-                kind, original = verdict
-                self.ledger.duplicates[kind] += 1
-                self.drop(cand, "duplicate", kind, of=original)
-                continue
-            self.to_validate.append(self.finish(cand))
-        if len(self.to_validate) >= self.icfg.validate_rows:
-            self.validate()
-
-    def clean(self, cand: Candidate) -> bool:
-        """Redact in place, then the cheap filters; False when the conversation is dropped."""
-        p = cand.parsed
-        for msg in p.messages:
-            if isinstance(msg.get("content"), str):
-                msg["content"] = self.redact_text(msg["content"])
-        p.tenant, p.route, p.model = self.redact_field(p.tenant), self.redact_field(p.route), self.redact_field(p.model)
-        reason = None
-        if "error_response" in p.flags:
-            reason = "error_response"
-        elif "non_text" in p.flags:
-            reason = "non_text_content"
-        elif not p.messages:
-            reason = "empty"
-        else:
-            reason = role_problem(p.messages)
-            if reason is None:
-                if any(not m["content"].strip() for m in p.messages if m["role"] in ("user", "system")):
-                    reason = "empty_turn"
-                elif not any(m["role"] == "assistant" and m["content"].strip() for m in p.messages):
-                    reason = "no_assistant" if self.icfg.require_assistant else None
-        if reason is not None:
-            self.ledger.filtered[reason] += 1
-            self.drop(cand, "filtered", reason)
-            return False
-        return True
-
-    def token_filter(self, cands: list[Candidate]) -> list[Candidate]:
-        """Token length bounds with the target tokenizer; only conversations whose size does not
-        already settle the bounds are tokenized (see `TokenSize`)."""
-        if not cands:
-            return []
-        lo_bound, hi_bound = self.icfg.min_tokens, self.icfg.max_tokens
-        if self._size is None:
-            self._size = TokenSize(self.tokenizer)
-        undecided = []
-        for cand in cands:
-            texts = [m["content"] for m in cand.parsed.messages]
-            cand.num_bytes = sum(len(t.encode()) for t in texts)
-            low, high = self._size.bounds(texts, cand.num_bytes, lo_bound)
-            if low < lo_bound or high > hi_bound:
-                undecided.append(cand)
-        if undecided:
-            counts = self._size.count([m["content"] for c in undecided for m in c.parsed.messages])
-            i = 0
-            for cand in undecided:
-                n = len(cand.parsed.messages)
-                cand.num_tokens = sum(counts[i : i + n])
-                i += n
-        self.ledger.records["tokenized"] += len(undecided)
-        out = []
-        for cand in cands:
-            if cand.num_tokens is not None and cand.num_tokens < lo_bound:
-                reason = "too_few_tokens"
-            elif cand.num_tokens is not None and cand.num_tokens > hi_bound:
-                reason = "too_many_tokens"
-            else:
-                out.append(cand)
-                continue
-            self.ledger.filtered[reason] += 1
-            self.drop(cand, "filtered", reason)
-        return out
-
-    def finish(self, cand: Candidate) -> tuple[Candidate, dict, str]:
-        p = cand.parsed
-        users = [m["content"] for m in p.messages if m["role"] == "user"]
-        conv = Conversation(
-            id=cand.id, source=cand.source, line=cand.line, timestamp=p.timestamp, model=p.model,
-            tenant=p.tenant, route=p.route, domain=classify(users), messages=p.messages,
-        )
-        return cand, conv.row(), split_of(cand.users[0], self.icfg.holdout_fraction, self.cfg.run.seed)
-
     def validate(self) -> None:
         if not self.to_validate:
             return
         chunk, self.to_validate = self.to_validate, []
         frame_rows = [{
-            **{k: row[k] for k in ("id", "source", "line", "timestamp", "model", "tenant", "route", "domain")},
-            "roles": " ".join(m["role"] for m in row["messages"]),
-            "n_messages": len(row["messages"]),
-            "num_tokens": cand.num_tokens,
-            "num_bytes": cand.num_bytes,
-            "text": "\n".join(m["content"] for m in row["messages"]),
-        } for cand, row, _ in chunk]
+            **{k: kept.row[k] for k in ("id", "source", "line", "timestamp", "model", "tenant", "route", "domain")},
+            "roles": " ".join(m["role"] for m in kept.row["messages"]),
+            "n_messages": len(kept.row["messages"]),
+            "num_tokens": kept.num_tokens,
+            "num_bytes": kept.num_bytes,
+            "text": "\n".join(m["content"] for m in kept.row["messages"]),
+        } for kept in chunk]
         with self.timer("validate"):
             result = self.validator.validate(frame_rows)
         if result.batch_failures:
             raise _Stop(result.batch_failures)
-        for i, (cand, row, split) in enumerate(chunk):
+        for i, kept in enumerate(chunk):
             failed = result.bad_rows.get(i)
             if failed:
-                self.dedup.forget(cand.id)
+                self.dedup.forget(kept.id)
                 # The row was redacted, yet it may hold what no_secret_left flagged: the excerpt masks it.
-                entry = {"source": cand.source, "line": cand.line, "offset": cand.offset, "sha256": cand.sha256,
-                         "id": cand.id, **self.excerpt(b"", obj=row)}
+                entry = {"source": kept.source, "line": kept.line, "offset": kept.offset, "sha256": kept.sha256,
+                         "id": kept.id, **self.excerpt(b"", obj=kept.row)}
                 self.write_quarantine(entry, "validation", ", ".join(failed), stage="validate")
                 self.ledger.quarantined["validation:" + failed[0]] += 1
                 self.ledger.conversations["quarantined"] += 1
                 continue
-            self.staged[split].write(row)
-            self.ledger.conversations[split] += 1
-            self.ledger.domains[row["domain"]] += 1
+            self.staged[kept.split].write(kept.row)
+            self.ledger.conversations[kept.split] += 1
+            self.ledger.domains[kept.row["domain"]] += 1
         self.dedup.settle()
 
     def close(self) -> None:
         self.dedup.close()
         for w in (self.quarantine, self.dropped, *self.staged.values()):
             w.close()
+        if self.pool is not None:
+            self.pool.close()
 
 
 class _Stop(Exception):
@@ -714,7 +447,10 @@ def _ingest_locked(cfg: Config, inputs: list[Path], out_dir: Path, started: floa
     work = out_dir.parent / f".{out_dir.name}.work"
     shutil.rmtree(work, ignore_errors=True)  # what a killed run left: redone from the watermarks
     work.mkdir(parents=True)
-    run = IngestRun(cfg, out_dir, work)
+    pool = None
+    if cfg.ingest.workers > 1 or cfg.ingest.scheduler_address:
+        pool = DaskPool(cfg.ingest.workers, cfg.ingest.scheduler_address)
+    run = IngestRun(cfg, out_dir, work, pool)
     new_marks = dict(marks)
     plan = []
     for path in files:
@@ -726,14 +462,15 @@ def _ingest_locked(cfg: Config, inputs: list[Path], out_dir: Path, started: floa
     try:
         for path, previous, fmt in plan:
             try:
-                with run.timer("read_parse"):
+                with run.timer("read_and_commit"):
                     wm = run.read_file(path, previous, fmt)
             except OSError as exc:
                 errors.append((str(path), f"cannot read: {exc.strerror or exc}"))
                 continue
             new_marks[str(path.resolve())] = wm
+        with run.timer("read_and_commit"):
+            run.commit_ready()
         run.settle_batch_outputs()
-        run.flush()
         run.validate()
     except _Stop as stop:
         run.close()
@@ -753,7 +490,7 @@ def _ingest_locked(cfg: Config, inputs: list[Path], out_dir: Path, started: floa
     run.ledger.check()
 
     counts = run.ledger.counts()
-    counts["redactions"] = dict(sorted(run.redactor.totals.items()))
+    counts["redactions"] = dict(sorted(run.redaction_counts().items()))
     params = cfg.ingest.model_dump(mode="json")
     if counts["records"]["read"] == 0 and (out_dir / "manifest.json").is_file():
         # Nothing new: the published output stays exactly as it is.

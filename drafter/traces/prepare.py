@@ -1,0 +1,466 @@
+"""Preparing a batch of log records for deduplication: the part of ingestion that needs no
+shared state, so batches run in any process (a Dask worker) and in any order.
+
+    record -> quarantined (reason) | blank | stored for its pair (batch outputs) | parsed
+    parsed -> redact -> filters (errors, non-text content, broken roles, empty turns, no
+              assistant turn) -> token length (target tokenizer) -> decontamination
+           -> dropped (reason) | kept: dedup keys (MinHash LSH), final row, domain, split
+
+`Preparer.prepare(records, fmt)` returns a `Batch`: the quarantine and dropped entries it
+made, the conversations left for deduplication and its counts, all in record order. The run
+that owns the dedup index commits batches in the order they were read
+(`drafter.traces.ingest`), so the output does not depend on where batches ran.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+
+import orjson
+
+from drafter.config import Config
+from drafter.manifest import Timer, check_accounting
+from drafter.traces import formats
+from drafter.traces.dedup import lsh_params, normalize, prompt_keys
+from drafter.traces.domain import classify
+from drafter.traces.formats import NotAConversation, Parsed
+from drafter.traces.redact import Redactor, has_leftover, mask_leftovers
+from drafter.traces.schema import ROLES, Conversation, record_id
+from drafter.traces.sources import RawRecord
+
+# Bytes of a bad record read beyond the excerpt kept, so that a secret across the excerpt's
+# end is seen whole by redaction (the excerpt is cut after redacting, never before).
+EXCERPT_MARGIN = 4096
+# The run of characters at the end of a record cut short may be the first part of a secret
+# that no detector recognises any more: it is left out of the excerpt. (Matched on the
+# reversed text: a regex anchored at the end would rescan every run before it.)
+PARTIAL_TAIL = re.compile(r"[^\s\"',;{}\[\]<>`]*")
+
+# Which role may follow which (None = start of the conversation).
+NEXT_ROLES = {
+    None: {"system", "user"},
+    "system": {"user"},
+    "user": {"assistant"},
+    "assistant": {"user", "tool"},
+    "tool": {"tool", "assistant"},
+}
+
+
+@dataclass
+class Candidate:
+    """A parsed conversation on its way through the filters."""
+
+    id: str
+    source: str
+    line: int
+    parsed: Parsed
+    num_tokens: int | None = None  # counted only when the size alone cannot decide the bounds
+    num_bytes: int = 0
+    offset: int = 0  # of its record in the decompressed file
+    sha256: str = ""  # of its record's bytes
+    users: list[str] = field(default_factory=list)  # its user turns, `normalize`d (after redaction)
+
+
+@dataclass
+class Ledger:
+    """Where every record and every conversation went (this run)."""
+
+    records: Counter = field(default_factory=Counter)  # read, parsed, quarantined, blank, joined
+    conversations: Counter = field(default_factory=Counter)  # parsed, train, holdout, duplicate, ...
+    quarantined: Counter = field(default_factory=Counter)  # by reason
+    filtered: Counter = field(default_factory=Counter)  # by reason
+    duplicates: Counter = field(default_factory=Counter)  # exact / near
+    decontaminated: Counter = field(default_factory=Counter)  # by evaluation set
+    domains: Counter = field(default_factory=Counter)  # kept, by domain
+
+    def add(self, other: Ledger) -> None:
+        for f in fields(self):
+            getattr(self, f.name).update(getattr(other, f.name))
+
+    def check(self) -> None:
+        r, c = self.records, self.conversations
+        check_accounting(r["read"], {k: r[k] for k in ("parsed", "quarantined", "blank", "joined")}, "records")
+        check_accounting(c["parsed"], {k: c[k] for k in ("train", "holdout", "duplicate", "decontaminated",
+                                                            "filtered", "quarantined")}, "conversations")
+
+    def counts(self) -> dict[str, Any]:
+        keys_r = ("read", "parsed", "quarantined", "blank", "joined")
+        keys_c = ("parsed", "train", "holdout", "duplicate", "decontaminated", "filtered", "quarantined")
+        return {
+            "records": {k: self.records[k] for k in keys_r},
+            "conversations": {k: self.conversations[k] for k in keys_c},
+            "quarantined_by_reason": dict(sorted(self.quarantined.items())),
+            "filtered_by_reason": dict(sorted(self.filtered.items())),
+            "duplicates_by_kind": dict(sorted(self.duplicates.items())),
+            "decontaminated_by_set": dict(sorted(self.decontaminated.items())),
+            "domains": dict(sorted(self.domains.items())),
+            "tokenized_exactly": self.records["tokenized"],  # the rest were decided by their size
+        }
+
+
+@dataclass
+class Kept:
+    """A conversation left for deduplication: its dedup keys and the row it becomes if kept."""
+
+    id: str
+    source: str
+    line: int
+    offset: int
+    sha256: str
+    num_tokens: int | None
+    num_bytes: int
+    exact: int  # dedup key of the normalised prompt
+    bands: tuple[int, ...]  # dedup keys of its LSH bands
+    row: dict
+    split: str
+
+
+@dataclass
+class Batch:
+    """What a batch of records became, in record order."""
+
+    ledger: Ledger = field(default_factory=Ledger)
+    redactions: Counter = field(default_factory=Counter)
+    durations: dict[str, float] = field(default_factory=dict)
+    quarantine: list[dict] = field(default_factory=list)
+    dropped: list[dict] = field(default_factory=list)
+    kept: list[Kept] = field(default_factory=list)
+
+
+def split_of(first_user_turn: str, fraction: float, seed: int) -> str:
+    """Deterministic split by the normalised opening prompt (`normalize`d already): a
+    conversation, its longer continuations and its exact repeats always land on the same side."""
+    digest = hashlib.blake2b(f"{seed}\0{first_user_turn}".encode(), digest_size=8).digest()
+    return "holdout" if int.from_bytes(digest, "big") / 2**64 < fraction else "train"
+
+
+def role_problem(messages: list[dict]) -> str | None:
+    prev = None
+    for msg in messages:
+        role = msg["role"]
+        if role not in ROLES:
+            return "role_unknown"
+        if role not in NEXT_ROLES[prev]:
+            return "role_order"
+        prev = role
+    return None
+
+
+class TokenSize:
+    """Token counts, or bounds on them from a text's size alone.
+
+    Without a normaliser, every token of a byte-level (or byte-fallback) tokenizer is a
+    piece of the text at least one byte long, so a text has at most `bytes` tokens (plus
+    one prefix token per message, for SentencePiece-style tokenizers) and at least
+    `bytes / longest token`. The longest tokens are runs of one character ("\\n" + 80
+    spaces, "####..."); a text without such a run can only use the others, which are much
+    shorter. Tokenizers with a normaliser are always counted exactly.
+    """
+
+    RUN = re.compile(r"(.)\1\1", re.S)
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.exact_only = backend is None or backend.normalizer is not None
+        ids = sorted(tokenizer.get_vocab().values())
+        if backend is not None:  # decoded in Rust: a Python loop over the vocabulary takes seconds
+            pieces = backend.decode_batch([[i] for i in ids], skip_special_tokens=False)
+        else:
+            pieces = [tokenizer.decode([i]) for i in ids]
+        self.longest = max(len(p.encode()) for p in pieces)
+        self.longest_plain = max(len(p.encode()) for p in pieces if not self.RUN.search(p))
+
+    def bounds(self, texts: list[str], nbytes: int, floor: int = 0) -> tuple[int, int]:
+        """(at least, at most) tokens; the run search (slow) only when `floor` needs it."""
+        if self.exact_only:
+            return 0, 1 << 62
+        low = -(-nbytes // self.longest)
+        if low < floor and not any(self.RUN.search(t) for t in texts):
+            low = -(-nbytes // self.longest_plain)
+        return low, nbytes + len(texts)
+
+    def count(self, texts: list[str]) -> list[int]:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and hasattr(backend, "encode_batch_fast"):  # Rust, no offsets: lengths only
+            return [len(enc.ids) for enc in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+class Preparer:
+    """Turns batches of raw records into `Batch`es (see the module docstring). Holds only
+    read-only helpers (tokenizer, evaluation index, redaction patterns), loaded on first use."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg, self.icfg = cfg, cfg.ingest
+        self.redactor = Redactor(phone_regions=tuple(self.icfg.phone_regions))
+        self.timer = Timer()
+        self.bands, self.rows = lsh_params(self.icfg.near_dup_threshold, self.icfg.num_perm)
+        self.out = Batch()
+        self._tokenizer = None
+        self._eval = None
+        self._size: TokenSize | None = None
+        self._fields: dict[str, tuple[str, Counter]] = {}
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.out.ledger
+
+    def prepare(self, records: list[RawRecord], fmt: str | None,
+                join: Callable[[Parsed], None] | None = None,
+                store: Callable[[RawRecord, Any], None] | None = None) -> Batch:
+        """The batch these records make. `join` completes a batch input with its stored output;
+        `store` keeps a batch output line until its input comes (both run where the pairs are)."""
+        self.out, saved = Batch(), self.redactor.totals
+        self.redactor.totals, self.timer.durations = self.out.redactions, self.out.durations
+        try:
+            cands = []
+            with self.timer("read_parse"):
+                for rec in records:
+                    obj = self.decode(rec)
+                    if obj is None:
+                        continue
+                    if fmt is None:
+                        self.quarantine_record(rec, "unknown_shape", "no record of this file has a known log format")
+                        continue
+                    if fmt == "openai-batch-output":
+                        store(rec, obj)
+                        continue
+                    try:
+                        parsed = formats.parse(obj, fmt)
+                    except NotAConversation as exc:
+                        self.quarantine_record(rec, exc.reason, exc.detail)
+                        continue
+                    self.ledger.records["parsed"] += 1
+                    digest = hashlib.sha256(rec.data).hexdigest()
+                    for item in parsed:
+                        if join is not None:
+                            join(item)
+                        self.ledger.conversations["parsed"] += 1
+                        cands.append(Candidate(record_id(rec.data, item.sub), rec.source, rec.line, item,
+                                               offset=rec.offset, sha256=digest))
+            self.conversations(cands)
+            return self.out
+        finally:
+            self.redactor.totals = saved
+            self.timer.durations = {}
+
+    def conversations(self, batch: list[Candidate]) -> None:
+        with self.timer("redact_filter"):
+            survivors = [c for c in batch if self.clean(c)]
+        with self.timer("tokenize"):
+            survivors = self.token_filter(survivors)
+        with self.timer("decontaminate"):
+            kept = []
+            for cand in survivors:
+                cand.users = [normalize(m["content"]) for m in cand.parsed.messages if m["role"] == "user"]
+                hit = self.eval_index.match(cand.users)
+                if hit is None:
+                    kept.append(cand)
+                else:
+                    self.ledger.decontaminated[hit] += 1
+                    self.drop(cand, "decontaminated", hit)
+        with self.timer("dedup_keys"):
+            prompts = [" ".join(u for u in c.users if u) for c in kept]  # = normalize() of the user turns joined
+            keys = prompt_keys(prompts, self.icfg.num_perm, self.bands, self.rows)
+        with self.timer("finish"):
+            for cand, (exact, bands) in zip(kept, keys):
+                self.out.kept.append(self.finish(cand, exact, bands))
+
+    # ----- helpers loaded on first use ----------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from drafter.target import load_tokenizer
+
+            with self.timer("load_tokenizer"):
+                self._tokenizer = load_tokenizer(self.cfg)
+        return self._tokenizer
+
+    @property
+    def eval_index(self):
+        if self._eval is None:
+            from drafter.traces.decontam import eval_index
+
+            with self.timer("load_eval_sets"):
+                self._eval = eval_index(list(self.icfg.eval_sets), self.icfg.ngram)
+        return self._eval
+
+    # ----- quarantine / dropped ---------------------------------------------------------------
+    def redact_text(self, text: str) -> str:
+        return self.redactor.redact(text)[0]
+
+    def redact_field(self, text: str | None) -> str | None:
+        """A short field (tenant, route, model): the same few values on every line, redacted once."""
+        if not text or len(text) > 256:
+            return self.redact_text(text) if text else text
+        hit = self._fields.get(text)
+        if hit is None:
+            if len(self._fields) > 10_000:
+                self._fields.clear()
+            hit = self._fields[text] = self.redactor.redact(text)
+        else:
+            self.redactor.totals.update(hit[1])  # counted as often as it occurs
+        return hit[0]
+
+    def excerpt(self, data: bytes, cut: bool = False, obj: Any = None) -> dict[str, Any]:
+        """A bad record's excerpt for the quarantine: redacted first, then cut to
+        `quarantine_keep_bytes`. JSON is parsed and every string in it redacted (escapes
+        cannot hide a secret then); other text is redacted as text (with its JSON-unescaped
+        views). Whatever the validation's secret patterns still flag is masked; if one
+        still matches, no excerpt is kept at all (the hash and reason remain)."""
+        keep = self.icfg.quarantine_keep_bytes
+        text = None
+        if obj is None and not cut:
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                obj = None
+        if obj is not None:
+            try:
+                text = orjson.dumps(self.redactor.redact_json(obj)).decode()
+            except (TypeError, RecursionError):  # ints past 64 bits, very deep nesting: as text
+                text = None
+        if text is None:
+            text = self.redact_text(data.decode("utf-8", errors="replace"))
+            if cut:
+                text = text[: len(text) - PARTIAL_TAIL.match(text[::-1]).end()]
+        text = mask_leftovers(text)
+        short = text.encode()[:keep].decode("utf-8", errors="ignore")
+        if has_leftover(short):
+            return {"excerpt": None, "excerpt_dropped": "a secret pattern survived redaction"}
+        return {"excerpt": short, "excerpt_truncated": cut or len(short) < len(text)}
+
+    def bad_record(self, rec: RawRecord) -> dict[str, Any]:
+        """Where a bad record is, its hash and its redacted excerpt (no raw bytes)."""
+        digest = rec.sha256 or (hashlib.sha256(rec.data).hexdigest() if rec.data or rec.size else None)
+        return {"source": rec.source, "line": rec.line, "offset": rec.offset, "bytes": rec.size, "sha256": digest,
+                **self.excerpt(rec.data, rec.cut, rec.obj)}
+
+    def quarantine_entry(self, entry: dict[str, Any], reason: str, detail: str, stage: str = "parse") -> dict:
+        detail = mask_leftovers(self.redact_text(detail))[:2000]
+        return {**entry, "reason": reason, "detail": detail, "stage": stage}
+
+    def quarantine_record(self, rec: RawRecord, reason: str, detail: str) -> None:
+        self.out.quarantine.append(self.quarantine_entry(self.bad_record(rec), reason, detail))
+        self.ledger.records["quarantined"] += 1
+        self.ledger.quarantined[reason] += 1
+
+    def drop(self, cand: Candidate, outcome: str, reason: str, of: str | None = None) -> None:
+        entry = {"id": cand.id, "source": cand.source, "line": cand.line, "outcome": outcome, "reason": reason}
+        if of:
+            entry["of"] = of
+        self.out.dropped.append(entry)
+        self.ledger.conversations[outcome] += 1
+
+    # ----- records and conversations -----------------------------------------------------------
+    def decode(self, rec: RawRecord) -> Any:
+        """The record's JSON value, or None after quarantining / counting it."""
+        if rec.error:
+            self.quarantine_record(rec, rec.error, rec.detail)
+            return None
+        if rec.obj is not None:
+            return rec.obj
+        if not rec.data.strip():
+            self.ledger.records["blank"] += 1
+            return None
+        try:
+            text = rec.data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.quarantine_record(rec, "invalid_utf8", f"invalid UTF-8: {exc}")
+            return None
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            self.quarantine_record(rec, "malformed_json", f"malformed JSON: {exc}")
+            return None
+
+    def clean(self, cand: Candidate) -> bool:
+        """Redact in place, then the cheap filters; False when the conversation is dropped."""
+        p = cand.parsed
+        for msg in p.messages:
+            if isinstance(msg.get("content"), str):
+                msg["content"] = self.redact_text(msg["content"])
+        p.tenant, p.route, p.model = self.redact_field(p.tenant), self.redact_field(p.route), self.redact_field(p.model)
+        reason = None
+        if "error_response" in p.flags:
+            reason = "error_response"
+        elif "non_text" in p.flags:
+            reason = "non_text_content"
+        elif not p.messages:
+            reason = "empty"
+        else:
+            reason = role_problem(p.messages)
+            if reason is None:
+                if any(not m["content"].strip() for m in p.messages if m["role"] in ("user", "system")):
+                    reason = "empty_turn"
+                elif not any(m["role"] == "assistant" and m["content"].strip() for m in p.messages):
+                    reason = "no_assistant" if self.icfg.require_assistant else None
+        if reason is not None:
+            self.ledger.filtered[reason] += 1
+            self.drop(cand, "filtered", reason)
+            return False
+        return True
+
+    def token_filter(self, cands: list[Candidate]) -> list[Candidate]:
+        """Token length bounds with the target tokenizer; only conversations whose size does not
+        already settle the bounds are tokenized (see `TokenSize`)."""
+        if not cands:
+            return []
+        lo_bound, hi_bound = self.icfg.min_tokens, self.icfg.max_tokens
+        if self._size is None:
+            self._size = TokenSize(self.tokenizer)
+        undecided = []
+        for cand in cands:
+            texts = [m["content"] for m in cand.parsed.messages]
+            cand.num_bytes = sum(len(t.encode()) for t in texts)
+            low, high = self._size.bounds(texts, cand.num_bytes, lo_bound)
+            if low < lo_bound or high > hi_bound:
+                undecided.append(cand)
+        if undecided:
+            counts = self._size.count([m["content"] for c in undecided for m in c.parsed.messages])
+            i = 0
+            for cand in undecided:
+                n = len(cand.parsed.messages)
+                cand.num_tokens = sum(counts[i : i + n])
+                i += n
+        self.ledger.records["tokenized"] += len(undecided)
+        out = []
+        for cand in cands:
+            if cand.num_tokens is not None and cand.num_tokens < lo_bound:
+                reason = "too_few_tokens"
+            elif cand.num_tokens is not None and cand.num_tokens > hi_bound:
+                reason = "too_many_tokens"
+            else:
+                out.append(cand)
+                continue
+            self.ledger.filtered[reason] += 1
+            self.drop(cand, "filtered", reason)
+        return out
+
+    def finish(self, cand: Candidate, exact: int, bands: tuple[int, ...]) -> Kept:
+        p = cand.parsed
+        users = [m["content"] for m in p.messages if m["role"] == "user"]
+        conv = Conversation(
+            id=cand.id, source=cand.source, line=cand.line, timestamp=p.timestamp, model=p.model,
+            tenant=p.tenant, route=p.route, domain=classify(users), messages=p.messages,
+        )
+        return Kept(cand.id, cand.source, cand.line, cand.offset, cand.sha256, cand.num_tokens, cand.num_bytes,
+                    exact, bands, conv.row(), split_of(cand.users[0], self.icfg.holdout_fraction, self.cfg.run.seed))
+
+
+# ----- on a worker -------------------------------------------------------------------------------
+_PREPARERS: dict[str, Preparer] = {}
+
+
+def prepare_remote(cfg: Config, records: list[RawRecord], fmt: str | None) -> Batch:
+    """`Preparer.prepare` in a worker process, its helpers loaded once per config."""
+    key = cfg.hash()
+    if key not in _PREPARERS:
+        _PREPARERS.clear()
+        _PREPARERS[key] = Preparer(cfg)
+    return _PREPARERS[key].prepare(records, fmt)

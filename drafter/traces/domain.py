@@ -81,25 +81,36 @@ MATH_WORDS = frozenset(
     "value consecutive smallest largest greatest least express units paid earn earns spend spent".split()
 )
 WORD = re.compile(r"[a-z][a-z+#]*")
-NUMBER = re.compile(r"\d+|\b(?:two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|twenty|hundred|thousand|"
-                    r"half|twice|dozen)\b")
+# (The number words grouped by first letter: the same matches, found without trying every word.)
+NUMBER = re.compile(r"\d+|\b(?:t(?:wo|hree|en|welve|wenty|housand|wice)|f(?:our|ive)|s(?:ix|even)|e(?:ight|leven)|"
+                    r"nine|h(?:undred|alf)|dozen)\b")
 # Scripts other than Latin (Cyrillic, Greek, Hebrew, Arabic, Indic, Thai, CJK, Hangul, ...).
 NON_LATIN = re.compile(r"[\u0370-\u03ff\u0400-\u052f\u0590-\u06ff\u0900-\u0dff\u0e00-\u0eff\u1100-\u11ff"
                        r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
 
 
-def scores(text: str) -> tuple[float, float, bool]:
-    """(code score, math score, asks for a program) of a text."""
-    lower = text.lower()
-    words = WORD.findall(lower)
+# Characters without which a sign cannot match (a sign is searched only if one is in the text).
+CODE_NEEDS = {3: "(", 5: "("}
+MATH_NEEDS = {4: "^|=<>"}
+
+
+def _signs(signs: list[re.Pattern], needs: dict[int, str], text: str) -> int:
+    return sum(1 for i, rx in enumerate(signs)
+               if (i not in needs or any(c in text for c in needs[i])) and rx.search(text))
+
+
+def scores(text: str, lower: str | None = None, words: list[str] | None = None) -> tuple[float, float, bool]:
+    """(code score, math score, asks for a program) of a text (`lower` and its `WORD`s, if known)."""
+    lower = text.lower() if lower is None else lower
+    words = WORD.findall(lower) if words is None else words
     wordset = set(words)
     task = bool((wordset & TASK_VERBS and CODE_TASK.search(lower))
                 or any(f"in {lang}" in lower for lang in wordset & LANGUAGES))
-    code = 3.0 * sum(1 for rx in CODE_SIGNS if rx.search(text)) + (6.0 if task else 0.0)
+    code = 3.0 * _signs(CODE_SIGNS, CODE_NEEDS, text) + (6.0 if task else 0.0)
     code += min(sum(1 for w in words if w in CODE_WORDS), 6) + 3.0 * min(len(wordset & TECH_WORDS), 2)
-    math = 3.0 * sum(1 for rx in MATH_SIGNS if rx.search(text))
-    numbers = len(NUMBER.findall(lower))
-    if wordset & QUESTION_WORDS and WORD_PROBLEM.search(lower) and numbers:
+    math = 3.0 * _signs(MATH_SIGNS, MATH_NEEDS, text)
+    numbers = sum(1 for _ in zip(range(3), NUMBER.finditer(lower)))  # only "none" and "3 or more" matter
+    if wordset & QUESTION_WORDS and numbers and WORD_PROBLEM.search(lower):
         math += 6.0
     math += 2.0 if numbers >= 3 else 0.0
     math += 0.75 * min(sum(1 for w in words if w in MATH_WORDS), 6)
@@ -108,12 +119,14 @@ def scores(text: str) -> tuple[float, float, bool]:
 
 def classify_text(text: str) -> str:
     sample = text[:SAMPLE_CHARS]
-    non_latin = len(NON_LATIN.findall(sample))
+    non_latin = 0 if sample.isascii() else len(NON_LATIN.findall(sample))
     if non_latin > 0.25 * len(sample.strip()):
         return "other"
-    if len(WORD.findall(sample.lower())) < 2 and non_latin < 2:
+    lower = sample.lower()
+    words = WORD.findall(lower)
+    if len(words) < 2 and non_latin < 2:
         return "other"
-    code, math, task = scores(sample)
+    code, math, task = scores(sample, lower, words)
     if code >= 6 and (code >= math or task):
         return "code"
     if math >= 6:

@@ -332,3 +332,26 @@ def test_pending_bytes_bound_flushes_early_and_changes_nothing(tmp_path, monkeyp
     assert results["tiny"] == results["default"]
     assert max(sizes["tiny"]) == 1 and max(sizes["default"]) > 10  # one record per batch: the bound held
     assert os.path.getsize(tmp_path / "tiny" / "quarantine.jsonl") > 0
+
+
+def test_rows_waiting_for_validation_are_bounded_by_bytes(tmp_path, monkeypatch):
+    """Kept rows wait for Great Expectations in chunks of validate_rows, or fewer once their
+    text passes max_pending_bytes: long conversations cannot pile up 20,000 at a time."""
+    from drafter.traces.validate import Validator
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "chats.jsonl").write_text("\n".join(chat_line(prompt(i)) for i in range(60)) + "\n")
+    chunks: list[list[int]] = []
+    validate = Validator.validate
+
+    def spy(self, rows):
+        chunks.append([r["num_bytes"] for r in rows])
+        return validate(self, rows)
+
+    monkeypatch.setattr(Validator, "validate", spy)
+    bound = 1500
+    m = ingest(load_config(TINY, [f"ingest.max_pending_bytes={bound}"]), [raw], tmp_path / "out")
+    kept = m["counts"]["totals"]["train"] + m["counts"]["totals"]["holdout"]
+    assert kept == 60 and sum(len(c) for c in chunks) == 60 and len(chunks) > 3
+    assert all(sum(c[:-1]) < bound for c in chunks)  # a chunk closes as soon as it reaches the bound

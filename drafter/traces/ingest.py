@@ -124,6 +124,7 @@ class IngestRun:
         self.dropped = JsonlWriter(work / "dropped.new.jsonl")
         self.staged = {s: JsonlWriter(work / f"{s}.new.jsonl") for s in ("train", "holdout")}
         self.to_validate: list[Kept] = []
+        self.to_validate_bytes = 0  # text bytes of the rows in to_validate
         self.files: dict[str, dict[str, Any]] = {}
         self._validator: Validator | None = None
         self._batch_out = None
@@ -247,7 +248,10 @@ class IngestRun:
                 self.drop(kept, "duplicate", kind, of=original)
                 continue
             self.to_validate.append(kept)
-        if len(self.to_validate) >= self.icfg.validate_rows:
+            self.to_validate_bytes += kept.num_bytes
+        # Rows wait for validation in chunks of validate_rows, or less when they are large:
+        # memory stays bounded by max_pending_bytes however long the conversations are.
+        if len(self.to_validate) >= self.icfg.validate_rows or self.to_validate_bytes >= self.icfg.max_pending_bytes:
             self.validate()
 
     # ----- OpenAI Batch API: outputs are kept (redacted) until their inputs come by ---------------
@@ -310,7 +314,7 @@ class IngestRun:
     def validate(self) -> None:
         if not self.to_validate:
             return
-        chunk, self.to_validate = self.to_validate, []
+        chunk, self.to_validate, self.to_validate_bytes = self.to_validate, [], 0
         frame_rows = [{
             **{k: kept.row[k] for k in ("id", "source", "line", "timestamp", "model", "tenant", "route", "domain")},
             "roles": " ".join(m["role"] for m in kept.row["messages"]),

@@ -381,8 +381,12 @@ def evaluate_drafter(
     with timer("warmup"):  # first calls pay one-off costs (allocations, kernels): not measured
         spec.generate(prompts[0].ids, min(ec.warmup_tokens, ec.max_new_tokens))
         plain.generate(prompts[0].ids, min(ec.warmup_tokens, ec.max_new_tokens))
+    # A header only where there is none: a run interrupted before its first prompt leaves a
+    # header-only file that `_resume` keeps (with no records), and a second header there would
+    # be read as a record by the next resume.
+    headed = partial.is_file() and partial.stat().st_size > 0
     with timer("decode"), partial.open("a") as sink:
-        if not done:
+        if not headed:
             sink.write(json.dumps({"fingerprint": fingerprint}) + "\n")
         bar = StageProgress(total=len(prompts), initial=len(prompts) - len(todo), desc="evaluate", unit="prompt",
                             disable=len(todo) < 2)

@@ -151,6 +151,34 @@ def test_interrupted_evaluation_resumes(tiny_target, noisy, tmp_path, monkeypatc
     assert resumed["tau"] == full["tau"] and resumed["overall"]["rounds"] == full["overall"]["rounds"]
 
 
+def test_a_run_interrupted_before_its_first_prompt_resumes_twice(tiny_target, noisy, tmp_path, monkeypatch):
+    """An interruption during the first prompt leaves a header-only samples.partial.jsonl; the
+    resume must not add a second header (the next resume read it as a record: KeyError 'id')."""
+    cfg = cfg_with("evaluate.max_new_tokens=8")
+    out, original, calls = tmp_path / "eval", ev._evaluate_prompt, []
+
+    def dies_on(n):
+        def run(p, *args):
+            calls.append(p.id)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return original(p, *args)
+        return run
+
+    for n in (1, 2):  # before the first prompt is written, then after one more
+        calls.clear()
+        monkeypatch.setattr(ev, "_evaluate_prompt", dies_on(n))
+        with pytest.raises(KeyboardInterrupt):
+            evaluate_drafter(cfg, noisy, tiny_target, out)
+    lines = (out / "samples.partial.jsonl").read_text().splitlines()
+    assert sum("fingerprint" in json.loads(line) for line in lines) == 1 and len(lines) == 2
+    calls.clear()
+    monkeypatch.setattr(ev, "_evaluate_prompt", dies_on(0))
+    report = evaluate_drafter(cfg, noisy, tiny_target, out)
+    assert len(calls) == 3 and report["overall"]["samples"] == 4
+    assert len({json.loads(line)["id"] for line in (out / "samples.jsonl").read_text().splitlines()}) == 4
+
+
 def test_evaluate_a_drafter_folder_with_calibration(tiny_target, tmp_path):
     run = tmp_path / "drafter"
     BigramDrafter.random(tiny_target.vocab_size, seed=0, concentration=0.05, confidences=True).export(run / "best")

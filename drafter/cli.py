@@ -330,8 +330,12 @@ def train_cmd(
 ) -> None:
     """Train the configured drafter (EAGLE-3, DFlash or DSpark) on the target cache; resumes if interrupted."""
     from drafter.train import train
+    from flows.tracking import cli_stage
 
-    manifest = train(load(config, set_), cache, out_dir)
+    cfg = load(config, set_)
+    out_dir = out_dir or cfg.data_dir / "drafter"
+    with cli_stage(cfg, "train", out_dir):
+        manifest = train(cfg, cache, out_dir)
     outputs, counts = manifest["outputs"], manifest["counts"]
     print_mapping("trained drafter", {
         "algorithm": manifest["params"]["algorithm"],
@@ -561,12 +565,14 @@ def evaluate_cmd(
 ) -> None:
     """Speculative decoding of the eval sets and the holdout: tau, accept_rate@k, speedup."""
     from drafter.evaluate import evaluate
+    from flows.tracking import cli_stage
 
     cfg = load(config, set_)
     if ingested is None and not no_holdout and (cfg.data_dir / "ingested" / "holdout").is_dir():
         ingested = cfg.data_dir / "ingested"
     out_dir = out_dir or cfg.data_dir / "eval"
-    report = evaluate(cfg, drafter or cfg.data_dir / "drafter", out_dir, None if no_holdout else ingested)
+    with cli_stage(cfg, "evaluate", out_dir):
+        report = evaluate(cfg, drafter or cfg.data_dir / "drafter", out_dir, None if no_holdout else ingested)
     summary = {f"tau {d}": round(t, 3) for d, t in report["tau"].items()}
     summary |= {
         "macro tau": round(report["macro_tau"], 3),
@@ -588,10 +594,12 @@ def calibrate_cmd(
 ) -> None:
     """Fit the confidence head's STS temperatures on held-out prompts; save them with the drafter."""
     from drafter.calibrate import calibrate
+    from flows.tracking import cli_stage
 
     cfg = load(config, set_)
     out_dir = out_dir or cfg.data_dir / "calibration"
-    result = calibrate(cfg, drafter or cfg.data_dir / "drafter", cache or cfg.data_dir / "cache", out_dir)
+    with cli_stage(cfg, "calibrate", out_dir):
+        result = calibrate(cfg, drafter or cfg.data_dir / "drafter", cache or cfg.data_dir / "cache", out_dir)
     summary = {"applicable": result["applicable"], "temperatures": result.get("temperatures")}
     summary |= {k: round(v, 4) for k, v in (result.get("summary") or {}).items()}
     summary["report"] = str(out_dir / "report.md")

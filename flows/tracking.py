@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from drafter import registry
 from drafter.config import Config
-from drafter.manifest import redact_urls
+from drafter.manifest import git_state, read_manifest, redact_urls
 
 REPORT_SUFFIXES = (".json", ".md", ".csv", ".png")
 PARENT_RUN_ENV = "DRAFTER_MLFLOW_PARENT_RUN_ID"  # the stage run a stage's own MLflow run nests under
@@ -137,3 +137,26 @@ class FlowTracking:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent, status)
+
+
+@contextmanager
+def cli_stage(cfg: Config, stage: str, out_dir: Path) -> Iterator[None]:
+    """A stage run from the command line alone gets a parent run of its own ("<stage> (cli)")
+    with the stage's run nested under it, its outputs and manifest metrics logged and its
+    headline metrics rolled up, as in a flow run. Under a flow (PARENT_RUN_ENV set) the flow
+    does this, and nothing is added."""
+    if os.environ.get(PARENT_RUN_ENV):
+        yield
+        return
+    commit = git_state(Path(__file__).resolve().parents[1]).get("commit")
+    tracking = FlowTracking(cfg, f"{stage} (cli)", commit=commit,
+                            tags={"mlflow.source.type": "LOCAL", "mlflow.source.name": f"drafter {stage}",
+                                  "drafter.source": "cli"})
+    try:
+        with tracking.stage(stage) as run_id:
+            yield
+    except BaseException:
+        tracking.finish("FAILED")
+        raise
+    tracking.log_stage(run_id, read_manifest(out_dir), Path(out_dir), cached=False)
+    tracking.finish()

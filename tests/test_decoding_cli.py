@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from drafter.cli import app
@@ -41,6 +43,18 @@ def test_evaluate_profile_gate_commands(tiny_target, tmp_path):
     summary = json.loads(res.stdout)
     assert set(summary) >= {"tau gsm8k", "tau humaneval", "macro tau", "lossless"} and summary["lossless"] is True
     assert (tmp_path / "eval" / "report.json").is_file()  # default output under run.data_dir
+    # Run from the CLI alone, the stage gets its own parent run in MLflow, as in a flow run.
+    from drafter import registry
+    from drafter.config import load_config
+
+    c = registry.client()
+    exp = registry.experiment_id(load_config(TINY, sets[1::2]), c)
+    parent = c.search_runs([exp], "attributes.run_name = 'evaluate (cli)'", order_by=["attributes.start_time DESC"])[0]
+    nested = c.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert [r.info.run_name for r in nested] == ["evaluate"] and parent.info.status == "FINISHED"
+    assert parent.data.metrics["evaluate.macro_tau"] == pytest.approx(summary["macro tau"], abs=1e-3)
+    assert parent.data.tags["mlflow.source.name"] == "drafter evaluate" and parent.data.tags.get("mlflow.source.git.commit")
+    assert "outputs/report.md" in {a.path for a in c.list_artifacts(nested[0].info.run_id, "outputs")}
 
     res = runner.invoke(app, ["profile", "-c", TINY, "-s", "scheduler.profile_rows=[1,2]", "-s", "scheduler.profile_reps=1",
                               "-s", "scheduler.profile_context=8", *sets])

@@ -254,6 +254,72 @@ def test_retrain_flow_wiring_with_standin_stages(servers, tmp_path, monkeypatch)
     assert retrain.warm_start(cold, cold.to_dict())[0]["train"]["init_from"] is None  # nothing in production: random
 
 
+# ----- the flow's paths to production: only an approved version, with its registered weights -----
+def production_in_registry(tmp_path: Path, name: str) -> tuple:
+    """v1 approved (in production) and v2 a pending candidate, on a fresh local store (`store`,
+    per test: a module-wide one would outlive these tests and hide the servers' MLflow from the
+    others). -> (the flow's config, the warm-start config, the MLflow client)."""
+    overrides = setup_run(tmp_path, name)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    for tag, seed in (("1", 1), ("2", 2)):
+        registry.register_candidate(cfg, make_drafter(tmp_path / f"drafter-{tag}", seed=seed),
+                                    eval_dir=make_eval(tmp_path / f"eval-{tag}", {"gsm8k": 2.4}),
+                                    gate_verdict=passing_verdict())
+        if tag == "1":
+            registry.approve(name, "1", by="alice", reason="first drafter")
+    warm = load_config(ROOT / "configs" / "tiny.yaml", overrides + ["train.init_from=production"])
+    return cfg, warm, registry.client()
+
+
+@pytest.fixture
+def stage_runs(monkeypatch) -> list:
+    """The stages the flow starts (none really runs): what was evaluated or trained."""
+    from flows import retrain
+
+    ran: list = []
+    monkeypatch.setattr(retrain, "run_stage", lambda tracking, report, name, *a, **kw: ran.append(name) or {})
+    return ran
+
+
+def test_flow_never_evaluates_or_warm_starts_from_a_production_alias_set_onto_an_unapproved_version(
+        store, tmp_path, stage_runs):
+    """The MLflow UI's alias "Add" moves `production` with no approval: the flow's production
+    evaluation and its warm start refuse it before anything is evaluated or trained."""
+    from flows import retrain
+
+    cfg, warm, c = production_in_registry(tmp_path, "flow-ui-alias")
+    c.set_registered_model_alias("flow-ui-alias", "production", "2")  # as the UI's alias button would
+    with pytest.raises(registry.NotServable, match="version 2 .*not approved"):
+        retrain.production_eval(cfg, object(), [], "code")
+    with pytest.raises(registry.NotServable, match="version 2 .*not approved"):
+        retrain.warm_start(warm, warm.to_dict())
+    assert stage_runs == []
+    assert not (tmp_path / "data" / "production").exists()  # no weights to evaluate or start from
+
+
+def test_flow_never_evaluates_or_warm_starts_from_weights_changed_after_approval(store, tmp_path, stage_runs):
+    """The approved version's weights file is replaced in the artifact store after approval: its
+    sha256 is no longer the registered one, and the flow stops before evaluating or training."""
+    from flows import retrain
+
+    cfg, warm, c = production_in_registry(tmp_path, "flow-tampered")
+    production = tmp_path / "data" / "production"
+    assert retrain.production_eval(cfg, object(), [], "code") == tmp_path / "data" / "eval-production"
+    assert stage_runs == ["evaluate-production"]  # untouched weights: production is evaluated
+    exported = sha256_file(production / "model.safetensors")
+
+    model_id = c.get_model_version("flow-tampered", "1").source.removeprefix("models:/")  # a LoggedModel
+    stored = Path(c.get_logged_model(model_id).artifact_location.removeprefix("file://")) / "model.safetensors"
+    assert sha256_file(stored) == exported
+    stored.write_bytes((make_drafter(tmp_path / "other", seed=99) / "model.safetensors").read_bytes())
+    with pytest.raises(registry.NotServable, match="sha256"):
+        retrain.production_eval(cfg, object(), [], "code")
+    with pytest.raises(registry.NotServable, match="sha256"):
+        retrain.warm_start(warm, warm.to_dict())
+    assert stage_runs == ["evaluate-production"]  # not evaluated again
+    assert sha256_file(production / "model.safetensors") == exported  # the earlier export is not replaced
+
+
 @pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in
         ("drafter.traces.ingest", "drafter.regenerate", "drafter.cache", "drafter.train", "drafter.calibrate",

@@ -352,6 +352,122 @@ def test_concurrent_decisions_serialise(module_store, tmp_path):
         assert mv.tags["approval.state"] == state.get(v, "pending")
 
 
+# Two decisions raced from separate processes: one process imports once, then forks one child
+# per decision (each opens its own store connection and takes the file lock itself). The registry
+# calls are slowed down so that, without the decision lock, the two interleave.
+RACER = """
+import json, os, sys, time, traceback
+from mlflow import MlflowClient
+from drafter import registry
+
+for method in ("get_registered_model", "get_model_version", "search_runs", "create_run",
+               "set_registered_model_alias", "delete_registered_model_alias", "set_model_version_tag"):
+    def slow(self, *args, _real=getattr(MlflowClient, method), **kwargs):
+        time.sleep(0.1)
+        return _real(self, *args, **kwargs)
+    setattr(MlflowClient, method, slow)
+
+name, decisions, pids = sys.argv[1], json.loads(sys.argv[2]), []
+ready, go = os.pipe(), os.pipe()
+for op, args, kwargs in decisions:
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            try:
+                registry.aliases(name), registry.decision_log(name)  # the store opened: no head start
+            finally:
+                os.write(ready[1], b"r")
+            os.read(go[0], 1)
+            getattr(registry, op)(name, *args, **kwargs)
+        except registry.RegistryError as exc:
+            print("refused:", op, args, exc, flush=True)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    pids.append(pid)
+for _ in decisions:
+    os.read(ready[0], 1)
+os.write(go[1], b"g" * len(decisions))
+sys.exit(max(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids))
+"""
+
+
+def race(name: str, *decisions: tuple) -> None:
+    """Run `(op, args, kwargs)` decisions at the same time, each in its own process."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", RACER, name, json.dumps(decisions)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def end_state(name: str, versions) -> dict:
+    """What the serial orders are compared on: the aliases, each version's approval state and
+    who last rolled it back, and the decisions of the log (each chained on the one before)."""
+    c = registry.client()
+    log = registry.decision_log(name)
+    assert all(e["complete"] for e in log), log
+    for before, after in zip(log, log[1:]):  # no decision saw aliases another one had already moved
+        assert (after["production_before"], after["previous_before"]) == (
+            before["production_after"], before["previous_after"]), log
+    current = registry.aliases(name)
+    assert (current.get("production", ""), current.get("previous", "")) == (
+        log[-1]["production_after"], log[-1]["previous_after"])
+    tags = {v: c.get_model_version(name, v).tags for v in versions}
+    return {"aliases": current, "log": [(e["decision"], e["version"]) for e in log],
+            "state": {v: (t["approval.state"], t.get("rollback.by")) for v, t in tags.items()}}
+
+
+def test_rollback_racing_approve_never_drops_the_approval(module_store, tmp_path):
+    """Unserialised, both read production 2 / previous 1: the approve moved production to 3,
+    then the rollback put 1 back (from its stale read), and the approval of 3 was lost with no
+    rollback recorded on it. Now the end state is one of the two serial orders."""
+    cfg = config(tmp_path, "reg-race-rb")
+    v1, v2 = (register(cfg, tmp_path, t).version for t in ("1", "2"))
+    registry.approve("reg-race-rb", v1, by="a", reason="first")
+    registry.approve("reg-race-rb", v2, by="a", reason="second", force=True)
+    v3 = register(cfg, tmp_path, "3").version  # gated against 2
+    race("reg-race-rb", ("approve", [v3], {"by": "alice", "reason": "race", "force": True}),
+         ("rollback", [], {"by": "ops", "reason": "race"}))
+    first = [("approved", v1), ("approved", v2)]
+    serial = [
+        {"aliases": {"production": v2},  # approve, then rollback (of 3)
+         "log": first + [("approved", v3), ("rollback", v3)],
+         "state": {v1: ("approved", None), v2: ("approved", None), v3: ("approved", "ops")}},
+        {"aliases": {"production": v3, "previous": v1},  # rollback (of 2), then approve
+         "log": first + [("rollback", v2), ("approved", v3)],
+         "state": {v1: ("approved", None), v2: ("approved", "ops"), v3: ("approved", None)}},
+    ]
+    assert end_state("reg-race-rb", (v1, v2, v3)) in serial
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["gated", "forced"])
+def test_two_approves_racing_keep_previous_and_the_gate(module_store, tmp_path, force):
+    """Unserialised, both approves read production 1: both set previous to 1, so the version
+    promoted first was lost from `previous` (forced), or both passed a gate run against 1 although
+    one of them replaced it (gated). Now the second approve sees the first one's production."""
+    name = f"reg-race-2ap-{force}"
+    cfg = config(tmp_path, name)
+    v1 = register(cfg, tmp_path, "1").version
+    registry.approve(name, v1, by="a", reason="first")
+    v2, v3 = register(cfg, tmp_path, "2").version, register(cfg, tmp_path, "3").version  # both gated against 1
+    race(name, *(("approve", [v], {"by": f"by-{v}", "reason": "race", "force": force}) for v in (v2, v3)))
+    serial = []
+    for a, b in ((v2, v3), (v3, v2)):
+        if force:  # both approved, in turn: the first one is `previous`
+            serial.append({"aliases": {"production": b, "previous": a}, "log": [("approved", v) for v in (v1, a, b)],
+                           "state": {v1: ("approved", None), a: ("approved", None), b: ("approved", None)}})
+        else:  # the second is refused: its gate ran against 1, production is now the first
+            still_candidate = {"candidate": v3} if b == v3 else {}  # the latest registered, refused
+            serial.append({"aliases": {"production": a, "previous": v1, **still_candidate},
+                           "log": [("approved", v) for v in (v1, a)],
+                           "state": {v1: ("approved", None), a: ("approved", None), b: ("pending", None)}})
+    assert end_state(name, (v1, v2, v3)) in serial
+
+
 def test_export_refuses_unapproved_and_tampered_versions(module_store, tmp_path):
     cfg = config(tmp_path, "reg-serve")
     v1 = register(cfg, tmp_path, "1").version
@@ -467,3 +583,48 @@ def test_a_manifest_is_checked_when_written_and_read(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"stage": "evaluate", "metrics": {"macro_tau": "high"}}))
     with pytest.raises(ReportError, match="metrics.macro_tau"):
         read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("crash_key, then", [("approval.by", "approve"), ("approval.state", "approve"),
+                                             ("approval.state", "rollback")])
+def test_a_decision_killed_while_recording_never_pairs_a_state_with_an_older_record(
+        module_store, tmp_path, monkeypatch, crash_key, then):
+    """Killed while writing an approval over a rejection: with the state written first, a crash
+    left `approved` beside the rejecting decider's name and reason. The state is written last,
+    so the version reads as rejected until the next decision finishes the approval from its
+    log entry (the run again, or another decision), with the record that entry holds."""
+    name = f"reg-kill-rec-{crash_key.split('.')[1]}-{then}"
+    cfg = config(tmp_path, name)
+    v1, v2 = (register(cfg, tmp_path, t).version for t in ("1", "2"))
+    registry.approve(name, v1, by="alice", reason="first")
+    registry.reject(name, v2, by="carol", reason="worse on code")
+    crash_at(monkeypatch, "set_model_version_tag", lambda model, version, key, value: key == crash_key)
+    with pytest.raises(Crash):
+        registry.approve(name, v2, by="bob", reason="re-checked", force=True)
+
+    new = {"by": "bob", "reason": "re-checked", "via": "cli", "at": registry.decision_log(name)[-1]["at"]}
+    tags = registry.client().get_model_version(name, v2).tags
+    record = {k: tags.get(f"approval.{k}") for k in new}
+    assert tags["approval.state"] == "rejected" or record == new  # never `approved` by carol
+    if crash_key == "approval.state":  # the last tag: the rest of the record is already this decision's
+        assert tags["approval.state"] == "rejected" and record == new
+        assert json.loads(tags["approval.history"])[-1] == {"decision": "approved", **new}
+    row = {r["version"]: r for r in registry.list_versions(name)}[v2]
+    assert row["approval"] == "rejected" and row["aliases"] == []  # what a read sees: not approved, not served
+    assert registry.aliases(name) == {"production": v1} and not registry.decision_log(name)[-1]["complete"]
+
+    if then == "approve":  # the same command run again: finishes the approval, does not decide twice
+        assert registry.approve(name, v2, by="bob", reason="re-checked", force=True)["production"] == v2
+        assert registry.aliases(name) == {"production": v2, "previous": v1}
+    else:  # another decision finishes the approval first, then is made itself
+        assert registry.rollback(name, by="ops", reason="after the crash")["rolled_back"] == v2
+        assert registry.aliases(name) == {"production": v1}
+    tags = registry.client().get_model_version(name, v2).tags
+    assert tags["approval.state"] == "approved" and {k: tags[f"approval.{k}"] for k in new} == new
+    history = [h["decision"] for h in json.loads(tags["approval.history"])]
+    assert history == ["rejected", "approved"] + (["rolled_back"] if then == "rollback" else [])
+    log = registry.decision_log(name)
+    assert [(e["decision"], e["version"], e["complete"]) for e in log] == [
+        ("approved", v1, True), ("rejected", v2, True), ("approved", v2, True)] + (
+        [("rollback", v2, True)] if then == "rollback" else [])
+    assert log[2]["finished_late"] and log[2]["production_after"] == v2 and log[2]["at"] == new["at"]

@@ -685,6 +685,12 @@ def decision_log(name: str) -> list[dict[str, Any]]:
                                                           "run_id": r.info.run_id} for r in runs]
 
 
+def _approval_logged(name: str, version: str, tags: dict[str, str]) -> bool:
+    """Is the version's approval record the one an approve decision in the log wrote?"""
+    return any(e["decision"] == APPROVED and e["version"] == version and e["by"] == tags.get("approval.by")
+               and e["at"] == tags.get("approval.at") for e in decision_log(name))
+
+
 def _require_by_reason(decision: str, by: str | None, reason: str | None) -> tuple[str, str]:
     if not (by or "").strip() or not (reason or "").strip():
         raise RegistryError(f"a {decision} record needs who decided (--by) and why (--reason)")
@@ -866,6 +872,11 @@ def export_alias(name: str, alias: str, out: str | Path, allow_unapproved: bool 
         raise NotServable(f"{name} version {version} (@{alias}) is not approved (approval.state={state}): not "
                           f"exported. Approve it (drafter approve {name} {version} ...), or pass "
                           "--allow-unapproved to export a candidate for testing")
+    if approved and not _approval_logged(name, str(version), mv.tags):
+        # Tags can be edited in the MLflow UI too: an approval counts only if a decision made it.
+        raise NotServable(f"{name} version {version}: its approval (by {mv.tags.get('approval.by')}, at "
+                          f"{mv.tags.get('approval.at')}) is in no decision of the registry's decision log: "
+                          "it was set outside drafter; not exported. Approve it with drafter approve")
     out = Path(out)
     with atomic_dir(out, force=force) as tmp:
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))

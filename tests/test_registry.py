@@ -484,6 +484,14 @@ def test_export_refuses_unapproved_and_tampered_versions(module_store, tmp_path)
     with pytest.raises(registry.NotServable, match="sha256"):
         registry.export_alias("reg-serve", "production", tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
+    # Approval tags written in the MLflow UI (no decision made them) do not make a version servable.
+    v2 = register(cfg, tmp_path, "2").version
+    for key, value in {"approval.by": "mallory", "approval.at": "2026-01-01T00:00:00Z", "approval.state": "approved"}.items():
+        c.set_model_version_tag("reg-serve", v2, key, value)
+    c.set_registered_model_alias("reg-serve", "production", v2)
+    with pytest.raises(registry.NotServable, match="decision log"):
+        registry.export_alias("reg-serve", "production", tmp_path / "out3")
+    assert not (tmp_path / "out3").exists()
 
 
 class Crash(BaseException):

@@ -184,11 +184,12 @@ def experiment_url(experiment_id: str) -> str:
     return f"{ui_base()}/#/experiments/{experiment_id}?{UI_VIEW}"
 
 
-def run_url(run_id: str, mlflow_client=None) -> str:
-    """A link to the run in the MLflow UI."""
+def run_url(run_id: str, mlflow_client=None, artifact: str | None = None) -> str:
+    """A link to the run (or to one of its artifact folders) in the MLflow UI."""
     c = mlflow_client or client()
     run = c.get_run(run_id)
-    return f"{ui_base()}/#/experiments/{run.info.experiment_id}/runs/{run_id}?{UI_VIEW}"
+    path = f"/artifactPath/{artifact}" if artifact else ""  # the UI's route to an artifact
+    return f"{ui_base()}/#/experiments/{run.info.experiment_id}/runs/{run_id}{path}?{UI_VIEW}"
 
 
 def _now() -> str:
@@ -313,6 +314,7 @@ def register_candidate(
     lineage: dict | None = None,
     data_profile: dict | None = None,
     run_id: str | None = None,
+    plots_url: str | None = None,
 ) -> Candidate:
     """Log a new version of the target's drafter and point `candidate` at it.
 
@@ -395,7 +397,9 @@ def register_candidate(
         mv = c.create_model_version(
             name, source=f"models:/{logged.model_id}", run_id=run_id, tags=tags, model_id=logged.model_id,
             description=f"{facts['algorithm']} drafter for {lineage.get('target_name')}, "
-            f"tau {tags['eval.tau_macro'] or 'n/a'}; awaiting approval",
+            f"tau {tags['eval.tau_macro'] or 'n/a'}; awaiting approval"
+            + (f". Plots (candidate vs production, acceptance, reliability, training): [MLflow]({plots_url})"
+               if plots_url else ""),
         )
         c.set_registered_model_alias(name, CANDIDATE, mv.version)
     except Exception:

@@ -229,7 +229,7 @@ def release_flow(
     try:
         cand = registry.register_candidate(
             cfg, drafter_dir, eval_dir=eval_dir, gate_verdict=verdict, gate_markdown=markdown,
-            sps_table=sps_table_path(cfg), lineage=collect_lineage(cfg), run_id=run_id,
+            sps_table=sps_table_path(cfg), lineage=collect_lineage(cfg), run_id=run_id, plots_url=plots_url,
         )
     except Exception:
         if run_id:
@@ -358,7 +358,7 @@ def retrain_flow(
             tracking.rollup("gate", {"passed": float(registry.gate_passed(verdict))})
         release = release_flow(config, overrides, str(drafter_dir), str(eval_dir), verdict,
                                str(production) if production else None, wait_for_approval, tracking.parent,
-                               plots_url=f"{tracking.url}/artifacts/plots")
+                               plots_url=registry.run_url(tracking.parent, tracking.client, "plots"))
     except BaseException:
         tracking.finish("FAILED")
         raise

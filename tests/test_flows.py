@@ -217,6 +217,9 @@ def test_retrain_flow_wiring_with_standin_stages(servers, tmp_path, monkeypatch)
         "domains": {"chat": 10, "code": 10, "math": 10}}
     report = artifacts({"drafter-retrain-report"})["drafter-retrain-report"].data
     assert "drafter approve flow-retrain 1" in report and "| ingest | no |" in report
+    # The approver finds the plots from the Prefect gate artifact and from the version's page.
+    plots = f"{first['mlflow_run']}/artifactPath/plots?"
+    assert plots in artifacts({"drafter-gate"})["drafter-gate"].data and plots in mv.description
 
     # Same inputs again: every stage is a cache hit and the same weights keep their version.
     calls.clear()

@@ -551,7 +551,8 @@ def prepare_inputs(work: Path, conversations: int, seed: int, env: dict[str, str
     """The demo log (and its first 60% published as the incremental base), idempotently."""
     logs = work / "ingest" / "logs"
     base = work / "ingest" / "base"
-    if (base / "manifest.json").is_file() and (logs / "done").is_file():
+    done = logs / "done"
+    if (base / "manifest.json").is_file() and done.is_file() and done.read_text().endswith(f"code {code_key()}\n"):
         return {"logs": logs, "base": base}
     shutil.rmtree(work / "ingest", ignore_errors=True)
     demo = work / "ingest" / "demo"
@@ -568,7 +569,7 @@ def prepare_inputs(work: Path, conversations: int, seed: int, env: dict[str, str
     assert rc == 0, tail(log)
     with log_file.open("ab") as f:  # the traffic since: the incremental rounds ingest it
         f.write(b"".join(lines[cut:]))
-    (logs / "done").write_text(f"{len(lines)} lines, first {cut} in base\n")
+    done.write_text(f"{len(lines)} lines, first {cut} in base, code {code_key()}\n")
     return {"logs": logs, "base": base}
 
 
@@ -576,8 +577,9 @@ def reference(stage: Stage, work: Path, variant: str, env: dict[str, str]) -> di
     """The uninterrupted run (kept and reused: later stages read it as their input)."""
     rd = work / stage.name / f"reference{('-' + variant) if variant else ''}"
     info = rd / "reference.json"
-    if info.is_file():
+    if info.is_file() and json.loads(info.read_text()).get("code") == code_key():
         return json.loads(info.read_text()) | {"dir": rd}
+    shutil.rmtree(rd, ignore_errors=True)  # another code's reference (or none): run it again
     stage.fresh(rd, variant)
     timeline: list[tuple[float, float]] = []
     rc, wall = run_to_end(stage.command(rd), env, rd / "run.log", 1800, timeline)
@@ -587,7 +589,7 @@ def reference(stage: Stage, work: Path, variant: str, env: dict[str, str]) -> di
     # The kill window in CPU seconds: from the CPU time the run had used when its work began
     # (wall time minus the manifest's working time) to the CPU time it used in all.
     began = [cpu for t, cpu in timeline if t <= wall - work_s] or [timeline[0][1]]
-    data = {"wall_s": round(wall, 2), "work_s": round(work_s, 2), "variant": variant,
+    data = {"wall_s": round(wall, 2), "work_s": round(work_s, 2), "variant": variant, "code": code_key(),
             "cpu_window_s": [round(began[-1], 2), round(timeline[-1][1], 2)]}
     info.write_text(json.dumps(data))
     return data | {"dir": rd}
@@ -693,6 +695,13 @@ def machine() -> dict[str, Any]:
 
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+def code_key() -> str:
+    """The commit the inputs and references were made with: kept runs of other code are redone
+    (an incremental round onto a base of other code compares two versions, not a kill)."""
+    state = code_state()
+    return f"{state['commit']}{'+dirty' if state['dirty'] else ''}"
 
 
 def code_state() -> dict[str, Any]:

@@ -577,8 +577,9 @@ def reference(stage: Stage, work: Path, variant: str, env: dict[str, str]) -> di
     """The uninterrupted run (kept and reused: later stages read it as their input)."""
     rd = work / stage.name / f"reference{('-' + variant) if variant else ''}"
     info = rd / "reference.json"
-    if info.is_file() and json.loads(info.read_text()).get("code") == code_key():
-        return json.loads(info.read_text()) | {"dir": rd}
+    kept = json.loads(info.read_text()) if info.is_file() else {}
+    if kept.get("code") == code_key():
+        return kept | {"dir": rd}
     shutil.rmtree(rd, ignore_errors=True)  # another code's reference (or none): run it again
     stage.fresh(rd, variant)
     timeline: list[tuple[float, float]] = []

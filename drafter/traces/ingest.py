@@ -53,7 +53,7 @@ from drafter.manifest import (
 from drafter.traces import formats
 from drafter.traces.dedup import Deduper
 from drafter.traces.formats import NotAConversation, Parsed
-from drafter.traces.prepare import EXCERPT_MARGIN, Batch, Kept, Ledger, Preparer, TokenSize, prepare_remote
+from drafter.traces.prepare import EXCERPT_MARGIN, Batch, Kept, Ledger, Preparer, prepare_remote
 from drafter.traces.schema import COLUMNS
 from drafter.traces.sources import RawRecord, SourceReader, Watermark, discover, head_hash
 from drafter.traces.validate import Validator, ValidationFailed, markdown
@@ -134,7 +134,7 @@ class IngestRun:
         if self._validator is None:
             with self.timer("load_great_expectations"):
                 self._validator = Validator(self.icfg.min_tokens, self.icfg.max_tokens, self.icfg.max_invalid_fraction,
-                                            max_bytes=self.icfg.max_tokens * TokenSize(self.local.tokenizer).longest)
+                                            max_bytes=self.icfg.max_tokens * self.local.size.longest)
         return self._validator
 
     def redaction_counts(self) -> Counter:

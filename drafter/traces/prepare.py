@@ -273,6 +273,13 @@ class Preparer:
 
     # ----- helpers loaded on first use ----------------------------------------------------------
     @property
+    def size(self) -> TokenSize:
+        """Token-count bounds of the target tokenizer (decodes its whole vocabulary once)."""
+        if self._size is None:
+            self._size = TokenSize(self.tokenizer)
+        return self._size
+
+    @property
     def tokenizer(self):
         if self._tokenizer is None:
             from drafter.target import load_tokenizer
@@ -412,17 +419,15 @@ class Preparer:
         if not cands:
             return []
         lo_bound, hi_bound = self.icfg.min_tokens, self.icfg.max_tokens
-        if self._size is None:
-            self._size = TokenSize(self.tokenizer)
         undecided = []
         for cand in cands:
             texts = [m["content"] for m in cand.parsed.messages]
             cand.num_bytes = sum(len(t.encode()) for t in texts)
-            low, high = self._size.bounds(texts, cand.num_bytes, lo_bound)
+            low, high = self.size.bounds(texts, cand.num_bytes, lo_bound)
             if low < lo_bound or high > hi_bound:
                 undecided.append(cand)
         if undecided:
-            counts = self._size.count([m["content"] for c in undecided for m in c.parsed.messages])
+            counts = self.size.count([m["content"] for c in undecided for m in c.parsed.messages])
             i = 0
             for cand in undecided:
                 n = len(cand.parsed.messages)

@@ -150,14 +150,16 @@ def is_local_store(uri: str | None = None) -> bool:
     return not uri.startswith(("http://", "https://", "databricks"))
 
 
-def experiment_id(cfg: Config, mlflow_client=None) -> str:
-    """The run's experiment; on a local store its artifacts live in the state dir."""
+def experiment_id(cfg: Config, mlflow_client=None, kind: str = "") -> str:
+    """The run's experiment (`kind`: a sibling experiment, e.g. "monitoring", so that its runs do
+    not sit among the retrain runs people compare); on a local store its artifacts live in the
+    state dir."""
     from mlflow.exceptions import MlflowException
 
     from drafter.state import state_paths
 
     c = mlflow_client or client()
-    name = cfg.registry.experiment or cfg.run.name
+    name = (cfg.registry.experiment or cfg.run.name) + (f"-{kind}" if kind else "")
     exp = c.get_experiment_by_name(name)
     if exp is None:
         location = state_paths().mlflow_artifacts.as_uri() if is_local_store() else None

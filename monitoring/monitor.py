@@ -28,6 +28,8 @@ from monitoring import telemetry
 from monitoring.report import write_report
 
 DRIFT_EVENT = "drafter.drift.detected"
+# Monitor runs go to "<experiment>-monitoring": a time series of their own, not rows among the retrain runs.
+MONITOR_EXPERIMENT_KIND = "monitoring"
 log = logging.getLogger("monitoring")
 
 
@@ -158,7 +160,7 @@ def log_run(cfg: Config, result: dict[str, Any], report_dir: Path) -> str:
     from mlflow.entities import Metric
 
     c = registry.client()
-    run = c.create_run(registry.experiment_id(cfg, c), run_name=f"monitor {result['at']}",
+    run = c.create_run(registry.experiment_id(cfg, c, kind=MONITOR_EXPERIMENT_KIND), run_name=f"monitor {result['at']}",
                        tags={"drafter.stage": "monitor", "drafter.drift": ",".join(result["drift"]) or "none",
                              "drafter.production_version": str(result["production_version"])})
     acc, mix = result["acceptance"], result["mix"]

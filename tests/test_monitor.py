@@ -203,6 +203,8 @@ def test_monitor_detects_acceptance_and_mix_drift(store, tmp_path):
     assert (report_dir / "tau_history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "DRIFT: acceptance, traffic-mix" in (report_dir / "report.md").read_text()
     run = registry.client().get_run(second["mlflow_run"])
+    # Its own experiment: no monitor row among the retrain runs people compare.
+    assert run.info.experiment_id == registry.experiment_id(cfg, kind="monitoring") != registry.experiment_id(cfg)
     assert run.data.metrics["production_tau"] == pytest.approx(2.0) and run.data.metrics["drift_traffic_mix"] == 1.0
     assert run.data.tags["drafter.drift"] == "acceptance,traffic-mix"
 

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -701,7 +702,10 @@ def main() -> None:
         # click's usage errors (typer vendors click, so matched by shape): format_message + exit_code 2
         if callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int):
             _fail(exc.format_message(), type(exc).__name__, exc.exit_code)
-        raise
+        # Anything else is a bug or the machine (disk full...): the traceback goes to stderr for
+        # the report, and the script reading stdout still gets JSON.
+        traceback.print_exc()
+        _fail(f"{type(exc).__name__}: {exc}", type(exc).__name__, int(ExitCode.ERROR))
     sys.exit(code if isinstance(code, int) else 0)
 
 

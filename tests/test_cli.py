@@ -95,6 +95,34 @@ def test_out_folder_not_written_by_drafter_is_refused_before_any_work(tmp_path):
     res = _drafter("ingest", str(tmp_path), "--out", str(mine), "-c", "configs/tiny.yaml", tmp_path=tmp_path)
     assert res.returncode == 1 and "--force" in res.stderr
     assert (mine / "thesis.tex").read_text() == "years of work"
+    as_json = _drafter("ingest", str(tmp_path), "--out", str(mine), "-c", "configs/tiny.yaml", "--json",
+                       tmp_path=tmp_path)
+    err = json.loads(as_json.stdout)
+    assert as_json.returncode == 1 and err["type"] == "OutputDirError" and "--force" in err["error"]
+
+
+def test_unexpected_failure_with_json_is_still_json(tmp_path, monkeypatch, capsys):
+    """A failure that is no DrafterError (a bug, a full disk): JSON on stdout, the traceback on stderr."""
+    import sys
+
+    import pytest
+
+    from drafter.cli import main
+    from tests.conftest import ROOT
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("drafter.dvcpipe.write_params", full_disk)
+    monkeypatch.setattr(sys, "argv", ["drafter", "params", "--out", str(tmp_path / "p.yaml"), "--json",
+                                      "-c", str(ROOT / "configs" / "tiny.yaml")])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    captured = capsys.readouterr()
+    err = json.loads(captured.out)
+    assert exit_.value.code == 1 and err == {"error": "OSError: [Errno 28] No space left on device",
+                                             "type": "OSError", "exit_code": 1}
+    assert "Traceback" in captured.err
 
 
 def test_every_command_answers_json():

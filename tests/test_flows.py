@@ -18,7 +18,7 @@ from lifecycle_fixtures import install_standin_stages, make_drafter, make_eval, 
 
 from drafter import registry
 from drafter.config import load_config
-from drafter.manifest import sha256_file
+from drafter.manifest import git_state, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -204,8 +204,10 @@ def test_retrain_flow_wiring_with_standin_stages(servers, tmp_path, monkeypatch)
     # inputs, the source commit is tagged and the experiment opens on its runs.
     assert parent.data.metrics["evaluate.macro_tau"] == pytest.approx(2.25)
     assert parent.data.metrics["evaluate.tau.gsm8k"] == 2.5 and parent.data.metrics["gate.passed"] == 1.0
-    assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {"ingested", "regenerated"}
+    assert {d.dataset.name: d.dataset.digest for d in parent.inputs.dataset_inputs} == {
+        name: retrain.content_hash(data / name / "manifest.json")[:36] for name in ("ingested", "regenerated")}
     assert parent.data.tags["mlflow.source.type"] == "JOB"
+    assert parent.data.tags["mlflow.source.git.commit"] == git_state(ROOT)["commit"]
     assert c.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     ingest_run = next(r for r in children if r.info.run_name == "ingest")
     assert ingest_run.data.metrics["counts.read"] == 30

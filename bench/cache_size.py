@@ -148,8 +148,8 @@ def main() -> None:
         cfg = load_config(args.config, [f"cache.max_seq_len={args.max_seq_len}",
                                         f"cache.root={args.work / 'root'}", f"cache.dtype={dtype}"])
         manifest = build_cache(cfg, regenerated, args.work / f"cache-{dtype}", target=target)
-        size, counts = manifest["size"]["train"], manifest["counts"]["train"]
-        paths[dtype] = Path(manifest["outputs"]["train.json"]["path"])
+        size, counts = manifest.size["train"], manifest.counts["train"]
+        paths[dtype] = Path(manifest.outputs["train.json"]["path"])
         results.append({"dtype": dtype, "samples": counts["samples"], "tokens": counts["tokens"],
                         "loss_tokens": counts["loss_tokens"], "truncated": counts["truncated"],
                         "bytes": size["bytes"], "bytes_per_token": size["bytes_per_token"],

@@ -58,13 +58,13 @@ from drafter.manifest import (
     Timer,
     atomic_write_json,
     check_accounting,
-    read_manifest,
     sha256_file,
     sha256_json,
     write_manifest,
 )
 from drafter.models.base import TrainBatch
 from drafter.progress import StageProgress
+from drafter.reports import Manifest
 from drafter.runtime import DTYPES, dtype_name
 
 log = logging.getLogger(__name__)
@@ -321,8 +321,9 @@ def _read_records(path: Path) -> list[dict]:
     return read_jsonl(path)
 
 
-def build_cache(cfg: Config, in_dir: Path, out_dir: Path, target=None) -> dict[str, Any]:
-    """Cache the target's features over `in_dir/{train,holdout}.jsonl`; pointers in `out_dir`."""
+def build_cache(cfg: Config, in_dir: Path, out_dir: Path, target=None) -> Manifest | None:
+    """Cache the target's features over `in_dir/{train,holdout}.jsonl`; pointers in `out_dir`.
+    Returns the manifest (None on the other ranks of a distributed run)."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     splits = [s for s in SPLITS if (in_dir / f"{s}.jsonl").is_file()]
     if "train" not in splits:
@@ -380,10 +381,10 @@ def build_cache(cfg: Config, in_dir: Path, out_dir: Path, target=None) -> dict[s
 
     if not dist.main:
         dist.barrier()
-        return {}
+        return None
     cfg.save(out_dir / "config.yaml")
     regen_manifest = in_dir / "manifest.json"
-    write_manifest(
+    manifest = write_manifest(
         out_dir,
         "build_cache",
         inputs={"dir": str(in_dir), "splits": {s: metas[s]["dataset_hash"] for s in splits},
@@ -399,7 +400,7 @@ def build_cache(cfg: Config, in_dir: Path, out_dir: Path, target=None) -> dict[s
                                                      "size_vs_plain", "tokens_per_s", "top_k_tail_mass_mean")} for s in splits}},
     )
     dist.barrier()
-    return read_manifest(out_dir)
+    return manifest
 
 
 def _check_before_reuse(final: Path, fingerprint: str) -> None:

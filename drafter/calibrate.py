@@ -36,7 +36,10 @@ from drafter.decoding import Round, SpecEngine, block_size_of, load_drafter, res
 from drafter.errors import DrafterError
 from drafter.progress import StageProgress
 from drafter import plots
-from drafter.manifest import Timer, atomic_write_json, atomic_write_text, check_accounting, sha256_file, write_manifest
+from drafter.manifest import (
+    Timer, atomic_write_json, atomic_write_text, check_accounting, read_manifest, sha256_file, write_manifest,
+)
+from drafter.reports import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +179,9 @@ def prompts_from_cache(cache_dir: Path, limit: int, seed: int,
     return prompts, {"selected": min(limit, len(order)), "used": len(prompts), "skipped_no_prompt": skipped}
 
 
-def calibrate(cfg: Config, drafter_dir: Path, cache_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """`drafter calibrate`: fit STS temperatures on held-out prompts.
+def calibrate(cfg: Config, drafter_dir: Path, cache_dir: Path, out_dir: Path) -> Manifest:
+    """`drafter calibrate`: fit STS temperatures on held-out prompts; returns the manifest
+    (`applicable`, `temperatures`, and ECE/Brier/AUROC before and after in its metrics).
 
     They are written to `out_dir/calibration.json` together with the hash of the weights
     they were fitted on (the scheduler, the exporter and the registry find them there);
@@ -192,9 +196,10 @@ def calibrate(cfg: Config, drafter_dir: Path, cache_dir: Path, out_dir: Path) ->
         target = load_target(cfg)
         prompts, counts = prompts_from_cache(cache_dir, cfg.calibrate.samples, cfg.run.seed, target.fingerprint)
         drafter, model_dir = load_drafter(drafter_dir, target)
-    return calibrate_drafter(cfg, drafter, target, prompts, Path(out_dir), counts, timer,
-                             inputs={"drafter": str(model_dir), "cache": str(cache_dir)},
-                             weights_hash=sha256_file(model_dir / "model.safetensors"))
+    calibrate_drafter(cfg, drafter, target, prompts, Path(out_dir), counts, timer,
+                      inputs={"drafter": str(model_dir), "cache": str(cache_dir)},
+                      weights_hash=sha256_file(model_dir / "model.safetensors"))
+    return read_manifest(out_dir)
 
 
 def calibrate_drafter(
@@ -208,7 +213,8 @@ def calibrate_drafter(
     inputs: dict[str, Any] | None = None,
     weights_hash: str | None = None,
 ) -> dict[str, Any]:
-    """Run the engine on `prompts`, fit STS on part of them, report on the rest."""
+    """Run the engine on `prompts`, fit STS on part of them, report on the rest; returns the
+    report (calibration.json), the manifest is written beside it."""
     cc = cfg.calibrate
     timer = timer or Timer()
     counts = dict(counts or {"selected": len(prompts), "used": len(prompts)})
@@ -278,6 +284,7 @@ def calibrate_drafter(
         durations=timer.durations,
         outputs={"calibration": str(out_dir / "calibration.json")},
         metrics=result.get("summary") or {},
+        extra={"applicable": result["applicable"], "temperatures": result.get("temperatures")},
     )
     return result
 

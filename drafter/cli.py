@@ -337,9 +337,9 @@ def train_cmd(
     out_dir = out_dir or cfg.data_dir / "drafter"
     with cli_stage(cfg, "train", out_dir):
         manifest = train(cfg, cache, out_dir)
-    outputs, counts = manifest["outputs"], manifest["counts"]
+    outputs, counts = manifest.outputs, manifest.counts
     print_mapping("trained drafter", {
-        "algorithm": manifest["params"]["algorithm"],
+        "algorithm": manifest.params["algorithm"],
         "steps": counts["steps"],
         "tokens seen": counts["tokens_seen"],
         "best held-out tau (simulated)": round(outputs["best_tau"], 3),
@@ -403,10 +403,10 @@ def ingest_cmd(
     overrides = [*(set_ or []), *([f"ingest.workers={workers}"] if workers else [])]
     manifest = ingest(load(config, overrides), paths or None, out_dir, force=force)
     if as_json:
-        out.print_json(json.dumps(manifest, default=str))
+        out.print_json(json.dumps(manifest.to_json()))
     else:
-        counts = manifest["counts"]
-        rows = {"output": manifest["out_dir"], "changed": manifest["changed"]}
+        counts = manifest.counts
+        rows = {"output": manifest.out_dir, "changed": manifest.changed}
         rows.update({f"records {k}": v for k, v in counts["records"].items()})
         rows.update({f"conversations {k}": v for k, v in counts["conversations"].items()})
         for group in ("quarantined_by_reason", "filtered_by_reason", "duplicates_by_kind", "decontaminated_by_set",
@@ -414,9 +414,9 @@ def ingest_cmd(
             rows.update({f"{group.split('_')[0]} {k}": v for k, v in counts.get(group, {}).items()})
         rows.update({f"total {k}": v for k, v in counts.get("totals", {}).items()})
         print_mapping("ingest", rows)
-    for err in manifest.get("errors", []):
+    for err in manifest.errors:
         console.print(f"[bold red]error:[/] {err['path']}: {err['error']}", highlight=False, soft_wrap=True)
-    if manifest.get("errors"):
+    if manifest.errors:
         raise typer.Exit(ExitCode.PARTIAL_INPUT)
 
 # ----- regenerate and build-cache ---------------------------------------------------
@@ -434,10 +434,10 @@ def regenerate_cmd(
 
     cfg = load(config, set_)
     manifest = regenerate(cfg, in_dir or cfg.data_dir / "ingested", out_dir or cfg.data_dir / "regenerated")
-    summary = {f"{split} {k}": v for split, c in manifest["counts"].items()
+    summary = {f"{split} {k}": v for split, c in manifest.counts.items()
                for k, v in c.items() if k in ("input", "succeeded", "errors", "skipped", "completion_tokens")}
-    print_mapping("regenerate", {"backend": manifest["params"]["backend"], "model": manifest["params"]["model"],
-                                 **summary, "tokens/s": manifest["throughput"]["tokens_per_s"]}, as_json)
+    print_mapping("regenerate", {"backend": manifest.params["backend"], "model": manifest.params["model"],
+                                 **summary, "tokens/s": manifest.throughput["tokens_per_s"]}, as_json)
 
 
 @app.command("build-cache")
@@ -450,15 +450,15 @@ def build_cache_cmd(
 
     cfg = load(config, set_)
     manifest = build_cache(cfg, in_dir or cfg.data_dir / "regenerated", out_dir or cfg.data_dir / "cache")
-    if not manifest:  # a non-zero rank under accelerate launch
+    if manifest is None:  # a non-zero rank under accelerate launch
         return
     summary = {}
-    for split, c in manifest["counts"].items():
-        size = manifest["size"][split]
+    for split, c in manifest.counts.items():
+        size = manifest.size[split]
         summary |= {f"{split} samples": c["samples"], f"{split} skipped": c["skipped"], f"{split} tokens": c["tokens"],
                     f"{split} reused": c["reused"], f"{split} bytes/token": size["bytes_per_token"],
                     f"{split} vs plain bf16": size["size_vs_plain"], f"{split} tokens/s": size["tokens_per_s"],
-                    f"{split} cache": manifest["outputs"][f"{split}.json"]["path"]}
+                    f"{split} cache": manifest.outputs[f"{split}.json"]["path"]}
     print_mapping("build-cache", summary, as_json)
 
 
@@ -573,12 +573,12 @@ def evaluate_cmd(
         ingested = cfg.data_dir / "ingested"
     out_dir = out_dir or cfg.data_dir / "eval"
     with cli_stage(cfg, "evaluate", out_dir):
-        report = evaluate(cfg, drafter or cfg.data_dir / "drafter", out_dir, None if no_holdout else ingested)
-    summary = {f"tau {d}": round(t, 3) for d, t in report["tau"].items()}
+        metrics = evaluate(cfg, drafter or cfg.data_dir / "drafter", out_dir, None if no_holdout else ingested).metrics
+    summary = {f"tau {d.removeprefix('tau.')}": round(t, 3) for d, t in metrics.items() if d.startswith("tau.")}
     summary |= {
-        "macro tau": round(report["macro_tau"], 3),
-        "speedup": None if report["speedup"] is None else round(report["speedup"], 3),
-        "lossless": report["lossless"]["passed"],
+        "macro tau": round(metrics["macro_tau"], 3),
+        "speedup": round(metrics["speedup"], 3) if "speedup" in metrics else None,
+        "lossless": bool(metrics["lossless_passed"]),
         "report": str(out_dir / "report.md"),
     }
     print_mapping("evaluation", summary, as_json)
@@ -600,9 +600,9 @@ def calibrate_cmd(
     cfg = load(config, set_)
     out_dir = out_dir or cfg.data_dir / "calibration"
     with cli_stage(cfg, "calibrate", out_dir):
-        result = calibrate(cfg, drafter or cfg.data_dir / "drafter", cache or cfg.data_dir / "cache", out_dir)
-    summary = {"applicable": result["applicable"], "temperatures": result.get("temperatures")}
-    summary |= {k: round(v, 4) for k, v in (result.get("summary") or {}).items()}
+        manifest = calibrate(cfg, drafter or cfg.data_dir / "drafter", cache or cfg.data_dir / "cache", out_dir)
+    summary = {"applicable": manifest.applicable, "temperatures": manifest.temperatures}
+    summary |= {k: round(v, 4) for k, v in manifest.metrics.items()}
     summary["report"] = str(out_dir / "report.md")
     print_mapping("calibration", summary, as_json)
 
@@ -640,16 +640,16 @@ def gate_cmd(
     cfg = load(config, set_)
     verdict = gate(cfg, candidate, production, out_dir or cfg.data_dir / "gate")
     if as_json:
-        out.print_json(json.dumps(verdict, default=str))
+        out.print_json(json.dumps(verdict.to_json()))
     else:
-        table = Table(title=f"gate: {'PASSED' if verdict['passed'] else 'FAILED'}")
+        table = Table(title=f"gate: {'PASSED' if verdict.passed else 'FAILED'}")
         for column in ("check", "result", "value", "threshold", "detail"):
             table.add_column(column)
-        for c in verdict["checks"]:
+        for c in verdict.checks:
             fmt = lambda x: f"{x:.4f}" if isinstance(x, float) else ("" if x is None else str(x))  # noqa: E731
             table.add_row(c["name"], "pass" if c["passed"] else "[red]FAIL[/]", fmt(c["value"]), fmt(c["threshold"]), c["detail"])
         out.print(table)
-    if not verdict["passed"]:
+    if not verdict.passed:
         raise typer.Exit(ExitCode.GATE_FAILED)
 
 

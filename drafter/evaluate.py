@@ -40,7 +40,6 @@ import logging
 import math
 import random
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -52,13 +51,14 @@ from drafter.config import BUNDLED_EVAL_DIR, Config
 from drafter.decoding import PHASES, Generation, Round, SpecEngine, block_size_of, load_drafter, resolve_drafter_dir
 from drafter.errors import DrafterError
 from drafter.progress import StageProgress
-from drafter.reports import EvalReport, parse
+from drafter.reports import EvalReport, Manifest, parse
 from drafter import plots
 from drafter.manifest import (
     Timer,
     atomic_write_json,
     atomic_write_text,
     check_accounting,
+    read_manifest,
     sha256_json,
     sha256_tree,
     write_manifest,
@@ -325,7 +325,7 @@ def _last_logits(target, ids: list[int], cut: int) -> torch.Tensor:
 
 
 # ----- the stage ------------------------------------------------------------------------------
-def evaluate(cfg: Config, drafter_dir: Path, out_dir: Path, ingested_dir: Path | None = None, target=None) -> dict[str, Any]:
+def evaluate(cfg: Config, drafter_dir: Path, out_dir: Path, ingested_dir: Path | None = None, target=None) -> Manifest:
     """`drafter evaluate`: lossless speculative decoding of the eval sets and holdout; write the report."""
     from drafter.target import load_target
 
@@ -334,7 +334,8 @@ def evaluate(cfg: Config, drafter_dir: Path, out_dir: Path, ingested_dir: Path |
     with timer("load"):
         target = target or load_target(cfg)
         drafter, model_dir = load_drafter(drafter_dir, target)
-    return evaluate_drafter(cfg, drafter, target, Path(out_dir), ingested_dir, drafter_dir=model_dir, timer=timer)
+    evaluate_drafter(cfg, drafter, target, Path(out_dir), ingested_dir, drafter_dir=model_dir, timer=timer)
+    return read_manifest(out_dir)
 
 
 def evaluate_drafter(
@@ -429,7 +430,6 @@ def evaluate_drafter(
         outputs={name: str(out_dir / name) for name in ("report.json", "report.md", "acceptance.csv")},
         metrics=report_metrics(report),
     )
-    log_to_mlflow(report, out_dir)
     return report
 
 
@@ -629,15 +629,3 @@ def report_metrics(report: dict[str, Any]) -> dict[str, float]:
     if report["calibration"].get("applicable"):
         metrics["ece"] = report["calibration"]["ece"]
     return {k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}
-
-
-def log_to_mlflow(report: dict[str, Any], out_dir: Path) -> bool:
-    """Log the headline metrics and the report files to the active MLflow run, if any."""
-    mlflow = sys.modules.get("mlflow")  # a run can only be active if the caller imported mlflow
-    if mlflow is None or mlflow.active_run() is None:
-        return False
-    mlflow.log_metrics({f"eval/{k}": v for k, v in report_metrics(report).items()})
-    for name in ("report.json", "report.md", "acceptance.csv", "acceptance_curve.png", "tau_per_dataset.png", "manifest.json"):
-        if (out_dir / name).is_file():
-            mlflow.log_artifact(str(out_dir / name), artifact_path="eval")
-    return True

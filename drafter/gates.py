@@ -70,7 +70,7 @@ def gate(
     candidate_report: Path | dict[str, Any],
     production_report: Path | dict[str, Any] | None = None,
     out_dir: Path | None = None,
-) -> dict[str, Any]:
+) -> GateVerdict:
     """Apply the policy; with `out_dir`, also write `gate.json` and `gate.md` there."""
     g = cfg.gate
     cand, cand_src = _load(candidate_report)
@@ -150,11 +150,11 @@ def gate(
         "provenance": provenance(),
     }
     verdict["markdown"] = render_markdown(verdict)
-    parse(GateVerdict, verdict, "the verdict")  # the shape the registry and the flow read
+    typed = parse(GateVerdict, verdict, "the verdict")  # the shape the registry and the flow read
     if out_dir is not None:
         atomic_write_json(Path(out_dir) / "gate.json", verdict)
         atomic_write_text(Path(out_dir) / "gate.md", verdict["markdown"])
-    return verdict
+    return typed
 
 
 def _fmt(x: Any) -> str:

@@ -23,10 +23,13 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from drafter.errors import DrafterError
+
+if TYPE_CHECKING:
+    from drafter.reports import Manifest
 
 TRACKED_PACKAGES = (
     "drafter", "torch", "transformers", "datasets", "accelerate", "prefect", "mlflow", "dvc",
@@ -300,9 +303,12 @@ def write_manifest(
     outputs: dict[str, Any] | None = None,
     metrics: dict[str, float] | None = None,
     extra: dict[str, Any] | None = None,
-) -> Path:
-    """`metrics`: the stage's headline figures, flat `name -> number` (what MLflow shows and
-    the flow rolls up onto its parent run)."""
+) -> "Manifest":
+    """Write `out_dir/manifest.json` and return it as the stage's result. `metrics`: the
+    stage's headline figures, flat `name -> number` (what MLflow shows and the flow rolls up
+    onto its parent run)."""
+    from drafter.reports import Manifest, parse
+
     manifest = {
         "stage": stage,
         "inputs": inputs or {},
@@ -314,23 +320,21 @@ def write_manifest(
         **(extra or {}),
         "provenance": provenance(),
     }
-    from drafter.reports import Manifest, parse
-
-    parse(Manifest, manifest, f"the {stage} manifest")
     # Manifests travel (MLflow, the registry's lineage, DVC): no URL keeps its credentials.
-    return atomic_write_json(Path(out_dir) / "manifest.json", redact_urls(manifest))
+    manifest = redact_urls(manifest)
+    typed = parse(Manifest, manifest, f"the {stage} manifest")
+    atomic_write_json(Path(out_dir) / "manifest.json", manifest)
+    return typed
 
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def read_manifest(out_dir: str | Path) -> dict[str, Any]:
+def read_manifest(out_dir: str | Path) -> "Manifest":
     path = Path(out_dir) / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"no manifest.json in {out_dir}: has that stage run?")
     from drafter.reports import Manifest, parse
 
-    data = json.loads(path.read_text())
-    parse(Manifest, data, str(path))
-    return data
+    return parse(Manifest, json.loads(path.read_text()), str(path))

@@ -59,6 +59,7 @@ from drafter.manifest import (
     sha256_tree,
     write_manifest,
 )
+from drafter.reports import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -662,8 +663,8 @@ def _regenerate_split(backend: Backend, split: str, ds, partial: Path, out_dir: 
     return counts, list(errors.values()), sum(_tokens(r) for r in records if str(r["id"]) in new)
 
 
-def regenerate(cfg: Config, in_dir: Path, out_dir: Path, target=None) -> dict[str, Any]:
-    """Replace the assistant turns of `in_dir/{train,holdout}` with the target's answers."""
+def regenerate(cfg: Config, in_dir: Path, out_dir: Path, target=None) -> Manifest:
+    """Replace the assistant turns of `in_dir/{train,holdout}` with the target's answers; returns the manifest."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     rcfg = cfg.regenerate
     splits = [s for s in SPLITS if (in_dir / s).is_dir()]
@@ -682,9 +683,9 @@ def regenerate(cfg: Config, in_dir: Path, out_dir: Path, target=None) -> dict[st
                            "sampling": _sampling(rcfg), "inputs": inputs, "seed": cfg.run.seed})[:16]
 
     previous = read_manifest(out_dir) if (out_dir / "manifest.json").is_file() else None
-    same_run = bool(previous) and previous["params"].get("run_key") == run_key
-    if same_run and previous["params"].get("limit") == rcfg.limit and not any(
-        previous["counts"][s]["errors"] for s in splits
+    same_run = previous is not None and previous.params.get("run_key") == run_key
+    if same_run and previous.params.get("limit") == rcfg.limit and not any(
+        previous.counts[s]["errors"] for s in splits
     ):
         log.info("regeneration in %s is up to date (run key %s)", out_dir, run_key)
         return previous

@@ -60,7 +60,7 @@ from typing import Any
 
 from drafter.config import Config
 from drafter.errors import DrafterError, ExitCode
-from drafter.reports import EvalReport, GateVerdict, parse
+from drafter.reports import EvalReport, GateVerdict, parse, read_eval_report
 from drafter.manifest import atomic_dir, atomic_write_json, atomic_write_text, redact_url, sha256_file
 
 CANDIDATE, PRODUCTION, PREVIOUS = "candidate", "production", "previous"
@@ -198,21 +198,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-# ----- reading reports (the stages' outputs) ---------------------------------
-def eval_summary(report: dict[str, Any] | None) -> dict[str, Any]:
-    """`{"tau_macro", "tau_by_dataset", "accept_rate"}` of an evaluation report (None: no report)."""
-    if report is None:
-        return {"tau_macro": None, "tau_by_dataset": {}, "accept_rate": []}
-    head = parse(EvalReport, report, "the evaluation report")
-    return {"tau_macro": head.macro.tau, "tau_by_dataset": {k: v.tau for k, v in head.datasets.items()},
-            "accept_rate": list(head.macro.accept_rate)}
-
-
-def gate_passed(verdict: dict[str, Any]) -> bool:
-    """The gate's decision."""
-    return parse(GateVerdict, verdict, "the gate verdict").passed
-
-
 def _read_json(path_or_obj: Any) -> dict[str, Any] | None:
     if path_or_obj is None or isinstance(path_or_obj, dict):
         return path_or_obj
@@ -328,14 +313,14 @@ def register_candidate(
 
     folder = speculators_folder(drafter_dir)
     verdict = _read_json(gate_verdict)
-    if verdict is not None and not gate_passed(verdict):
-        reasons = verdict.get("reasons") or "see the gate report"
+    if verdict is not None and not (gate := parse(GateVerdict, verdict, "the gate verdict")).passed:
+        reasons = gate.reasons or "see the gate report"
         raise GateFailed(f"the candidate failed its gate ({reasons}); the registry is unchanged")
     eval_dir = Path(eval_dir) if eval_dir is not None else None
     if eval_dir is not None and not eval_dir.is_dir():
         raise RegistryError(f"{eval_dir}: no evaluation folder")
-    report = _read_json(eval_dir / "report.json") if eval_dir and (eval_dir / "report.json").is_file() else None
-    summary = eval_summary(report)
+    report = read_eval_report(eval_dir)
+    tau_macro = report.macro.tau if report else None
     if calibration is None:
         from drafter.scheduler import find_calibration
 
@@ -368,7 +353,7 @@ def register_candidate(
         "drafter.num_speculative_tokens": str(facts["num_speculative_tokens"]),
         "drafter.weights_sha256": weights,
         "target.name": str(lineage.get("target_name")),
-        "eval.tau_macro": "" if summary["tau_macro"] is None else f"{summary['tau_macro']:.4f}",
+        "eval.tau_macro": "" if tau_macro is None else f"{tau_macro:.4f}",
         "gate.passed": "unknown" if verdict is None else "true",
         "gate.production_version": gated_against,  # what the gate compared against (the flow gates, then registers)
         "approval.state": PENDING,
@@ -391,9 +376,9 @@ def register_candidate(
                 elif (Path(tmp) / sub).is_file():
                     c.log_artifact(run_id, str(Path(tmp) / sub))
         c.finalize_logged_model(logged.model_id, "READY")
-        if summary["tau_macro"] is not None:
-            c.log_metric(run_id, "tau_macro", summary["tau_macro"])
-        for dataset, tau in summary["tau_by_dataset"].items():
+        if tau_macro is not None:
+            c.log_metric(run_id, "tau_macro", tau_macro)
+        for dataset, tau in (report.tau_by_dataset if report else {}).items():
             c.log_metric(run_id, f"tau.{_metric_key(dataset)}", tau)
         _ensure_registered_model(c, name, lineage.get("target_name"))
         mv = c.create_model_version(
@@ -502,8 +487,8 @@ def list_versions(name: str) -> list[dict[str, Any]]:
 
 
 def version_evidence(name: str, alias: str) -> dict[str, Any] | None:
-    """The evaluation report and training-data profile of the version behind `alias`
-    (read from its run, without downloading the weights); None when the alias is unset."""
+    """The evaluation report (an EvalReport) and training-data profile of the version behind
+    `alias` (read from its run, without downloading the weights); None when the alias is unset."""
     from mlflow.exceptions import MlflowException
 
     c = client()
@@ -518,6 +503,8 @@ def version_evidence(name: str, alias: str) -> dict[str, Any] | None:
                 found[key] = json.loads(Path(c.download_artifacts(mv.run_id, path, tmp)).read_text())
             except (MlflowException, OSError, json.JSONDecodeError):
                 found[key] = None
+    if found["eval_report"] is not None:
+        found["eval_report"] = parse(EvalReport, found["eval_report"], f"{name} version {version}'s evaluation report")
     return found
 
 

@@ -6,6 +6,8 @@ readers parse with them, so there is one shape of each file, checked at both end
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -19,6 +21,10 @@ class ReportError(DrafterError, ValueError):
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")  # the reports carry more than their readers need
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON (what Prefect persists and MLflow logs), the extra sections included."""
+        return self.model_dump(mode="json")
 
 
 class DatasetFigures(_Open):
@@ -36,10 +42,16 @@ class EvalReport(_Open):
     datasets: dict[str, DatasetFigures]
     macro: MacroFigures
 
+    @property
+    def tau_by_dataset(self) -> dict[str, float]:
+        return {name: figures.tau for name, figures in self.datasets.items()}
+
 
 class Manifest(_Open):
-    """manifest.json of every stage: what went in, the settings, the counts that add up, the
-    durations, what came out and the headline metrics (flat, finite; rolled up in MLflow)."""
+    """manifest.json of every stage, and what every stage function returns: what went in, the
+    settings, the counts that add up, the durations, what came out and the headline metrics
+    (flat, finite; rolled up in MLflow). A stage's own sections (ingest's `errors`, build-cache's
+    `size`...) are extra fields, read as attributes."""
 
     stage: str
     inputs: dict[str, Any] = {}
@@ -48,14 +60,17 @@ class Manifest(_Open):
     durations_s: dict[str, float] = {}
     outputs: dict[str, Any] = {}
     metrics: dict[str, float] = {}
+    provenance: dict[str, Any] = {}
 
 
 class GateVerdict(_Open):
-    """gate.json of `drafter gate`."""
+    """gate.json of `drafter gate`, and what `gate()` returns."""
 
     passed: bool
     failed: list[str] = []
     reasons: list[str] = []
+    checks: list[dict[str, Any]] = []
+    markdown: str = ""
 
 
 def parse(model: type[_Open], data: Any, what: str) -> Any:
@@ -64,3 +79,15 @@ def parse(model: type[_Open], data: Any, what: str) -> Any:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors()[:5])
         raise ReportError(f"{what} is not a {model.__name__} as drafter writes it: {problems}") from None
+
+
+def read_eval_report(folder: str | Path | None) -> EvalReport | None:
+    """The report.json in an evaluation folder, typed; None when there is no folder or no report."""
+    path = Path(folder) / "report.json" if folder is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path}: not valid JSON ({exc})") from None
+    return parse(EvalReport, data, str(path))

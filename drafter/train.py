@@ -47,10 +47,11 @@ from drafter.errors import DrafterError
 from drafter.progress import StageProgress
 from drafter.checkpoint import STATE_FILE, checkpoint, latest_checkpoint, load_checkpoint
 from drafter.manifest import (
-    Timer, atomic_dir, atomic_write_json, check_accounting, sha256_file, sha256_json, write_manifest,
+    Timer, atomic_dir, atomic_write_json, check_accounting, read_manifest, sha256_file, sha256_json, write_manifest,
 )
 from drafter.models import TargetHeads, TrainBatch, build
 from drafter.models.metrics import simulated_tau
+from drafter.reports import Manifest
 from drafter.runtime import resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -311,7 +312,7 @@ class Trainer:
         self.resumed_from: str | None = None
 
     # ----- prepare -----------------------------------------------------------------------------
-    def prepare(self) -> dict[str, Any] | None:
+    def prepare(self) -> Manifest | None:
         """Load target and data, check them, build the model; the manifest when already done."""
         cfg, tc, timer = self.cfg, self.cfg.train, self.timer
         self.accelerator = accelerator = _accelerator(cfg)
@@ -364,10 +365,9 @@ class Trainer:
             "holdout_sequences": len(holdout_ds), "cache": meta.get("key"),
             **({"init": self.init["weights_sha256"]} if self.init else {}),
         })[:16]
-        manifest_path = self.out_dir / "manifest.json"
-        if manifest_path.is_file():
-            done = json.loads(manifest_path.read_text())
-            if done.get("params", {}).get("run_key") == self.run_key:
+        if (self.out_dir / "manifest.json").is_file():
+            done = read_manifest(self.out_dir)
+            if done.params.get("run_key") == self.run_key:
                 log.info("drafter in %s is already trained with this config and data: nothing to do", self.out_dir)
                 return done
 
@@ -513,7 +513,7 @@ class Trainer:
         return "sim_tau_greedy" if self.cfg.evaluate.temperature == 0 else "sim_tau"
 
     # ----- finish -------------------------------------------------------------------------------
-    def finish(self) -> dict[str, Any]:
+    def finish(self) -> Manifest:
         """`last/`, the final checkpoint, metrics.json, the manifest; MLflow artifacts."""
         cfg, tc, loop, out_dir = self.cfg, self.cfg.train, self.loop, self.out_dir
         inner, W = self.run.inner, self.accelerator.num_processes
@@ -550,20 +550,19 @@ class Trainer:
         inputs = {"cache": str(self.cache_dir) if self.data is None else "<in-memory>",
                   "target_fingerprint": self.target.fingerprint,
                   "cache_meta": {k: v for k, v in self.meta.items() if isinstance(v, (str, int, float, list, bool))}}
-        manifest_path = out_dir / "manifest.json"
         final = loop.evals[-1]
         metrics = {"best_holdout_sim_tau": loop.best_tau, "final_holdout_sim_tau": final.get("sim_tau"),
                    "final_holdout_sim_tau_greedy": final.get("sim_tau_greedy"), "train_cpu_s": loop.cpu_s,
                    # per CPU second of the optimizer steps: both count every resume (wall time would not)
                    "tokens_per_cpu_s": loop.tokens / loop.cpu_s if loop.cpu_s else None}
+        manifest = Manifest(stage="train", inputs=inputs, params=params, counts=counts, outputs=outputs)
         if self.main:
-            write_manifest(out_dir, "train", inputs=inputs, params=params, counts=counts,
-                           durations=self.timer.durations, outputs=outputs, metrics=metrics)
+            manifest = write_manifest(out_dir, "train", inputs=inputs, params=params, counts=counts,
+                                      durations=self.timer.durations, outputs=outputs, metrics=metrics)
             if loop.mlflow_run_id is not None:
                 tracking.log_artifacts(loop.mlflow_run_id, out_dir)
         self.accelerator.wait_for_everyone()
-        return json.loads(manifest_path.read_text()) if manifest_path.is_file() else {
-            "stage": "train", "params": params, "counts": counts, "outputs": outputs}
+        return manifest
 
 
 def build_model(cfg: Config, target: Any, layer_ids: list[int], train_ds: Any, timer: Timer) -> tuple[Any, dict]:
@@ -638,15 +637,15 @@ def train(
     collate: Callable[[list[dict[str, torch.Tensor]]], TrainBatch] | None = None,
     callback: Callable[[int, dict[str, Any]], None] | None = None,
     stop_at: int | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     """Train the configured drafter; returns the manifest (also written to out_dir).
 
     `data=(train, holdout)` takes any datasets with `len`, `ds[i]` -> dict(input_ids,
     loss_mask, features, and final_hidden or target_ids/target_probs) and optionally `.meta`,
     instead of the cache in `cache_dir`; `collate` turns samples into a TrainBatch (default:
     drafter.cache.collate). `callback(step, record)` is called after every optimizer step.
-    `stop_at=N` trains to step N of the run, saves a checkpoint there and returns
-    `{"stopped_at": N}`; the next call (with or without it) continues from there.
+    `stop_at=N` trains to step N of the run, saves a checkpoint there and returns a manifest
+    with `stopped_at` (N) and no outputs; the next call (with or without it) continues from there.
     """
     trainer = Trainer(cfg, Path(cache_dir) if cache_dir is not None else cfg.data_dir / "cache",
                       Path(out_dir) if out_dir is not None else cfg.data_dir / "drafter", target, data, collate, callback)
@@ -655,5 +654,5 @@ def train(
         return done
     trainer.resume()
     if not trainer.fit(stop_at):
-        return {"stage": "train", "stopped_at": trainer.loop.step, "run_key": trainer.run_key}
+        return Manifest(stage="train", params={"run_key": trainer.run_key}, stopped_at=trainer.loop.step)
     return trainer.finish()

@@ -32,8 +32,9 @@ from prefect.tasks import exponential_backoff
 from drafter import __version__, plots, registry
 from drafter.config import DEFAULT_CONFIG, Config, load_config
 from drafter.manifest import (
-    atomic_write_json, atomic_write_text, git_state, read_manifest, sha256_file, sha256_json, sha256_tree,
+    atomic_write_json, atomic_write_text, git_state, sha256_file, sha256_json, sha256_tree,
 )
+from drafter.reports import GateVerdict, parse, read_eval_report
 from flows.approval import approval_flow
 from flows.tracking import FlowTracking
 
@@ -54,51 +55,51 @@ def _cfg(config: dict[str, Any]) -> Config:
 def ingest_task(config: dict, inputs: list[str], out_dir: str, input_hash: str, code: str) -> dict:
     from drafter.traces.ingest import ingest
 
-    return ingest(_cfg(config), [Path(p) for p in inputs], Path(out_dir))
+    return ingest(_cfg(config), [Path(p) for p in inputs], Path(out_dir)).to_json()
 
 
 @stage_task("regenerate", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5)
 def regenerate_task(config: dict, in_dir: str, out_dir: str, input_hash: str, code: str) -> dict:
     from drafter.regenerate import regenerate
 
-    return regenerate(_cfg(config), Path(in_dir), Path(out_dir))
+    return regenerate(_cfg(config), Path(in_dir), Path(out_dir)).to_json()
 
 
 @stage_task("build-cache")
 def build_cache_task(config: dict, in_dir: str, out_dir: str, input_hash: str, code: str) -> dict:
     from drafter.cache import build_cache
 
-    return build_cache(_cfg(config), Path(in_dir), Path(out_dir))
+    return build_cache(_cfg(config), Path(in_dir), Path(out_dir)).to_json()
 
 
 @stage_task("train")
 def train_task(config: dict, cache_dir: str, out_dir: str, input_hash: str, code: str) -> dict:
     from drafter.train import train
 
-    return train(_cfg(config), Path(cache_dir), Path(out_dir))
+    return train(_cfg(config), Path(cache_dir), Path(out_dir)).to_json()
 
 
 @stage_task("calibrate")
 def calibrate_task(config: dict, drafter_dir: str, cache_dir: str, out_dir: str, input_hash: str, code: str) -> dict:
     from drafter.calibrate import calibrate
 
-    calibrate(_cfg(config), Path(drafter_dir), Path(cache_dir), Path(out_dir))
-    return read_manifest(out_dir)  # its metrics section: ECE/AUROC/Brier before and after STS
+    # its metrics section: ECE/AUROC/Brier before and after STS
+    return calibrate(_cfg(config), Path(drafter_dir), Path(cache_dir), Path(out_dir)).to_json()
 
 
 @stage_task("evaluate")
 def evaluate_task(config: dict, drafter_dir: str, out_dir: str, ingested_dir: str, input_hash: str, code: str) -> dict:
     from drafter.evaluate import evaluate
 
-    evaluate(_cfg(config), Path(drafter_dir), Path(out_dir), ingested_dir=Path(ingested_dir))
-    return read_manifest(out_dir)  # its metrics section: tau per set, speedup, accept_rate@k
+    # its metrics section: tau per set, speedup, accept_rate@k
+    return evaluate(_cfg(config), Path(drafter_dir), Path(out_dir), ingested_dir=Path(ingested_dir)).to_json()
 
 
 @task(name="gate")
 def gate_task(config: dict, candidate_report: str, production_report: str | None) -> dict:
     from drafter.gates import gate
 
-    return gate(_cfg(config), Path(candidate_report), Path(production_report) if production_report else None)
+    return gate(_cfg(config), Path(candidate_report), Path(production_report) if production_report else None).to_json()
 
 
 # ----- content hashes for the cache keys --------------------------------------
@@ -156,30 +157,16 @@ def run_stage(tracking: FlowTracking, report: list[dict], name: str, stage, outp
 
 
 # ----- gate and release ---------------------------------------------------------
-def verdict_markdown(verdict: dict[str, Any]) -> str:
-    """The gate's own markdown when it gives one, else a rendering of its verdict."""
-    if isinstance(verdict.get("markdown"), str):
-        return verdict["markdown"]
-    lines = [f"## Gate: {'PASSED' if registry.gate_passed(verdict) else 'FAILED'}", ""]
-    for reason in verdict.get("reasons") or []:
-        lines.append(f"- {reason}")
-    rest = {k: v for k, v in verdict.items() if k not in ("reasons", "markdown", "passed")}
-    if rest:
-        lines += ["", "```json", json.dumps(rest, indent=2, default=str), "```"]
-    return "\n".join(lines)
-
-
 def tau_table(candidate_eval: Path, production_eval: Path | None) -> list[dict[str, Any]]:
-    def summary(folder: Path | None) -> dict:
-        path = folder / "report.json" if folder else None
-        return registry.eval_summary(json.loads(path.read_text()) if path and path.is_file() else None)
+    def taus(folder: Path | None) -> dict[str, float]:
+        report = read_eval_report(folder)
+        return {**report.tau_by_dataset, "macro": report.macro.tau} if report else {}
 
-    cand, prod = summary(candidate_eval), summary(production_eval)
+    cand, prod = taus(candidate_eval), taus(production_eval)
     rows = []
-    names = list(cand["tau_by_dataset"]) + [n for n in prod["tau_by_dataset"] if n not in cand["tau_by_dataset"]]
+    names = [n for n in cand if n != "macro"] + [n for n in prod if n not in cand and n != "macro"]
     for dataset in names + ["macro"]:
-        c = cand["tau_macro"] if dataset == "macro" else cand["tau_by_dataset"].get(dataset)
-        p = prod["tau_macro"] if dataset == "macro" else prod["tau_by_dataset"].get(dataset)
+        c, p = cand.get(dataset), prod.get(dataset)
         rows.append({
             "dataset": dataset,
             "candidate": None if c is None else round(c, 3),
@@ -187,12 +174,6 @@ def tau_table(candidate_eval: Path, production_eval: Path | None) -> list[dict[s
             "change": None if c is None or p in (None, 0) else f"{(c / p - 1) * 100:+.1f}%",
         })
     return rows
-
-
-def sps_table_path(cfg: Config) -> Path | None:
-    """The SPS(B) cost table the evaluation ran with (evaluate copies it next to its report)."""
-    path = cfg.data_dir / "eval" / "sps_cost_table.json"
-    return path if path.is_file() else None
 
 
 @flow(name="drafter-release")
@@ -211,15 +192,17 @@ def release_flow(
     from drafter.lineage import collect_lineage
 
     cfg = load_config(config, overrides or [])
-    markdown = verdict_markdown(verdict)
+    gate = parse(GateVerdict, verdict, "the gate verdict")
+    markdown = gate.markdown
     if plots_url:
         markdown += (f"\n\nPlots (candidate vs production, acceptance per position, tau per dataset, accepted "
                      f"lengths, reliability, training curves): [MLflow]({plots_url})\n")
     rows = tau_table(Path(eval_dir), Path(production_eval_dir) if production_eval_dir else None)
     create_table_artifact(rows, key="drafter-tau", description="tau per dataset: candidate vs production")
     create_markdown_artifact(markdown, key="drafter-gate", description="gate verdict")
-    if not registry.gate_passed(verdict):
-        return {"registered": False, "gate": "failed", "reasons": verdict.get("reasons"), "tau": rows}
+    if not gate.passed:
+        return {"registered": False, "gate": "failed", "reasons": gate.reasons, "tau": rows}
+    sps_table = Path(eval_dir) / "sps_cost_table.json"  # the SPS table the evaluation ran with, if any
     run_id = None
     c = registry.client()
     if mlflow_parent_run_id:
@@ -229,7 +212,7 @@ def release_flow(
     try:
         cand = registry.register_candidate(
             cfg, drafter_dir, eval_dir=eval_dir, gate_verdict=verdict, gate_markdown=markdown,
-            sps_table=sps_table_path(cfg), lineage=collect_lineage(cfg), run_id=run_id, plots_url=plots_url,
+            sps_table=sps_table if sps_table.is_file() else None, lineage=collect_lineage(cfg), run_id=run_id, plots_url=plots_url,
         )
     except Exception:
         if run_id:
@@ -343,8 +326,9 @@ def retrain_flow(
         with tracking.stage("gate") as gate_run:
             verdict = gate_task(conf, str(eval_dir / "report.json"),
                                 str(production / "report.json") if production else None)
+            passed = parse(GateVerdict, verdict, "the gate verdict").passed
             atomic_write_json(d / "gate" / "verdict.json", verdict)
-            atomic_write_text(d / "gate" / "verdict.md", verdict_markdown(verdict))
+            atomic_write_text(d / "gate" / "verdict.md", verdict["markdown"])
             plots.candidate_vs_production(
                 json.loads((eval_dir / "report.json").read_text()),
                 json.loads((production / "report.json").read_text()) if production else None,
@@ -354,8 +338,8 @@ def retrain_flow(
                                 *(eval_dir / n for n in ("acceptance_curve.png", "tau_per_dataset.png",
                                                          "accepted_length.png")),
                                 calibration / "reliability.png", drafter_dir / "training_curves.png"])
-            tracking.client.set_tag(gate_run, "drafter.gate", "passed" if registry.gate_passed(verdict) else "failed")
-            tracking.rollup("gate", {"passed": float(registry.gate_passed(verdict))})
+            tracking.client.set_tag(gate_run, "drafter.gate", "passed" if passed else "failed")
+            tracking.rollup("gate", {"passed": float(passed)})
         release = release_flow(config, overrides, str(drafter_dir), str(eval_dir), verdict,
                                str(production) if production else None, wait_for_approval, tracking.parent,
                                plots_url=registry.run_url(tracking.parent, tracking.client, "plots"))

@@ -158,5 +158,5 @@ def cli_stage(cfg: Config, stage: str, out_dir: Path) -> Iterator[None]:
     except BaseException:
         tracking.finish("FAILED")
         raise
-    tracking.log_stage(run_id, read_manifest(out_dir), Path(out_dir), cached=False)
+    tracking.log_stage(run_id, read_manifest(out_dir).to_json(), Path(out_dir), cached=False)
     tracking.finish()

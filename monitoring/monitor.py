@@ -46,11 +46,12 @@ def production_reference(cfg: Config) -> dict[str, Any]:
     if not approved:  # an alias moved outside the product (e.g. the MLflow UI): say so, loudly
         log.error("%s@production is version %s, which is not approved (approval.state=%s): check the registry "
                   "(drafter registry log %s)", name, evidence["version"], evidence["tags"].get("approval.state"), name)
-    summary = registry.eval_summary(evidence.get("eval_report"))
-    tau = summary["tau_macro"]
+    report = evidence["eval_report"]
+    tau = report.macro.tau if report else None
     if tau is None and evidence["tags"].get("eval.tau_macro"):
         tau = float(evidence["tags"]["eval.tau_macro"])
-    return {"name": name, "version": evidence["version"], "tau": tau, "accept_rate": summary["accept_rate"],
+    return {"name": name, "version": evidence["version"], "tau": tau,
+            "accept_rate": list(report.macro.accept_rate) if report else [],
             "domains": (evidence.get("data_profile") or {}).get("domains"), "approved": approved}
 
 

@@ -60,8 +60,17 @@ def make_eval(path: Path, taus: dict[str, float], accept: list[float] | None = N
     return path
 
 
+def verdict(passed: bool, reasons: list[str], **figures):
+    """A gate verdict as `drafter.gates.gate` returns it (typed, with its markdown)."""
+    from drafter.reports import GateVerdict
+
+    head = "PASSED" if passed else "FAILED (macro_tau)"
+    return GateVerdict(passed=passed, failed=[] if passed else ["macro_tau"], reasons=reasons,
+                       markdown=f"# Promotion gate: {head}\n\n" + "".join(f"- {r}\n" for r in reasons), **figures)
+
+
 def passing_verdict() -> dict:
-    return {"passed": True, "reasons": ["macro tau above floor"], "candidate_tau": 2.5, "production_tau": None}
+    return verdict(True, ["macro tau above floor"], candidate_tau=2.5, production_tau=None).to_json()
 
 
 def free_port() -> int:
@@ -139,7 +148,7 @@ def install_standin_stages(monkeypatch, calls: list, taus: dict, speedups: dict 
     `speedups`, keyed the same way, its end-to-end speedup."""
     import types
 
-    from drafter.manifest import write_manifest
+    from drafter.manifest import read_manifest, write_manifest
 
     def module(name: str, **functions) -> None:
         mod = types.ModuleType(name)
@@ -157,7 +166,7 @@ def install_standin_stages(monkeypatch, calls: list, taus: dict, speedups: dict 
         Dataset.from_dict({"id": [str(i) for i in range(len(domains))], "domain": domains}).save_to_disk(
             str(out_dir / "train"))
         write_manifest(out_dir, "ingest", counts={"read": len(lines), "kept": len(lines)})
-        return json.loads((out_dir / "manifest.json").read_text())
+        return read_manifest(out_dir)
 
     def passthrough(stage):
         def run(cfg, in_dir, out_dir, target=None):
@@ -168,21 +177,21 @@ def install_standin_stages(monkeypatch, calls: list, taus: dict, speedups: dict 
                 store.mkdir(parents=True, exist_ok=True)
                 (Path(out_dir) / "train.json").write_text(json.dumps({"key": "k1", "path": str(store)}))
             write_manifest(out_dir, stage, counts={"input": 1, "succeeded": 1})
-            return json.loads((Path(out_dir) / "manifest.json").read_text())
+            return read_manifest(out_dir)
         return run
 
     def train(cfg, cache_dir, out_dir, target=None):
         calls.append(("train", str(cache_dir), str(out_dir)))
         make_drafter(Path(out_dir) / "best", tokens=cfg.drafter.block_size, seed=len(calls))
         write_manifest(out_dir, "train", counts={"steps": 4})
-        return json.loads((Path(out_dir) / "manifest.json").read_text())
+        return read_manifest(out_dir)
 
     def calibrate(cfg, drafter_dir, cache_dir, out_dir):
         calls.append(("calibrate", str(drafter_dir), str(cache_dir), str(out_dir)))
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "calibration.json").write_text(json.dumps({"temperatures": [1.0] * 4}))
         write_manifest(out_dir, "calibrate", counts={"positions": 4})
-        return json.loads((Path(out_dir) / "manifest.json").read_text())
+        return read_manifest(out_dir)
 
     def evaluate(cfg, drafter_dir, out_dir, ingested_dir=None, target=None):
         calls.append(("evaluate", str(drafter_dir), str(out_dir), str(ingested_dir)))
@@ -192,15 +201,14 @@ def install_standin_stages(monkeypatch, calls: list, taus: dict, speedups: dict 
         write_manifest(out_dir, "evaluate", counts={"datasets": 2},
                        metrics={"macro_tau": sum(t.values()) / len(t), **{f"tau.{d}": v for d, v in t.items()},
                                 **({"speedup": speedup} if speedup is not None else {})})
-        return json.loads((Path(out_dir) / "manifest.json").read_text())
+        return read_manifest(out_dir)
 
     def gate(cfg, candidate_report, production_report=None):
         calls.append(("gate", str(candidate_report), str(production_report) if production_report else None))
         cand = json.loads(Path(candidate_report).read_text())["macro"]["tau"]
         prod = json.loads(Path(production_report).read_text())["macro"]["tau"] if production_report else None
         passed = cand >= (prod if prod is not None else cfg.gate.min_tau)
-        return {"passed": passed, "reasons": [f"candidate {cand:.2f} vs production {prod}"],
-                "candidate_tau": cand, "production_tau": prod}
+        return verdict(passed, [f"candidate {cand:.2f} vs production {prod}"], candidate_tau=cand, production_tau=prod)
 
     def write_demo_logs(out, n, seed):
         calls.append(("demo", str(out), n, seed))

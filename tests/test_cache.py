@@ -93,19 +93,19 @@ def test_samples_are_what_the_target_computes(built, tiny_target):
 def test_manifest_and_pointers(built, tiny_target):
     _, manifest, out = built
     for split, n in (("train", 10), ("holdout", 3)):
-        c = manifest["counts"][split]
+        c = manifest.counts[split]
         assert c["input"] == c["samples"] + c["skipped"] == n and not c["reused"]
         pointer = json.loads((out / f"{split}.json").read_text())
         assert pointer["num_samples"] == n and pointer["target_fingerprint"] == tiny_target.fingerprint
     assert json.loads((out / "train.json").read_text())["key"] != json.loads((out / "holdout.json").read_text())["key"]
-    size = manifest["size"]["train"]
+    size = manifest.size["train"]
     plain = bytes_per_token_plain(64, len(tiny_target.layer_ids))
     assert size["plain_bytes_per_token"] == plain
     # fp32: 4 + 1 bytes of id and mask, 4 bytes per hidden value, 6 per top-k entry, plus small headers.
     expected = 5 + 4 * 64 * (len(tiny_target.layer_ids) + 1) + 6 * built[0].cache.target_top_k
     assert expected <= size["bytes_per_token"] < expected * 1.1
     assert size["tokens_per_s"] > 0
-    assert (out / "config.yaml").is_file() and read_manifest(out)["stage"] == "build_cache"
+    assert (out / "config.yaml").is_file() and read_manifest(out).stage == "build_cache"
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int8"])
@@ -161,7 +161,7 @@ def test_same_key_reuses_the_cache(built, tiny_target, tmp_path, monkeypatch):
     mtimes = {p: p.stat().st_mtime_ns for p in (reader.path / "shards").iterdir()}
     monkeypatch.setattr(ShardWriter, "write", lambda *a: pytest.fail("rebuilt a cached shard"))
     manifest = build_cache(cfg, regenerated, tmp_path / "cache2", target=tiny_target)
-    assert manifest["counts"]["train"]["reused"] and manifest["counts"]["holdout"]["reused"]
+    assert manifest.counts["train"]["reused"] and manifest.counts["holdout"]["reused"]
     assert open_split(tmp_path / "cache2", "train").path == reader.path
     assert {p: p.stat().st_mtime_ns for p in (reader.path / "shards").iterdir()} == mtimes
 
@@ -264,7 +264,7 @@ def test_a_damaged_cache_is_rebuilt_not_reused(tiny_config, tiny_target, regener
     data[-3] ^= 0x01
     path.write_bytes(bytes(data))
     manifest = build_cache(cfg, regenerated, tmp_path / "cache", target=tiny_target)
-    assert not manifest["counts"]["train"]["reused"] and manifest["counts"]["holdout"]["reused"]
+    assert not manifest.counts["train"]["reused"] and manifest.counts["holdout"]["reused"]
     open_split(tmp_path / "cache", "train").verify_all()  # whole again
     assert len(list(cfg.cache.root.glob("*.damaged-*"))) == 1  # the damaged copy is kept aside, not deleted
 
@@ -300,7 +300,7 @@ def test_truncation_and_unmaskable_samples_are_counted(tiny_config, tiny_target,
     regenerated = write_regenerated(tmp_path / "r", {"train": [conversation(0), long_prompt, long_answer, no_answer]})
     cfg = config(tiny_config, tmp_path, max_seq_len=64)
     manifest = build_cache(cfg, regenerated, tmp_path / "cache", target=tiny_target)
-    c = manifest["counts"]["train"]
+    c = manifest.counts["train"]
     assert (c["input"], c["samples"], c["skipped"], c["truncated"]) == (4, 2, 2, 1)
     assert c["skipped_by_reason"] == {"no assistant token within max_seq_len": 2}
     reader = open_split(tmp_path / "cache", "train")

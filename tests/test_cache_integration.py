@@ -1,6 +1,5 @@
 """The cache with real components: two ranks under `accelerate launch`, the real SmolLM2 target."""
 
-import json
 import socket
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import torch
 
 from drafter import chat
 from drafter.cache import CacheMismatchError, build_cache, open_split
+from drafter.manifest import read_manifest
 from tests.conftest import ROOT
 from tests.regen_data import make_rows, write_regenerated
 
@@ -38,8 +38,8 @@ def test_accelerate_launch_splits_the_work_across_ranks(tiny_config, tiny_target
     launched = open_split(tmp_path / "cache", "train", expect_fingerprint=tiny_target.fingerprint)
     assert {shard["rank"] for shard in launched.shards} == {0, 1}  # both ranks wrote shards
     assert launched.meta["ranks"] == 2
-    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
-    assert manifest["params"]["world_size"] == 2 and manifest["counts"]["train"]["samples"] == 9
+    manifest = read_manifest(tmp_path / "cache")
+    assert manifest.params["world_size"] == 2 and manifest.counts["train"]["samples"] == 9
 
     from drafter.config import load_config
 
@@ -75,8 +75,8 @@ def test_smollm2_cache(smollm2_target, tmp_path):
     # the default layout: bf16 features + the top-64 p_t (int32 ids + float16 probabilities), no final hidden
     assert (meta["target_top_k"], meta["final_hidden"], meta["target_dtype"]) == (64, False, "bfloat16")
     expected = 6 + 2 * 576 * 5 + 64 * 6
-    assert 0.99 < manifest["size"]["train"]["bytes_per_token"] / expected < 1.05
-    assert manifest["size"]["train"]["size_vs_plain"] < 0.9
+    assert 0.99 < manifest.size["train"]["bytes_per_token"] / expected < 1.05
+    assert manifest.size["train"]["size_vs_plain"] < 0.9
     tok = smollm2_target.tokenizer
     for i, answer in enumerate(answers):
         sample = reader[i]

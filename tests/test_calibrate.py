@@ -79,7 +79,7 @@ def test_ece_falls_on_an_overconfident_head(tiny_target, scripted_world, tmp_pat
     assert saved["temperatures"] == result["temperatures"] and len(saved["temperatures"]) == 4
     assert (tmp_path / "cal" / "reliability.png").stat().st_size > 10_000
     assert "| 1 |" in (tmp_path / "cal" / "report.md").read_text()
-    counts = read_manifest(tmp_path / "cal")["counts"]
+    counts = read_manifest(tmp_path / "cal").counts
     assert counts["fit_prompts"] + counts["eval_prompts"] == counts["used"] == 64
 
 
@@ -104,15 +104,16 @@ def test_calibrate_stage_reads_holdout_cache(tiny_target, tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "drafter.cache", fake)
     folder = BigramDrafter.random(tiny_target.vocab_size, seed=0, concentration=0.05, confidences=True).export(tmp_path / "drafter" / "best")
     cfg = tiny_cfg("calibrate.max_new_tokens=12", "calibrate.eval_fraction=0.34")
-    result = calibrate(cfg, folder.parent, tmp_path / "cache", tmp_path / "cal")
-    assert result["applicable"] and len(result["temperatures"]) == 4
+    manifest = calibrate(cfg, folder.parent, tmp_path / "cache", tmp_path / "cal")
+    assert manifest.applicable and len(manifest.temperatures) == 4
+    assert manifest.metrics["ece_after"] == json.loads((tmp_path / "cal" / "calibration.json").read_text())["summary"]["ece_after"]
     # Saved beside the calibration report, keyed by the weights it was fitted on: the
     # scheduler finds it for this drafter and for no other, and train's output is untouched.
     assert not (tmp_path / "drafter" / "calibration.json").exists()
-    assert load_temperatures(folder, tmp_path / "cal") == result["temperatures"]
+    assert load_temperatures(folder, tmp_path / "cal") == manifest.temperatures
     other = BigramDrafter.random(tiny_target.vocab_size, seed=1, concentration=0.05, confidences=True).export(tmp_path / "other")
     assert load_temperatures(other, tmp_path / "cal") is None
-    counts = read_manifest(tmp_path / "cal")["counts"]
+    counts = manifest.counts
     assert (counts["selected"], counts["used"], counts["skipped_no_prompt"]) == (4, 3, 1)
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from lifecycle_fixtures import install_standin_stages, make_drafter, make_eval, passing_verdict
+from lifecycle_fixtures import install_standin_stages, make_drafter, make_eval, passing_verdict, verdict
 
 from drafter import registry
 from drafter.config import load_config
@@ -135,7 +135,7 @@ def test_release_failed_gate_leaves_registry_unchanged(servers, tmp_path):
 
     drafter = make_drafter(tmp_path / "d")
     out = release_flow(str(ROOT / "configs" / "tiny.yaml"), setup_run(tmp_path, "flow-gate"), str(drafter),
-                       str(make_eval(tmp_path / "e", {"gsm8k": 1.1})), {"passed": False, "reasons": ["tau 1.1 < 1.2"]})
+                       str(make_eval(tmp_path / "e", {"gsm8k": 1.1})), verdict(False, ["tau 1.1 < 1.2"]).to_json())
     assert out["registered"] is False and out["reasons"] == ["tau 1.1 < 1.2"]
     with pytest.raises(registry.RegistryError, match="no registered model"):
         registry.aliases("flow-gate")

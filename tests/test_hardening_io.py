@@ -45,8 +45,8 @@ def test_write_manifest_records_no_url_credentials(tmp_path, monkeypatch):
     text = (tmp_path / "manifest.json").read_text()
     assert "hunter2" not in text and "t0k3n" not in text
     manifest = read_manifest(tmp_path)
-    assert manifest["params"]["base_url"] == "https://REDACTED@h/v1"
-    assert "REDACTED@h/v1" in manifest["provenance"]["command"]
+    assert manifest.params["base_url"] == "https://REDACTED@h/v1"
+    assert "REDACTED@h/v1" in manifest.provenance["command"]
 
 
 # ----- atomic_dir: only our own folders are replaced ------------------------------------------

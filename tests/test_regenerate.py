@@ -53,10 +53,10 @@ def test_local_regenerates_turn_by_turn(tiny_config, tiny_target, ingested, tmp_
     monkeypatch.setattr(LocalBackend, "generate", spy)
     manifest = regenerate(cfg, ingested, tmp_path / "out", target=tiny_target)
 
-    c = manifest["counts"]["train"]
+    c = manifest.counts["train"]
     assert (c["input"], c["succeeded"], c["errors"], c["skipped"]) == (9, 7, 0, 2)
     assert c["skipped_by_reason"] == {"no assistant turn": 1, "assistant turn before any user turn": 1}
-    assert manifest["counts"]["holdout"]["succeeded"] == 2
+    assert manifest.counts["holdout"]["succeeded"] == 2
     records = by_id(tmp_path / "out" / "train.jsonl")
     source = {r["id"]: r for r in make_rows(7)}
     assert list(records) == [r["id"] for r in make_rows(7)]  # input order
@@ -87,7 +87,7 @@ def test_local_regenerates_turn_by_turn(tiny_config, tiny_target, ingested, tmp_
 def test_rerun_is_a_noop(tiny_config, tiny_target, ingested, tmp_path, monkeypatch):
     cfg = config(tiny_config, limit=3)
     first = regenerate(cfg, ingested, tmp_path / "out", target=tiny_target)
-    assert first["counts"]["train"]["skipped_by_reason"]["limit"] == 6
+    assert first.counts["train"]["skipped_by_reason"]["limit"] == 6
     monkeypatch.setattr(LocalBackend, "generate", lambda *a: pytest.fail("regenerated again"))
     assert regenerate(cfg, ingested, tmp_path / "out", target=tiny_target) == first
 
@@ -98,7 +98,7 @@ def test_raising_the_limit_keeps_finished_records(tiny_config, tiny_target, inge
     before = by_id(out / "train.jsonl")
     manifest = regenerate(config(tiny_config, limit=None), ingested, out, target=tiny_target)
     after = by_id(out / "train.jsonl")
-    assert manifest["counts"]["train"]["succeeded"] == 7
+    assert manifest.counts["train"]["succeeded"] == 7
     assert all(after[cid] == rec for cid, rec in before.items())  # not generated twice
 
 
@@ -131,7 +131,7 @@ def test_continuous_batching_matches_one_at_a_time(tiny_config, tiny_target, ing
     assert cont.params()["batching"] == "continuous" and "batching" not in static.params()
     manifest = regenerate(config(tiny_config, limit=None, batching="continuous"), ingested, tmp_path / "out",
                           target=tiny_target)
-    assert manifest["counts"]["train"]["succeeded"] == 7 and manifest["counts"]["train"]["errors"] == 0
+    assert manifest.counts["train"]["succeeded"] == 7 and manifest.counts["train"]["errors"] == 0
 
 
 def test_stop_on_eos_reports_finish_reason(tiny_config, tiny_target, monkeypatch):
@@ -176,7 +176,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(tiny_config, tiny_target,
     assert ids == [r["id"] for r in make_rows(7)]  # every conversation exactly once, in order
     final = by_id(out / "train.jsonl")
     assert all(final[cid] == rec for cid, rec in first.items())  # finished ones were not redone
-    assert manifest["counts"]["train"]["succeeded"] == 7
+    assert manifest.counts["train"]["succeeded"] == 7
 
 
 def test_failures_go_to_errors_and_are_retried(tiny_config, tiny_target, ingested, tmp_path, monkeypatch):
@@ -192,7 +192,7 @@ def test_failures_go_to_errors_and_are_retried(tiny_config, tiny_target, ingeste
 
     monkeypatch.setattr(LocalBackend, "generate", flaky)
     manifest = regenerate(cfg, ingested, out, target=tiny_target)
-    c = manifest["counts"]["train"]
+    c = manifest.counts["train"]
     assert (c["succeeded"], c["errors"], c["skipped"]) == (6, 1, 2)
     errors = read_jsonl(out / "errors.jsonl")
     assert [(e["split"], e["id"]) for e in errors] == [("train", "conv-0002")]
@@ -200,7 +200,7 @@ def test_failures_go_to_errors_and_are_retried(tiny_config, tiny_target, ingeste
 
     monkeypatch.setattr(LocalBackend, "generate", original)
     manifest = regenerate(cfg, ingested, out, target=tiny_target)  # errors are retried
-    assert manifest["counts"]["train"]["errors"] == 0
+    assert manifest.counts["train"]["errors"] == 0
     assert [r["id"] for r in read_jsonl(out / "train.jsonl")] == [r["id"] for r in make_rows(7)]
     assert read_jsonl(out / "errors.jsonl") == []
 
@@ -210,7 +210,7 @@ def test_too_long_prompt_is_an_error_not_a_crash(tiny_config, tiny_target, tmp_p
                                             {"role": "assistant", "content": "x"}]}
     ingested = write_ingested(tmp_path / "in", [long, conversation(1)], [conversation(2)])
     manifest = regenerate(config(tiny_config, limit=None), ingested, tmp_path / "out", target=tiny_target)
-    assert manifest["counts"]["train"]["errors"] == 1
+    assert manifest.counts["train"]["errors"] == 1
     assert "exceeds the target's context" in read_jsonl(tmp_path / "out" / "errors.jsonl")[0]["reason"]
 
 
@@ -224,7 +224,7 @@ def test_changed_parameters_discard_partial_work(tiny_config, tiny_target, inges
     monkeypatch.setattr(LocalBackend, "generate", original)
     manifest = regenerate(config(tiny_config, limit=None, temperature=0.0), ingested, out, target=tiny_target)
     assert all(r["regen"]["params"]["temperature"] == 0.0 for r in read_jsonl(out / "train.jsonl"))
-    assert manifest["params"]["temperature"] == 0.0
+    assert manifest.params["temperature"] == 0.0
 
 
 def test_missing_input_is_a_clear_error(tiny_config, tiny_target, tmp_path):
@@ -346,20 +346,20 @@ def test_gives_up_after_max_retries_and_records_the_error(tiny_config, server, t
     assert "gave up after 3 attempts" in errors[0]["reason"] and "HTTP 500" in errors[0]["reason"]
     assert "HTTP 404" in errors[1]["reason"]  # not retryable: failed at once
     assert len(Scripted.seen) == 5  # 3 tries + 1 for train, then the holdout conversation
-    c = manifest["counts"]["train"]
+    c = manifest.counts["train"]
     assert (c["succeeded"], c["errors"], c["skipped"]) == (0, 2, 0)
     # The next run retries them; the server is healthy now.
     manifest = regenerate(cfg, ingested, tmp_path / "out")
-    assert manifest["counts"]["train"]["succeeded"] == 2
+    assert manifest.counts["train"]["succeeded"] == 2
 
 
 def test_fields_a_server_refuses_are_dropped_once(tiny_config, server, tmp_path):
     Scripted.script = [("status", 422, {}, {"detail": "Unexpected fields in the request: {'top_k'}"})]
     ingested = write_ingested(tmp_path / "in", make_rows(4), make_rows(1, start=10))
     manifest = regenerate(openai_cfg(tiny_config, server, concurrency=3, limit=None), ingested, tmp_path / "out")
-    assert manifest["counts"]["train"]["succeeded"] == 4
+    assert manifest.counts["train"]["succeeded"] == 4
     assert "top_k" not in Scripted.seen[-1][1]
-    assert manifest["params"]["top_k"] is None  # the record says top-k was not applied
+    assert manifest.params["top_k"] is None  # the record says top-k was not applied
     rec = read_jsonl(tmp_path / "out" / "train.jsonl")[1]  # a two-turn conversation
     assert [m["content"] for m in rec["messages"] if m["role"] == "assistant"] == [
         f"echo: {rec['messages'][0]['content']}", f"echo: {rec['messages'][2]['content']}"]
@@ -400,7 +400,7 @@ def test_api_key_goes_only_to_its_configured_host(tiny_config, server, tmp_path,
     cfg = config(tiny_config, backend="openai", base_url=server, model=None, limit=None,
                  api_key_env="DRAFTER_TEST_API_KEY", api_key_host=host and host.format(port=port))
     manifest = _run_one(cfg, tmp_path)
-    assert manifest["counts"]["train"]["succeeded"] == 1 and manifest["params"]["model"] == "served-model"
+    assert manifest.counts["train"]["succeeded"] == 1 and manifest.params["model"] == "served-model"
     assert len(Scripted.auth) == 3  # GET /models, then one completion per split
     assert Scripted.auth == [f"Bearer {KEY}" if sent else None] * 3
 
@@ -433,8 +433,8 @@ def test_api_key_is_never_sent_in_clear_text_off_this_machine(tiny_config, monke
 def test_credentials_in_the_base_url_are_not_recorded(tiny_config, server, tmp_path):
     url = server.replace("http://", "http://bob:hunter2@")
     manifest = _run_one(openai_cfg(tiny_config, url, limit=None), tmp_path)
-    assert manifest["counts"]["train"]["succeeded"] == 1
-    assert manifest["params"]["base_url"] == server.replace("http://", "http://REDACTED@")
+    assert manifest.counts["train"]["succeeded"] == 1
+    assert manifest.params["base_url"] == server.replace("http://", "http://REDACTED@")
     written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert {p.name for p in written} >= {"manifest.json", "train.jsonl", "config.yaml"}
     for path in written:
@@ -450,13 +450,13 @@ def test_undecodable_and_stalled_responses_are_retried_then_recorded(tiny_config
     start = time.monotonic()
     manifest = regenerate(cfg, ingested, tmp_path / "out")
     assert time.monotonic() - start < 8  # each 10 s trickle was cut off at the request's timeout
-    c = manifest["counts"]["train"]
+    c = manifest.counts["train"]
     assert (c["input"], c["succeeded"], c["errors"]) == (2, 1, 1)
     errors = read_jsonl(tmp_path / "out" / "errors.jsonl")
     assert [e["id"] for e in errors] == ["conv-0002"]
     assert "gave up after 3 attempts" in errors[0]["reason"] and "DecodingError" in errors[0]["reason"]
-    assert manifest["counts"]["holdout"]["succeeded"] == 1
-    assert manifest["throughput"]["retries"] == 4
+    assert manifest.counts["holdout"]["succeeded"] == 1
+    assert manifest.throughput["retries"] == 4
     assert len(Scripted.seen) == 7
 
 
@@ -474,7 +474,7 @@ def test_an_unexpected_error_fails_its_conversation_not_the_run(tiny_config, ser
     ingested = write_ingested(tmp_path / "in", [conversation(0), conversation(1), conversation(2)],
                               [conversation(3)])
     manifest = regenerate(openai_cfg(tiny_config, server, concurrency=2, limit=None), ingested, tmp_path / "out")
-    c = manifest["counts"]["train"]
+    c = manifest.counts["train"]
     assert (c["succeeded"], c["errors"]) == (2, 1)
     assert "RuntimeError: unexpected" in read_jsonl(tmp_path / "out" / "errors.jsonl")[0]["reason"]
-    assert manifest["counts"]["holdout"]["succeeded"] == 1
+    assert manifest.counts["holdout"]["succeeded"] == 1

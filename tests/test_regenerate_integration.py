@@ -97,17 +97,17 @@ def test_openai_backend_survives_a_server_killed_and_restarted(tiny_config, tiny
         manifest = result["m"]
     finally:
         server.kill()
-    c = manifest["counts"]["train"]
+    c = manifest.counts["train"]
     errors = read_jsonl(out / "errors.jsonl")
     assert (c["input"], c["succeeded"], c["errors"], c["skipped"]) == (12, 12, 0, 0), errors
-    assert done_at_kill < 12 and manifest["throughput"]["retries"] > 0
+    assert done_at_kill < 12 and manifest.throughput["retries"] > 0
     records = read_jsonl(out / "train.jsonl")
     assert [r["id"] for r in records] == [r["id"] for r in make_rows(12)]
     rec = records[1]  # two turns: both answered by the server, the history kept
     assert rec["regen"]["backend"] == "openai" and rec["regen"]["model"] == str(tiny_model_dir)
     assert len(rec["regen"]["finish_reasons"]) == 2
     assert all(t and t <= 16 for t in rec["regen"]["completion_tokens"])
-    assert manifest["params"]["top_k"] is None  # transformers serve refuses top_k; recorded as such
+    assert manifest.params["top_k"] is None  # transformers serve refuses top_k; recorded as such
 
 
 def test_cli_run_killed_with_sigkill_resumes(tiny_target, tmp_path):
@@ -132,7 +132,7 @@ def test_cli_run_killed_with_sigkill_resumes(tiny_target, tmp_path):
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [a for a in cmd if "=" in a])
     manifest = regenerate(cfg, ingested, out, target=tiny_target)  # the resume, in-process
-    assert manifest["counts"]["train"]["succeeded"] == 24
+    assert manifest.counts["train"]["succeeded"] == 24
     records = read_jsonl(out / "train.jsonl")
     assert [r["id"] for r in records] == [r["id"] for r in make_rows(24)]  # none lost, none twice
     assert all(r == first[r["id"]] for r in records if r["id"] in first)  # kept, not regenerated
@@ -152,10 +152,10 @@ def test_smollm2_local_regeneration(smollm2_target, tmp_path):
     two_turns["messages"][3]["content"] = "And what is the capital of Italy?"
     ingested = write_ingested(tmp_path / "in", [two_turns], [conversation(3)])
     manifest = regenerate(cfg, ingested, tmp_path / "out", target=smollm2_target)
-    assert manifest["counts"]["train"]["succeeded"] == 1 and manifest["counts"]["holdout"]["succeeded"] == 1
+    assert manifest.counts["train"]["succeeded"] == 1 and manifest.counts["holdout"]["succeeded"] == 1
     rec = read_jsonl(tmp_path / "out" / "train.jsonl")[0]
     answers = [m["content"] for m in rec["messages"] if m["role"] == "assistant"]
     assert "Paris" in answers[0] and "Rome" in answers[1]
     assert rec["messages"][0] == {"role": "system", "content": "Answer in one short sentence."}
     assert rec["regen"]["model"] == "SmolLM2-135M-Instruct"
-    assert manifest["throughput"]["tokens_per_s"] > 0
+    assert manifest.throughput["tokens_per_s"] > 0

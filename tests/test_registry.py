@@ -237,17 +237,20 @@ def test_lineage_reads_manifests_and_dvc_lock(tmp_path, monkeypatch):
     assert tags["lineage.dvc.data/ingested"] == "bbb.dir" and tags["lineage.manifests.cache"]
 
 
-def test_reports_are_read_in_the_one_shape_their_stage_writes():
-    from drafter.reports import ReportError
+def test_reports_are_read_in_the_one_shape_their_stage_writes(tmp_path):
+    from drafter.reports import GateVerdict, ReportError, parse, read_eval_report
 
-    s = registry.eval_summary({"datasets": {"a": {"tau": 2.0}}, "macro": {"tau": 2.5, "accept_rate": [0.9, 0.5]}})
-    assert s == {"tau_macro": 2.5, "tau_by_dataset": {"a": 2.0}, "accept_rate": [0.9, 0.5]}
-    assert registry.eval_summary(None)["tau_macro"] is None
+    (tmp_path / "report.json").write_text(json.dumps(
+        {"datasets": {"a": {"tau": 2.0}}, "macro": {"tau": 2.5, "accept_rate": [0.9, 0.5]}}))
+    report = read_eval_report(tmp_path)
+    assert (report.macro.tau, report.tau_by_dataset, report.macro.accept_rate) == (2.5, {"a": 2.0}, [0.9, 0.5])
+    assert read_eval_report(tmp_path / "none") is None and read_eval_report(None) is None
+    (tmp_path / "report.json").write_text(json.dumps({"datasets": [{"dataset": "a", "tau": 2}], "macro": {"tau": 2}}))
     with pytest.raises(ReportError, match="datasets"):  # a list of datasets is no report of ours
-        registry.eval_summary({"datasets": [{"dataset": "a", "tau": 2}], "macro": {"tau": 2}})
-    assert registry.gate_passed({"passed": True}) and not registry.gate_passed({"passed": False})
+        read_eval_report(tmp_path)
+    assert parse(GateVerdict, {"passed": True}, "v").passed and not parse(GateVerdict, {"passed": False}, "v").passed
     with pytest.raises(ReportError, match="passed"):  # no guessing from other keys
-        registry.gate_passed({"verdict": "pass"})
+        parse(GateVerdict, {"verdict": "pass"}, "v")
 
 
 def test_processes_starting_together_share_a_fresh_store(tmp_path):
@@ -585,7 +588,7 @@ def test_a_manifest_is_checked_when_written_and_read(tmp_path):
     from drafter.reports import ReportError
 
     write_manifest(tmp_path, "evaluate", counts={"prompts": 3}, metrics={"macro_tau": 2.5, "nan": float("nan")})
-    assert read_manifest(tmp_path)["metrics"] == {"macro_tau": 2.5}  # non-finite figures are dropped
+    assert read_manifest(tmp_path).metrics == {"macro_tau": 2.5}  # non-finite figures are dropped
     with pytest.raises(ReportError, match="counts"):
         write_manifest(tmp_path, "evaluate", counts=[1, 2])  # type: ignore[arg-type]
     (tmp_path / "manifest.json").write_text(json.dumps({"stage": "evaluate", "metrics": {"macro_tau": "high"}}))

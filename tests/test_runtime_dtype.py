@@ -88,7 +88,7 @@ def test_training_with_a_bf16_target_autocasts(tmp_path):
         "runtime.dtype=bfloat16", "drafter.block_size=4", "train.batch_size=8", "train.lr=3e-3",
         "train.max_steps=24", "train.eval_every=12", "train.checkpoint_every=100", "train.system_metrics=false"])
     manifest = train(cfg, out_dir=tmp_path, target=target, data=data, collate=collate)
-    assert manifest["params"]["mixed_precision"] == "bf16"
+    assert manifest.params["mixed_precision"] == "bf16"
     evals = json.loads((tmp_path / "metrics.json").read_text())["evals"]
     assert evals[-1]["sim_tau_greedy"] > evals[0]["sim_tau_greedy"] + 0.1
     from safetensors.torch import load_file

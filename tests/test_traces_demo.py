@@ -53,7 +53,7 @@ def test_demo_then_ingest_with_the_real_smollm2_tokenizer(tmp_path):
     from drafter.traces.ingest import ingest
 
     m = ingest(cfg, [tmp_path / "raw"], tmp_path / "ingested")
-    counts = m["counts"]
+    counts = m.counts
     kinds = summary["kinds"]
     assert counts["records"]["read"] == summary["lines"]
     broken = kinds["broken:truncated"] + kinds["broken:invalid_utf8"] + kinds["broken:not_a_conversation"]
@@ -93,8 +93,8 @@ def test_ingest_the_packaged_sharegpt_dump_directly(tmp_path):
     from drafter.traces.ingest import ingest
 
     m = ingest(cfg, [cut], tmp_path / "out")
-    c = m["counts"]
-    assert m["inputs"][str(cut)]["format"] == "sharegpt"
+    c = m.counts
+    assert m.inputs[str(cut)]["format"] == "sharegpt"
     assert c["quarantined_by_reason"] == {"malformed_json": 1}  # the element the cut went through
     assert c["conversations"]["train"] + c["conversations"]["holdout"] > 150
     assert c["filtered_by_reason"].get("too_many_tokens", 0) > 0  # long ShareGPT chats exceed 2048 tokens

@@ -142,7 +142,7 @@ def test_planted_secrets_reach_no_output_file(tmp_path):
     rows = [r for split in ("train", "holdout") for r in load_from_disk(str(out / split))]
     kept = [r for r in rows if r["line"] == where["kept_escaped"] and r["source"] == gw]
     assert len(kept) == 1 and "[SECRET]" in kept[0]["messages"][0]["content"]
-    assert m["counts"]["quarantined_by_reason"]["validation:no_secret_left"] == 2
+    assert m.counts["quarantined_by_reason"]["validation:no_secret_left"] == 2
 
 
 def test_validation_failed_row_keeps_a_masked_excerpt_or_none(tmp_path):
@@ -277,13 +277,13 @@ def test_bomb_in_an_ingest_run_is_quarantined_and_counted(tmp_path):
     (raw / "good.jsonl").write_text("\n".join(chat_line(prompt(i)) for i in range(5)) + "\n")
     zero_bomb(raw / "bomb.jsonl.zst", [(chat_line(prompt(10 + i)) + "\n").encode() for i in range(2)], 64 << 20)
     m = ingest(cfg, [raw], out)
-    r = m["counts"]["records"]
+    r = m.counts["records"]
     check_accounting(r["read"], {k: r[k] for k in ("parsed", "quarantined", "blank", "joined")})
-    assert r["parsed"] == 7 and m["counts"]["quarantined_by_reason"]["decompression_limit"] == 1
+    assert r["parsed"] == 7 and m.counts["quarantined_by_reason"]["decompression_limit"] == 1
     entry = next(q for q in quarantine(out) if q["reason"] == "decompression_limit")
     assert entry["source"] == str(raw / "bomb.jsonl.zst")
-    assert m["counts"]["totals"]["train"] + m["counts"]["totals"]["holdout"] == 7
-    assert ingest(cfg, [raw], out)["changed"] is False  # not quarantined again while unchanged
+    assert m.counts["totals"]["train"] + m.counts["totals"]["holdout"] == 7
+    assert ingest(cfg, [raw], out).changed is False  # not quarantined again while unchanged
 
 
 def test_symlinks_out_of_an_input_folder_are_refused(tmp_path):
@@ -304,8 +304,8 @@ def test_symlinks_out_of_an_input_folder_are_refused(tmp_path):
     assert all("leaves the input folder" in why for why in refused.values())
 
     m = ingest(load_config(TINY), [logs], tmp_path / "out")
-    assert {e["path"] for e in m["errors"]} == set(refused)
-    assert m["counts"]["records"]["read"] == 2
+    assert {e["path"] for e in m.errors} == set(refused)
+    assert m.counts["records"]["read"] == 2
     assert leaks(tmp_path / "out", [EMAIL, ANTHROPIC]) == []
 
 
@@ -328,7 +328,7 @@ def test_pending_bytes_bound_flushes_early_and_changes_nothing(tmp_path, monkeyp
         # dropped.jsonl is written batch by batch, in the order of the steps: compared as a set
         side = {"quarantine": (out / "quarantine.jsonl").read_bytes(),
                 "dropped": sorted((out / "dropped.jsonl").read_text().splitlines())}
-        results[name] = (rows, side, {k: v for k, v in m["counts"].items()})
+        results[name] = (rows, side, {k: v for k, v in m.counts.items()})
     assert results["tiny"] == results["default"]
     assert max(sizes["tiny"]) == 1 and max(sizes["default"]) > 10  # one record per batch: the bound held
     assert os.path.getsize(tmp_path / "tiny" / "quarantine.jsonl") > 0
@@ -352,6 +352,6 @@ def test_rows_waiting_for_validation_are_bounded_by_bytes(tmp_path, monkeypatch)
     monkeypatch.setattr(Validator, "validate", spy)
     bound = 1500
     m = ingest(load_config(TINY, [f"ingest.max_pending_bytes={bound}"]), [raw], tmp_path / "out")
-    kept = m["counts"]["totals"]["train"] + m["counts"]["totals"]["holdout"]
+    kept = m.counts["totals"]["train"] + m.counts["totals"]["holdout"]
     assert kept == 60 and sum(len(c) for c in chunks) == 60 and len(chunks) > 3
     assert all(sum(c[:-1]) < bound for c in chunks)  # a chunk closes as soon as it reaches the bound

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from drafter.config import BUNDLED_EVAL_DIR, load_config
-from drafter.manifest import check_accounting, sha256_tree
+from drafter.manifest import check_accounting, read_manifest, sha256_tree
 from drafter.traces.ingest import ingest
 from drafter.traces.validate import ValidationFailed
 
@@ -159,7 +159,7 @@ def test_mixed_partly_broken_input_every_line_ends_in_one_place(cfg, tmp_path):
     write_mixed(raw)
     out = tmp_path / "ingested"
     m = ingest(cfg, [raw], out)
-    c, r = m["counts"]["conversations"], m["counts"]["records"]
+    c, r = m.counts["conversations"], m.counts["records"]
     check_accounting(r["read"], {k: r[k] for k in ("parsed", "quarantined", "blank", "joined")})
     check_accounting(c["parsed"], {k: c[k] for k in ("train", "holdout", "duplicate", "decontaminated", "filtered",
                                                      "quarantined")})
@@ -194,7 +194,7 @@ def test_mixed_partly_broken_input_every_line_ends_in_one_place(cfg, tmp_path):
     assert reason("batch_output.jsonl", 4) == "quarantine:batch_output_without_input"
     assert reason("batch_input.jsonl", 4) == "dropped:no_assistant"
     assert reason("traces.otlp.json", 2) == "quarantine:not_a_conversation"
-    assert m["counts"]["quarantined_by_reason"]["truncated_file"] == 1
+    assert m.counts["quarantined_by_reason"]["truncated_file"] == 1
     gz_rows = [k for k in where if k[0].endswith(".gz")]
     assert len(gz_rows) > 100 and where[max(gz_rows)] == ["quarantine:truncated_file"]
 
@@ -202,7 +202,7 @@ def test_mixed_partly_broken_input_every_line_ends_in_one_place(cfg, tmp_path):
     rows = [row for split in ("train", "holdout") for row in load_from_disk(str(out / split))]
     batch = [row for row in rows if row["source"].endswith("batch_input.jsonl")]
     assert sorted(row["messages"][-1]["content"] for row in batch) == [f"Batch answer r{i} in words." for i in range(3)]
-    assert m["counts"]["redactions"] == {"aws_access_key": 1, "email": 1, "phone": 1}
+    assert m.counts["redactions"] == {"aws_access_key": 1, "email": 1, "phone": 1}
     for path in out.rglob("*"):
         if path.is_file() and path.suffix != ".sqlite":
             data = path.read_bytes()
@@ -210,8 +210,8 @@ def test_mixed_partly_broken_input_every_line_ends_in_one_place(cfg, tmp_path):
     assert {row["domain"] for row in rows} <= {"chat", "code", "math", "other"}
     assert len({row["id"] for row in rows}) == len(rows)
     assert (out / "validation.json").is_file() and "PASSED" in (out / "validation.md").read_text()
-    assert m["inputs"][str(raw / "sharegpt.json")]["format"] == "sharegpt"
-    assert m["inputs"][str(raw / "traces.otlp.json")]["format"] == "otlp"
+    assert m.inputs[str(raw / "sharegpt.json")]["format"] == "sharegpt"
+    assert m.inputs[str(raw / "traces.otlp.json")]["format"] == "otlp"
 
 
 def test_rerun_changes_nothing_and_increments_read_only_new_lines(cfg, tmp_path):
@@ -223,19 +223,19 @@ def test_rerun_changes_nothing_and_increments_read_only_new_lines(cfg, tmp_path)
     first = ingest(cfg, [raw], out)
     before = sha256_tree(out)
     again = ingest(cfg, [raw], out)
-    assert again["changed"] is False and again["counts"]["records"]["read"] == 0
+    assert again.changed is False and again.counts["records"]["read"] == 0
     assert sha256_tree(out) == before
     # the same file under another name (copied or rotated) is recognised by its content
     (raw / "app-copy.jsonl").write_bytes(log.read_bytes())
-    assert ingest(cfg, [raw], out)["counts"]["records"]["read"] == 0
+    assert ingest(cfg, [raw], out).counts["records"]["read"] == 0
 
     with log.open("a") as f:
         f.write(chat_line(prompt(100)) + "\n" + chat_line(prompt(3)) + "\n")  # one new, one seen in run 1
     third = ingest(cfg, [log], out)
-    assert third["counts"]["records"]["read"] == 2
-    assert third["counts"]["conversations"]["duplicate"] == 1  # the index remembers earlier runs
-    kept = first["counts"]["totals"]["train"] + first["counts"]["totals"]["holdout"]
-    assert third["counts"]["totals"]["train"] + third["counts"]["totals"]["holdout"] == kept + 1
+    assert third.counts["records"]["read"] == 2
+    assert third.counts["conversations"]["duplicate"] == 1  # the index remembers earlier runs
+    kept = first.counts["totals"]["train"] + first.counts["totals"]["holdout"]
+    assert third.counts["totals"]["train"] + third.counts["totals"]["holdout"] == kept + 1
     marks = json.loads((out / "watermarks.json").read_text())["files"]
     assert marks[str(log.resolve())]["records"] == 32
 
@@ -263,7 +263,7 @@ def test_split_is_deterministic_and_keeps_conversation_prefixes_together(cfg, tm
         sides.append(side)
     assert sides[0] == sides[1]  # deterministic
     assert all(len(s) == 1 for s in sides[0].values())  # a session never straddles the split
-    assert outs[0]["counts"]["totals"]["holdout"] > 0
+    assert outs[0].counts["totals"]["holdout"] > 0
 
 
 def test_unreadable_file_is_named_and_the_rest_ingests(cfg, tmp_path):
@@ -284,9 +284,9 @@ def test_unreadable_file_is_named_and_the_rest_ingests(cfg, tmp_path):
                                       "-c", str(ROOT / "configs" / "tiny.yaml")])
     assert result.exit_code == 4  # partial input: the rest ingested
     assert "locked.jsonl" in result.output and "cannot read" in result.output
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["errors"][0]["path"].endswith("locked.jsonl")
-    assert manifest["counts"]["totals"]["train"] + manifest["counts"]["totals"]["holdout"] == 5
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest.errors[0]["path"].endswith("locked.jsonl")
+    assert manifest.counts["totals"]["train"] + manifest.counts["totals"]["holdout"] == 5
 
 
 def test_row_level_failures_go_to_quarantine(cfg, tmp_path):
@@ -298,8 +298,8 @@ def test_row_level_failures_go_to_quarantine(cfg, tmp_path):
     lines = [chat_line(prompt(i)) for i in range(30)] + [chat_line(f"Is this token safe to share? {fake_jwt}")]
     (raw / "a.jsonl").write_text("\n".join(lines) + "\n")
     m = ingest(cfg, [raw], tmp_path / "out")
-    assert m["counts"]["conversations"]["quarantined"] == 1
-    assert m["counts"]["quarantined_by_reason"] == {"validation:no_secret_left": 1}
+    assert m.counts["conversations"]["quarantined"] == 1
+    assert m.counts["quarantined_by_reason"] == {"validation:no_secret_left": 1}
     q = [json.loads(x) for x in (tmp_path / "out" / "quarantine.jsonl").read_text().rstrip("\n").split("\n")]
     assert q[0]["line"] == 31 and q[0]["stage"] == "validate"
     assert json.loads((tmp_path / "out" / "validation.json").read_text())["row_failures_quarantined"] == 1
@@ -324,7 +324,7 @@ def test_batch_level_failure_stops_and_publishes_nothing(cfg, tmp_path, monkeypa
     (out / "validation.failed.json").unlink()
     assert sha256_tree(out) == before  # previous output and watermarks untouched
     monkeypatch.undo()
-    assert ingest(cfg, [raw], out)["counts"]["records"]["read"] == 5  # the lines are read again once fixed
+    assert ingest(cfg, [raw], out).counts["records"]["read"] == 5  # the lines are read again once fixed
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -360,7 +360,7 @@ def test_two_dask_workers_give_the_same_output_as_one_process(tmp_path):
         m = ingest(load_config(ROOT / "configs" / "tiny.yaml", [f"ingest.workers={workers}", "ingest.batch_size=16"]), [raw], out)
         rows = {split: [dict(r) for r in load_from_disk(str(out / split))] for split in ("train", "holdout")}
         files = {name: (out / name).read_bytes() for name in ("quarantine.jsonl", "dropped.jsonl")}
-        outputs[workers] = (rows, files, m["counts"])
+        outputs[workers] = (rows, files, m.counts)
     assert outputs[2] == outputs[1]
     rows, files, counts = outputs[1]
     assert counts["conversations"]["duplicate"] >= 80 and len(rows["train"]) + len(rows["holdout"]) > 40

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from drafter.config import load_config
+from drafter.manifest import read_manifest
 from drafter.models import TargetHeads, load_drafter
 from drafter.train import train
 from tests.conftest import ROOT
@@ -45,17 +46,17 @@ def test_tiny_drafter_learns_held_out_tau_rises(target, data, tmp_path):
     manifest = train(cfg, out_dir=tmp_path, target=target, data=data, collate=collate)
     evals = json.loads((tmp_path / "metrics.json").read_text())["evals"]
     assert [e["step"] for e in evals] == [0, 20, 40]
-    start, best = evals[0]["sim_tau_greedy"], manifest["outputs"]["best_tau"]
+    start, best = evals[0]["sim_tau_greedy"], manifest.outputs["best_tau"]
     assert start < 1.1 and best > 1.35, (start, best)  # held-out tau rises well above 1
-    assert manifest["outputs"]["best_step"] in (20, 40)
+    assert manifest.outputs["best_step"] in (20, 40)
     # outputs: best/ and last/ load back; counts add up; nothing pickled anywhere
     heads = TargetHeads.from_target(target)
     best_model = load_drafter(tmp_path / "best", heads)
-    assert best_model.meta["step"] == manifest["outputs"]["best_step"]
+    assert best_model.meta["step"] == manifest.outputs["best_step"]
     assert load_drafter(tmp_path / "last", heads).meta["step"] == 40
-    counts = manifest["counts"]
+    counts = manifest.counts
     assert counts["sequences_seen"] == 40 * 8 == counts["sequences_with_targets"] + counts["sequences_without_targets"]
-    assert (tmp_path / "config.yaml").is_file() and manifest["params"]["selected_by"] == "sim_tau_greedy"
+    assert (tmp_path / "config.yaml").is_file() and manifest.params["selected_by"] == "sim_tau_greedy"
     suffixes = {p.suffix for p in tmp_path.rglob("*") if p.is_file()}
     assert suffixes <= {".json", ".safetensors", ".yaml", ".png"}, suffixes
     assert (tmp_path / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -63,7 +64,7 @@ def test_tiny_drafter_learns_held_out_tau_rises(target, data, tmp_path):
     calls = []
     again = train(cfg, out_dir=tmp_path, target=target, data=data, collate=collate,
                   callback=lambda step, rec: calls.append(step))
-    assert calls == [] and again["params"]["run_key"] == manifest["params"]["run_key"]
+    assert calls == [] and again.params["run_key"] == manifest.params["run_key"]
 
 
 class Interrupt(Exception):
@@ -85,7 +86,7 @@ def test_resume_is_exact(target, data, tmp_path, algo):
         train(cfg, out_dir=cut, target=target, data=data, collate=collate, callback=stop)
     assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
     manifest = train(cfg, out_dir=cut, target=target, data=data, collate=collate)
-    assert manifest["outputs"]["resumed_from"] == "step-00000004"
+    assert manifest.outputs["resumed_from"] == "step-00000004"
     assert losses(cut) == losses(whole)  # bit-identical on CPU
     heads = TargetHeads.from_target(target)
     a, b = load_drafter(whole / "last", heads), load_drafter(cut / "last", heads)
@@ -118,7 +119,7 @@ def test_mlflow_run_nested_with_params_and_metrics(target, data, tmp_path):
     with mlflow.start_run(run_name="lifecycle") as parent:
         manifest = train(tiny_cfg("train.max_steps=2", "train.eval_every=2", "train.log_every=1"), out_dir=tmp_path,
                          target=target, data=data, collate=collate)
-    run = mlflow.get_run(manifest["outputs"]["mlflow_run_id"])
+    run = mlflow.get_run(manifest.outputs["mlflow_run_id"])
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert run.data.params["drafter.algorithm"] == "dspark" and run.data.params["train.max_anchors"] == "512"
     keys = set(run.data.metrics)
@@ -146,8 +147,8 @@ def test_two_processes_match_one(target, data, tmp_path):
            str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path / "ddp"), str(SHARPNESS), *sets]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    manifest = json.loads((tmp_path / "ddp" / "manifest.json").read_text())
-    assert manifest["counts"]["processes"] == 2
+    manifest = read_manifest(tmp_path / "ddp")
+    assert manifest.counts["processes"] == 2
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
 
 
@@ -176,11 +177,11 @@ def test_real_smollm2_target_trains_exports_and_drafts(smollm2_target, tmp_path)
         "train.max_steps=2", "train.batch_size=2", "train.max_anchors=8", "train.eval_every=2",
         "train.system_metrics=false"])
     manifest = train(cfg, out_dir=tmp_path, target=target, data=data, collate=collate)
-    assert manifest["counts"]["steps"] == 2 and manifest["counts"]["sequences_with_targets"] == 4
+    assert manifest.counts["steps"] == 2 and manifest.counts["sequences_with_targets"] == 4
     from drafter.runtime import cpu_has_bf16
 
-    assert manifest["params"]["mixed_precision"] == ("bf16" if cpu_has_bf16() else "no")  # runtime.dtype auto
-    assert manifest["params"]["vocabulary"]["coverage"] == 1.0  # every answer token is in the 8k draft vocabulary
+    assert manifest.params["mixed_precision"] == ("bf16" if cpu_has_bf16() else "no")  # runtime.dtype auto
+    assert manifest.params["vocabulary"]["coverage"] == 1.0  # every answer token is in the 8k draft vocabulary
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in json.loads((tmp_path / "metrics.json").read_text())["history"])
     config = json.loads((tmp_path / "best" / "config.json").read_text())
     assert config["aux_hidden_state_layer_ids"] == [2, 8, 15, 21, 28]  # layers [1, 7, 14, 20, 27]
@@ -236,16 +237,16 @@ def test_stop_at_and_export_steps(target, data, tmp_path):
     cfg = tiny_cfg("train.max_steps=6", "train.eval_every=100", "train.checkpoint_every=100", "train.export_steps=[2,4]")
     whole = train(cfg, out_dir=tmp_path / "whole", target=target, data=data, collate=collate)
     first = train(cfg, out_dir=tmp_path / "split", target=target, data=data, collate=collate, stop_at=4)
-    assert first == {"stage": "train", "stopped_at": 4, "run_key": whole["params"]["run_key"]}
+    assert first.stopped_at == 4 and first.params == {"run_key": whole.params["run_key"]} and not first.outputs
     assert (tmp_path / "split" / "checkpoints" / "step-00000004").is_dir() and not (tmp_path / "split" / "last").exists()
     rest = train(cfg, out_dir=tmp_path / "split", target=target, data=data, collate=collate)
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
-    assert rest["outputs"]["resumed_from"] == "step-00000004"
+    assert rest.outputs["resumed_from"] == "step-00000004"
     heads = TargetHeads.from_target(target)
     for step in (2, 4):
         model = load_drafter(tmp_path / "split" / "steps" / f"step-{step:08d}", heads)
         assert model.meta["step"] == step and model.meta["train_cpu_s"] > 0 and model.meta["holdout_sim_tau"] >= 1
-    assert rest["outputs"]["train_cpu_s"] >= model.meta["train_cpu_s"]
+    assert rest.outputs["train_cpu_s"] >= model.meta["train_cpu_s"]
 
 
 def test_init_from_continues_the_given_drafter(target, data, tmp_path):
@@ -260,16 +261,16 @@ def test_init_from_continues_the_given_drafter(target, data, tmp_path):
                    "drafter.draft_vocab_size=64", f"train.init_from={start}")
     second = train(cfg, out_dir=tmp_path / "second", target=target, data=other_data, collate=collate)
     evals = json.loads((tmp_path / "second" / "metrics.json").read_text())["evals"]
-    assert evals[0]["step"] == 0 and evals[0]["sim_tau"] == pytest.approx(first["outputs"]["final_holdout"]["sim_tau"])
+    assert evals[0]["step"] == 0 and evals[0]["sim_tau"] == pytest.approx(first.outputs["final_holdout"]["sim_tau"])
     heads = TargetHeads.from_target(target)
     assert torch.equal(load_drafter(tmp_path / "second" / "last", heads).d2t, load_drafter(start, heads).d2t)
-    init = second["params"]["init_from"]
+    init = second.params["init_from"]
     assert init["step"] == 20 and init["algorithm"] == "dspark" and len(init["weights_sha256"]) == 64
     # a random init from the same data drafts far worse at step 0
     cold = train(tiny_cfg("train.max_steps=2", "train.eval_every=100", "train.checkpoint_every=100",
                           "drafter.draft_vocab_size=64"), out_dir=tmp_path / "cold", target=target, data=other_data,
                  collate=collate)
-    assert cold["params"]["run_key"] != second["params"]["run_key"]
+    assert cold.params["run_key"] != second.params["run_key"]
     assert json.loads((tmp_path / "cold" / "metrics.json").read_text())["evals"][0]["sim_tau"] < evals[0]["sim_tau"]
 
 

@@ -50,6 +50,7 @@ from drafter.manifest import (
     check_replaceable,
     write_manifest,
 )
+from drafter.reports import Manifest
 from drafter.traces import formats
 from drafter.traces.dedup import Deduper
 from drafter.traces.formats import NotAConversation, Parsed
@@ -420,10 +421,11 @@ def previous_for(path: Path, marks: dict[str, Watermark]) -> Watermark | None:
 
 
 def ingest(cfg: Config, inputs: list[Path] | None = None, out_dir: Path | None = None,
-           force: bool = False) -> dict[str, Any]:
-    """Ingest new log lines into `out_dir` (default `<data_dir>/ingested`); returns the manifest.
+           force: bool = False) -> Manifest:
+    """Ingest new log lines into `out_dir` (default `<data_dir>/ingested`); returns the manifest
+    (with `changed`: False when there was nothing new, and `out_dir`).
 
-    Unreadable inputs are reported in `manifest["errors"]` (the other files still ingest).
+    Unreadable inputs are reported in `manifest.errors` (the other files still ingest).
     Raises `ValidationFailed` when a batch-level expectation fails (nothing is published), and
     `OutputDirError` before any work when `out_dir` is a folder drafter did not write (unless
     `force`).
@@ -440,7 +442,7 @@ def ingest(cfg: Config, inputs: list[Path] | None = None, out_dir: Path | None =
 
 
 def _ingest_locked(cfg: Config, inputs: list[Path], out_dir: Path, started: float,
-                   force: bool = False) -> dict[str, Any]:
+                   force: bool = False) -> Manifest:
     files, errors = discover(inputs)
     marks = load_watermarks(out_dir)
     previous_hash = json.loads((out_dir / "manifest.json").read_text()).get("config_hash") \
@@ -499,8 +501,8 @@ def _ingest_locked(cfg: Config, inputs: list[Path], out_dir: Path, started: floa
     if counts["records"]["read"] == 0 and (out_dir / "manifest.json").is_file():
         # Nothing new: the published output stays exactly as it is.
         shutil.rmtree(work, ignore_errors=True)
-        return {"stage": "ingest", "changed": False, "counts": counts, "errors": _errors(errors),
-                "out_dir": str(out_dir), "inputs": {str(p): run.files.get(str(p), {}) for p in files}}
+        return Manifest(stage="ingest", counts=counts, inputs={str(p): run.files.get(str(p), {}) for p in files},
+                        params=params, changed=False, errors=_errors(errors), out_dir=str(out_dir))
 
     with run.timer("write_datasets"), atomic_dir(out_dir, force=force) as tmp:
         totals = {
@@ -518,7 +520,7 @@ def _ingest_locked(cfg: Config, inputs: list[Path], out_dir: Path, started: floa
         atomic_write_json(tmp / "watermarks.json", {"files": {k: v.to_json() for k, v in sorted(new_marks.items())}})
         cfg.save(tmp / "config.yaml")
         counts["totals"] = totals
-        manifest_path = write_manifest(
+        manifest = write_manifest(
             tmp, "ingest",
             inputs={str(p): run.files.get(str(p), {}) for p in files},
             params=params,
@@ -528,12 +530,11 @@ def _ingest_locked(cfg: Config, inputs: list[Path], out_dir: Path, started: floa
                      "dropped": "dropped.jsonl", "validation": "validation.json", "watermarks": "watermarks.json"},
             extra={"errors": _errors(errors), "config_hash": cfg.hash()},
         )
-        manifest = json.loads(manifest_path.read_text())
     shutil.rmtree(work, ignore_errors=True)
     for stale in ("validation.failed.json", "validation.failed.md"):
         (out_dir / stale).unlink(missing_ok=True)
-    manifest["changed"] = True
-    manifest["out_dir"] = str(out_dir)
+    manifest.changed = True
+    manifest.out_dir = str(out_dir)
     return manifest
 
 

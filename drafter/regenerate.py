@@ -32,6 +32,7 @@ import email.utils
 import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -229,12 +230,25 @@ class LocalBackend(Backend):
 
         config = GenerationConfig(max_new_tokens=self.cfg.max_new_tokens, pad_token_id=self.pad_id,
                                   eos_token_id=self.eos or None, **self._generate_kwargs())
-        out = self.target.model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
+        out = self.target.model.generate_batch(inputs=prompts, generation_config=config,
+                                               continuous_batching_config=self._paged_cache(prompts), progress_bar=False)
         if len(out) != len(prompts):
             raise RegenerateError(f"continuous batching answered {len(out)} of {len(prompts)} prompts")
         # Request ids are "req_<index in prompts>".
         rows = sorted(out.items(), key=lambda item: int(item[0].rsplit("_", 1)[-1]))
         return [self._turn(list(result.generated_tokens)) for _, result in rows]
+
+    def _paged_cache(self, prompts: list[list[int]], page: int = 256):
+        """Continuous batching's paged KV cache sized to this work: batch_size rows of the longest
+        prompt plus its answer. Left to itself, transformers sizes it from free memory, which on
+        a CPU is most of the machine, zero-filled on every call (measured: 12.9 s before the first
+        token for two 6-token answers of a tiny model; 0.9 s sized)."""
+        from transformers import ContinuousBatchingConfig
+
+        rows = min(len(prompts), self.cfg.batch_size)
+        longest = max(len(p) for p in prompts) + self.cfg.max_new_tokens
+        return ContinuousBatchingConfig(page_size=page, num_blocks=rows * math.ceil(longest / page) + 1,
+                                        max_batch_tokens=max(longest, 2048), max_requests_per_batch=rows)
 
     def _turn(self, row: list[int]) -> Turn:
         """Generated ids -> the answer up to the first end token (padding after it ignored)."""

@@ -29,10 +29,8 @@ browser:
 	    { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; } || \
 	  echo "could not install chromium: the browser tests will be skipped"
 
-# --dist loadscope: a module's tests share one worker, so its module fixtures (servers, the kill
-# campaign's inputs) are built once, not once per worker.
 test: setup browser
-	$(PY) -m pytest -n 2 --dist loadscope $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -n 2 -m "not integration and not slow" $(PYTEST_ARGS)

@@ -49,22 +49,42 @@ def browser_page():
             browser.close()
 
 
-def retrain(tmp_path: Path, monkeypatch, name: str, block_size: int, taus: dict, speedup: float) -> str:
+@pytest.fixture(scope="module")
+def ui_servers(tmp_path_factory):
+    """A real mlflow server and a real Prefect server with its UI (the harness has none)."""
+    import mlflow
+
+    with MlflowServer(tmp_path_factory.mktemp("mlflow")) as ml, PrefectServer(tmp_path_factory.mktemp("prefect")) as pf:
+        mp = pytest.MonkeyPatch()
+        mp.setenv("MLFLOW_TRACKING_URI", ml.url)
+        mlflow.set_tracking_uri(ml.url)
+        try:
+            yield ml, pf
+        finally:
+            mlflow.set_tracking_uri(None)
+            mp.undo()
+
+
+def retrain(tmp_path: Path, monkeypatch, prefect_server, name: str, block_size: int, taus: dict, speedup: float) -> str:
     """One retraining flow (stand-in stages, real Prefect and MLflow); its parent run id."""
     from flows import retrain as flows_retrain
 
     install_standin_stages(monkeypatch, [], {"default": taus}, {"default": speedup})
-    overrides = [f"registry.model_name={name}", f"run.data_dir={tmp_path / 'data'}", f"ingest.inputs=[{tmp_path / 'raw'}]",
-                 f"drafter.block_size={block_size}"]
+    # an experiment of its own: the module's other test registers into the same MLflow server
+    overrides = [f"registry.model_name={name}", f"registry.experiment={name}", f"run.data_dir={tmp_path / 'data'}",
+                 f"ingest.inputs=[{tmp_path / 'raw'}]", f"drafter.block_size={block_size}"]
     flows_retrain.ensure_demo_logs(load_config(ROOT / "configs" / "tiny.yaml", overrides), n=30)
-    return flows_retrain.retrain_flow(str(ROOT / "configs" / "tiny.yaml"), overrides, wait_for_approval=False)["mlflow_run"]
+    with prefect_server.settings():
+        return flows_retrain.retrain_flow(str(ROOT / "configs" / "tiny.yaml"), overrides,
+                                          wait_for_approval=False)["mlflow_run"]
 
 
-def test_mlflow_compare_view_shows_two_retrains_side_by_side(servers, tmp_path, monkeypatch):
+def test_mlflow_compare_view_shows_two_retrains_side_by_side(ui_servers, tmp_path, monkeypatch):
     """Two retrains with different configs: two parent rows, every stage nested under one of them
     (no orphan), and the compare view shows their macro tau, tau per set and speedup."""
-    first = retrain(tmp_path / "a", monkeypatch, "ui-compare", 4, {"gsm8k": 2.125, "mt-bench": 1.875}, 1.25)
-    second = retrain(tmp_path / "b", monkeypatch, "ui-compare", 5, {"gsm8k": 2.625, "mt-bench": 2.375}, 1.375)
+    mlflow_server, prefect_server = ui_servers
+    first = retrain(tmp_path / "a", monkeypatch, prefect_server, "ui-compare", 4, {"gsm8k": 2.125, "mt-bench": 1.875}, 1.25)
+    second = retrain(tmp_path / "b", monkeypatch, prefect_server, "ui-compare", 5, {"gsm8k": 2.625, "mt-bench": 2.375}, 1.375)
 
     c = registry.client()
     experiment = c.get_run(first).info.experiment_id
@@ -75,7 +95,7 @@ def test_mlflow_compare_view_shows_two_retrains_side_by_side(servers, tmp_path, 
         stages = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id}
         assert {"ingest", "regenerate", "build-cache", "train", "calibrate", "evaluate", "gate"} <= stages
 
-    url = f"{servers.url}/#/compare-runs?runs={json.dumps([first, second])}&experiments={json.dumps([experiment])}"
+    url = f"{mlflow_server.url}/#/compare-runs?runs={json.dumps([first, second])}&experiments={json.dumps([experiment])}"
     with browser_page() as page:
         # Our links open the experiment on its runs (the model-training view), not on GenAI traces,
         # and the run link on the run's metrics.
@@ -102,22 +122,6 @@ def test_mlflow_compare_view_shows_two_retrains_side_by_side(servers, tmp_path, 
     assert table["evaluate.speedup"] == ["1.25", "1.375"]
     assert table["evaluate.tau.gsm8k"] == ["2.125", "2.625"] and table["evaluate.tau.mt-bench"] == ["1.875", "2.375"]
     assert table["gate.passed"] == ["1", "1"]
-
-
-@pytest.fixture(scope="module")
-def ui_servers(tmp_path_factory):
-    """A real mlflow server and a real Prefect server with its UI (the harness has none)."""
-    import mlflow
-
-    with MlflowServer(tmp_path_factory.mktemp("mlflow")) as ml, PrefectServer(tmp_path_factory.mktemp("prefect")) as pf:
-        mp = pytest.MonkeyPatch()
-        mp.setenv("MLFLOW_TRACKING_URI", ml.url)
-        mlflow.set_tracking_uri(ml.url)
-        try:
-            yield ml, pf
-        finally:
-            mlflow.set_tracking_uri(None)
-            mp.undo()
 
 
 def test_prefect_ui_resume_form_promotes_and_records_the_decision(ui_servers, tmp_path):

@@ -15,7 +15,8 @@ import pytest
 
 from bench import kill_campaign as kc
 
-pytestmark = pytest.mark.integration
+# One pytest-xdist worker runs the module (`--dist loadgroup`): its module fixture is built once.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("kill-campaign")]
 
 KILLS = 2  # a kill, a kill of the resumed run, then the resume to completion
 

@@ -408,12 +408,12 @@ def registry_setup(work: Path, name: str, versions: int = 4) -> None:
     """A fresh registered model with `versions` pending candidates (gate passed against no production)."""
     from drafter import registry
     from drafter.config import load_config
-    from tests.lifecycle_fixtures import make_drafter, passing_verdict
+    from tests.lifecycle_fixtures import make_drafter, passing_gate
 
     cfg = load_config(TINY, [f"registry.model_name={name}", f"run.data_dir={work / 'data'}"])
     for v in range(1, versions + 1):
         folder = make_drafter(work / "registry" / "drafters" / name / str(v), seed=v)
-        registry.register_candidate(cfg, folder, gate_verdict=passing_verdict(), lineage={"target_name": "tiny"},
+        registry.register_candidate(cfg, folder, gate_verdict=passing_gate(), lineage={"target_name": "tiny"},
                                     data_profile={})
 
 

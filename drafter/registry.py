@@ -60,7 +60,7 @@ from typing import Any
 
 from drafter.config import Config
 from drafter.errors import DrafterError, ExitCode
-from drafter.reports import EvalReport, GateVerdict, parse, read_eval_report
+from drafter.reports import EvalReport, GateVerdict, parse, read_eval_report, read_json
 from drafter.manifest import atomic_dir, atomic_write_json, atomic_write_text, redact_url, sha256_file
 
 CANDIDATE, PRODUCTION, PREVIOUS = "candidate", "production", "previous"
@@ -198,18 +198,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _read_json(path_or_obj: Any) -> dict[str, Any] | None:
-    if path_or_obj is None or isinstance(path_or_obj, dict):
-        return path_or_obj
-    path = Path(path_or_obj)
-    if not path.is_file():
-        raise RegistryError(f"{path}: not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RegistryError(f"{path}: not valid JSON ({exc})") from None
-
-
 def speculators_folder(path: str | Path) -> Path:
     """The folder vLLM loads: `path` itself or its `best/` (a train output folder)."""
     path = Path(path)
@@ -294,10 +282,10 @@ def register_candidate(
     drafter_dir: str | Path,
     *,
     eval_dir: str | Path | None = None,
-    gate_verdict: dict | str | Path | None = None,
+    gate_verdict: GateVerdict | None = None,
     gate_markdown: str | None = None,
     calibration: str | Path | None = None,
-    sps_table: dict | str | Path | None = None,
+    sps_table: Path | None = None,
     lineage: dict | None = None,
     data_profile: dict | None = None,
     run_id: str | None = None,
@@ -312,9 +300,8 @@ def register_candidate(
     from drafter.lineage import collect_lineage, domain_counts, lineage_tags
 
     folder = speculators_folder(drafter_dir)
-    verdict = _read_json(gate_verdict)
-    if verdict is not None and not (gate := parse(GateVerdict, verdict, "the gate verdict")).passed:
-        reasons = gate.reasons or "see the gate report"
+    if gate_verdict is not None and not gate_verdict.passed:
+        reasons = gate_verdict.reasons or "see the gate report"
         raise GateFailed(f"the candidate failed its gate ({reasons}); the registry is unchanged")
     eval_dir = Path(eval_dir) if eval_dir is not None else None
     if eval_dir is not None and not eval_dir.is_dir():
@@ -325,7 +312,7 @@ def register_candidate(
         from drafter.scheduler import find_calibration
 
         calibration = find_calibration(folder, cfg.data_dir / "calibration")
-    sps = _read_json(sps_table)
+    sps = read_json(Path(sps_table), RegistryError) if sps_table is not None else None
     lineage = lineage if lineage is not None else collect_lineage(cfg)
     if data_profile is None and (cfg.data_dir / "ingested" / "train").is_dir():
         data_profile = {"domains": domain_counts(cfg.data_dir / "ingested", ("train",))}
@@ -337,7 +324,7 @@ def register_candidate(
     gated_against = aliases(name, c).get(PRODUCTION, "none") if _model_exists(c, name) else "none"
     existing = _find_by_weights(c, name, weights)
     if existing is not None:
-        if verdict is not None:  # gated again today: against today's production
+        if gate_verdict is not None:  # gated again today: against today's production
             c.set_model_version_tag(name, existing.version, "gate.production_version", gated_against)
             c.set_model_version_tag(name, existing.version, "gate.passed", "true")
         if existing.tags.get("approval.state") == PENDING:
@@ -354,7 +341,7 @@ def register_candidate(
         "drafter.weights_sha256": weights,
         "target.name": str(lineage.get("target_name")),
         "eval.tau_macro": "" if tau_macro is None else f"{tau_macro:.4f}",
-        "gate.passed": "unknown" if verdict is None else "true",
+        "gate.passed": "unknown" if gate_verdict is None else "true",
         "gate.production_version": gated_against,  # what the gate compared against (the flow gates, then registers)
         "approval.state": PENDING,
         "approval.requested_at": _now(),
@@ -366,7 +353,7 @@ def register_candidate(
             params={"algorithm": str(facts["algorithm"]), "config_hash": cfg.hash()},
         )
         with tempfile.TemporaryDirectory(prefix="drafter-register-") as tmp:
-            _stage(Path(tmp), folder, eval_dir, verdict, gate_markdown, calibration and Path(calibration),
+            _stage(Path(tmp), folder, eval_dir, gate_verdict and gate_verdict.to_json(), gate_markdown, calibration and Path(calibration),
                    sps, lineage, data_profile)
             c.log_model_artifacts(logged.model_id, tmp)
             # The run keeps the evidence too (reports, lineage), not a second copy of the weights.

@@ -81,13 +81,19 @@ def parse(model: type[_Open], data: Any, what: str) -> Any:
         raise ReportError(f"{what} is not a {model.__name__} as drafter writes it: {problems}") from None
 
 
+def read_json(path: Path, error: type[DrafterError] = ReportError) -> Any:
+    """One of the project's own JSON files; `error` says clearly when it is missing or not JSON."""
+    if not path.is_file():
+        raise error(f"{path}: not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from None
+
+
 def read_eval_report(folder: str | Path | None) -> EvalReport | None:
     """The report.json in an evaluation folder, typed; None when there is no folder or no report."""
     path = Path(folder) / "report.json" if folder is not None else None
     if path is None or not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ReportError(f"{path}: not valid JSON ({exc})") from None
-    return parse(EvalReport, data, str(path))
+    return parse(EvalReport, read_json(path), str(path))

@@ -211,7 +211,7 @@ def release_flow(
             "mlflow.parentRunId": mlflow_parent_run_id, "drafter.stage": "register"}).info.run_id
     try:
         cand = registry.register_candidate(
-            cfg, drafter_dir, eval_dir=eval_dir, gate_verdict=verdict, gate_markdown=markdown,
+            cfg, drafter_dir, eval_dir=eval_dir, gate_verdict=gate, gate_markdown=markdown,
             sps_table=sps_table if sps_table.is_file() else None, lineage=collect_lineage(cfg), run_id=run_id, plots_url=plots_url,
         )
     except Exception:

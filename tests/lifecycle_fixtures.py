@@ -69,8 +69,13 @@ def verdict(passed: bool, reasons: list[str], **figures):
                        markdown=f"# Promotion gate: {head}\n\n" + "".join(f"- {r}\n" for r in reasons), **figures)
 
 
+def passing_gate():
+    return verdict(True, ["macro tau above floor"], candidate_tau=2.5, production_tau=None)
+
+
 def passing_verdict() -> dict:
-    return verdict(True, ["macro tau above floor"], candidate_tau=2.5, production_tau=None).to_json()
+    """A passing verdict as it crosses a Prefect task or flow boundary (JSON)."""
+    return passing_gate().to_json()
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from lifecycle_fixtures import install_standin_stages, make_drafter, make_eval, passing_verdict, verdict
+from lifecycle_fixtures import install_standin_stages, make_drafter, make_eval, passing_gate, passing_verdict, verdict
 
 from drafter import registry
 from drafter.config import load_config
@@ -270,7 +270,7 @@ def production_in_registry(tmp_path: Path, name: str) -> tuple:
     for tag, seed in (("1", 1), ("2", 2)):
         registry.register_candidate(cfg, make_drafter(tmp_path / f"drafter-{tag}", seed=seed),
                                     eval_dir=make_eval(tmp_path / f"eval-{tag}", {"gsm8k": 2.4}),
-                                    gate_verdict=passing_verdict())
+                                    gate_verdict=passing_gate())
         if tag == "1":
             registry.approve(name, "1", by="alice", reason="first drafter")
     warm = load_config(ROOT / "configs" / "tiny.yaml", overrides + ["train.init_from=production"])

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from lifecycle_fixtures import free_port, make_drafter, make_eval, passing_verdict
+from lifecycle_fixtures import free_port, make_drafter, make_eval, passing_gate
 from prometheus_client import CollectorRegistry
 
 from drafter import registry
@@ -160,7 +160,7 @@ def production_setup(tmp_path: Path, name: str, extra: list[str] | None = None):
         f"monitor.traffic={tmp_path / 'traffic'}", *(extra or [])])
     registry.register_candidate(
         cfg, make_drafter(tmp_path / "drafter"), eval_dir=make_eval(tmp_path / "eval", {"gsm8k": 3.2, "mt-bench": 2.8}),
-        gate_verdict=passing_verdict(), data_profile={"domains": {"chat": 600, "code": 300, "math": 100}})
+        gate_verdict=passing_gate(), data_profile={"domains": {"chat": 600, "code": 300, "math": 100}})
     registry.approve(name, "1", by="alice", reason="baseline")
     return cfg
 
@@ -226,7 +226,7 @@ def test_monitor_quiet_when_nothing_changed_and_without_production(store, tmp_pa
     from monitoring.monitor import production_reference
 
     assert production_reference(cfg)["approved"] is True
-    registry.register_candidate(cfg, make_drafter(tmp_path / "other", seed=5), gate_verdict=passing_verdict())
+    registry.register_candidate(cfg, make_drafter(tmp_path / "other", seed=5), gate_verdict=passing_gate())
     registry.client().set_registered_model_alias("mon-ok", "production", "2")  # behind the product's back
     assert production_reference(cfg)["approved"] is False
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from lifecycle_fixtures import make_drafter, make_eval, passing_verdict
+from lifecycle_fixtures import make_drafter, make_eval, passing_gate, verdict
 
 from drafter import registry
 from drafter.config import Config, load_config
@@ -26,7 +26,7 @@ def register(cfg: Config, tmp_path: Path, tag: str, taus=None, **kw) -> registry
     # A seed that differs for every tag (hash() is salted per process: two tags could share weights).
     folder = make_drafter(tmp_path / f"drafter-{tag}", seed=int.from_bytes(tag.encode(), "little"))
     eval_dir = make_eval(tmp_path / f"eval-{tag}", taus or {"gsm8k": 2.5, "humaneval": 2.1})
-    return registry.register_candidate(cfg, folder, eval_dir=eval_dir, gate_verdict=passing_verdict(), **kw)
+    return registry.register_candidate(cfg, folder, eval_dir=eval_dir, gate_verdict=passing_gate(), **kw)
 
 
 def test_model_name_defaults_to_target():
@@ -39,7 +39,9 @@ def test_register_logs_folder_reports_lineage_and_sets_candidate(module_store, t
     cfg = config(tmp_path, "reg-basic")
     lineage = collect_lineage(cfg)
     lineage["target_fingerprint"] = "abc123"
-    cand = register(cfg, tmp_path, "a", sps_table={"sps": {"1": 100.0, "8": 80.0}}, lineage=lineage)
+    sps = tmp_path / "sps_cost_table.json"
+    sps.write_text(json.dumps({"sps": {"1": 100.0, "8": 80.0}}))
+    cand = register(cfg, tmp_path, "a", sps_table=sps, lineage=lineage)
     assert cand.version == "1"
     assert registry.aliases("reg-basic") == {"candidate": "1"}
 
@@ -74,7 +76,7 @@ def test_train_output_folder_uses_best(module_store, tmp_path):
     cfg = config(tmp_path, "reg-best")
     make_drafter(tmp_path / "train-out" / "best", tokens=6)
     (tmp_path / "train-out" / "metrics.json").write_text("{}")
-    registry.register_candidate(cfg, tmp_path / "train-out", gate_verdict=passing_verdict())
+    registry.register_candidate(cfg, tmp_path / "train-out", gate_verdict=passing_gate())
     registry.export_alias("reg-best", "candidate", tmp_path / "x", allow_unapproved=True)
     assert json.loads((tmp_path / "x" / "speculative_config.json").read_text())["num_speculative_tokens"] == 6
     assert not (tmp_path / "x" / "metrics.json").exists()
@@ -86,7 +88,7 @@ def test_failed_gate_leaves_registry_unchanged(module_store, tmp_path):
     before = registry.list_versions("reg-gate")
     with pytest.raises(registry.GateFailed, match="tau below production"):
         registry.register_candidate(
-            cfg, make_drafter(tmp_path / "bad"), gate_verdict={"passed": False, "reasons": ["tau below production"]}
+            cfg, make_drafter(tmp_path / "bad"), gate_verdict=verdict(False, ["tau below production"])
         )
     assert registry.list_versions("reg-gate") == before
 
@@ -108,7 +110,7 @@ def test_missing_evidence_is_refused_before_anything_is_logged(module_store, tmp
     with pytest.raises(registry.RegistryError, match="no evaluation folder"):
         registry.register_candidate(cfg, make_drafter(tmp_path / "d"), eval_dir=tmp_path / "missing")
     with pytest.raises(registry.RegistryError, match="not found"):
-        registry.register_candidate(cfg, make_drafter(tmp_path / "d"), gate_verdict=tmp_path / "verdict.json")
+        registry.register_candidate(cfg, make_drafter(tmp_path / "d"), sps_table=tmp_path / "sps_cost_table.json")
     with pytest.raises(registry.RegistryError, match="no registered model"):
         registry.aliases("reg-noeval")
 
@@ -200,11 +202,11 @@ def test_nothing_moves_production_without_an_approval_record(module_store, tmp_p
 def test_same_weights_reuse_the_version(module_store, tmp_path):
     cfg = config(tmp_path, "reg-reuse")
     folder = make_drafter(tmp_path / "d")
-    first = registry.register_candidate(cfg, folder, gate_verdict=passing_verdict())
-    again = registry.register_candidate(cfg, folder, gate_verdict=passing_verdict())
+    first = registry.register_candidate(cfg, folder, gate_verdict=passing_gate())
+    again = registry.register_candidate(cfg, folder, gate_verdict=passing_gate())
     assert (again.version, again.reused, first.reused) == (first.version, True, False)
     assert len(registry.list_versions("reg-reuse")) == 1
-    other = registry.register_candidate(cfg, make_drafter(tmp_path / "e", seed=7), gate_verdict=passing_verdict())
+    other = registry.register_candidate(cfg, make_drafter(tmp_path / "e", seed=7), gate_verdict=passing_gate())
     assert other.version == "2" and registry.aliases("reg-reuse") == {"candidate": "2"}
 
 
@@ -281,7 +283,7 @@ def test_approve_requires_a_gate_passed_against_todays_production(module_store, 
     with pytest.raises(registry.ApprovalRequired, match=f"gated against production none; production is now {v2}"):
         registry.approve("reg-gate", v3, by="bob", reason="also good")
     # Gated again (same weights) against today's production: approvable without force.
-    registry.register_candidate(cfg, tmp_path / "drafter-3", eval_dir=tmp_path / "eval-3", gate_verdict=passing_verdict())
+    registry.register_candidate(cfg, tmp_path / "drafter-3", eval_dir=tmp_path / "eval-3", gate_verdict=passing_gate())
     registry.approve("reg-gate", v3, by="bob", reason="passed against 2")
     assert registry.aliases("reg-gate") == {"production": v3, "previous": v2}
     # --force goes through and says so: on the version and in the decision log.

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from lifecycle_fixtures import make_drafter, make_eval, passing_verdict
+from lifecycle_fixtures import make_drafter, make_eval, passing_gate
 from typer.testing import CliRunner
 
 from drafter import registry
@@ -27,7 +27,7 @@ def registered(module_store, tmp_path, request):
     for i in (1, 2):
         registry.register_candidate(cfg, make_drafter(tmp_path / f"d{i}", seed=i),
                                     eval_dir=make_eval(tmp_path / f"e{i}", {"gsm8k": 2.0 + i}),
-                                    gate_verdict=passing_verdict())
+                                    gate_verdict=passing_gate())
     return name
 
 

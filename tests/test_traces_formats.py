@@ -262,3 +262,37 @@ def test_fuzz_roundtrip_openai_and_sharegpt(turns, parts):
     share = {"conversations": [{"from": f, "value": t} for u, a in turns for f, t in (("human", u), ("gpt", a))]}
     [q] = parse(share, "sharegpt")
     assert roles_contents(q) == roles_contents(p)
+
+
+def test_conversation_row_is_the_models_row():
+    # The fast path builds the row without pydantic only when the model would just copy it.
+    import pydantic
+
+    from drafter.traces.schema import Conversation, conversation_row
+
+    class Text(str):
+        pass
+
+    base = dict(id="abc", source="/logs/a.jsonl", line=3, timestamp="2026-01-01T00:00:00Z", model="m",
+                tenant=None, route="/v1/chat/completions", domain="code",
+                messages=[{"role": "user", "content": "hi \ud800"}, {"role": "assistant", "content": ""}])
+    cases = [
+        base,
+        {**base, "timestamp": None, "model": None, "route": None},
+        {k: v for k, v in base.items() if k not in ("timestamp", "domain")},  # defaults
+        {**base, "line": True},  # bool -> int through the model
+        {**base, "id": Text("abc")},  # str subclass -> str through the model
+        {**base, "messages": [{"content": "x", "role": "user"}]},  # key order of the model
+    ]
+    for fields in cases:
+        row = conversation_row(**fields)
+        assert row == Conversation(**fields).row()
+        assert list(row) == list(Conversation(**fields).row())
+        assert [list(m) for m in row["messages"]] == [["role", "content"]] * len(row["messages"])
+        assert type(row["line"]) is int and type(row["id"]) is str
+    for bad in ({**base, "line": 0}, {**base, "domain": "poetry"}, {**base, "extra": 1},
+                {**base, "messages": [{"role": "narrator", "content": "x"}]},
+                {**base, "messages": [{"role": "user", "content": "x", "name": "n"}]},
+                {**base, "messages": [{"role": "user", "content": 5}]}, {**base, "model": 7}):
+        with pytest.raises(pydantic.ValidationError):
+            conversation_row(**bad)

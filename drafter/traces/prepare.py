@@ -29,7 +29,7 @@ from drafter.traces.dedup import lsh_params, normalize, prompt_keys
 from drafter.traces.domain import classify
 from drafter.traces.formats import NotAConversation, Parsed
 from drafter.traces.redact import Redactor, has_leftover, mask_leftovers
-from drafter.traces.schema import ROLES, Conversation, record_id
+from drafter.traces.schema import ROLES, conversation_row, record_id
 from drafter.traces.sources import RawRecord
 
 # Bytes of a bad record read beyond the excerpt kept, so that a secret across the excerpt's
@@ -450,12 +450,12 @@ class Preparer:
     def finish(self, cand: Candidate, exact: int, bands: tuple[int, ...]) -> Kept:
         p = cand.parsed
         users = [m["content"] for m in p.messages if m["role"] == "user"]
-        conv = Conversation(
+        row = conversation_row(
             id=cand.id, source=cand.source, line=cand.line, timestamp=p.timestamp, model=p.model,
             tenant=p.tenant, route=p.route, domain=classify(users), messages=p.messages,
         )
         return Kept(cand.id, cand.source, cand.line, cand.offset, cand.sha256, cand.num_tokens, cand.num_bytes,
-                    exact, bands, conv.row(), split_of(cand.users[0], self.icfg.holdout_fraction, self.cfg.run.seed))
+                    exact, bands, row, split_of(cand.users[0], self.icfg.holdout_fraction, self.cfg.run.seed))
 
 
 # ----- on a worker -------------------------------------------------------------------------------

@@ -45,6 +45,41 @@ class Conversation(BaseModel):
         return self.model_dump(mode="json")
 
 
+_OPTIONAL_TEXT = ("timestamp", "model", "tenant", "route")
+
+
+def conversation_row(**fields) -> dict:
+    """`Conversation(**fields).row()`, without building the model when every field already has
+    exactly the type the model would give it (plain str, int >= 1, known role and domain, messages
+    of role and content only): the common case, where validation would only copy. Anything else
+    goes through the model, which converts or raises as it always did."""
+    messages = fields.get("messages")
+    if (
+        type(fields.get("id")) is str and type(fields.get("source")) is str
+        and type(fields.get("line")) is int and fields["line"] >= 1
+        and fields.get("domain", "other") in DOMAINS and type(fields.get("domain", "other")) is str
+        and type(messages) is list
+        and len(fields) <= len(COLUMNS) and all(k in _FIELDS for k in fields)
+        and all(fields.get(k) is None or type(fields[k]) is str for k in _OPTIONAL_TEXT)
+    ):
+        out = []
+        for m in messages:
+            if type(m) is not dict or len(m) != 2:
+                break
+            role, content = m.get("role"), m.get("content")
+            if type(role) is not str or role not in ROLES or type(content) is not str:
+                break
+            out.append({"role": role, "content": content})
+        else:
+            return {"id": fields["id"], "source": fields["source"], "line": fields["line"],
+                    **{k: fields.get(k) for k in _OPTIONAL_TEXT}, "domain": fields.get("domain", "other"),
+                    "messages": out}
+    return Conversation(**fields).row()
+
+
+_FIELDS = frozenset(COLUMNS)
+
+
 def record_id(raw: bytes | str, sub: str = "") -> str:
     """Stable id of a conversation: a hash of the raw record (plus its index inside it)."""
     data = raw.encode() if isinstance(raw, str) else raw

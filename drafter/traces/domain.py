@@ -87,6 +87,9 @@ NUMBER = re.compile(r"\d+|\b(?:t(?:wo|hree|en|welve|wenty|housand|wice)|f(?:our|
                     r"nine|h(?:undred|alf)|dozen)\b")
 # The same matches, found apart (see `_numbers`).
 DIGITS = re.compile(r"\d+")
+ASCII_DIGITS = "0123456789"
+NUMBER_WORDS = frozenset("two three ten twelve twenty thousand twice four five six seven eight eleven nine hundred "
+                         "half dozen".split())
 NUMBER_WORD = re.compile(r"(?:t(?:wo|hree|en|welve|wenty|housand|wice)|f(?:our|ive)|s(?:ix|even)|e(?:ight|leven)|"
                          r"nine|h(?:undred|alf)|dozen)\b")
 # Scripts other than Latin (Cyrillic, Greek, Hebrew, Arabic, Indic, Thai, CJK, Hangul, ...).
@@ -108,16 +111,23 @@ def _signs(signs: list[re.Pattern], needs: dict[int, str], text: str) -> int:
     return n
 
 
-def _numbers(lower: str) -> int:
-    """min(3, number of `NUMBER` matches) of a lowercased text. The matches are the maximal
-    digit runs and the number words standing alone (between word boundaries), which never
-    overlap, so they are counted apart: the words with a pattern that starts with a letter
-    (the regex engine skips to candidate letters), kept when no word character precedes them."""
+def _numbers(lower: str, wordset: set[str] | None = None) -> int:
+    """min(3, number of `NUMBER` matches) of a lowercased text (`wordset`: its `WORD`s, if known).
+
+    The matches are the maximal digit runs and the number words standing alone (between word
+    boundaries), which never overlap, so they are counted apart. Each search runs only when it
+    can find something: digits in an ASCII text are looked for with substring tests first; a
+    number word standing alone is one of the text's `WORD`s, unless a "+" or "#" (which `WORD`
+    takes in) is next to it. The words are found with a pattern that starts with a letter and
+    kept when no word character precedes them."""
     n = 0
-    for _ in DIGITS.finditer(lower):
-        n += 1
-        if n == 3:
-            return n
+    if not lower.isascii() or any(map(lower.__contains__, ASCII_DIGITS)):
+        for _ in DIGITS.finditer(lower):
+            n += 1
+            if n == 3:
+                return n
+    if wordset is not None and not (wordset & NUMBER_WORDS) and "+" not in lower and "#" not in lower:
+        return n
     for m in NUMBER_WORD.finditer(lower):
         start = m.start()
         if start and _is_word(lower[start - 1]):
@@ -142,7 +152,7 @@ def scores(text: str, lower: str | None = None, words: list[str] | None = None) 
     code = 3.0 * _signs(CODE_SIGNS, CODE_NEEDS, text) + (6.0 if task else 0.0)
     code += min(sum(map(CODE_WORDS.__contains__, words)), 6) + 3.0 * min(len(wordset & TECH_WORDS), 2)
     math = 3.0 * _signs(MATH_SIGNS, MATH_NEEDS, text)
-    numbers = _numbers(lower)  # only "none" and "3 or more" matter
+    numbers = _numbers(lower, wordset)  # only "none" and "3 or more" matter
     if wordset & QUESTION_WORDS and numbers and WORD_PROBLEM.search(lower):
         math += 6.0
     math += 2.0 if numbers >= 3 else 0.0

@@ -296,3 +296,30 @@ def test_conversation_row_is_the_models_row():
                 {**base, "messages": [{"role": "user", "content": 5}]}, {**base, "model": 7}):
         with pytest.raises(pydantic.ValidationError):
             conversation_row(**bad)
+
+
+VALUES = st.sampled_from([None, "", 0, False, "x", "2025-01-01T00:00:00Z", "1700000000", 1.5, 1700000000123, [], {}])
+
+
+@given(obj=st.dictionaries(st.sampled_from(["timestamp", "@timestamp", "time", "created_at", "startTime", "start_time",
+                                            "model", "tenant", "tenant_id", "organization", "team_id", "route",
+                                            "endpoint", "path", "url", "model_group"]), VALUES),
+       meta=st.dictionaries(st.sampled_from(["tenant", "tenant_id", "team_id", "route"]), VALUES),
+       response=st.dictionaries(st.sampled_from(["created", "model"]), VALUES),
+       request=st.dictionaries(st.just("model"), VALUES))
+@settings(max_examples=300, deadline=None)
+def test_meta_reads_its_places_in_order(obj, meta, response, request):
+    # _meta reads each place only until a value is found: the same as taking the first of all.
+    from drafter.traces.formats import _first, _meta, _text_or_none, iso_time
+
+    obj = {**obj, "metadata": meta}
+    want = {
+        "timestamp": iso_time(_first(obj.get("timestamp"), obj.get("@timestamp"), obj.get("time"), obj.get("created_at"),
+                                     obj.get("startTime"), obj.get("start_time"), response.get("created"))),
+        "model": _text_or_none(_first(response.get("model"), request.get("model"), obj.get("model"))),
+        "tenant": _text_or_none(_first(obj.get("tenant"), obj.get("tenant_id"), meta.get("tenant"), meta.get("tenant_id"),
+                                       obj.get("organization"), obj.get("team_id"), meta.get("team_id"))),
+        "route": _text_or_none(_first(obj.get("route"), obj.get("endpoint"), obj.get("path"), obj.get("url"),
+                                      meta.get("route"), obj.get("model_group"))),
+    }
+    assert _meta(obj, request, response) == want

@@ -273,8 +273,8 @@ class Preparer:
                         if join is not None:
                             join(item)
                         self.ledger.conversations["parsed"] += 1
-                        cands.append(Candidate(record_id(rec.data, item.sub), rec.source, rec.line, item,
-                                               offset=rec.offset, sha256=digest))
+                        cid = digest[:16] if not item.sub else record_id(rec.data, item.sub)  # = record_id(rec.data)
+                        cands.append(Candidate(cid, rec.source, rec.line, item, offset=rec.offset, sha256=digest))
             self.conversations(cands)
             return self.out
         finally:
@@ -417,6 +417,10 @@ class Preparer:
             return None
         if rec.obj is not None:
             return rec.obj
+        try:  # the common case: valid UTF-8 and JSON, parsed from the bytes at once
+            return orjson.loads(rec.data)
+        except orjson.JSONDecodeError:
+            pass  # blank, not UTF-8 or not JSON: told apart below
         if not rec.data.strip():
             self.ledger.records["blank"] += 1
             return None

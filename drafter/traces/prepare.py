@@ -355,7 +355,7 @@ class Preparer:
             if len(self._fields) > 10_000:
                 self._fields.clear()
             hit = self._fields[text] = self.redactor.redact(text)
-        else:
+        elif hit[1]:
             self.redactor.totals.update(hit[1])  # counted as often as it occurs
         return hit[0]
 

@@ -441,7 +441,8 @@ class Redactor:
                 text = self._apply(DETECTORS[i], text, found)
             if PHONE_IDS[self._phone_hint] in active:
                 text = self._phones(text, found)
-        self.totals.update(found)
+        if found:  # (most texts hold nothing to redact)
+            self.totals.update(found)
         return text, found
 
     def redact_json(self, value):

@@ -280,7 +280,7 @@ def test_conversation_row_is_the_models_row():
         base,
         {**base, "timestamp": None, "model": None, "route": None},
         {k: v for k, v in base.items() if k not in ("timestamp", "domain")},  # defaults
-        {**base, "line": True},  # bool -> int through the model
+        {**base, "line": True}, {**base, "line": "3"},  # bool, str -> int through the model
         {**base, "id": Text("abc")},  # str subclass -> str through the model
         {**base, "messages": [{"content": "x", "role": "user"}]},  # key order of the model
     ]
@@ -290,7 +290,9 @@ def test_conversation_row_is_the_models_row():
         assert list(row) == list(Conversation(**fields).row())
         assert [list(m) for m in row["messages"]] == [["role", "content"]] * len(row["messages"])
         assert type(row["line"]) is int and type(row["id"]) is str
-    for bad in ({**base, "line": 0}, {**base, "domain": "poetry"}, {**base, "extra": 1},
+    with pytest.raises(TypeError):
+        conversation_row(**base, extra=1)  # no field the model does not have
+    for bad in ({**base, "line": 0}, {**base, "domain": "poetry"}, {**base, "domain": None},
                 {**base, "messages": [{"role": "narrator", "content": "x"}]},
                 {**base, "messages": [{"role": "user", "content": "x", "name": "n"}]},
                 {**base, "messages": [{"role": "user", "content": 5}]}, {**base, "model": 7}):

@@ -471,7 +471,7 @@ class Preparer:
         undecided = []
         for cand in cands:
             texts = [m["content"] for m in cand.parsed.messages]
-            cand.num_bytes = sum(len(t.encode()) for t in texts)
+            cand.num_bytes = sum(map(len, map(str.encode, texts)))
             low, high = self.size.bounds(texts, cand.num_bytes, lo_bound)
             if low < lo_bound or high > hi_bound:
                 undecided.append(cand)

@@ -45,22 +45,18 @@ class Conversation(BaseModel):
         return self.model_dump(mode="json")
 
 
-_OPTIONAL_TEXT = ("timestamp", "model", "tenant", "route")
-
-
-def conversation_row(**fields) -> dict:
-    """`Conversation(**fields).row()`, without building the model when every field already has
+def conversation_row(*, id: str, source: str, line: int, timestamp: str | None = None, model: str | None = None,
+                     tenant: str | None = None, route: str | None = None, domain: str = "other",
+                     messages: list) -> dict:
+    """`Conversation(...).row()`, without building the model when every field already has
     exactly the type the model would give it (plain str, int >= 1, known role and domain, messages
     of role and content only): the common case, where validation would only copy. Anything else
     goes through the model, which converts or raises as it always did."""
-    messages = fields.get("messages")
     if (
-        type(fields.get("id")) is str and type(fields.get("source")) is str
-        and type(fields.get("line")) is int and fields["line"] >= 1
-        and fields.get("domain", "other") in DOMAINS and type(fields.get("domain", "other")) is str
-        and type(messages) is list
-        and len(fields) <= len(COLUMNS) and all(k in _FIELDS for k in fields)
-        and all(fields.get(k) is None or type(fields[k]) is str for k in _OPTIONAL_TEXT)
+        type(id) is str and type(source) is str and type(line) is int and line >= 1
+        and type(domain) is str and domain in DOMAINS and type(messages) is list
+        and (timestamp is None or type(timestamp) is str) and (model is None or type(model) is str)
+        and (tenant is None or type(tenant) is str) and (route is None or type(route) is str)
     ):
         out = []
         for m in messages:
@@ -71,13 +67,10 @@ def conversation_row(**fields) -> dict:
                 break
             out.append({"role": role, "content": content})
         else:
-            return {"id": fields["id"], "source": fields["source"], "line": fields["line"],
-                    **{k: fields.get(k) for k in _OPTIONAL_TEXT}, "domain": fields.get("domain", "other"),
-                    "messages": out}
-    return Conversation(**fields).row()
-
-
-_FIELDS = frozenset(COLUMNS)
+            return {"id": id, "source": source, "line": line, "timestamp": timestamp, "model": model,
+                    "tenant": tenant, "route": route, "domain": domain, "messages": out}
+    return Conversation(id=id, source=source, line=line, timestamp=timestamp, model=model, tenant=tenant,
+                        route=route, domain=domain, messages=messages).row()
 
 
 def record_id(raw: bytes | str, sub: str = "") -> str:

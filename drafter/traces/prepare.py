@@ -273,8 +273,8 @@ class Preparer:
                         if join is not None:
                             join(item)
                         self.ledger.conversations["parsed"] += 1
-                        cid = digest[:16] if not item.sub else record_id(rec.data, item.sub)  # = record_id(rec.data)
-                        cands.append(Candidate(cid, rec.source, rec.line, item, offset=rec.offset, sha256=digest))
+                        cands.append(Candidate(record_id(rec.data, item.sub), rec.source, rec.line, item,
+                                               offset=rec.offset, sha256=digest))
             self.conversations(cands)
             return self.out
         finally:

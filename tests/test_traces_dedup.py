@@ -100,3 +100,22 @@ def test_key_filter_answers():
     assert not f.may_hold(keys).any()
     f.add(keys[:3])
     assert f.may_hold(keys).tolist() == [True, True, True, False, False, True]  # 2**63-1 shares -1's low bits
+
+
+def test_shingles_and_keys_are_the_plain_definitions():
+    # shingles zips shifted word lists and prompt_keys inlines _key: the same as the plain loops.
+    from drafter.traces.dedup import SHINGLE, _key, lsh_params, prompt_keys
+
+    rng = random.Random(2)
+    prompts = ["", "one", "one two", "one two three", "one two three four", *(normalize(prose(rng, n)) for n in (5, 40, 200))]
+    for p in prompts:
+        words = p.split()
+        plain = ([" ".join(words).encode()] if words else [b""]) if len(words) <= SHINGLE else \
+            [" ".join(words[i : i + SHINGLE]).encode() for i in range(len(words) - SHINGLE + 1)]
+        assert shingles(p) == plain
+    bands, rows = lsh_params(0.85, 128)
+    sigs = signatures(prompts, 128)
+    width = sigs.itemsize * rows
+    plain = [(_key(0, p.encode()), tuple(_key(1 + i, sig.tobytes()[i * width : (i + 1) * width]) for i in range(bands)))
+             for p, sig in zip(prompts, sigs)]
+    assert prompt_keys(prompts, 128, bands, rows) == plain

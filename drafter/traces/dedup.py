@@ -49,7 +49,8 @@ def shingles(normalized: str) -> list[bytes]:
     words = normalized.split()
     if len(words) <= SHINGLE:
         return [" ".join(words).encode()] if words else [b""]
-    return [" ".join(words[i : i + SHINGLE]).encode() for i in range(len(words) - SHINGLE + 1)]
+    # (the shifted word lists zipped: the same shingles, joined and encoded without a Python loop)
+    return list(map(str.encode, map(" ".join, zip(*(words[i:] for i in range(SHINGLE))))))
 
 
 MINHASH_SEED = 1  # part of the index's params: another seed hashes prompts into other buckets
@@ -78,10 +79,12 @@ def prompt_keys(normalized: list[str], num_perm: int, bands: int, rows: int) -> 
         return []
     sigs = signatures(normalized, num_perm)
     width = sigs.itemsize * rows
+    spans = [(1 + i, i * width, (i + 1) * width) for i in range(bands)]
+    h, shift = xxhash.xxh64_intdigest, 1 << 63  # = _key, inlined: ten keys a prompt
     out = []
     for text, sig in zip(normalized, sigs):
         hv = sig.tobytes()
-        out.append((_key(0, text.encode()), tuple(_key(1 + i, hv[i * width : (i + 1) * width]) for i in range(bands))))
+        out.append((h(text.encode(), seed=0) - shift, tuple([h(hv[a:b], seed=tag) - shift for tag, a, b in spans])))
     return out
 
 

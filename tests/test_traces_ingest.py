@@ -365,30 +365,3 @@ def test_two_dask_workers_give_the_same_output_as_one_process(tmp_path):
     rows, files, counts = outputs[1]
     assert counts["conversations"]["duplicate"] >= 80 and len(rows["train"]) + len(rows["holdout"]) > 40
     assert counts["records"]["quarantined"] > 5
-
-
-def test_remembered_prompt_work_is_the_work(cfg):
-    # Repeated prompts reuse their normalised text, evaluation overlap and dedup keys: the same
-    # answers as computing them, for repeats within a batch, across batches, and past the memo.
-    from drafter.traces.dedup import normalize, prompt_keys
-    from drafter.traces.prepare import Memo, Preparer
-
-    prep = Preparer(cfg)
-    prompts = [normalize(f"Question {i % 7}: how do I sort a list of {i % 3} numbers?") for i in range(40)]
-    prompts += ["", "word " * 3000]  # empty, and longer than what the memo keeps
-    want = prompt_keys(prompts, cfg.ingest.num_perm, prep.bands, prep.rows)
-    assert prep.prompt_keys(prompts) == want
-    assert prep.prompt_keys(prompts[::-1]) == want[::-1]  # all remembered now (but the long one)
-    assert "word " * 3000 not in prep._keys.memo and len(prep._keys.memo) == 21 + 1
-
-    calls = []
-    memo = Memo(lambda s: calls.append(s) or s.upper(), size=2, longest=5)
-    assert [memo(s) for s in ("ab", "ab", "toolong", "toolong", "cd", "ef", "ab")] == \
-        ["AB", "AB", "TOOLONG", "TOOLONG", "CD", "EF", "AB"]
-    assert calls == ["ab", "toolong", "toolong", "cd", "ef", "ab"]  # full at "ef": forgotten, computed again
-
-    prep._eval = prep.eval_index
-    mbpp = json.loads((BUNDLED_EVAL_DIR / "mbpp.jsonl").read_text().split("\n")[0])["turns"][0]
-    for users in ([normalize("hello there")], [normalize("hello there"), normalize(mbpp)], [normalize(mbpp)] * 2):
-        assert next((h for h in map(prep._overlap, users) if h is not None), None) == prep.eval_index.match(users)
-    assert prep._overlap(normalize(mbpp)) == "mbpp"

@@ -50,35 +50,6 @@ NEXT_ROLES = {
 }
 
 
-class Memo:
-    """A pure function of a string, remembered for strings up to `longest` characters (at most
-    `size` of them; forgotten all at once when full): prompts repeat (retries, templates, the
-    same question asked again), and a repeat costs a dict lookup instead of the work."""
-
-    def __init__(self, fn: Callable[[str], Any], size: int = 32768, longest: int = 2048) -> None:
-        self.fn, self.size, self.longest = fn, size, longest
-        self.memo: dict[str, Any] = {}
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.memo.get(key, default)
-
-    def put(self, key: str, value: Any) -> None:
-        if len(key) <= self.longest:
-            if len(self.memo) >= self.size:
-                self.memo.clear()
-            self.memo[key] = value
-
-    def __call__(self, key: str) -> Any:
-        hit = self.memo.get(key, _MISSING)
-        if hit is _MISSING:
-            hit = self.fn(key)
-            self.put(key, hit)
-        return hit
-
-
-_MISSING = object()
-
-
 @dataclass
 class Candidate:
     """A parsed conversation on its way through the filters."""
@@ -234,9 +205,6 @@ class Preparer:
         self._eval = None
         self._size: TokenSize | None = None
         self._fields: dict[str, tuple[str, Counter]] = {}
-        self._normalize = Memo(normalize)
-        self._overlap = Memo(lambda text: self.eval_index.match([text]))  # evaluation set a user turn overlaps
-        self._keys = Memo(None)  # normalised prompt -> its dedup keys
 
     @property
     def ledger(self) -> Ledger:
@@ -289,9 +257,8 @@ class Preparer:
         with self.timer("decontaminate"):
             kept = []
             for cand in survivors:
-                cand.users = [self._normalize(m["content"]) for m in cand.parsed.messages if m["role"] == "user"]
-                # = eval_index.match(cand.users): the first user turn that overlaps decides
-                hit = next((h for h in map(self._overlap, cand.users) if h is not None), None)
+                cand.users = [normalize(m["content"]) for m in cand.parsed.messages if m["role"] == "user"]
+                hit = self.eval_index.match(cand.users)
                 if hit is None:
                     kept.append(cand)
                 else:
@@ -299,22 +266,10 @@ class Preparer:
                     self.drop(cand, "decontaminated", hit)
         with self.timer("dedup_keys"):
             prompts = [" ".join(u for u in c.users if u) for c in kept]  # = normalize() of the user turns joined
-            keys = self.prompt_keys(prompts)
+            keys = prompt_keys(prompts, self.icfg.num_perm, self.bands, self.rows)
         with self.timer("finish"):
             for cand, (exact, bands) in zip(kept, keys):
                 self.out.kept.append(self.finish(cand, exact, bands))
-
-    def prompt_keys(self, prompts: list[str]) -> list[tuple[int, tuple[int, ...]]]:
-        """`dedup.prompt_keys` of the prompts, those of prompts seen lately remembered (a prompt's
-        keys do not depend on the batch it is in)."""
-        keys = [self._keys.get(p) for p in prompts]
-        new = list(dict.fromkeys(p for p, k in zip(prompts, keys) if k is None))
-        if new:
-            found = dict(zip(new, prompt_keys(new, self.icfg.num_perm, self.bands, self.rows)))
-            for p in new:
-                self._keys.put(p, found[p])
-            keys = [found[p] if k is None else k for p, k in zip(prompts, keys)]
-        return keys
 
     # ----- helpers loaded on first use ----------------------------------------------------------
     @property

@@ -49,3 +49,73 @@ def test_signatures_are_a_deterministic_batch():
     assert sigs.shape == (5, 128) and sigs.dtype.name == "uint32"
     assert (signatures(prompts[2:3], 128)[0] == sigs[2]).all()  # a row does not depend on the batch
     assert len({row.tobytes() for row in sigs}) == 5
+
+
+@pytest.mark.parametrize("bits", [8, 1 << 27])
+def test_key_filter_never_hides_a_key(tmp_path, monkeypatch, bits):
+    # The filter only spares lookups: with 8 bits (every key collides) and with the default,
+    # the verdicts and the index file are those of looking every key up.
+    import drafter.traces.dedup as dedup_mod
+
+    rng = random.Random(1)
+    base = [prose(rng) for _ in range(40)]
+    batches = [base[:20], base[20:] + [base[3].upper(), base[25] + " extra words here"], base[5:15] + [prose(rng)]]
+
+    def run(path, filter_bits):
+        monkeypatch.setattr(dedup_mod, "FILTER_BITS", filter_bits)
+        verdicts, d = [], Deduper(path, 0.85, 128)
+        for b, prompts in enumerate(batches):
+            ids = [f"b{b}p{i}" for i in range(len(prompts))]
+            verdicts.append(d.check(ids, d.keys([normalize(p) for p in prompts])))
+            if b == 0:
+                d.forget("b0p7")  # forgotten: its prompt is new again in batch 2
+            d.settle()
+        d.close()
+        again = Deduper(path, 0.85, 128)  # keys of the earlier run, loaded into the filter
+        verdicts.append(again.check(["later1", "later2"], again.keys([normalize(base[30]), normalize(base[7])])))
+        again.close()
+        return verdicts, path.read_bytes()
+
+    class Always(dedup_mod.KeyFilter):
+        def may_hold(self, keys):
+            return super().may_hold(keys) | True
+
+    got = run(tmp_path / "a.sqlite", bits)
+    monkeypatch.setattr(dedup_mod, "KeyFilter", Always)
+    want = run(tmp_path / "b.sqlite", 1 << 27)
+    assert got == want
+    verdicts = got[0]
+    assert verdicts[1][-2] == ("exact", "b0p3") and verdicts[1][-1] == ("near", "b1p5")
+    assert verdicts[2][2] is None and verdicts[2][0] == ("exact", "b0p5")  # b0p7 was forgotten
+    assert verdicts[3] == [("exact", "b1p10"), ("exact", "b2p2")]
+
+
+def test_key_filter_answers():
+    from drafter.traces.dedup import KeyFilter
+
+    import numpy as np
+
+    f = KeyFilter(1 << 16)
+    keys = np.array([-(1 << 63), -1, 0, 1, 12345, (1 << 63) - 1], dtype=np.int64)
+    assert not f.may_hold(keys).any()
+    f.add(keys[:3])
+    assert f.may_hold(keys).tolist() == [True, True, True, False, False, True]  # 2**63-1 shares -1's low bits
+
+
+def test_shingles_and_keys_are_the_plain_definitions():
+    # shingles zips shifted word lists and prompt_keys inlines _key: the same as the plain loops.
+    from drafter.traces.dedup import SHINGLE, _key, lsh_params, prompt_keys
+
+    rng = random.Random(2)
+    prompts = ["", "one", "one two", "one two three", "one two three four", *(normalize(prose(rng, n)) for n in (5, 40, 200))]
+    for p in prompts:
+        words = p.split()
+        plain = ([" ".join(words).encode()] if words else [b""]) if len(words) <= SHINGLE else \
+            [" ".join(words[i : i + SHINGLE]).encode() for i in range(len(words) - SHINGLE + 1)]
+        assert shingles(p) == plain
+    bands, rows = lsh_params(0.85, 128)
+    sigs = signatures(prompts, 128)
+    width = sigs.itemsize * rows
+    plain = [(_key(0, p.encode()), tuple(_key(1 + i, sig.tobytes()[i * width : (i + 1) * width]) for i in range(bands)))
+             for p, sig in zip(prompts, sigs)]
+    assert prompt_keys(prompts, 128, bands, rows) == plain

@@ -72,3 +72,31 @@ def test_conversation_uses_first_turn_then_all_turns():
     assert classify(["Write a function in Python to sort a list", "thanks, now make it faster"]) == "code"
     assert classify(["hi there", "solve 2x + 3 = 11 for x and compute x^2"]) == "math"
     assert classify([]) == "other"
+
+
+@pytest.mark.parametrize("text", [
+    "", "no numbers here", "two", "two2", "2two", "xtwo", "_two", "two_", "+two#", "é two", "étwo", "twenty-one",
+    "seventy", "often written", "١٢ and ٣", "a1b22c333", "ten, twelve; 12 half a dozen", "nine9 nine",
+    "thousand\ntwice\tfour five", "x²", "½ half", "c#two", "two#", "a+two+b", "#nine#", "no digits, no words",
+    "twos and tens", "ten.", "(seven)", "about 7", "٣ only", "twentyé",
+])
+def test_number_count_equals_the_single_pattern(text):
+    # `_numbers` counts digit runs and number words apart, and skips the searches that cannot
+    # find anything: the same as NUMBER's first three matches, with or without the words known.
+    from drafter.traces.domain import NUMBER, WORD, _numbers
+
+    want = min(3, len(NUMBER.findall(text)))
+    assert _numbers(text) == want
+    assert _numbers(text, set(WORD.findall(text))) == want
+
+
+def test_classify_text_remembers_only_the_sample():
+    from drafter.traces.domain import SAMPLE_CHARS, _classify_sample
+
+    code = "Write a Python function that returns the sum of a list.\n```python\ndef f(xs):\n    return sum(xs)\n```"
+    chat = "Tell me about the history of tea in a few sentences. " * 2
+    assert classify_text(code) == "code" and classify_text(chat) == "chat"
+    assert classify_text(code) == "code"  # a cached answer is the same
+    # Text past the sample never changes the tag (it is all the cache keys on).
+    assert classify_text(chat + " " * SAMPLE_CHARS + code * 30) == classify_text(chat)
+    assert _classify_sample.cache_info().hits >= 1

@@ -262,3 +262,66 @@ def test_fuzz_roundtrip_openai_and_sharegpt(turns, parts):
     share = {"conversations": [{"from": f, "value": t} for u, a in turns for f, t in (("human", u), ("gpt", a))]}
     [q] = parse(share, "sharegpt")
     assert roles_contents(q) == roles_contents(p)
+
+
+def test_conversation_row_is_the_models_row():
+    # The fast path builds the row without pydantic only when the model would just copy it.
+    import pydantic
+
+    from drafter.traces.schema import Conversation, conversation_row
+
+    class Text(str):
+        pass
+
+    base = dict(id="abc", source="/logs/a.jsonl", line=3, timestamp="2026-01-01T00:00:00Z", model="m",
+                tenant=None, route="/v1/chat/completions", domain="code",
+                messages=[{"role": "user", "content": "hi \ud800"}, {"role": "assistant", "content": ""}])
+    cases = [
+        base,
+        {**base, "timestamp": None, "model": None, "route": None},
+        {k: v for k, v in base.items() if k not in ("timestamp", "domain")},  # defaults
+        {**base, "line": True}, {**base, "line": "3"},  # bool, str -> int through the model
+        {**base, "id": Text("abc")},  # str subclass -> str through the model
+        {**base, "messages": [{"content": "x", "role": "user"}]},  # key order of the model
+    ]
+    for fields in cases:
+        row = conversation_row(**fields)
+        assert row == Conversation(**fields).row()
+        assert list(row) == list(Conversation(**fields).row())
+        assert [list(m) for m in row["messages"]] == [["role", "content"]] * len(row["messages"])
+        assert type(row["line"]) is int and type(row["id"]) is str
+    with pytest.raises(TypeError):
+        conversation_row(**base, extra=1)  # no field the model does not have
+    for bad in ({**base, "line": 0}, {**base, "domain": "poetry"}, {**base, "domain": None},
+                {**base, "messages": [{"role": "narrator", "content": "x"}]},
+                {**base, "messages": [{"role": "user", "content": "x", "name": "n"}]},
+                {**base, "messages": [{"role": "user", "content": 5}]}, {**base, "model": 7}):
+        with pytest.raises(pydantic.ValidationError):
+            conversation_row(**bad)
+
+
+VALUES = st.sampled_from([None, "", 0, False, "x", "2025-01-01T00:00:00Z", "1700000000", 1.5, 1700000000123, [], {}])
+
+
+@given(obj=st.dictionaries(st.sampled_from(["timestamp", "@timestamp", "time", "created_at", "startTime", "start_time",
+                                            "model", "tenant", "tenant_id", "organization", "team_id", "route",
+                                            "endpoint", "path", "url", "model_group"]), VALUES),
+       meta=st.dictionaries(st.sampled_from(["tenant", "tenant_id", "team_id", "route"]), VALUES),
+       response=st.dictionaries(st.sampled_from(["created", "model"]), VALUES),
+       request=st.dictionaries(st.just("model"), VALUES))
+@settings(max_examples=300, deadline=None)
+def test_meta_reads_its_places_in_order(obj, meta, response, request):
+    # _meta reads each place only until a value is found: the same as taking the first of all.
+    from drafter.traces.formats import _first, _meta, _text_or_none, iso_time
+
+    obj = {**obj, "metadata": meta}
+    want = {
+        "timestamp": iso_time(_first(obj.get("timestamp"), obj.get("@timestamp"), obj.get("time"), obj.get("created_at"),
+                                     obj.get("startTime"), obj.get("start_time"), response.get("created"))),
+        "model": _text_or_none(_first(response.get("model"), request.get("model"), obj.get("model"))),
+        "tenant": _text_or_none(_first(obj.get("tenant"), obj.get("tenant_id"), meta.get("tenant"), meta.get("tenant_id"),
+                                       obj.get("organization"), obj.get("team_id"), meta.get("team_id"))),
+        "route": _text_or_none(_first(obj.get("route"), obj.get("endpoint"), obj.get("path"), obj.get("url"),
+                                      meta.get("route"), obj.get("model_group"))),
+    }
+    assert _meta(obj, request, response) == want

@@ -111,3 +111,23 @@ def test_the_one_pass_prefilter_selects_what_the_hints_select(text):
     """The Hyperscan pass switches on the same detectors (and phone hints) as testing each
     hint and gate in Python, Unicode digits and spaces included: nothing is skipped."""
     assert redact._active(text) == redact._active_python(text)
+
+
+@pytest.mark.skipif(redact.hyperscan is None, reason="no Hyperscan on this platform")
+def test_prefilter_database_is_stored_and_checked(tmp_path, monkeypatch):
+    # Compiled once and stored under $DRAFTER_HOME; a later process loads it (no compile); a
+    # damaged file is compiled again. Every one flags texts as the Python tests do.
+    monkeypatch.setenv("DRAFTER_HOME", str(tmp_path))
+    compiled = []
+    compile_ = redact._prefilter_database
+    monkeypatch.setattr(redact, "_prefilter_database", lambda: compiled.append(1) or compile_())
+    texts = [*redact.PROBES, "mail me: bob@example.org", "IBAN DE89 3704 0044 0532 0130 00", "ssh-rsa AAAAB3Nza"]
+    first = redact._stored_database()
+    (stored,) = (tmp_path / "hyperscan").iterdir()
+    again = redact._stored_database()
+    assert len(compiled) == 1
+    stored.write_bytes(stored.read_bytes()[:5000])  # cut short
+    third = redact._stored_database()
+    assert len(compiled) == 2 and len(stored.read_bytes()) > 5000
+    for db in (first, again, third):
+        assert [redact._scan(db, t) for t in texts] == [redact._active_python(t) for t in texts]

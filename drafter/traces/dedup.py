@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import unicodedata
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,9 @@ class DedupIndexError(DrafterError, ValueError):
 
 WORD = re.compile(r"\w+")
 LOOKUP = 512  # keys per SELECT; a varying IN-list size would cache a new large statement per size
+# Bits of the in-memory filter of the keys in the index (16 MiB): a key whose bit is clear is not
+# in the index and is not looked up; a set bit may be another key's, and is looked up.
+FILTER_BITS = 1 << 27
 LOOKUP_SQL = f"SELECT key, ref FROM seen WHERE key IN ({','.join('?' * LOOKUP)})"
 SHINGLE = 3  # words per shingle
 
@@ -45,7 +49,8 @@ def shingles(normalized: str) -> list[bytes]:
     words = normalized.split()
     if len(words) <= SHINGLE:
         return [" ".join(words).encode()] if words else [b""]
-    return [" ".join(words[i : i + SHINGLE]).encode() for i in range(len(words) - SHINGLE + 1)]
+    # (the shifted word lists zipped: the same shingles, joined and encoded without a Python loop)
+    return list(map(str.encode, map(" ".join, zip(*(words[i:] for i in range(SHINGLE))))))
 
 
 MINHASH_SEED = 1  # part of the index's params: another seed hashes prompts into other buckets
@@ -74,11 +79,36 @@ def prompt_keys(normalized: list[str], num_perm: int, bands: int, rows: int) -> 
         return []
     sigs = signatures(normalized, num_perm)
     width = sigs.itemsize * rows
+    spans = [(1 + i, i * width, (i + 1) * width) for i in range(bands)]
+    h, shift = xxhash.xxh64_intdigest, 1 << 63  # = _key, inlined: ten keys a prompt
     out = []
     for text, sig in zip(normalized, sigs):
         hv = sig.tobytes()
-        out.append((_key(0, text.encode()), tuple(_key(1 + i, hv[i * width : (i + 1) * width]) for i in range(bands))))
+        out.append((h(text.encode(), seed=0) - shift, tuple([h(hv[a:b], seed=tag) - shift for tag, a, b in spans])))
     return out
+
+
+class KeyFilter:
+    """A set of 64-bit keys that may answer "maybe" for a key it does not hold, never "no" for one
+    it holds (one bit per key, from the key's low bits: the keys are hashes already)."""
+
+    def __init__(self, bits: int) -> None:
+        assert bits & (bits - 1) == 0 and bits >= 8, "a power of two"
+        self.mask = np.uint64(bits - 1)
+        self.bits = np.zeros(bits // 8, dtype=np.uint8)
+
+    def _where(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        idx = keys.view(np.uint64) & self.mask
+        return idx >> np.uint64(3), (np.uint8(1) << (idx & np.uint64(7)).astype(np.uint8))
+
+    def add(self, keys: np.ndarray) -> None:
+        if len(keys):
+            byte, bit = self._where(keys)
+            np.bitwise_or.at(self.bits, byte, bit)
+
+    def may_hold(self, keys: np.ndarray) -> np.ndarray:
+        byte, bit = self._where(keys)
+        return (self.bits[byte] & bit) != 0
 
 
 class Deduper:
@@ -104,6 +134,10 @@ class Deduper:
                                   "threshold and num_perm, this drafter's MinHash): "
                                   "ingest into a fresh --out folder")
         self._added: dict[str, tuple[int, ...]] = {}  # kept since the last settle(): may still be forgotten
+        # Most keys of a batch are new: the filter spares their lookups (the index file is written
+        # exactly as before: only SELECTs are skipped). Keys of earlier runs are loaded once.
+        self._filter = KeyFilter(FILTER_BITS)
+        self._filter.add(np.fromiter(map(itemgetter(0), self.db.execute("SELECT key FROM seen")), dtype=np.int64))
 
     def keys(self, normalized: list[str]) -> list[tuple[int, tuple[int, ...]]]:
         return prompt_keys(normalized, self.num_perm, self.bands, self.rows)
@@ -112,11 +146,9 @@ class Deduper:
         """In order: each prompt (its `prompt_keys`) is checked against the index and the
         prompts kept before it."""
         known: dict[int, str] = {}  # key -> id of the prompt that holds it
-        wanted = list({k for exact, bands in keys for k in (exact, *bands)})
-        for i in range(0, len(wanted), LOOKUP):
-            chunk = wanted[i : i + LOOKUP]
-            chunk += chunk[-1:] * (LOOKUP - len(chunk))  # one statement shape: prepared once, cached once
-            known.update(self.db.execute(LOOKUP_SQL, chunk))
+        # Exact keys first: the bands of a prompt whose exact key is in the index are never read.
+        self._lookup({exact for exact, _ in keys}, known)
+        self._lookup({b for exact, bands in keys if exact not in known for b in bands}, known)
         out: list[tuple[str, str] | None] = []
         rows: list[tuple[int, str]] = []
         for cid, (exact, bands) in zip(ids, keys):
@@ -134,7 +166,19 @@ class Deduper:
             out.append(None)
         rows.sort()  # in key order: each B-tree page is visited once
         self.db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", rows)
+        self._filter.add(np.fromiter(map(itemgetter(0), rows), dtype=np.int64, count=len(rows)))
         return out
+
+    def _lookup(self, wanted: set[int], known: dict[int, str]) -> None:
+        """known[key] = ref for the wanted keys in the index (those the filter may hold)."""
+        if not wanted:
+            return
+        arr = np.fromiter(wanted, dtype=np.int64, count=len(wanted))
+        wanted = arr[self._filter.may_hold(arr)].tolist()
+        for i in range(0, len(wanted), LOOKUP):
+            chunk = wanted[i : i + LOOKUP]
+            chunk += chunk[-1:] * (LOOKUP - len(chunk))  # one statement shape: prepared once, cached once
+            known.update(self.db.execute(LOOKUP_SQL, chunk))
 
     def forget(self, cid: str) -> None:
         """Drop a prompt kept since the last `settle` from the index (it was quarantined after all)."""

@@ -15,6 +15,7 @@ the labelled evaluation sets and hand-labelled examples in tests/test_traces_dom
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 SAMPLE_CHARS = 1000  # the opening says what a prompt is about; keeps the cost bounded
 
@@ -84,19 +85,61 @@ WORD = re.compile(r"[a-z][a-z+#]*")
 # (The number words grouped by first letter: the same matches, found without trying every word.)
 NUMBER = re.compile(r"\d+|\b(?:t(?:wo|hree|en|welve|wenty|housand|wice)|f(?:our|ive)|s(?:ix|even)|e(?:ight|leven)|"
                     r"nine|h(?:undred|alf)|dozen)\b")
+# The same matches, found apart (see `_numbers`).
+DIGITS = re.compile(r"\d+")
+ASCII_DIGITS = "0123456789"
+NUMBER_WORDS = frozenset("two three ten twelve twenty thousand twice four five six seven eight eleven nine hundred "
+                         "half dozen".split())
+NUMBER_WORD = re.compile(r"(?:t(?:wo|hree|en|welve|wenty|housand|wice)|f(?:our|ive)|s(?:ix|even)|e(?:ight|leven)|"
+                         r"nine|h(?:undred|alf)|dozen)\b")
 # Scripts other than Latin (Cyrillic, Greek, Hebrew, Arabic, Indic, Thai, CJK, Hangul, ...).
 NON_LATIN = re.compile(r"[\u0370-\u03ff\u0400-\u052f\u0590-\u06ff\u0900-\u0dff\u0e00-\u0eff\u1100-\u11ff"
                        r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
 
 
 # Characters without which a sign cannot match (a sign is searched only if one is in the text).
-CODE_NEEDS = {3: "(", 5: "("}
-MATH_NEEDS = {4: "^|=<>"}
+CODE_NEEDS = {2: ";{", 3: "(", 4: "=>:+&|", 5: "("}
+MATH_NEEDS = {0: "\\", 1: "$[", 2: "-+*/×÷^", 3: "=<>", 4: "^|=<>", 5: "$", 6: "%"}
 
 
 def _signs(signs: list[re.Pattern], needs: dict[int, str], text: str) -> int:
-    return sum(1 for i, rx in enumerate(signs)
-               if (i not in needs or any(c in text for c in needs[i])) and rx.search(text))
+    n = 0
+    for i, rx in enumerate(signs):
+        need = needs.get(i)
+        if (need is None or any(map(text.__contains__, need))) and rx.search(text):
+            n += 1
+    return n
+
+
+def _numbers(lower: str, wordset: set[str] | None = None) -> int:
+    """min(3, number of `NUMBER` matches) of a lowercased text (`wordset`: its `WORD`s, if known).
+
+    The matches are the maximal digit runs and the number words standing alone (between word
+    boundaries), which never overlap, so they are counted apart. Each search runs only when it
+    can find something: digits in an ASCII text are looked for with substring tests first; a
+    number word standing alone is one of the text's `WORD`s, unless a "+" or "#" (which `WORD`
+    takes in) is next to it. The words are found with a pattern that starts with a letter and
+    kept when no word character precedes them."""
+    n = 0
+    if not lower.isascii() or any(map(lower.__contains__, ASCII_DIGITS)):
+        for _ in DIGITS.finditer(lower):
+            n += 1
+            if n == 3:
+                return n
+    if wordset is not None and not (wordset & NUMBER_WORDS) and "+" not in lower and "#" not in lower:
+        return n
+    for m in NUMBER_WORD.finditer(lower):
+        start = m.start()
+        if start and _is_word(lower[start - 1]):
+            continue
+        n += 1
+        if n == 3:
+            break
+    return n
+
+
+def _is_word(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"
 
 
 def scores(text: str, lower: str | None = None, words: list[str] | None = None) -> tuple[float, float, bool]:
@@ -107,18 +150,27 @@ def scores(text: str, lower: str | None = None, words: list[str] | None = None) 
     task = bool((wordset & TASK_VERBS and CODE_TASK.search(lower))
                 or any(f"in {lang}" in lower for lang in wordset & LANGUAGES))
     code = 3.0 * _signs(CODE_SIGNS, CODE_NEEDS, text) + (6.0 if task else 0.0)
-    code += min(sum(1 for w in words if w in CODE_WORDS), 6) + 3.0 * min(len(wordset & TECH_WORDS), 2)
+    code += min(sum(map(CODE_WORDS.__contains__, words)), 6) + 3.0 * min(len(wordset & TECH_WORDS), 2)
     math = 3.0 * _signs(MATH_SIGNS, MATH_NEEDS, text)
-    numbers = sum(1 for _ in zip(range(3), NUMBER.finditer(lower)))  # only "none" and "3 or more" matter
+    numbers = _numbers(lower, wordset)  # only "none" and "3 or more" matter
     if wordset & QUESTION_WORDS and numbers and WORD_PROBLEM.search(lower):
         math += 6.0
     math += 2.0 if numbers >= 3 else 0.0
-    math += 0.75 * min(sum(1 for w in words if w in MATH_WORDS), 6)
+    math += 0.75 * min(sum(map(MATH_WORDS.__contains__, words)), 6)
     return code, math, task
 
 
 def classify_text(text: str) -> str:
-    sample = text[:SAMPLE_CHARS]
+    return _classify_sample(text[:SAMPLE_CHARS])
+
+
+# The tag depends on the sample alone: prompts repeat (retries, templates, pasted questions),
+# so the last few thousand samples are remembered (at most CACHED * SAMPLE_CHARS characters).
+CACHED = 32768
+
+
+@lru_cache(maxsize=CACHED)
+def _classify_sample(sample: str) -> str:
     non_latin = 0 if sample.isascii() else len(NON_LATIN.findall(sample))
     if non_latin > 0.25 * len(sample.strip()):
         return "other"

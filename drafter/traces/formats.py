@@ -74,11 +74,14 @@ def norm_role(role: Any) -> str:
     return ROLE_MAP.get(role.strip().lower(), role)
 
 
+UNIX_TIME = re.compile(r"\d{9,19}(\.\d+)?")
+
+
 def iso_time(value: Any) -> str | None:
     """ISO 8601 (UTC) from an ISO string or a Unix time in s, ms, us or ns."""
     if value is None or isinstance(value, bool):
         return None
-    if isinstance(value, str) and re.fullmatch(r"\d{9,19}(\.\d+)?", value.strip()):
+    if isinstance(value, str) and UNIX_TIME.fullmatch(value.strip()):
         value = float(value)
     if isinstance(value, (int, float)):
         v = float(value)
@@ -192,16 +195,35 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v not in (None, "")), None)
 
 
+# Where each field is looked for, in order: (0 = the record, 1 = its metadata, 2 = the response,
+# 3 = the request, key). The first value that is neither None nor "" is taken.
+META_KEYS = {
+    "timestamp": ((0, "timestamp"), (0, "@timestamp"), (0, "time"), (0, "created_at"), (0, "startTime"),
+                  (0, "start_time"), (2, "created")),
+    "model": ((2, "model"), (3, "model"), (0, "model")),
+    "tenant": ((0, "tenant"), (0, "tenant_id"), (1, "tenant"), (1, "tenant_id"), (0, "organization"), (0, "team_id"),
+               (1, "team_id")),
+    "route": ((0, "route"), (0, "endpoint"), (0, "path"), (0, "url"), (1, "route"), (0, "model_group")),
+}
+
+
 def _meta(obj: dict, request: dict, response: dict) -> dict:
     meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    where = (obj, meta, response, request)
+    found = {}
+    for name, places in META_KEYS.items():  # = _first(...) of every place, read lazily
+        value = None
+        for src, key in places:
+            v = where[src].get(key)
+            if v is not None and v != "":
+                value = v
+                break
+        found[name] = value
     return {
-        "timestamp": iso_time(_first(obj.get("timestamp"), obj.get("@timestamp"), obj.get("time"), obj.get("created_at"),
-                                     obj.get("startTime"), obj.get("start_time"), response.get("created"))),
-        "model": _text_or_none(_first(response.get("model"), request.get("model"), obj.get("model"))),
-        "tenant": _text_or_none(_first(obj.get("tenant"), obj.get("tenant_id"), meta.get("tenant"), meta.get("tenant_id"),
-                                       obj.get("organization"), obj.get("team_id"), meta.get("team_id"))),
-        "route": _text_or_none(_first(obj.get("route"), obj.get("endpoint"), obj.get("path"), obj.get("url"),
-                                      meta.get("route"), obj.get("model_group"))),
+        "timestamp": iso_time(found["timestamp"]),
+        "model": _text_or_none(found["model"]),
+        "tenant": _text_or_none(found["tenant"]),
+        "route": _text_or_none(found["route"]),
     }
 
 

@@ -29,7 +29,7 @@ from drafter.traces.dedup import lsh_params, normalize, prompt_keys
 from drafter.traces.domain import classify
 from drafter.traces.formats import NotAConversation, Parsed
 from drafter.traces.redact import Redactor, has_leftover, mask_leftovers
-from drafter.traces.schema import ROLES, Conversation, record_id
+from drafter.traces.schema import ROLES, conversation_row, record_id
 from drafter.traces.sources import RawRecord
 
 # Bytes of a bad record read beyond the excerpt kept, so that a secret across the excerpt's
@@ -310,7 +310,7 @@ class Preparer:
             if len(self._fields) > 10_000:
                 self._fields.clear()
             hit = self._fields[text] = self.redactor.redact(text)
-        else:
+        elif hit[1]:
             self.redactor.totals.update(hit[1])  # counted as often as it occurs
         return hit[0]
 
@@ -372,6 +372,10 @@ class Preparer:
             return None
         if rec.obj is not None:
             return rec.obj
+        try:  # the common case: valid UTF-8 and JSON, parsed from the bytes at once
+            return orjson.loads(rec.data)
+        except orjson.JSONDecodeError:
+            pass  # blank, not UTF-8 or not JSON: told apart below
         if not rec.data.strip():
             self.ledger.records["blank"] += 1
             return None
@@ -422,7 +426,7 @@ class Preparer:
         undecided = []
         for cand in cands:
             texts = [m["content"] for m in cand.parsed.messages]
-            cand.num_bytes = sum(len(t.encode()) for t in texts)
+            cand.num_bytes = sum(map(len, map(str.encode, texts)))
             low, high = self.size.bounds(texts, cand.num_bytes, lo_bound)
             if low < lo_bound or high > hi_bound:
                 undecided.append(cand)
@@ -450,12 +454,12 @@ class Preparer:
     def finish(self, cand: Candidate, exact: int, bands: tuple[int, ...]) -> Kept:
         p = cand.parsed
         users = [m["content"] for m in p.messages if m["role"] == "user"]
-        conv = Conversation(
+        row = conversation_row(
             id=cand.id, source=cand.source, line=cand.line, timestamp=p.timestamp, model=p.model,
             tenant=p.tenant, route=p.route, domain=classify(users), messages=p.messages,
         )
         return Kept(cand.id, cand.source, cand.line, cand.offset, cand.sha256, cand.num_tokens, cand.num_bytes,
-                    exact, bands, conv.row(), split_of(cand.users[0], self.icfg.holdout_fraction, self.cfg.run.seed))
+                    exact, bands, row, split_of(cand.users[0], self.icfg.holdout_fraction, self.cfg.run.seed))
 
 
 # ----- on a worker -------------------------------------------------------------------------------

@@ -292,19 +292,69 @@ def _active_python(text: str) -> set[int]:
     return active
 
 
-def _prefilter_database():
-    """One Hyperscan database of every hint (literal), gate and phone hint, each reported once
-    under its detector's index. UTF-8 with Unicode properties, as Python's `re` reads `\\d`."""
+def _prefilter_patterns() -> tuple[list[tuple[str, int]], int]:
+    """(pattern, detector index) of every hint (literal), gate and phone hint, and their flags."""
     patterns = [(re.escape(h), idx) for h, idxs in HINT_TABLE for idx in idxs]
     patterns += [(DETECTORS[i].gate.pattern, i) for i in GATED]
     patterns += [(NANP_HINT.pattern, PHONE_IDS["nanp"]), (ANY_HINT.pattern, PHONE_IDS["any"])]
     # Python's \s also holds the separators \x1c-\x1f (every \s here is inside a [class]).
     patterns = [(p.replace("\\s", "\\s\\x1c-\\x1f"), i) for p, i in patterns]
-    flags = hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_UTF8 | hyperscan.HS_FLAG_UCP
+    return patterns, hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_UTF8 | hyperscan.HS_FLAG_UCP
+
+
+def _prefilter_database():
+    """One Hyperscan database of every hint (literal), gate and phone hint, each reported once
+    under its detector's index. UTF-8 with Unicode properties, as Python's `re` reads `\\d`."""
+    patterns, flags = _prefilter_patterns()
     db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
     db.compile(expressions=[p.encode() for p, _ in patterns], ids=[i for _, i in patterns],
                elements=len(patterns), flags=[flags] * len(patterns))
     return db
+
+
+# Texts the prefilter must flag exactly as the Python tests do before a stored database is used.
+PROBES = ("call (415) 867-5309 or mail ana.lopez@gmail.com, key AKIAQ7XK3MZ4PL2N8RTW",
+          "token ghp_a1B2c3D4e5a1B2c3D4e5a1B2c3D4e5f6G7h8 from 10.0.0.1 and 4111 1111 1111 1111",
+          "nothing to see here", "+44 20 7946 0958 and 2001:db8::1")
+
+
+def _stored_database():
+    """The prefilter database, compiled once (~1.6 s) and kept under $DRAFTER_HOME/hyperscan,
+    named by the hash of its patterns, flags and Hyperscan version; a stored one that does not
+    load, or flags the probe texts otherwise than the Python tests, is compiled again."""
+    import hashlib
+    import json
+    import os
+    import tempfile
+
+    from drafter.state import state_paths
+
+    patterns, flags = _prefilter_patterns()
+    key = hashlib.sha256(json.dumps([patterns, flags, hyperscan.__version__, hyperscan.HS_MODE_BLOCK]).encode())
+    path = state_paths().root / "hyperscan" / f"redact-prefilter-{key.hexdigest()[:20]}.db"
+    try:
+        db = hyperscan.loadb(path.read_bytes(), hyperscan.HS_MODE_BLOCK)
+        db.scratch = hyperscan.Scratch(db)
+        if all(_scan(db, t) == _active_python(t) for t in PROBES):
+            return db
+    except (OSError, hyperscan.error):
+        pass
+    db = _prefilter_database()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(hyperscan.dumpb(db))
+        os.replace(tmp, path)  # atomic: workers storing it at once each write a whole file
+    except OSError:
+        pass  # a read-only home: compiled on every run
+    return db
+
+
+def _scan(db, text: str) -> set[int]:
+    found: set[int] = set()
+    db.scan(text.encode("utf-8", "surrogatepass"), match_event_handler=_on_match, context=found)
+    return found
 
 
 def _on_match(idx: int, start: int, end: int, flags: int, found: set[int]) -> None:
@@ -319,10 +369,8 @@ def _active(text: str) -> set[int]:
     if hyperscan is None:
         return _active_python(text)
     if _DATABASE is None:
-        _DATABASE = _prefilter_database()
-    found: set[int] = set()
-    _DATABASE.scan(text.encode("utf-8", "surrogatepass"), match_event_handler=_on_match, context=found)
-    return found
+        _DATABASE = _stored_database()
+    return _scan(_DATABASE, text)
 
 
 # ----- JSON-escaped text -------------------------------------------------------------------
@@ -393,7 +441,8 @@ class Redactor:
                 text = self._apply(DETECTORS[i], text, found)
             if PHONE_IDS[self._phone_hint] in active:
                 text = self._phones(text, found)
-        self.totals.update(found)
+        if found:  # (most texts hold nothing to redact)
+            self.totals.update(found)
         return text, found
 
     def redact_json(self, value):

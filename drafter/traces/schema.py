@@ -45,6 +45,34 @@ class Conversation(BaseModel):
         return self.model_dump(mode="json")
 
 
+def conversation_row(*, id: str, source: str, line: int, timestamp: str | None = None, model: str | None = None,
+                     tenant: str | None = None, route: str | None = None, domain: str = "other",
+                     messages: list) -> dict:
+    """`Conversation(...).row()`, without building the model when every field already has
+    exactly the type the model would give it (plain str, int >= 1, known role and domain, messages
+    of role and content only): the common case, where validation would only copy. Anything else
+    goes through the model, which converts or raises as it always did."""
+    if (
+        type(id) is str and type(source) is str and type(line) is int and line >= 1
+        and type(domain) is str and domain in DOMAINS and type(messages) is list
+        and (timestamp is None or type(timestamp) is str) and (model is None or type(model) is str)
+        and (tenant is None or type(tenant) is str) and (route is None or type(route) is str)
+    ):
+        out = []
+        for m in messages:
+            if type(m) is not dict or len(m) != 2:
+                break
+            role, content = m.get("role"), m.get("content")
+            if type(role) is not str or role not in ROLES or type(content) is not str:
+                break
+            out.append({"role": role, "content": content})
+        else:
+            return {"id": id, "source": source, "line": line, "timestamp": timestamp, "model": model,
+                    "tenant": tenant, "route": route, "domain": domain, "messages": out}
+    return Conversation(id=id, source=source, line=line, timestamp=timestamp, model=model, tenant=tenant,
+                        route=route, domain=domain, messages=messages).row()
+
+
 def record_id(raw: bytes | str, sub: str = "") -> str:
     """Stable id of a conversation: a hash of the raw record (plus its index inside it)."""
     data = raw.encode() if isinstance(raw, str) else raw

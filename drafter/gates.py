@@ -57,6 +57,11 @@ def _ok(x: Any) -> bool:
     return isinstance(x, (int, float)) and not math.isnan(x)
 
 
+def _num(x: Any) -> float:
+    """A figure of a report: null (undefined, e.g. no rounds) reads as NaN and fails its check."""
+    return float("nan") if x is None else x
+
+
 def _check(name: str, passed: bool, value: Any, threshold: Any, detail: str) -> dict[str, Any]:
     return {"name": name, "passed": bool(passed), "value": value, "threshold": threshold, "detail": detail}
 
@@ -79,11 +84,11 @@ def gate(
 
     if prod is None:
         common = list(cand["tau"])
-        macro = cand.get("macro_tau", _mean([cand["tau"][d] for d in common]))
+        macro = cand.get("macro_tau", _mean([_num(cand["tau"][d]) for d in common]))
         checks.append(_check("macro_tau", _ok(macro) and macro >= g.min_tau, macro, g.min_tau,
                              f"no production drafter: absolute floor min_tau {g.min_tau}"))
         for domain, m in sorted(cand["domains"].items()):
-            tau = m["tau_pooled"]
+            tau = _num(m["tau_pooled"])
             checks.append(_check(f"domain:{domain}", _ok(tau) and tau >= g.min_tau, tau, g.min_tau,
                                  f"absolute floor min_tau {g.min_tau}"))
     else:
@@ -98,8 +103,8 @@ def gate(
             problems.append("no dataset in common")
         checks.append(_check("comparable", not problems, len(common), None,
                              "; ".join(problems) or f"same target and settings; {len(common)} datasets in common"))
-        c_macro = _mean([cand["tau"][d] for d in common])
-        p_macro = _mean([prod["tau"][d] for d in common])
+        c_macro = _mean([_num(cand["tau"][d]) for d in common])
+        p_macro = _mean([_num(prod["tau"][d]) for d in common])
         need = p_macro * (1 + g.margin)
         checks.append(_check("macro_tau", _ok(c_macro) and _ok(need) and c_macro >= need, c_macro, need,
                              f"production macro tau {p_macro:.4f} x (1 + margin {g.margin}) over {', '.join(common)}"))
@@ -107,12 +112,12 @@ def gate(
             if domain not in cand["domains"]:
                 checks.append(_check(f"domain:{domain}", False, None, None, "evaluated for production but not for the candidate"))
                 continue
-            tau = cand["domains"][domain]["tau_pooled"]
+            tau = _num(cand["domains"][domain]["tau_pooled"])
             if domain not in prod["domains"]:
                 checks.append(_check(f"domain:{domain}", _ok(tau) and tau >= g.min_tau, tau, g.min_tau,
                                      f"new domain (no production figure): absolute floor min_tau {g.min_tau}"))
                 continue
-            p_tau = prod["domains"][domain]["tau_pooled"]
+            p_tau = _num(prod["domains"][domain]["tau_pooled"])
             floor = p_tau * (1 - g.domain_tolerance)
             checks.append(_check(f"domain:{domain}", _ok(tau) and _ok(floor) and tau >= floor, tau, floor,
                                  f"production {p_tau:.4f} x (1 - tolerance {g.domain_tolerance})"))

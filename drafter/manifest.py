@@ -130,8 +130,21 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
+def strict_json(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float as None: what strict JSON readers (jq, JavaScript,
+    DVC) can read. An undefined figure (a ratio over no rounds) is written as null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    text = json.dumps(strict_json(obj), indent=2, sort_keys=False, default=str, allow_nan=False)
+    return atomic_write_text(path, text + "\n")
 
 
 # A folder atomic_dir published carries this file; only such folders are replaced without force.

@@ -103,7 +103,7 @@ def candidate_vs_production(candidate: dict[str, Any], production: dict[str, Any
     for i, (label, report, color) in enumerate(reports):
         taus = [report["datasets"].get(n, {}).get("tau_pooled") or 0.0 for n in names]
         right.bar([j + (i - (len(reports) - 1) / 2) * width for j in range(len(names))], taus, width,
-                  color=color, label=f"{label} (macro {report['macro_tau']:.2f})")
+                  color=color, label=f"{label} (macro {report['macro_tau'] or float('nan'):.2f})")
     right.set_xticks(range(len(names)), names, rotation=30, ha="right")
     right.set_ylabel("tau (tokens per round)")
     right.legend(fontsize=8)
@@ -170,7 +170,7 @@ def tau_history(history: list[tuple[float, float]], evaluated: float | None, pat
     return _save(fig, path, dpi=100)
 
 
-def production_acceptance(production: list[float], evaluated: list[float], path: Path) -> Path | None:
+def production_acceptance(production: list[float | None], evaluated: list[float | None], path: Path) -> Path | None:
     """Per-position acceptance seen in production beside the evaluated one."""
     if not production and not evaluated:
         return None
@@ -178,8 +178,9 @@ def production_acceptance(production: list[float], evaluated: list[float], path:
     fig, ax = plt.subplots(figsize=(6, 3))
     width = 0.4
     for offset, values, label in ((-width / 2, production, "production"), (width / 2, evaluated, "evaluated")):
-        if values:
-            ax.bar([i + 1 + offset for i in range(len(values))], values, width, label=label)
+        if values:  # a position no round reached (None) has no bar
+            ax.bar([i + 1 + offset for i in range(len(values))], [v if v is not None else 0.0 for v in values],
+                   width, label=label)
     ax.set_xlabel("draft position")
     ax.set_ylabel("accepted / drafts")
     ax.set_ylim(0, 1)

@@ -366,7 +366,8 @@ def register_candidate(
         if tau_macro is not None:
             c.log_metric(run_id, "tau_macro", tau_macro)
         for dataset, tau in (report.tau_by_dataset if report else {}).items():
-            c.log_metric(run_id, f"tau.{_metric_key(dataset)}", tau)
+            if tau is not None:  # undefined: no rounds on that set
+                c.log_metric(run_id, f"tau.{_metric_key(dataset)}", tau)
         _ensure_registered_model(c, name, lineage.get("target_name"))
         mv = c.create_model_version(
             name, source=f"models:/{logged.model_id}", run_id=run_id, tags=tags, model_id=logged.model_id,

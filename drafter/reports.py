@@ -28,12 +28,12 @@ class _Open(BaseModel):
 
 
 class DatasetFigures(_Open):
-    tau: float
+    tau: float | None  # None: undefined (no rounds)
 
 
 class MacroFigures(_Open):
-    tau: float
-    accept_rate: list[float] = []
+    tau: float | None
+    accept_rate: list[float | None] = []  # None: no round verified that many drafts
 
 
 class EvalReport(_Open):
@@ -43,7 +43,7 @@ class EvalReport(_Open):
     macro: MacroFigures
 
     @property
-    def tau_by_dataset(self) -> dict[str, float]:
+    def tau_by_dataset(self) -> dict[str, float | None]:
         return {name: figures.tau for name, figures in self.datasets.items()}
 
 

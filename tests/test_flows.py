@@ -21,8 +21,7 @@ from drafter.config import load_config
 from drafter.manifest import git_state, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
-# One pytest-xdist worker runs the module (`--dist loadgroup`): its module fixture is built once.
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("servers")]
+pytestmark = pytest.mark.integration
 
 
 def flow_runs(flow_name: str) -> list:

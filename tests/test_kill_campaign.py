@@ -15,8 +15,7 @@ import pytest
 
 from bench import kill_campaign as kc
 
-# One pytest-xdist worker runs the module (`--dist loadgroup`): its module fixture is built once.
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("kill-campaign")]
+pytestmark = pytest.mark.integration
 
 KILLS = 2  # a kill, a kill of the resumed run, then the resume to completion
 

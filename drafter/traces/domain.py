@@ -83,15 +83,15 @@ MATH_WORDS = frozenset(
 )
 WORD = re.compile(r"[a-z][a-z+#]*")
 # (The number words grouped by first letter: the same matches, found without trying every word.)
-NUMBER = re.compile(r"\d+|\b(?:t(?:wo|hree|en|welve|wenty|housand|wice)|f(?:our|ive)|s(?:ix|even)|e(?:ight|leven)|"
-                    r"nine|h(?:undred|alf)|dozen)\b")
+NUMBER_WORD_ALTERNATION = (r"(?:t(?:wo|hree|en|welve|wenty|housand|wice)|f(?:our|ive)|s(?:ix|even)|e(?:ight|leven)|"
+                           r"nine|h(?:undred|alf)|dozen)")
+NUMBER = re.compile(r"\d+|\b" + NUMBER_WORD_ALTERNATION + r"\b")
 # The same matches, found apart (see `_numbers`).
 DIGITS = re.compile(r"\d+")
 ASCII_DIGITS = "0123456789"
 NUMBER_WORDS = frozenset("two three ten twelve twenty thousand twice four five six seven eight eleven nine hundred "
                          "half dozen".split())
-NUMBER_WORD = re.compile(r"(?:t(?:wo|hree|en|welve|wenty|housand|wice)|f(?:our|ive)|s(?:ix|even)|e(?:ight|leven)|"
-                         r"nine|h(?:undred|alf)|dozen)\b")
+NUMBER_WORD = re.compile(NUMBER_WORD_ALTERNATION + r"\b")
 # Scripts other than Latin (Cyrillic, Greek, Hebrew, Arabic, Indic, Thai, CJK, Hangul, ...).
 NON_LATIN = re.compile(r"[\u0370-\u03ff\u0400-\u052f\u0590-\u06ff\u0900-\u0dff\u0e00-\u0eff\u1100-\u11ff"
                        r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")

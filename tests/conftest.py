@@ -15,8 +15,13 @@ os.environ.setdefault("DRAFTER_MODELS", str(ROOT / ".drafter" / "models"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+from lifecycle_fixtures import migrated_database  # noqa: E402
 
 from drafter.config import Config, TargetConfig, TinyTargetConfig, load_config  # noqa: E402
+
+# This worker's own MLflow store and temporary Prefect API start from migrated copies.
+migrated_database("mlflow", Path(os.environ["DRAFTER_HOME"]) / "mlflow.db")
+migrated_database("prefect", Path(os.environ["DRAFTER_HOME"]) / "prefect" / "prefect.db")
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +57,7 @@ def _mlflow_store(folder: Path):
     """A real MLflow SQLite tracking/registry store in `folder`, embedded (no Prefect server)."""
     import mlflow
 
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = f"sqlite:///{migrated_database('mlflow', folder / 'mlflow.db')}"
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", uri)
     mp.delenv("PREFECT_API_URL", raising=False)
@@ -82,13 +87,12 @@ def module_store(tmp_path_factory):
 def servers(tmp_path_factory):
     """A real `mlflow server` and Prefect's test server, started side by side (once per test module)."""
     import mlflow
-    from lifecycle_fixtures import MlflowServer
-    from prefect.testing.utilities import prefect_test_harness
+    from lifecycle_fixtures import MlflowServer, prefect_harness
 
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
     mp = pytest.MonkeyPatch()
     try:
-        with prefect_test_harness(server_startup_timeout=120):
+        with prefect_harness():
             server.wait()
             mp.setenv("MLFLOW_TRACKING_URI", server.url)
             mlflow.set_tracking_uri(server.url)

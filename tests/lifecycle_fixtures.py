@@ -9,10 +9,13 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_drafter(path: Path, algorithm: str = "dspark", tokens: int = 4, hidden: int = 16, seed: int = 0) -> Path:
@@ -110,6 +113,65 @@ def stop(proc: subprocess.Popen | None, timeout: float) -> None:
             proc.kill()
 
 
+_MIGRATE = {  # each library migrates a new SQLite database itself, in a process of its own
+    "mlflow": ["-c", "from mlflow.tracking import MlflowClient; "
+                     "MlflowClient('sqlite:///mlflow.db').search_experiments()"],  # in its working folder
+    "prefect": ["-m", "prefect", "server", "database", "upgrade", "-y"],  # into $PREFECT_HOME/prefect.db
+}
+
+
+def migrated_database(kind: str, dest: Path) -> Path:
+    """Put a copy of an empty MLflow or Prefect database at `dest`, already at its newest schema.
+
+    A new store runs every migration on its first open (about 3 s for MLflow, 15 s for Prefect);
+    the tests open a dozen. The library migrates one database per version, kept under
+    .drafter/test-databases/ and shared by the test workers; each store starts from a copy."""
+    import importlib
+    import shutil
+    import sqlite3
+    import tempfile
+
+    from filelock import FileLock
+
+    folder = ROOT / ".drafter" / "test-databases"
+    folder.mkdir(parents=True, exist_ok=True)
+    template = folder / f"{kind}-{importlib.import_module(kind).__version__}.db"
+    with FileLock(str(template) + ".lock"):
+        if not template.is_file():
+            with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                db = Path(tmp) / f"{kind}.db"
+                env = {**os.environ, "PREFECT_HOME": tmp, "MLFLOW_DISABLE_TELEMETRY": "true"}
+                env.pop("PREFECT_SERVER_DATABASE_CONNECTION_URL", None)
+                env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
+                subprocess.run([sys.executable, *_MIGRATE[kind]], cwd=tmp, env=env, check=True,
+                               capture_output=True, timeout=300)
+                if kind == "mlflow":  # the default experiment records its artifact folder: each copy makes its own
+                    with sqlite3.connect(db) as con:
+                        con.execute("DELETE FROM experiment_tags WHERE experiment_id = 0")
+                        con.execute("DELETE FROM experiments WHERE experiment_id = 0")
+                    con.close()
+                os.replace(db, template)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, dest)
+    return dest
+
+
+@contextmanager
+def prefect_harness():
+    """Prefect's test harness (a server subprocess on a temporary database), on a migrated copy."""
+    import tempfile
+
+    import pytest
+    from prefect.testing import utilities
+
+    folder = tempfile.mkdtemp(prefix="prefect-harness-")
+    migrated_database("prefect", Path(folder) / "prefect-test.db")  # the harness's file name in mkdtemp's folder
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(utilities, "mkdtemp", lambda: folder)
+        with utilities.prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
 class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 with a SQLite store, for the duration of a test module."""
 
@@ -123,7 +185,7 @@ class MlflowServer:
         return self.start().wait()
 
     def start(self) -> MlflowServer:
-        self.root.mkdir(parents=True, exist_ok=True)
+        migrated_database("mlflow", self.root / "mlflow.db")
         env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
         self.log = (self.root / "server.log").open("w")
         self.proc = subprocess.Popen(
@@ -243,7 +305,7 @@ class PrefectServer:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> PrefectServer:
-        self.root.mkdir(parents=True, exist_ok=True)
+        migrated_database("prefect", self.root / "prefect.db")
         env = {**os.environ, "PREFECT_HOME": str(self.root), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                "PREFECT_API_URL": self.api_url, "PREFECT_UI_API_URL": self.api_url}
         self.log = (self.root / "server.log").open("w")

@@ -119,7 +119,5 @@ def test_dvc_repro_tiny_then_a_param_change_reruns_only_downstream(tmp_path):
         params[section][leaf] = value
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    change("evaluate.samples_per_dataset", 2)
-    assert ran(dvc(repo, "repro", env=env)) == ["evaluate", "gate"]
-    change("calibrate.bins", 10)  # a middle stage: it and everything after it, not train
+    change("calibrate.bins", 10)  # a middle stage: it and everything after it, not train or before
     assert ran(dvc(repo, "repro", env=env)) == ["calibrate", "evaluate", "gate"]

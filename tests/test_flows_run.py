@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from lifecycle_fixtures import install_standin_stages
+from lifecycle_fixtures import install_standin_stages, migrated_database
 from typer.testing import CliRunner
 
 from drafter import registry
@@ -39,7 +39,7 @@ def test_schedule_on_a_work_pool_registers_a_deployment_a_process_worker_can_run
 
     from flows.schedule import ENTRYPOINT, deploy_to_work_pool
 
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    monkeypatch.setenv("PREFECT_HOME", str(migrated_database("prefect", tmp_path / "prefect" / "prefect.db").parent))
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["schedule.cron=0 3 * * 1"])
     first = deploy_to_work_pool(cfg, ROOT / "configs" / "tiny.yaml", ["train.lr=1e-4"], "drafter-test-pool")
     again = deploy_to_work_pool(cfg, ROOT / "configs" / "tiny.yaml", ["train.lr=1e-4"], "drafter-test-pool")

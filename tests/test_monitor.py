@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from lifecycle_fixtures import free_port, make_drafter, make_eval, passing_gate
+from lifecycle_fixtures import free_port, make_drafter, make_eval, passing_gate, prefect_harness
 from prometheus_client import CollectorRegistry
 
 from drafter import registry
@@ -241,14 +241,13 @@ def test_drift_emits_event_and_starts_the_retraining_deployment(store, tmp_path)
     """With a Prefect server: the drift event is recorded and the served deployment gets a run."""
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows.schedule import retraining_deployment
     from monitoring.monitor import DRIFT_EVENT, monitor
 
     cfg = production_setup(tmp_path, "mon-server", ["schedule.cron=0 4 * * *"])
     write_traffic(tmp_path / "traffic", {"chat": 10, "code": 80, "math": 10})
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_harness():
         deployment_id = retraining_deployment(cfg, ROOT / "configs" / "tiny.yaml", ["registry.model_name=mon-server"]).apply()
         with get_client(sync_client=True) as client:
             deployment = client.read_deployment(deployment_id)

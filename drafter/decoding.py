@@ -37,6 +37,7 @@ from transformers.cache_utils import DynamicLayer
 
 from drafter.errors import DrafterError
 from drafter.models.base import DraftModel
+from drafter.models.metrics import GREEDY_BELOW
 
 
 class DecodingError(DrafterError, RuntimeError):
@@ -210,7 +211,7 @@ class SpecEngine:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature <= GREEDY_BELOW  # where the drafters draft the argmax too
 
     def generate(
         self, prompt: Sequence[int] | torch.Tensor, max_new_tokens: int, on_tokens: Callable[[int, list[int]], None] | None = None
@@ -466,7 +467,9 @@ def resolve_drafter_dir(path) -> Path:
 
 
 def load_drafter(path, target) -> tuple[DraftModel, Path]:
-    """Load a speculators-format drafter for `target`; returns (model, its folder)."""
+    """Load a speculators-format drafter for `target`, in the target's device and dtype; returns
+    (model, its folder). Drafting is memory-bound (a handful of rows through each weight): bf16
+    weights halve what a proposal reads, and verification keeps decoding lossless either way."""
     from drafter.models import REGISTRY, TargetHeads, model_class
 
     folder = resolve_drafter_dir(path)
@@ -482,7 +485,7 @@ def load_drafter(path, target) -> tuple[DraftModel, Path]:
     except ValueError as exc:
         raise DecodingError(f"{folder / 'config.json'}: {exc}") from None
     model = cls.load(folder, TargetHeads.from_target(target))
-    return model.to(target.device).eval(), folder
+    return model.to(target.device, target.dtype).eval(), folder
 
 
 def block_size_of(drafter: DraftModel | None, default: int) -> int:

@@ -76,3 +76,18 @@ def test_sampling_with_real_drafters_preserves_the_target(algorithm):
                              np.append(expected[~small], expected[small].sum())).pvalue
     assert pvalue > ALPHA
     assert round_totals(gens)["accepted"] > 0
+
+
+@pytest.mark.parametrize("algorithm", ["eagle3", "dflash", "dspark"])
+def test_a_loaded_drafter_drafts_in_the_targets_dtype(tmp_path, algorithm):
+    """`load_drafter` puts an exported (fp32) drafter in a bf16 target's dtype, and every part of
+    a proposal runs in it (a module left in fp32 meets bf16 inputs and raises)."""
+    from drafter.decoding import load_drafter
+
+    target = lively_target("llama")
+    target.model.to(torch.bfloat16)
+    drafter_for(target, algorithm).export(tmp_path / "drafter")
+    drafter, _ = load_drafter(tmp_path / "drafter", target)
+    assert {p.dtype for p in drafter.parameters() if p.is_floating_point()} == {torch.bfloat16}
+    gen = SpecEngine(target, drafter, gamma=block_size_of(drafter, 4)).generate(chat(target, QUESTIONS[0]), 16)
+    assert len(gen.tokens) == 16 and sum(r.proposed for r in gen.rounds) > 0

@@ -193,7 +193,7 @@ def test_real_smollm2_target_trains_exports_and_drafts(smollm2_target, tmp_path)
     model.extend(state, s["features"][None, :-5], s["input_ids"][None, :-5])
     prop = model.propose(state, s["input_ids"][-5:-4], 7, 0.0)
     assert prop.tokens.shape == (1, 7) and prop.confidences.shape == (1, 7)
-    assert torch.equal(prop.probs.argmax(-1), prop.tokens)
+    assert prop.probs is None  # greedy: verification compares tokens only
 
 
 def test_cli_trains_from_the_cache_api(tmp_path, monkeypatch):

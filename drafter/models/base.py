@@ -126,9 +126,9 @@ class TrainOutput:
 class Proposal:
     tokens: torch.Tensor  # [1, g] drafted token ids
     # [1, g, V]: exactly the distributions the tokens were drawn from, over the target
-    # vocabulary (DSpark: after the Markov bias). At temperature 0 a one-hot of the argmax,
-    # so the acceptance rule degenerates to exact greedy matching.
-    probs: torch.Tensor
+    # vocabulary (DSpark: after the Markov bias). None at temperature 0: the tokens are the
+    # argmaxes and verification degenerates to exact greedy matching.
+    probs: torch.Tensor | None
     confidences: torch.Tensor | None = None  # [1, g] raw conditional survival c_k (DSpark)
 
 

@@ -250,8 +250,9 @@ class Eagle3(DraftVocab, DraftModel):
             draft, p = sample(self.vocab_logits(self.norm(hidden))[:, 0], temperature, generator)
             token = self.to_target_ids(draft)
             tokens.append(token)
-            probs.append(self.to_target(p))
-        return Proposal(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1), confidences=None)
+            probs.append(p)
+        return Proposal(tokens=torch.stack(tokens, 1), probs=self.proposal_probs(torch.stack(probs, 1), temperature),
+                        confidences=None)
 
     # ----- persistence ---------------------------------------------------------------------------
     def export(self, out_dir: Path) -> Path:

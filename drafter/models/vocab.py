@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from drafter.models.metrics import GREEDY_BELOW
+
 
 class DraftVocab:
     """Mixin for a `DraftModel`: `d2t`/`t2d` buffers (None with the full vocabulary)."""
@@ -90,6 +92,11 @@ class DraftVocab:
             return probs
         out = probs.new_zeros(*probs.shape[:-1], self.heads.vocab_size)
         return out.index_copy_(-1, self.draft_ids, probs)
+
+    def proposal_probs(self, probs: torch.Tensor, temperature: float) -> torch.Tensor | None:
+        """A proposal's distributions [1, g, Vd] over the target vocabulary, or None when greedy:
+        verification then compares tokens, and a [g, V] one-hot would cost every round a fill."""
+        return None if temperature <= GREEDY_BELOW else self.to_target(probs)
 
     def at_target_ids(self, values: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
         """values [N, Vd] over the draft vocabulary, read at target ids [N, k] (0 outside it)."""

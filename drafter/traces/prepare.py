@@ -150,6 +150,13 @@ def role_problem(messages: list[dict]) -> str | None:
     return None
 
 
+def _rust_core(tokenizer: Any) -> Any:
+    """A `tokenizers.Tokenizer` itself, a fast transformers tokenizer's, or None (a slow one)."""
+    from tokenizers import Tokenizer
+
+    return tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
+
+
 class TokenSize:
     """Token counts, or bounds on them from a text's size alone.
 
@@ -165,7 +172,7 @@ class TokenSize:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.backend = backend = _rust_core(tokenizer)
         self.exact_only = backend is None or backend.normalizer is not None
         ids = sorted(tokenizer.get_vocab().values())
         if backend is not None:  # decoded in Rust: a Python loop over the vocabulary takes seconds
@@ -185,9 +192,8 @@ class TokenSize:
         return low, nbytes + len(texts)
 
     def count(self, texts: list[str]) -> list[int]:
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None and hasattr(backend, "encode_batch_fast"):  # Rust, no offsets: lengths only
-            return [len(enc.ids) for enc in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        if self.backend is not None:  # Rust, no offsets: lengths only
+            return [len(enc.ids) for enc in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
         return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
@@ -282,10 +288,10 @@ class Preparer:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from drafter.target import load_tokenizer
+            from drafter.target_files import load_fast_tokenizer
 
             with self.timer("load_tokenizer"):
-                self._tokenizer = load_tokenizer(self.cfg)
+                self._tokenizer = load_fast_tokenizer(self.cfg)
         return self._tokenizer
 
     @property

@@ -126,16 +126,16 @@ def migrated_database(kind: str, dest: Path) -> Path:
     A new store runs every migration on its first open (about 3 s for MLflow, 15 s for Prefect);
     the tests open a dozen. The library migrates one database per version, kept under
     .drafter/test-databases/ and shared by the test workers; each store starts from a copy."""
-    import importlib
     import shutil
     import sqlite3
     import tempfile
+    from importlib import metadata
 
     from filelock import FileLock
 
     folder = ROOT / ".drafter" / "test-databases"
     folder.mkdir(parents=True, exist_ok=True)
-    template = folder / f"{kind}-{importlib.import_module(kind).__version__}.db"
+    template = folder / f"{kind}-{metadata.version(kind)}.db"
     with FileLock(str(template) + ".lock"):
         if not template.is_file():
             with tempfile.TemporaryDirectory(dir=folder) as tmp:

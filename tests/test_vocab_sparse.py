@@ -98,12 +98,13 @@ def test_reduced_vocabulary_every_algorithm(target, heads, batch, algo, tmp_path
         assert model.markov_head.markov_w1.weight.shape[0] == heads.vocab_size
     state = model.init_state()
     model.extend(state, batch.features[:1, :10], batch.input_ids[:1, :10])
-    for temperature in (0.0, 1.0):
-        prop = model.propose(state, batch.input_ids[0, 10:11], 3, temperature, torch.Generator().manual_seed(0))
-        assert prop.probs.shape == (1, 3, heads.vocab_size)
-        assert prop.probs[0][:, ~model.t2d].sum() == 0 and model.t2d[prop.tokens].all()
-        torch.testing.assert_close(prop.probs.sum(-1), torch.ones(1, 3))
-        assert torch.equal(prop.probs[0].gather(-1, prop.tokens[0][:, None]) > 0, torch.ones(3, 1, dtype=torch.bool))
+    greedy = model.propose(state, batch.input_ids[0, 10:11], 3, 0.0)
+    assert greedy.probs is None and model.t2d[greedy.tokens].all()  # greedy: tokens only
+    prop = model.propose(state, batch.input_ids[0, 10:11], 3, 1.0, torch.Generator().manual_seed(0))
+    assert prop.probs.shape == (1, 3, heads.vocab_size)
+    assert prop.probs[0][:, ~model.t2d].sum() == 0 and model.t2d[prop.tokens].all()
+    torch.testing.assert_close(prop.probs.sum(-1), torch.ones(1, 3))
+    assert torch.equal(prop.probs[0].gather(-1, prop.tokens[0][:, None]) > 0, torch.ones(3, 1, dtype=torch.bool))
     model.export(tmp_path)
     back = load_drafter(tmp_path, heads)
     assert torch.equal(back.d2t, model.d2t) and torch.equal(back.t2d, model.t2d)

@@ -99,3 +99,20 @@ def test_gguf_conversion_keeps_logits(smollm2_target):
         got = converted.model(ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert got[0, -1].argmax() == expected[0, -1].argmax()
+
+
+@pytest.mark.integration
+def test_a_conversion_parses_the_gguf_once_and_leaves_gguf_as_it_was():
+    """transformers opens the GGUF three times during a conversion; `_gguf_parsed_once` hands it
+    one reader (the logits test above checks the converted model), and restores gguf after."""
+    import gguf
+
+    from drafter.target_files import _gguf_parsed_once, locate_packaged_gguf
+
+    cfg = load_config(ROOT / "configs" / "smollm2-135m-dspark.yaml").target
+    path = locate_packaged_gguf(cfg.package, cfg.file)
+    before = (gguf.GGUFReader, gguf.get_tensor_name_map)
+    with _gguf_parsed_once():
+        assert gguf.GGUFReader(path) is gguf.GGUFReader(path)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == before

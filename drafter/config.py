@@ -194,6 +194,9 @@ class DrafterConfig(Section):
     ce_weight: float = Field(0.1, ge=0)
     tv_weight: float = Field(0.9, ge=0)
     bce_weight: float = Field(1.0, ge=0)
+    # The CE term's token: the regenerated next token (DeepSpec), or the target's argmax, which is
+    # what greedy verification accepts (a drafter that serves greedy decoding).
+    ce_target: Literal["sampled", "greedy"] = "sampled"
     loss_decay: float = Field(4.0, gt=0)
     mask_token_id: int | None = Field(None, ge=0)  # DFlash/DSpark block filler; None: a reserved token (models/base.py)
 

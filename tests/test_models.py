@@ -150,10 +150,12 @@ def test_acceptance_label_is_one_minus_half_l1():
     assert simulated_tau([0.5, 0.5]) == pytest.approx(1 + 0.5 + 0.25)
 
 
-def test_dspark_objective_recomputed_by_hand(target, heads, batch):
+@pytest.mark.parametrize("ce_target", ["sampled", "greedy"])
+def test_dspark_objective_recomputed_by_hand(target, heads, batch, ce_target):
     """L = 0.1 CE + 0.9 TV(full L1) + 1.0 BCE(c, 1 - 0.5 L1), weights exp(-k/4), mean over
-    valid slots, with p_d after the Markov bias and p_t from the target's final state."""
-    model = make(target, heads, "dspark")
+    valid slots, with p_d after the Markov bias and p_t from the target's final state. The CE
+    token is the data's next token, or with ce_target=greedy the target's argmax."""
+    model = make(target, heads, "dspark", f"drafter.ce_target={ce_target}")
     with torch.no_grad():
         out = model.forward_train(batch, generator=gens(4))
         anchors, valid = sample_anchors(batch.loss_mask, batch.attention_mask, model.config.max_anchors, gens(4))
@@ -161,7 +163,7 @@ def test_dspark_objective_recomputed_by_hand(target, heads, batch):
         hidden = model.training_hidden(batch, layout)
         slots = layout.slot_valid(batch.loss_mask & batch.attention_mask)
         ce = tv = bce = 0.0
-        n = 0
+        n = differ = 0
         for b, a, k in slots.nonzero().tolist():
             p = anchors[b, a].item()
             h = hidden[b, a, k]
@@ -172,11 +174,13 @@ def test_dspark_objective_recomputed_by_hand(target, heads, batch):
             l1 = (p_d - p_t).abs().sum()
             c = torch.sigmoid(model.confidence_head.proj(torch.cat([h, model.markov_head.markov_w1.weight[batch.input_ids[b, p + k]]])))
             label = 1 - 0.5 * l1
-            ce += w * -torch.log(p_d[batch.input_ids[b, p + k + 1]])
+            gold = batch.input_ids[b, p + k + 1].item()
+            differ += gold != p_t.argmax().item()
+            ce += w * -torch.log(p_d[p_t.argmax() if ce_target == "greedy" else gold])
             tv += w * l1
             bce += w * -(label * torch.log(c) + (1 - label) * torch.log(1 - c))
             n += 1
-    assert n == int(out.metrics["count"].sum()) > 10
+    assert n == int(out.metrics["count"].sum()) > 10 and differ > 0  # the two CE targets differ
     torch.testing.assert_close(out.losses["ce"], 0.1 * ce / n, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.losses["tv"], 0.9 * tv / n, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.losses["bce"], (1.0 * bce / n).squeeze(), rtol=1e-4, atol=1e-5)

@@ -55,6 +55,7 @@ class DSparkConfig:
     ce_weight: float = 0.1
     tv_weight: float = 0.9
     bce_weight: float = 1.0
+    ce_target: str = "sampled"  # the CE term's token: the regenerated one, or the target's argmax ("greedy")
     loss_decay: float = 4.0  # position weight exp(-k / loss_decay), k 0-based
     max_anchors: int = 512  # blocks sampled per training sequence
     mask_token_id: int | None = None  # None: the target's (TargetHeads.mask_token_id)
@@ -64,6 +65,8 @@ class DSparkConfig:
     def __post_init__(self) -> None:
         if self.markov_head_type not in ("vanilla", "gated"):
             raise ValueError(f"markov_head_type must be vanilla or gated, got {self.markov_head_type!r}")
+        if self.ce_target not in ("sampled", "greedy"):
+            raise ValueError(f"ce_target must be sampled or greedy, got {self.ce_target!r}")
         if self.block_size < 1 or self.num_layers < 1 or not self.layer_ids:
             raise ValueError("block_size and num_layers must be >= 1 and layer_ids non-empty")
 
@@ -214,7 +217,7 @@ class DSpark(DraftVocab, DraftModel):
             layer_ids=list(layer_ids), num_layers=d.num_layers, block_size=d.block_size,
             markov_rank=d.markov_rank, markov_head_type=d.markov_head_type,
             confidence_head=d.confidence_head, ce_weight=d.ce_weight, tv_weight=d.tv_weight,
-            bce_weight=d.bce_weight, loss_decay=d.loss_decay, max_anchors=cfg.train.max_anchors,
+            bce_weight=d.bce_weight, ce_target=d.ce_target, loss_decay=d.loss_decay, max_anchors=cfg.train.max_anchors,
             mask_token_id=d.mask_token_id, draft_vocab_size=d.draft_vocab_size,
         )
 
@@ -310,7 +313,10 @@ class DSpark(DraftVocab, DraftModel):
             l1 = l1_to_target(self, p_draft, target)
         weight = torch.exp(-slot.float() / cfg.loss_decay)
 
-        # A gold token outside the draft vocabulary cannot be drafted: it adds no CE term.
+        # A gold token outside the draft vocabulary cannot be drafted: it adds no CE term. Greedy
+        # verification accepts the target's argmax, not the token the regeneration sampled.
+        if cfg.ce_target == "greedy":
+            gold = target.argmax()
         gold_draft = self.draft_index(gold)
         in_vocab = gold_draft < logp.shape[-1]
         gold_logp = F.pad(logp, (0, 1)).gather(-1, gold_draft[:, None])[:, 0]

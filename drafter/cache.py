@@ -26,7 +26,11 @@ Layout of one cache (a folder under the state dir's `cache/`, named by its key):
   the same request reuses the cache, so EAGLE-3, DFlash and DSpark share one.
 - Resumable and atomic: conversation chunk c always lands in shard c; each shard is
   written under a temporary name and renamed, then its sidecar; a killed build redoes
-  only the chunks without both. The folder is built as `<key>.partial/` and renamed to
+  only the chunks without both.
+- Incremental: every finished shard is also linked under `chunks/<chunk key>` (the cache
+  key with the chunk's index and records in place of the dataset hash). A dataset that
+  grows by appending (today's traffic after yesterday's) rebuilds only its new chunks; the
+  others are linked back from there after their checksum is verified. The folder is built as `<key>.partial/` and renamed to
   `<key>/` when the index is written, so a cache folder is always complete.
 - Scale-out: under `accelerate launch`, rank r builds the chunks c with c % world == r;
   rank 0 merges the sidecars into the index.
@@ -162,6 +166,43 @@ def _shard_name(chunk: int) -> str:
     return f"shard-{chunk:06d}"
 
 
+def _link(src: Path, dst: Path) -> None:
+    """`dst` becomes `src`'s content: a hard link (no copy) where the filesystem allows it."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+class ChunkStore:
+    """Finished shards by chunk key (`<root>/chunks/`), so that another cache holding the same
+    chunk of conversations at the same index links it instead of running the target again."""
+
+    def __init__(self, root: Path, key_of) -> None:
+        self.folder = root / "chunks"
+        self.key_of = key_of  # (chunk index, its records) -> chunk key
+
+    def keep(self, shards: Path, chunk: int, records: list[dict]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name, key = _shard_name(chunk), self.key_of(chunk, records)
+        _link(shards / f"{name}.safetensors", self.folder / f"{key}.safetensors")
+        _link(shards / f"{name}.json", self.folder / f"{key}.json")  # last: it marks the entry whole
+
+    def restore(self, shards: Path, chunk: int, records: list[dict]) -> bool:
+        """Link a stored shard for this chunk into `shards`; False when none is stored intact."""
+        key = self.key_of(chunk, records)
+        info = _done_sidecar(self.folder, key)
+        if info is None or sha256_file(self.folder / f"{key}.safetensors") != info["sha256"]:
+            return False
+        name = _shard_name(chunk)
+        _link(self.folder / f"{key}.safetensors", shards / f"{name}.safetensors")
+        _link(self.folder / f"{key}.json", shards / f"{name}.json")
+        return True
+
+
 # ----- writing one shard -------------------------------------------------------------------
 class ShardWriter:
     """Turns one chunk of conversations into one shard (+ sidecar), atomically."""
@@ -278,9 +319,10 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
         raise
 
 
-def _done_sidecar(folder: Path, chunk: int) -> dict | None:
-    """The sidecar of a finished chunk, or None when the chunk must be (re)built."""
-    name = _shard_name(chunk)
+def _done_sidecar(folder: Path, chunk: int | str) -> dict | None:
+    """The sidecar of a finished chunk (by index, or by key in the chunk store), or None when
+    the chunk must be (re)built."""
+    name = _shard_name(chunk) if isinstance(chunk, int) else chunk
     side, shard = folder / f"{name}.json", folder / f"{name}.safetensors"
     if not (side.is_file() and shard.is_file()):
         return None
@@ -432,21 +474,34 @@ def _build(cfg, target, records, final: Path, key, split, dataset_hash, end_stri
         for c in mine:  # leftovers of a killed run
             for stray in shards.glob(f".{_shard_name(c)}.*.tmp"):
                 stray.unlink(missing_ok=True)
-        todo = [c for c in mine if _done_sidecar(shards, c) is None]
+        todo = {c for c in mine if _done_sidecar(shards, c) is None}
         writer = ShardWriter(target, ccfg.dtype, ccfg.batch_size, dist.rank, ccfg.target_top_k, ccfg.final_hidden)
 
         def encode(record: dict):
             return encode_record(target.tokenizer, record, end_strings, ccfg.max_seq_len,
                                  cfg.regenerate.enable_thinking)
 
-        done_before = len(mine) - len(todo)
+        def chunk_key(c: int, chunk: list[dict]) -> str:
+            return cache_key(target, sha256_json({"chunk": c, "records": chunk}), ccfg.dtype, ccfg.max_seq_len,
+                             cfg.regenerate.enable_thinking, ccfg.target_top_k, ccfg.final_hidden)
+
+        store = ChunkStore(final.parent, chunk_key)
+        done_before, linked = len(mine) - len(todo), 0
         bar = StageProgress(total=len(mine), initial=done_before, desc=f"cache {split}", unit="shard",
                    disable=not todo or not dist.main)
-        for c in todo:
+        for c in mine:
             chunk = records[c * ccfg.shard_samples : (c + 1) * ccfg.shard_samples]
-            writer.write(shards, c, chunk, encode)
-            bar.update(1)
+            if c in todo:
+                if store.restore(shards, c, chunk):
+                    linked += 1
+                else:
+                    writer.write(shards, c, chunk, encode)
+                bar.update(1)
+            store.keep(shards, c, chunk)  # also the chunks of a run killed between the two
         bar.close()
+        if linked:
+            log.info("cache %s: %d of %d chunks linked from earlier caches, %d built", split, linked, len(mine),
+                     len(todo) - linked)
         dist.barrier()
         if dist.main:
             _publish(target, partial, final, key, split, dataset_hash, n_chunks, len(records), ccfg)

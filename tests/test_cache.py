@@ -183,6 +183,41 @@ def test_key_covers_what_changes_the_features(tiny_target, tiny_target_any):
     assert cache_mod.cache_key(other_layers, "d1", "bfloat16", 256) != base
 
 
+def test_appended_data_builds_only_its_new_chunks(tiny_config, tiny_target, tmp_path, monkeypatch):
+    """Yesterday's conversations plus today's: the chunks they share are linked, not recomputed,
+    and the cache equals one built from scratch; a damaged stored chunk is built again."""
+    more = TRAIN + make_rows(5, start=200)  # chunks of 4: 0 and 1 unchanged, 2 grows, 3 is new
+    cfg = config(tiny_config, tmp_path, dtype="float32")
+    build_cache(cfg, write_regenerated(tmp_path / "day1", {"train": TRAIN}), tmp_path / "c1", target=tiny_target)
+    written, original_write = [], ShardWriter.write
+    monkeypatch.setattr(ShardWriter, "write", lambda self, folder, c, *a: written.append(c) or original_write(self, folder, c, *a))
+    build_cache(cfg, write_regenerated(tmp_path / "day2", {"train": more}), tmp_path / "c2", target=tiny_target)
+    assert written == [2, 3]
+    grown = open_split(tmp_path / "c2", "train")
+    fresh_cfg = config(tiny_config, tmp_path / "elsewhere", dtype="float32")  # another root: no stored chunks
+    build_cache(fresh_cfg, write_regenerated(tmp_path / "day2b", {"train": more}), tmp_path / "c3", target=tiny_target)
+    fresh = open_split(tmp_path / "c3", "train")
+    assert grown.meta["key"] == fresh.meta["key"] and grown.ids == fresh.ids == [r["id"] for r in more]
+    for i in range(len(fresh)):
+        assert all(torch.equal(grown[i][k], fresh[i][k]) for k in fresh[i])
+    # A stored chunk whose bytes changed is not linked: the chunk is computed again.
+    shutil.rmtree(tmp_path / "caches" / grown.meta["key"])
+    stored = sorted((tmp_path / "caches" / "chunks").glob("*.safetensors"))
+    assert len(stored) == 3 + 2  # day 1's three chunks, day 2's two new ones
+    for path in stored:  # break the links before damaging one copy
+        data = bytearray(path.read_bytes())
+        path.unlink()
+        path.write_bytes(data)
+    damaged = stored[0]
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF
+    damaged.write_bytes(data)
+    written.clear()
+    build_cache(cfg, write_regenerated(tmp_path / "day2c", {"train": more}), tmp_path / "c4", target=tiny_target)
+    assert len(written) == 1  # only the damaged one
+    assert all(torch.equal(open_split(tmp_path / "c4", "train")[i][k], fresh[i][k]) for i in range(len(fresh)) for k in fresh[i])
+
+
 @pytest.mark.parametrize("kill_at", ["capture", "before_sidecar", "before_index"])
 def test_killed_build_resumes_exactly(built, tiny_config, tiny_target, tmp_path, monkeypatch, kill_at):
     """Kill at several points; the resumed cache equals an uninterrupted one, sample for sample."""

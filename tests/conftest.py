@@ -24,12 +24,6 @@ migrated_database("mlflow", Path(os.environ["DRAFTER_HOME"]) / "mlflow.db")
 migrated_database("prefect", Path(os.environ["DRAFTER_HOME"]) / "prefect" / "prefect.db")
 
 
-def pytest_collection_modifyitems(config, items):
-    """Longest first (slow, then integration, then the rest; stable within each): `make test`'s
-    two workers take tests in this order, and a long test started last leaves one worker idle."""
-    items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("integration") else 2)
-
-
 @pytest.fixture(scope="session")
 def tiny_config() -> Config:
     return load_config(ROOT / "configs" / "tiny.yaml")

@@ -83,7 +83,6 @@ def ran(result: subprocess.CompletedProcess) -> list[str]:
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 @pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in
         ("drafter.traces.ingest", "drafter.traces.demo", "drafter.regenerate", "drafter.cache", "drafter.train",

@@ -26,12 +26,12 @@ Layout of one cache (a folder under the state dir's `cache/`, named by its key):
   the same request reuses the cache, so EAGLE-3, DFlash and DSpark share one.
 - Resumable and atomic: conversation chunk c always lands in shard c; each shard is
   written under a temporary name and renamed, then its sidecar; a killed build redoes
-  only the chunks without both.
+  only the chunks without both. The folder is built as `<key>.partial/` and renamed to
+  `<key>/` when the index is written, so a cache folder is always complete.
 - Incremental: every finished shard is also linked under `chunks/<chunk key>` (the cache
   key with the chunk's index and records in place of the dataset hash). A dataset that
   grows by appending (today's traffic after yesterday's) rebuilds only its new chunks; the
-  others are linked back from there after their checksum is verified. The folder is built as `<key>.partial/` and renamed to
-  `<key>/` when the index is written, so a cache folder is always complete.
+  others are linked back from there after their checksum is verified.
 - Scale-out: under `accelerate launch`, rank r builds the chunks c with c % world == r;
   rank 0 merges the sidecars into the index.
 - Reading: `CacheReader` memory-maps shards (safetensors) and reads one sample's slices

@@ -86,6 +86,14 @@ def test_block_attention_implements_the_dense_mask():
     values = torch.cat([v_ctx, v_blk.flatten(2, 3)], 2).repeat_interleave(heads_ // kv, 1)
     ref = F.scaled_dot_product_attention(q.flatten(2, 3), keys, values, attn_mask=layout.dense()[:, None])
     torch.testing.assert_close(got.flatten(2, 3), ref, rtol=1e-5, atol=1e-5)
+    # inference: one block per row that sees its whole context (None), a fused kernel
+    one = [x[:, :, :1] for x in (q, k_blk, v_blk)]
+    everything = torch.ones(b, 1, T, dtype=torch.bool)
+    fused = block_attention(one[0], k_ctx, v_ctx, one[1], one[2], None, d**-0.5)
+    masked = block_attention(one[0], k_ctx, v_ctx, one[1], one[2], everything, d**-0.5)
+    torch.testing.assert_close(fused, masked, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one block per row"):
+        block_attention(q, k_ctx, v_ctx, k_blk, v_blk, None, d**-0.5)
 
 
 def test_anchors_are_assistant_pairs_capped_and_per_sequence():

@@ -240,7 +240,7 @@ class DSpark(DraftVocab, DraftModel):
         block_ids: torch.Tensor,  # [b, A, S]
         positions: torch.Tensor,  # [b, A, S]
         ctx_kv: list[tuple[torch.Tensor, torch.Tensor]],
-        ctx_visible: torch.Tensor,  # [b, A, T]
+        ctx_visible: torch.Tensor | None,  # [b, A, T]; None: one block that sees all its context
     ) -> torch.Tensor:
         """Run the blocks through the layers -> final-normed hidden states [b, A, S, H]."""
         x = self.heads.embed_tokens(block_ids).to(self.fc.weight.dtype)
@@ -369,10 +369,7 @@ class DSpark(DraftVocab, DraftModel):
         device = self.fc.weight.device
         anchor = anchor.reshape(1).to(device)
         positions = (state.length + torch.arange(S, device=device))[None, None]
-        visible = torch.ones(1, 1, state.length, dtype=torch.bool, device=device)
-        hidden = self.block_hidden(
-            self.block_ids(anchor[None]), positions, list(zip(state.k, state.v)), visible
-        )[0, 0, :gamma]
+        hidden = self.block_hidden(self.block_ids(anchor[None]), positions, list(zip(state.k, state.v)), None)[0, 0, :gamma]
         backbone = self.vocab_logits(hidden).float()  # U for the whole block: one LM-head product
         if self.markov_head is None:  # DFlash: no sequential dependency, one sampling call
             draft, probs = sample(backbone, temperature, generator)

@@ -17,6 +17,7 @@ import copy
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -175,7 +176,7 @@ def block_attention(
     v_ctx: torch.Tensor,
     k_blk: torch.Tensor,  # [b, kv, A, S, d]
     v_blk: torch.Tensor,
-    ctx_visible: torch.Tensor,  # [b, A, T] bool: context keys each block may see
+    ctx_visible: torch.Tensor | None,  # [b, A, T] bool: context keys each block may see; None: all
     scale: float,
 ) -> torch.Tensor:
     """Attention of each block over [its visible context ; its own block], in one softmax.
@@ -184,6 +185,8 @@ def block_attention(
     `BlockLayout.dense()`, without materialising the other blocks' columns
     (memory O(A*S*(T+S)) instead of O(A*S*(T+A*S))).
     """
+    if ctx_visible is None:  # inference: one block that sees all its context, one fused kernel
+        return _single_block_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale)
     kv = k_ctx.shape[1]
     qg = _grouped(q, kv).float()  # [b, kv, g, A, S, d]
     s_ctx = torch.einsum("bkgasd,bktd->bkgast", qg, k_ctx.float()) * scale
@@ -194,6 +197,18 @@ def block_attention(
     out = torch.einsum("bkgast,bktd->bkgasd", p_ctx, v_ctx.float())
     out = out + torch.einsum("bkgasr,bkard->bkgasd", p_blk, v_blk.float())
     return out.flatten(1, 2).to(q.dtype)  # [b, h, A, S, d]
+
+
+def _single_block_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale: float) -> torch.Tensor:
+    """`block_attention` with A = 1 and every context key visible, in the weights' dtype: no
+    float32 copies of the context keys/values and no mask (SDPA accumulates in float32)."""
+    b, h, A, S, d = q.shape
+    if A != 1:
+        raise ValueError(f"an unmasked block attention takes one block per row, got {A}")
+    k = torch.cat([k_ctx, k_blk[:, :, 0]], dim=2)
+    v = torch.cat([v_ctx, v_blk[:, :, 0]], dim=2)
+    out = F.scaled_dot_product_attention(q[:, :, 0], k, v, scale=scale, enable_gqa=h != k.shape[1])
+    return out[:, :, None]  # [b, h, 1, S, d]
 
 
 def ttt_attention(

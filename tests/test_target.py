@@ -64,6 +64,22 @@ def test_frozen(tiny_target):
     assert not any(p.requires_grad for p in tiny_target.model.parameters())
 
 
+def test_lm_head_gets_the_last_position_in_standard_layout(tiny_target):
+    """generate() slices the last position as [B, 1, H] out of [B, T, H]; the head must see the
+    rows copied (torch's bf16 CPU linear is ~30x slower on the slice), with the same logits."""
+    head, H = tiny_target.lm_head, tiny_target.hidden_size
+    seen = []
+    handle = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].stride()))
+    try:
+        hidden = torch.randn(3, 5, H)
+        out = head(hidden[:, -1:])
+        head(hidden)  # already in standard layout: passed as it is
+    finally:
+        handle.remove()
+    assert seen == [(H, H, 1), (5 * H, H, 1)]
+    torch.testing.assert_close(out, torch.nn.functional.linear(hidden[:, -1], head.weight)[:, None])
+
+
 @pytest.mark.integration
 def test_smollm2_real_figures(smollm2_target):
     info = smollm2_target.info()

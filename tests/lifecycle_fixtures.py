@@ -156,6 +156,15 @@ def migrated_database(kind: str, dest: Path) -> Path:
     return dest
 
 
+def drain_prefect_events() -> None:
+    """Stop Prefect's events workers. One worker per client type serves the whole process, bound
+    to the API URL it started under: left running after its server stops, it sends every later
+    test's events to the dead port (Prefect's own harness drains them on exit)."""
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all()
+
+
 @contextmanager
 def prefect_harness():
     """Prefect's test harness (a server subprocess on a temporary database), on a migrated copy."""
@@ -164,6 +173,7 @@ def prefect_harness():
     import pytest
     from prefect.testing import utilities
 
+    drain_prefect_events()
     folder = tempfile.mkdtemp(prefix="prefect-harness-")
     migrated_database("prefect", Path(folder) / "prefect-test.db")  # the harness's file name in mkdtemp's folder
     with pytest.MonkeyPatch.context() as mp:
@@ -322,6 +332,7 @@ class PrefectServer:
         return temporary_settings(updates={PREFECT_API_URL: self.api_url})
 
     def __exit__(self, *exc) -> None:
+        drain_prefect_events()
         stop(self.proc, timeout=30)
         if self.proc is not None:
             self.log.close()

@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench._common import CLOCKS, RESULTS, add_clock_args, apply_threads, command, machine, write_results  # noqa: E402
+from bench._common import CLOCKS, RESULTS, Resync, add_clock_args, apply_threads, command, machine, write_results  # noqa: E402
 from drafter.config import load_config  # noqa: E402
-from drafter.decoding import PHASES, SpecEngine, load_drafter  # noqa: E402
+from drafter.decoding import PHASES, load_drafter  # noqa: E402
 from drafter.evaluate import evaluate_drafter, load_prompts  # noqa: E402
 from drafter.target import load_target  # noqa: E402
 
@@ -115,27 +115,6 @@ def main() -> None:
         "results": rows,
     }
     write_results(args.out, args.name, out, render(out))
-
-
-class Resync:
-    """The target's greedy continuation from wherever the emitted text left a drafter's script
-    (bf16 rounds a near-tie differently in a block and in a single token). The synthetic
-    drafters are free by design, so the clock the engine reads leaves this time out."""
-
-    def __init__(self, target, prompts: list[list[int]], max_new: int, clock) -> None:
-        self.plain, self.prompts, self.max_new, self.base = SpecEngine(target, None), prompts, max_new, clock
-        self.seconds = 0.0
-
-    def __call__(self, ids: list[int]) -> list[int]:
-        start = self.base()
-        prompt = next(p for p in self.prompts if ids[: len(p)] == p)
-        left = self.max_new - (len(ids) - len(prompt)) + 1
-        tokens = self.plain.generate(ids, max(left, 1)).tokens
-        self.seconds += self.base() - start
-        return tokens
-
-    def clock(self) -> float:
-        return self.base() - self.seconds
 
 
 def render(out: dict) -> str:

@@ -1,5 +1,6 @@
 """Throughput of confidence-scheduled verification: fixed block vs threshold vs Algorithm 1
-(the paper's rule, and the shared-width rule for our padded batches; drafter/scheduler.py).
+(the paper's rule with packed verification, and the shared-width rule with padded
+verification; drafter/scheduler.py, drafter/attention.py).
 
 For each concurrency R in {1, 2, 4, 8, 16}, R prompts are decoded together by the engine
 (one batched target verification per round) under each policy, in one process and one
@@ -10,10 +11,13 @@ Drafter: `--drafter DIR` (a trained drafter with a confidence head, e.g. DSpark)
 default a synthetic drafter (tests/drafters.py `ScriptedDrafter`) that follows the
 target's own greedy answers with random corruptions whose per-position rate is drawn
 before each token and reported as its (calibrated) confidence. The synthetic drafter
-drafts for free, so the table isolates the verification side the scheduler controls.
+drafts for free (and where bf16 rounding takes the answer off its script, its resync is
+left out of the clock: bench/_common.py `Resync`), so the table isolates the verification
+side the scheduler controls. "fixed", "threshold" and "algorithm 1" verify packed (each
+request its own drafts); "alg. 1, padded" pads every row to the longest block.
 
     python bench/scheduler_throughput.py [--drafter data/drafter] [--rows 1 2 4 8 16]
-                                         [--clock process --threads 1]
+                                         [--clock process --threads 1] [-s section.key=value]
 
 On a machine shared with other jobs, `--clock process --threads 1` times the CPU work of
 this process (the SPS table and the throughput use the same clock), which other tenants
@@ -25,9 +29,6 @@ Writes bench/results/scheduler_throughput.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import random
 import sys
 import time
@@ -38,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench._common import RESULTS, Resync, add_clock_args, apply_threads, command, machine, write_results  # noqa: E402
 from drafter.config import load_config  # noqa: E402
 from drafter.decoding import SpecEngine, block_size_of, load_drafter, round_totals  # noqa: E402
 from drafter.evaluate import load_prompts  # noqa: E402
@@ -57,16 +59,15 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=None,
                     help="cached tokens when profiling SPS (default: longest prompt + half the answer, as in the runs)")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("-s", "--set", dest="overrides", action="append", default=[], help="section.key=value")
+    add_clock_args(ap)
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     clock = CLOCKS[args.clock]
 
     cfg = load_config(args.config, ["evaluate.datasets=[gsm8k,humaneval,mt-bench,mbpp]",
-                                    f"evaluate.samples_per_dataset={max(args.rows)}"])
+                                    f"evaluate.samples_per_dataset={max(args.rows)}", *args.overrides])
     target = load_target(cfg)
     prompts = [p.ids for p in load_prompts(cfg, target.tokenizer, None)[0]]
     random.Random(0).shuffle(prompts)
@@ -79,10 +80,11 @@ def main() -> None:
     else:
         from tests.drafters import ScriptedDrafter
 
-        answers = SpecEngine(target, None).generate_batch(prompts, args.max_new_tokens)
+        resync = Resync(target, prompts, args.max_new_tokens, clock)
+        scripts = {tuple(p): resync.plain.generate(p, args.max_new_tokens).tokens for p in prompts}
         torch.manual_seed(0)
-        drafter = ScriptedDrafter({tuple(p): g.tokens for p, g in zip(prompts, answers)}, target.vocab_size,
-                                  error=tuple(args.error))
+        drafter = ScriptedDrafter(scripts, target.vocab_size, error=tuple(args.error), resync=resync)
+        clock = resync.clock
         temps, name = None, f"synthetic (scripted greedy answer, corruption ~ Beta{tuple(args.error)})"
     gamma = args.gamma or block_size_of(drafter, cfg.drafter.block_size)
 
@@ -92,17 +94,17 @@ def main() -> None:
     table = profile_target(target, args.rows, gamma + 1, context, args.reps, progress=False, clock=clock)
     profile_s = time.perf_counter() - start
 
-    policies = {
-        "fixed": None,
-        f"threshold {args.threshold}": Scheduler("threshold", args.threshold, temps),
-        "algorithm 1": Scheduler("prefix", temperatures=temps, cost_table=table, shared_width=False),
-        "alg. 1, shared width": Scheduler("prefix", temperatures=temps, cost_table=table, shared_width=True),
+    policies = {  # label: (scheduler, packed verification)
+        "fixed": (None, True),
+        f"threshold {args.threshold}": (Scheduler("threshold", args.threshold, temps), True),
+        "algorithm 1": (Scheduler("prefix", temperatures=temps, cost_table=table), True),
+        "alg. 1, padded (shared width)": (Scheduler("prefix", temperatures=temps, cost_table=table, packed=False), False),
     }
     results = []
     for rows in args.rows:
         batch = prompts[:rows]
-        for label, scheduler in policies.items():
-            engine = SpecEngine(target, drafter, gamma=gamma, scheduler=scheduler, seed=0, clock=clock)
+        for label, (scheduler, packed) in policies.items():
+            engine = SpecEngine(target, drafter, gamma=gamma, scheduler=scheduler, seed=0, clock=clock, packed=packed)
             engine.generate_batch(batch[:1], 4)  # warm-up, not measured
             torch.manual_seed(0)  # the synthetic drafter's corruptions start from the same draws
             gens = engine.generate_batch(batch, args.max_new_tokens)
@@ -120,25 +122,20 @@ def main() -> None:
             print(f"R={rows:>2} {label:<21} {results[-1]['decode_tokens_per_s']:7.1f} decode tok/s  tau {totals['tau']:.2f}  "
                   f"verified/round {results[-1]['verified_per_round']:.2f}", file=sys.stderr, flush=True)
 
-    command = "python bench/scheduler_throughput.py " + " ".join(sys.argv[1:])
     out = {
-        "command": command.strip(),
+        "command": command(),
         "target": target.info(),
         "drafter": name,
         "gamma": gamma,
         "max_new_tokens": args.max_new_tokens,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "load_average": os.getloadavg()},
+        "machine": machine(),
         "clock": args.clock,
         "profile_seconds": profile_s,
         "profile_context": context,
         "cost_table": {"rows": table.rows, "widths": table.widths, "sps": table.sps},
         "results": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scheduler_throughput.json").write_text(json.dumps(out, indent=2) + "\n")
-    (args.out / "scheduler_throughput.md").write_text(render(out))
-    print(render(out))
+    write_results(args.out, "scheduler_throughput", out, render(out))
 
 
 def render(out: dict) -> str:
@@ -146,7 +143,8 @@ def render(out: dict) -> str:
     lines = [
         "# Scheduler throughput: fixed block vs threshold vs Algorithm 1",
         "",
-        f"Target {out['target']['name']} on {out['target']['device']} ({out['machine']['cpus']} CPUs, "
+        f"Target {out['target']['name']} ({out['target']['dtype']}) on {out['target']['device']} "
+        f"({out['machine'].get('cpu') or 'CPU'}, {out['machine']['cpus']} CPUs, "
         f"load average {out['machine']['load_average'][0]:.1f} at the end); drafter: {out['drafter']}; "
         f"block {out['gamma']}, greedy, {out['max_new_tokens']} new tokens per request; "
         f"{'CPU time of the process' if out['clock'] == 'process' else 'wall clock'}, "
@@ -156,16 +154,17 @@ def render(out: dict) -> str:
         "Decode-phase throughput: generated (accepted) tokens per second over all R concurrent requests, after the "
         "batched prefill (the same work for every policy); in brackets tau and drafts verified per round:",
         "",
-        "| R | " + " | ".join(policies) + " | best Alg. 1 / fixed |",
-        "|---|" + "---|" * (len(policies) + 1),
+        "| R | " + " | ".join(policies) + " | alg. 1 / fixed | alg. 1 / threshold |",
+        "|---|" + "---|" * (len(policies) + 2),
     ]
+    threshold = next(p for p in policies if p.startswith("threshold"))
     for rows in dict.fromkeys(r["rows"] for r in out["results"]):
         cells = {r["policy"]: r for r in out["results"] if r["rows"] == rows}
-        best = max(cells[p]["decode_tokens_per_s"] for p in policies if p.startswith(("algorithm 1", "alg. 1")))
+        alg1 = cells["algorithm 1"]["decode_tokens_per_s"]
         lines.append(f"| {rows} | " + " | ".join(
             f"{cells[p]['decode_tokens_per_s']:.1f} ({cells[p]['tau']:.2f}; {cells[p]['verified_per_round']:.1f})"
             for p in policies
-        ) + f" | {best / cells['fixed']['decode_tokens_per_s']:.2f} |")
+        ) + f" | {alg1 / cells['fixed']['decode_tokens_per_s']:.2f} | {alg1 / cells[threshold]['decode_tokens_per_s']:.2f} |")
     lines += ["", f"SPS(R, w), target forward steps per second after {out['profile_context']} cached tokens "
               "(profiled in the same run, made monotone):", "",
               "| R \\ w | " + " | ".join(str(w) for w in out["cost_table"]["widths"]) + " |",

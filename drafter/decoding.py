@@ -13,10 +13,13 @@ At temperature 0 this is exact greedy matching. The drafter's state is then exte
 the target features of the anchor and the accepted drafts (ALGORITHMS.md section 1).
 
 Batching: R requests share one target KV cache, left-padded. Each round every request
-sends its block, padded on the right to the longest; afterwards each row keeps its anchor
-and accepted drafts, and its rejected slots are rotated to the left where they become
-padding. So the cache is always "padding, then the request's confirmed tokens", which
-is exact for sliding-window attention too. With one request this is a plain crop.
+sends its block; when the blocks differ in length they are packed (drafter/attention.py:
+one sequence of their real tokens, each row attending to its own cache), otherwise, or with
+`packed=False`, each is padded on the right to the longest. Either way the cache gets one
+block per row, as wide as the longest; afterwards each row keeps its anchor and accepted
+drafts, and its rejected slots are rotated to the left where they become padding. So the
+cache is always "padding, then the request's confirmed tokens", which is exact for
+sliding-window attention too. With one request this is a plain crop.
 
 Every generation carries `breakdown`: its batch's round time by phase (PHASES), read by the
 evaluation report and `bench/engine_speedup.py`.
@@ -24,6 +27,7 @@ evaluation report and `bench/engine_speedup.py`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from contextlib import contextmanager
@@ -32,9 +36,9 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
-from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from drafter.attention import PackedCache, Packing, packed_forward, supports_packing, verify_mask
 from drafter.errors import DrafterError
 from drafter.models.base import DraftModel
 from drafter.models.metrics import GREEDY_BELOW
@@ -171,7 +175,8 @@ class SpecEngine:
     """Speculative decoding of a target with a drafter (or plain decoding without one).
 
     `gamma` is the number of tokens drafted per round; `scheduler` (see
-    `drafter.scheduler`) decides how many of them the target verifies.
+    `drafter.scheduler`) decides how many of them the target verifies; `packed` verifies
+    blocks of different lengths packed rather than padded to the longest.
     """
 
     def __init__(
@@ -185,6 +190,7 @@ class SpecEngine:
         seed: int = 0,
         eos_token_ids: Sequence[int] | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        packed: bool = True,
     ) -> None:
         if temperature < 0:
             raise DecodingError(f"temperature must be >= 0, got {temperature}")
@@ -195,6 +201,7 @@ class SpecEngine:
         self.gamma = gamma if drafter is not None else 0
         self.temperature = float(temperature)
         self.scheduler = scheduler
+        self.packed = packed and supports_packing(target)
         self.clock = clock  # wall clock by default; time.process_time on a shared machine (one torch thread)
         self.overhead_s: dict[int, float] = {}  # per batch size: moving average of a round's time outside the forward
         self._phases = _Phases(clock)
@@ -278,7 +285,7 @@ class SpecEngine:
             mask[i, width - lengths[i] :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp_min(0)
-        cache = DynamicCache()  # plain layers (no sliding-window trimming): crop and realign stay exact
+        cache = PackedCache()  # plain layers (no sliding-window trimming): crop and realign stay exact
         feats = self.target.capture(ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
         logits = self.target.logits_from_hidden(feats.final[:, -1])
         prefill_end = self.clock()
@@ -338,24 +345,39 @@ class SpecEngine:
             block[i, 1 : lengths[i] + 1] = drafts[i][: lengths[i]]
             block_mask[i, : lengths[i] + 1] = 1
             positions[i] = r.position + torch.arange(width, device=self.device)
+        key_mask = torch.cat([mask, block_mask], dim=1)
         with self._phases("verify"):  # what the SPS profile measures
-            feats = self.target.capture(
-                block,
-                attention_mask=torch.cat([mask, block_mask], dim=1),
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            logits = self.target.logits_from_hidden(feats.final)  # [R, w, V]
+            if self.packed and min(lengths) < max(lengths):
+                packing = Packing.of([n + 1 for n in lengths], self.device)
+                with packed_forward(self.target, cache, packing):
+                    feats = self.target.capture(
+                        packing.pack(block)[None],
+                        attention_mask=verify_mask(key_mask, width),
+                        position_ids=packing.pack(positions)[None],
+                        past_key_values=cache,
+                        use_cache=True,
+                        packing=packing,
+                    )
+                logits = self.target.logits_from_hidden(feats.final[0])  # [N, V]
+                starts = [0, *itertools.accumulate(n + 1 for n in lengths)]
+                row_logits = [logits[s : s + n + 1] for s, n in zip(starts, lengths)]
+                row_layers = [feats.layers[:, s : s + n + 1] for s, n in zip(starts, lengths)]
+            else:
+                feats = self.target.capture(
+                    block, attention_mask=key_mask, position_ids=positions, past_key_values=cache, use_cache=True
+                )
+                logits = self.target.logits_from_hidden(feats.final)  # [R, w, V]
+                row_logits = [logits[i, : n + 1] for i, n in enumerate(lengths)]
+                row_layers = [feats.layers[i : i + 1, : n + 1] for i, n in enumerate(lengths)]
 
         for i, r in enumerate(rows):
             n_ver = lengths[i]
             draft = drafts[i][:n_ver]
             with self._phases("accept"):
                 if self.greedy:
-                    n, nxt = accept_greedy(logits[i, : n_ver + 1], draft)
+                    n, nxt = accept_greedy(row_logits[i], draft)
                 else:
-                    p_t = target_probs(logits[i, : n_ver + 1], self.temperature)
+                    p_t = target_probs(row_logits[i], self.temperature)
                     p_d = probs[i][:n_ver] if n_ver else p_t[:0]
                     n, nxt = accept_sampled(p_t, p_d, draft, self.generator)
                 accepted = draft[:n].tolist()
@@ -370,7 +392,7 @@ class SpecEngine:
                 continue
             if self.drafter is not None:
                 with self._phases("extend"):
-                    self.drafter.extend(r.state, feats.layers[i : i + 1, : n + 1], block[i : i + 1, : n + 1])
+                    self.drafter.extend(r.state, row_layers[i][:, : n + 1], block[i : i + 1, : n + 1])
             r.anchor, r.position = nxt, r.position + n + 1
         return width
 

@@ -228,10 +228,14 @@ class LocalBackend(Backend):
     def _generate_continuous(self, prompts: list[list[int]]) -> list[Turn]:
         from transformers import GenerationConfig
 
+        from drafter.attention import sdpa_attention
+
         config = GenerationConfig(max_new_tokens=self.cfg.max_new_tokens, pad_token_id=self.pad_id,
                                   eos_token_id=self.eos or None, **self._generate_kwargs())
-        out = self.target.model.generate_batch(inputs=prompts, generation_config=config,
-                                               continuous_batching_config=self._paged_cache(prompts), progress_bar=False)
+        with sdpa_attention(self.target.model):  # continuous batching takes SDPA, eager or flash only
+            out = self.target.model.generate_batch(inputs=prompts, generation_config=config,
+                                                   continuous_batching_config=self._paged_cache(prompts),
+                                                   progress_bar=False)
         if len(out) != len(prompts):
             raise RegenerateError(f"continuous batching answered {len(out)} of {len(prompts)} prompts")
         # Request ids are "req_<index in prompts>".

@@ -9,17 +9,21 @@ Modes (config `scheduler.mode`):
   in descending a; each admission raises the expected tokens tau* by a_{r,j}; it is kept
   while throughput tau* x SPS(forward) improves and the search STOPS at the first
   candidate that does not improve it. The early stop keeps decoding lossless: admitting
-  position j never depends on a token drafted at j or later. `scheduler.shared_width`
-  (default on) adapts the widening step to our padded batches (see `prefix_lengths`);
-  off, it is the paper's rule verbatim.
+  position j never depends on a token drafted at j or later. With packed verification
+  (`scheduler.packed`, the default) a forward costs what its token count costs, and this
+  is the paper's rule verbatim. Padded, `scheduler.shared_width` (default on) adapts the
+  widening step to the padding (see `prefix_lengths`); off, it is the paper's rule over
+  padded widths.
 
 SPS comes from a cost table profiled on this machine (`drafter profile`): target forward
 steps per second. The rest of an engine step (drafting, sampling, cache bookkeeping) does
 not depend on the block width and, on a CPU, is far from negligible; the engine measures it
-online and the scheduler adds it, so that its SPS is the whole step's rate, as in the paper. Our engine pads each request's block to the longest in the batch, so a
-forward costs what its shape (rows R, width w = longest prefix + 1) costs and the table is
-indexed by (R, w); with one request it is the paper's SPS(B) with B = w. A packed engine
-(vLLM) would index by the total token count instead; the algorithm is the same.
+online and the scheduler adds it, so that its SPS is the whole step's rate, as in the paper.
+The table is indexed by (rows R, width w), profiled with every row w tokens wide. Packed, a
+forward of N tokens over R rows costs about what R rows of N / R tokens cost, so the
+scheduler reads the table at that (fractional) width: the paper's SPS(B) with B = N. Padded,
+a forward costs what its shape (R, longest prefix + 1) costs; with one request both are
+the paper's SPS(B) with B = w.
 
 Confidences are calibrated with the STS temperatures in `calibration.json` before use:
 c_k = sigmoid(logit(c_k) / T_k).
@@ -72,7 +76,7 @@ def threshold_lengths(confidences: Sequence[torch.Tensor], threshold: float) -> 
 
 
 def prefix_lengths(
-    survival: Sequence[torch.Tensor], sps, shared_width: bool = False, overhead_s: float = 0.0
+    survival: Sequence[torch.Tensor], sps, shared_width: bool = False, overhead_s: float = 0.0, packed: bool = False
 ) -> list[int]:
     """Algorithm 1. `survival[r]` = a_{r,1..g_r}; `sps(rows, width)` = forward steps per second;
     `overhead_s` = the rest of an engine step (drafting, sampling, cache bookkeeping), which
@@ -91,6 +95,9 @@ def prefix_lengths(
     then stop" with "widen and admit every request's next draft that fits the wider block"
     (the same next-candidate information, so still lossless). With one request both rules
     are the paper's.
+
+    `packed`: the engine verifies each request's own tokens only, so a forward costs what its
+    token count N costs, read at width N / R (`shared_width` does not apply): the paper's rule.
     """
     rows = len(survival)
     a = [[float(x) for x in s] for s in survival]
@@ -119,6 +126,13 @@ def prefix_lengths(
         _, j, r = heapq.heappop(heap)
         if j != lengths[r]:
             continue  # stale entry
+        if packed:
+            theta = (tau + a[r][j]) * step_rate(rows, (rows + sum(lengths) + 1) / rows)
+            if theta <= best:
+                break  # the early stop
+            admit(r)
+            best = theta
+            continue
         if j + 2 <= width or not shared_width:
             theta = (tau + a[r][j]) * step_rate(rows, max(width, j + 2))
             if theta <= best:
@@ -279,6 +293,7 @@ class Scheduler:
         temperatures: Sequence[float] | None = None,
         cost_table: CostTable | None = None,
         shared_width: bool = True,
+        packed: bool = True,
     ) -> None:
         if mode not in ("fixed", "threshold", "prefix"):
             raise SchedulerError(f"unknown scheduler mode {mode!r}")
@@ -287,7 +302,8 @@ class Scheduler:
         self.mode, self.threshold = mode, threshold
         self.temperatures = list(temperatures) if temperatures else None
         self.cost_table = cost_table
-        self.shared_width = shared_width  # see prefix_lengths: our engine pads rows to one width
+        self.shared_width = shared_width  # see prefix_lengths: padded rows share one width
+        self.packed = packed  # the engine packs blocks of different lengths (SpecEngine(packed=...))
 
     def calibrated(self, conf: torch.Tensor) -> torch.Tensor:
         return apply_temperatures(conf, self.temperatures)
@@ -304,7 +320,8 @@ class Scheduler:
         confs = [self.calibrated(c[:n]) if n else torch.empty(0) for n, c in zip(proposed, confidences)]
         if self.mode == "threshold":
             return threshold_lengths(confs, self.threshold)
-        return prefix_lengths([prefix_survival(c) for c in confs], self.cost_table, self.shared_width, overhead_s)
+        return prefix_lengths([prefix_survival(c) for c in confs], self.cost_table, self.shared_width, overhead_s,
+                              self.packed)
 
 
 def find_calibration(drafter_dir: Path | None, calibration_dir: Path | None = None) -> Path | None:
@@ -349,7 +366,7 @@ def build_scheduler(cfg, drafter_dir: Path | None = None, mode: str | None = Non
         return None
     table = CostTable.load(cost_table_path(cfg)) if mode == "prefix" else None
     temperatures = load_temperatures(drafter_dir, cfg.data_dir / "calibration")
-    return Scheduler(mode, sc.threshold, temperatures, table, sc.shared_width)
+    return Scheduler(mode, sc.threshold, temperatures, table, sc.shared_width, sc.packed)
 
 
 def cost_table_path(cfg) -> Path:

@@ -85,6 +85,9 @@ class Target:
             module = self.decoder.embed_tokens if layer_id == -1 else self.decoder.layers[layer_id]
             module.register_forward_hook(self._make_hook(layer_id))
         self.model.get_output_embeddings().register_forward_pre_hook(_standard_layout)
+        from drafter.attention import install
+
+        install(self.model)  # fast short-query attention in bf16 on a CPU
 
     def _make_hook(self, layer_id: int):
         def hook(_module, _inputs, output):
@@ -185,8 +188,10 @@ class Target:
         past_key_values: Any = None,
         use_cache: bool = False,
         with_logits: bool = False,
+        **attention_kwargs: Any,
     ) -> Features:
-        """Run the decoder (not the LM head unless asked) and return the feature layers."""
+        """Run the decoder (not the LM head unless asked) and return the feature layers.
+        `attention_kwargs` reach the attention function (drafter/packed.py's packing)."""
         self._hooks_out.clear()
         out = self.decoder(
             input_ids=input_ids.to(self.device),
@@ -194,6 +199,7 @@ class Target:
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache,
+            **attention_kwargs,
         )
         layers = torch.stack([self._hooks_out[i] for i in self.layer_ids], dim=2)
         self._hooks_out.clear()

@@ -54,6 +54,18 @@ def test_shared_width_carries_the_other_requests():
         assert prefix_lengths([torch.tensor([0.95, 0.9])], one, shared) == [0]
 
 
+def test_packed_rule_prices_tokens_not_widths():
+    """Packed, a forward of N tokens over R rows costs what width N / R costs. Two requests:
+    0.9 -> 3 tokens (2.9 x 0.9 = 2.61), 0.72 -> 4 tokens (3.62 x 0.8 = 2.90), 0.5 would take
+    5 tokens (4.12 x 0.7 = 2.88 < 2.90): stop. Padded, the second draft of the first request
+    needs width 3 for both rows (3.62 x 0.6 = 2.17 < 2.32) and the search stops there."""
+    sps = table([2], [[1.0, 0.8, 0.6]])
+    survival = [torch.tensor([0.9, 0.72]), torch.tensor([0.5, 0.05])]
+    assert prefix_lengths(survival, sps, packed=True) == [2, 0]
+    assert prefix_lengths(survival, sps, shared_width=False) == [1, 0]
+    assert sps(2, 1.5) == pytest.approx(0.9) and sps(2, 2.5) == pytest.approx(0.7)
+
+
 def test_round_overhead_favours_longer_blocks():
     """Width 2 halves the forward rate: alone it does not pay (1.95 x 0.5 < 1), but when a
     round also spends 1 s outside the forward the step rate only drops from 1/2 to 1/3 and
@@ -190,19 +202,19 @@ def test_scheduler_needs_confidences(tiny_target):
         engine.generate(chat(tiny_target, "hi"), 5)
 
 
-@pytest.mark.parametrize("shared_width", [False, True])
-def test_sampling_lossless_with_prefix_scheduler(shared_width):
-    """Algorithm 1 across 2000 concurrent requests at temperature 0.8: the chi-square test of
-    test_decoding (false-alarm rate 1e-3) still passes."""
+@pytest.mark.parametrize("shared_width,packed", [(False, False), (True, False), (False, True)])
+def test_sampling_lossless_with_prefix_scheduler(shared_width, packed):
+    """Algorithm 1 across 2000 concurrent requests at temperature 0.8 (padded and packed
+    rules): the chi-square test of test_decoding (false-alarm rate 1e-3) still passes."""
     target, drafter, joint = make_small_world(confidences=True)
-    line = [1.0, 0.8, 0.5] if shared_width else [1.0, 0.9999, 0.5]  # both verify first drafts, not second
+    line = [1.0, 0.8, 0.5] if shared_width else [1.0, 0.9999, 0.5]  # all verify first drafts, not second
     sps = table([1, 2000], [line, line])
 
     class Untimed(Scheduler):  # decisions from the table alone, so the seeded test stays deterministic
         def lengths(self, proposed, confidences, overhead_s=0.0):
             return super().lengths(proposed, confidences, 0.0)
 
-    scheduler = Untimed("prefix", cost_table=sps, shared_width=shared_width)
+    scheduler = Untimed("prefix", cost_table=sps, shared_width=shared_width, packed=packed)
     pvalue, totals = sample_pvalue(target, drafter, joint, scheduler=scheduler)
     assert pvalue > ALPHA
     assert 0 < totals["verified"] < totals["proposed"]  # it did schedule

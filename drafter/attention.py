@@ -1,0 +1,189 @@
+"""The target's attention on this hardware, and packed (ragged) verification.
+
+Short queries in bf16 on a CPU: torch 2.13's scaled_dot_product_attention (its flash kernel
+for CPU) is slow for a few query tokens over a long cache, in bf16 only (one thread, 9 query
+heads over 3 KV heads and 373 cached tokens: 0.37 ms for one row of one token and 6.1 ms for 16
+rows, against 0.11 and 0.55 ms for two matrix products; fp32 is unaffected). Every decoding
+step is such a query. `install` makes the target's attention `ATTENTION`, which computes those
+as transformers' eager attention does (scores in the weights' dtype, softmax in float32),
+grouping each KV head's query heads instead of copying the cache per head, and hands
+everything else to transformers' own SDPA function.
+
+Packed verification: a padded batch runs every row at the widest row's block width, so the projections, MLPs and
+the LM head pay for padding. Packed, the R blocks are flattened into one sequence of N real
+tokens (`[1, N]`, each with its own position id) and only attention sees the rows: each
+layer's new keys/values are scattered into the usual per-row `[R, heads, width, d]` block of
+the KV cache (`PackedCache.update`), and the queries are scattered the same way so that each
+row attends to its own cache under a block-causal mask (`packed_attention`). What the cache
+holds afterwards is exactly what a padded forward leaves (the gaps hold zeros instead of pad
+tokens' keys, masked either way), so the engine's cache bookkeeping is unchanged.
+
+Both run through transformers' attention interface (`AttentionInterface.register`); the
+packing reaches the attention function as a keyword argument of the model's forward.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+ATTENTION = "drafter"
+SHORT_QUERY = 16  # query tokens up to which bf16 on a CPU takes the matrix-product path
+
+
+# ----- attention ------------------------------------------------------------------------------
+def _grouped_attention(query, key, value, mask, scaling):
+    """query [B, h, T, d], key/value [B, kv, S, d], mask bool [B, 1, T, S] (True: attend) or None
+    (causal, the queries last). Each KV head's h/kv query heads go through it as one matrix."""
+    batch, heads, length, dim = query.shape
+    kv, total = key.shape[1], key.shape[2]
+    group = heads // kv
+    q = (query * scaling).reshape(batch, kv, group * length, dim)
+    scores = torch.matmul(q, key.transpose(-1, -2)).view(batch, kv, group, length, total)
+    if mask is None and length > 1:
+        mask = torch.ones(length, total, dtype=torch.bool, device=query.device).tril(total - length)[None, None]
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    return torch.matmul(probs.view(batch, kv, group * length, total), value).view(batch, heads, length, dim)
+
+
+def _short_query(query) -> bool:
+    return query.dtype == torch.bfloat16 and query.device.type == "cpu" and query.shape[2] <= SHORT_QUERY
+
+
+def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' SDPA attention, but short bf16 queries on a CPU take `_grouped_attention`."""
+    if not _short_query(query) or dropout or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask == 0  # an additive float mask: 0 where allowed
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return _grouped_attention(query, key, value, attention_mask, scale).transpose(1, 2), None
+
+
+AttentionInterface.register(ATTENTION, attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)  # None where SDPA's is_causal would do
+
+
+def install(model) -> None:
+    """Use `attention` in a CPU model that uses transformers' SDPA attention (others keep theirs)."""
+    if getattr(model.config, "_attn_implementation", None) == "sdpa" and next(model.parameters()).device.type == "cpu":
+        model.set_attn_implementation(ATTENTION)
+
+
+@contextmanager
+def sdpa_attention(model):
+    """Within: transformers' own SDPA attention (for code that accepts no other, e.g. continuous batching)."""
+    before = model.config._attn_implementation
+    if before == ATTENTION:
+        model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        if before == ATTENTION:
+            model.set_attn_implementation(ATTENTION)
+
+
+# ----- packed verification --------------------------------------------------------------------
+PACKED_ATTENTION = "drafter_packed"
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where each of N packed tokens sits in a [rows, width] block: flat slot row * width + j."""
+
+    index: torch.Tensor  # [N] flat slots, rows in order, each row's tokens contiguous
+    rows: int
+    width: int
+
+    @classmethod
+    def of(cls, lengths: Sequence[int], device: torch.device | str = "cpu") -> Packing:
+        """Row r holds lengths[r] tokens (slots 0..lengths[r]-1 of a block as wide as the longest)."""
+        width = max(lengths)
+        index = torch.cat([r * width + torch.arange(n) for r, n in enumerate(lengths)]).to(device)
+        return cls(index, len(lengths), width)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """[1, heads, N, d] -> [rows, heads, width, d], zeros where a row has no token."""
+        _, heads, _, dim = x.shape
+        flat = x.new_zeros(self.rows * self.width, heads, dim)
+        flat[self.index] = x[0].transpose(0, 1)
+        return flat.view(self.rows, self.width, heads, dim).transpose(1, 2)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[rows, width, ...] -> [N, ...]: the packed tokens' entries."""
+        return x.reshape(self.rows * self.width, *x.shape[2:])[self.index]
+
+
+class PackedCache(DynamicCache):
+    """A DynamicCache that, while `packing` is set, takes a packed block's keys/values and
+    stores them as the per-row block a padded forward would have stored."""
+
+    packing: Packing | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.packing is not None:
+            key_states, value_states = self.packing.unpack(key_states), self.packing.unpack(value_states)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, packing=None, **_):
+    """Attention of N packed queries, each against its own row of the cache.
+
+    query [1, heads, N, d]; key/value [rows, kv_heads, L, d] (PackedCache's per-row cache);
+    attention_mask [rows, 1, width, L], True where a slot may attend. Returns [1, N, heads, d],
+    the layout of transformers' own attention functions."""
+    if packing is None:
+        raise RuntimeError(f"{PACKED_ATTENTION} attention needs the packing of its batch")
+    q = packing.unpack(query)  # [rows, heads, width, d]
+    if _short_query(q):
+        out = _grouped_attention(q, key, value, attention_mask, scaling if scaling is not None else q.shape[-1] ** -0.5)
+    else:
+        out = F.scaled_dot_product_attention(
+            q, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=q.shape[1] != key.shape[1]
+        )
+    return packing.pack(out.transpose(1, 2))[None], None
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+
+
+def verify_mask(key_mask: torch.Tensor, width: int) -> torch.Tensor:
+    """[rows, L + width] key mask (1 = a real token, the block last) -> [rows, 1, width, L + width]
+    boolean mask: a block slot sees the row's real cached tokens and the block's slots up to itself."""
+    total = key_mask.shape[1]
+    slots = torch.arange(width, device=key_mask.device)
+    keys = torch.arange(total, device=key_mask.device) - (total - width)  # block slot of each key (<0: cached)
+    causal = keys[None, :] <= slots[:, None]  # [width, L + width]
+    return (key_mask.bool()[:, None, :] & causal[None])[:, None]
+
+
+def supports_packing(target) -> bool:
+    """Packed verification needs plain scaled dot-product attention over the whole context in
+    every layer: no logit soft-capping, no sliding window (one mask serves every layer)."""
+    config = target.config
+    types = getattr(config, "layer_types", None)
+    sliding = (any(t != "full_attention" for t in types) if types else
+               getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True))
+    return (not sliding and getattr(config, "attn_logit_softcapping", None) is None
+            and config._attn_implementation in ("sdpa", ATTENTION))
+
+
+@contextmanager
+def packed_forward(target, cache: PackedCache, packing: Packing):
+    """Within: the target's attention is `packed_attention` and `cache` stores packed blocks."""
+    config = target.config
+    before = config._attn_implementation
+    config._attn_implementation, cache.packing = PACKED_ATTENTION, packing
+    try:
+        yield
+    finally:
+        config._attn_implementation, cache.packing = before, None

@@ -1,0 +1,128 @@
+"""The target's attention (drafter/attention.py): short bf16 queries by matrix products, and
+packed verification, which must give what a padded forward gives."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import drafter.attention as att
+import drafter.decoding as dec
+from drafter.attention import ATTENTION, PackedCache, Packing, packed_forward, supports_packing, verify_mask
+from drafter.decoding import SpecEngine
+from tests.drafters import ScriptedDrafter, lively_target
+from tests.test_decoding import QUESTIONS, chat, reference
+
+
+def random_attention(batch, heads, kv, length, total, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, length, 16, generator=g).to(dtype)
+    k, v = (torch.randn(batch, kv, total, 16, generator=g).to(dtype) for _ in range(2))
+    return q, k, v
+
+
+@pytest.mark.parametrize("length", [1, 5])
+def test_grouped_attention_equals_sdpa(length):
+    """GQA grouping, a padding mask, and the causal default without a mask."""
+    q, k, v = random_attention(3, 6, 2, length, 20)
+    mask = torch.ones(3, 1, length, 20, dtype=torch.bool).tril(20 - length)
+    mask[1, ..., :7] = False  # a left-padded row
+    causal = torch.ones(length, 20, dtype=torch.bool).tril(20 - length)  # the queries are the last positions
+    for given, meant in ((mask, mask), (None, causal)):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=meant, enable_gqa=True)
+        torch.testing.assert_close(att._grouped_attention(q, k, v, given, 16 ** -0.5), want, rtol=1e-5, atol=1e-5)
+
+
+def test_short_bf16_queries_take_the_matrix_path_and_the_rest_sdpa(monkeypatch):
+    calls = []
+    monkeypatch.setattr(att, "_grouped_attention", lambda *a: calls.append(a[0].shape) or torch.zeros(1, 1, 1, 1))
+    monkeypatch.setattr(att, "sdpa_attention_forward", lambda module, q, *a, **k: (calls.append(("sdpa", q.dtype)), None))
+    module = torch.nn.Module()
+    for dtype, length in ((torch.bfloat16, 1), (torch.bfloat16, att.SHORT_QUERY), (torch.bfloat16, 17), (torch.float32, 1)):
+        q, k, v = random_attention(1, 4, 2, length, 30, dtype)
+        att.attention(module, q, k, v, None)
+    assert calls == [(1, 4, 1, 16), (1, 4, att.SHORT_QUERY, 16), ("sdpa", torch.bfloat16), ("sdpa", torch.float32)]
+
+
+def test_installed_attention_keeps_a_bf16_target_close_to_sdpa():
+    target = lively_target("llama")
+    model = target.model.to(torch.bfloat16)
+    assert model.config._attn_implementation == ATTENTION  # Target installs it on a CPU model
+    ids = torch.tensor([chat(target, QUESTIONS[1])])
+    with torch.inference_mode():
+        ours = model(ids).logits[0, -1].float()  # the prompt: SDPA; then one decoding step: ours
+        step = model(ids[:, :-1], use_cache=True)
+        ours_step = model(ids[:, -1:], past_key_values=step.past_key_values).logits[0, -1].float()
+        model.set_attn_implementation("sdpa")
+        theirs_step = model(ids[:, -1:], past_key_values=model(ids[:, :-1], use_cache=True).past_key_values).logits[0, -1].float()
+    torch.testing.assert_close(ours_step, theirs_step, rtol=0, atol=0.05 * float(theirs_step.abs().max()))
+    torch.testing.assert_close(ours_step, ours, rtol=0, atol=0.05 * float(ours.abs().max()))
+
+
+@pytest.mark.parametrize("shape", ["llama", "qwen3"])
+def test_packed_forward_gives_what_a_padded_forward_gives(shape):
+    """Ragged rows after a left-padded prefill: the same logits, feature layers and cache."""
+    target = lively_target(shape)
+    assert supports_packing(target)
+    g = torch.Generator().manual_seed(0)
+    rows, context, lengths = 4, 12, [3, 6, 1, 4]
+    width = max(lengths)
+    ids = torch.randint(target.vocab_size, (rows, context), generator=g)
+    mask = torch.ones(rows, context, dtype=torch.long)
+    mask[1, :5] = mask[3, :9] = 0
+    block = torch.randint(target.vocab_size, (rows, width), generator=g)
+    block_mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+    key_mask = torch.cat([mask, block_mask], 1)
+    positions = mask.sum(1, keepdim=True) + torch.arange(width)[None]
+    caches = []
+    with torch.inference_mode():
+        for _ in range(2):
+            caches.append(PackedCache())
+            target.capture(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0),
+                           past_key_values=caches[-1], use_cache=True)
+        padded = target.capture(block, attention_mask=key_mask, position_ids=positions, past_key_values=caches[0], use_cache=True)
+        packing = Packing.of(lengths)
+        with packed_forward(target, caches[1], packing):
+            packed = target.capture(packing.pack(block)[None], attention_mask=verify_mask(key_mask, width),
+                                    position_ids=packing.pack(positions)[None], past_key_values=caches[1], use_cache=True,
+                                    packing=packing)
+    assert target.config._attn_implementation == ATTENTION and caches[1].packing is None  # restored
+    assert packed.final.shape[:2] == (1, sum(lengths))
+    torch.testing.assert_close(packed.final[0], packing.pack(padded.final), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed.layers[0], packing.pack(padded.layers), rtol=1e-5, atol=1e-5)
+    real = key_mask.bool()[:, None, :, None]
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        assert a.keys.shape == b.keys.shape
+        torch.testing.assert_close(a.keys * real, b.keys * real, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.values * real, b.values * real, rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_targets_are_verified_padded():
+    assert not supports_packing(lively_target("gemma3"))
+
+
+class Ragged:
+    """A length policy that cuts each request's draft differently every round."""
+
+    def __init__(self):
+        self.round = 0
+
+    def lengths(self, proposed, confidences, overhead_s=0.0):
+        self.round += 1
+        return [min(p, (self.round + i) % (p + 1)) for i, p in enumerate(proposed)]
+
+
+def test_engine_packs_ragged_blocks_and_decodes_the_target_greedy_answer(monkeypatch):
+    target = lively_target("llama")
+    prompts = [chat(target, q) for q in QUESTIONS]
+    refs = [reference(target, p, 30) for p in prompts]
+    packs = []
+    monkeypatch.setattr(dec, "packed_forward", lambda t, c, p: packs.append(p.index.numel()) or packed_forward(t, c, p))
+    runs = {}
+    for packed in (True, False):
+        torch.manual_seed(0)
+        drafter = ScriptedDrafter({tuple(p): r for p, r in zip(prompts, refs)}, target.vocab_size, error=(1.0, 2.0))
+        runs[packed] = SpecEngine(target, drafter, gamma=5, scheduler=Ragged(), packed=packed).generate_batch(prompts, 30)
+        assert [g.tokens for g in runs[packed]] == refs
+    assert [g.rounds for g in runs[True]] == [g.rounds for g in runs[False]]  # the same decisions, round by round
+    padded_tokens = sum(len(g.rounds) for g in runs[True]) * 6
+    assert packs and sum(packs) < padded_tokens  # packing ran, on fewer tokens than padding would

@@ -58,7 +58,8 @@ def main() -> None:
     ap.add_argument("--error", type=float, nargs=2, default=[1.0, 3.0], help="synthetic drafter: Beta(a, b) corruption rate")
     ap.add_argument("--context", type=int, default=None,
                     help="cached tokens when profiling SPS (default: longest prompt + half the answer, as in the runs)")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="timed rounds over the widths when profiling SPS")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of every policy at each R (the median is reported)")
     ap.add_argument("-s", "--set", dest="overrides", action="append", default=[], help="section.key=value")
     add_clock_args(ap)
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -103,24 +104,19 @@ def main() -> None:
     results = []
     for rows in args.rows:
         batch = prompts[:rows]
-        for label, (scheduler, packed) in policies.items():
-            engine = SpecEngine(target, drafter, gamma=gamma, scheduler=scheduler, seed=0, clock=clock, packed=packed)
-            engine.generate_batch(batch[:1], 4)  # warm-up, not measured
-            torch.manual_seed(0)  # the synthetic drafter's corruptions start from the same draws
-            gens = engine.generate_batch(batch, args.max_new_tokens)
-            seconds = max(g.seconds for g in gens)
-            prefill = gens[0].prefill_seconds  # one batched prefill, the same work for every policy
-            totals = round_totals(gens)
-            tokens = sum(len(g.tokens) for g in gens)
-            results.append({
-                "rows": rows, "policy": label, "tokens": tokens, "seconds": seconds, "prefill_seconds": prefill,
-                "tokens_per_s": tokens / seconds, "decode_tokens_per_s": (tokens - rows) / (seconds - prefill),
-                "tau": totals["tau"], "rounds": totals["rounds"],
-                "verified_per_round": totals["verified"] / max(totals["rounds"], 1),
-                "acceptance_rate": totals["accepted"] / max(totals["verified"], 1),
-            })
-            print(f"R={rows:>2} {label:<21} {results[-1]['decode_tokens_per_s']:7.1f} decode tok/s  tau {totals['tau']:.2f}  "
-                  f"verified/round {results[-1]['verified_per_round']:.2f}", file=sys.stderr, flush=True)
+        runs: dict[str, list[dict]] = {label: [] for label in policies}
+        for _ in range(args.repeats):  # policies in turn, so that a slow spell does not fall on one
+            for label, (scheduler, packed) in policies.items():
+                engine = SpecEngine(target, drafter, gamma=gamma, scheduler=scheduler, seed=0, clock=clock, packed=packed)
+                engine.generate_batch(batch[:1], 4)  # warm-up, not measured
+                torch.manual_seed(0)  # the synthetic drafter's corruptions start from the same draws
+                runs[label].append(measure(engine.generate_batch(batch, args.max_new_tokens)))
+        for label, measured in runs.items():
+            median = sorted(measured, key=lambda m: m["decode_tokens_per_s"])[len(measured) // 2]
+            results.append({"rows": rows, "policy": label, **median,
+                            "decode_tokens_per_s_runs": [m["decode_tokens_per_s"] for m in measured]})
+            print(f"R={rows:>2} {label:<30} {median['decode_tokens_per_s']:7.1f} decode tok/s  tau {median['tau']:.2f}  "
+                  f"verified/round {median['verified_per_round']:.2f}", file=sys.stderr, flush=True)
 
     out = {
         "command": command(),
@@ -128,6 +124,7 @@ def main() -> None:
         "drafter": name,
         "gamma": gamma,
         "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
         "machine": machine(),
         "clock": args.clock,
         "profile_seconds": profile_s,
@@ -136,6 +133,21 @@ def main() -> None:
         "results": results,
     }
     write_results(args.out, "scheduler_throughput", out, render(out))
+
+
+def measure(gens) -> dict:
+    """One batch's figures: decode-phase tokens/s after the batched prefill (the same work for
+    every policy), tau, drafts verified per round."""
+    seconds = max(g.seconds for g in gens)
+    prefill = gens[0].prefill_seconds
+    totals = round_totals(gens)
+    tokens = sum(len(g.tokens) for g in gens)
+    return {
+        "tokens": tokens, "seconds": seconds, "prefill_seconds": prefill, "tokens_per_s": tokens / seconds,
+        "decode_tokens_per_s": (tokens - len(gens)) / (seconds - prefill), "tau": totals["tau"],
+        "rounds": totals["rounds"], "verified_per_round": totals["verified"] / max(totals["rounds"], 1),
+        "acceptance_rate": totals["accepted"] / max(totals["verified"], 1),
+    }
 
 
 def render(out: dict) -> str:
@@ -152,7 +164,8 @@ def render(out: dict) -> str:
         f"Command: `{out['command']}`",
         "",
         "Decode-phase throughput: generated (accepted) tokens per second over all R concurrent requests, after the "
-        "batched prefill (the same work for every policy); in brackets tau and drafts verified per round:",
+        f"batched prefill (the same work for every policy), the median of {out.get('repeats', 1)} run(s) taken in turn; "
+        "in brackets tau and drafts verified per round:",
         "",
         "| R | " + " | ".join(policies) + " | alg. 1 / fixed | alg. 1 / threshold |",
         "|---|" + "---|" * (len(policies) + 2),

@@ -237,8 +237,10 @@ def profile_target(
 ) -> CostTable:
     """Wall time of one target forward of [R, w] tokens after `context` cached tokens.
 
-    Each shape keeps its fastest of `reps` timed runs (load from other processes only ever
-    adds time), then the table is made monotone in rows and width (`monotone_times`).
+    The widths of one R are timed in turn, `reps` times round (a first round warms up and
+    is dropped), so that a slow spell of the machine falls on every width alike rather than
+    on one; each shape keeps its fastest run (load from other processes only ever adds
+    time), then the table is made monotone in rows and width (`monotone_times`).
     """
     from tqdm import tqdm
     from transformers import DynamicCache
@@ -251,21 +253,19 @@ def profile_target(
         ids = torch.randint(target.vocab_size, (r, context), generator=gen).to(target.device)
         cache = DynamicCache()
         target.capture(ids, past_key_values=cache, use_cache=True)
-        line = []
-        for w in widths:
-            block = torch.randint(target.vocab_size, (r, w), generator=gen).to(target.device)
-            times = []
-            for rep in range(reps + 1):  # the first run warms up and is dropped
+        blocks = [torch.randint(target.vocab_size, (r, w), generator=gen).to(target.device) for w in widths]
+        line = [math.inf] * len(widths)
+        for rep in range(reps + 1):  # the first round warms up and is dropped
+            for k, block in enumerate(blocks):
                 _sync(target.device)
                 start = clock()
                 feats = target.capture(block, past_key_values=cache, use_cache=True)
                 target.logits_from_hidden(feats.final)
                 _sync(target.device)
                 if rep:
-                    times.append(clock() - start)
-                cache.crop(-w)
-            line.append(min(times))
-            bar.update()
+                    line[k] = min(line[k], clock() - start)
+                cache.crop(-block.shape[1])
+        bar.update(len(widths))
         table.append(line)
     bar.close()
     smooth = monotone_times(table)

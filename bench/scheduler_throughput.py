@@ -147,6 +147,8 @@ def measure(gens) -> dict:
         "decode_tokens_per_s": (tokens - len(gens)) / (seconds - prefill), "tau": totals["tau"],
         "rounds": totals["rounds"], "verified_per_round": totals["verified"] / max(totals["rounds"], 1),
         "acceptance_rate": totals["accepted"] / max(totals["verified"], 1),
+        # the batch's rounds (one per engine step, until its last request ends), by phase
+        "round_ms": {phase: 1e3 * t / max(len(g.rounds) for g in gens) for phase, t in gens[0].breakdown.items()},
     }
 
 

@@ -123,7 +123,7 @@ def test_oracle_drafter_reaches_the_ceiling(tiny_target, tmp_path):
 
 
 def test_broken_engine_fails_the_lossless_check(tiny_target, tmp_path, monkeypatch):
-    monkeypatch.setattr(dec, "accept_greedy", lambda logits, draft: (draft.numel(), int(logits[-1].argmax())))
+    monkeypatch.setattr(dec, "accept_greedy", lambda top, draft: (len(draft), top[len(draft)]))
     report = evaluate_drafter(cfg_with(), RandomDrafter(tiny_target.vocab_size), tiny_target, tmp_path)
     assert not report["lossless"]["passed"] and report["lossless"]["mismatches"] > 0
     assert "FAILED" in (tmp_path / "report.md").read_text()

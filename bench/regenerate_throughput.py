@@ -2,7 +2,7 @@
 
     python bench/regenerate_throughput.py [--prompts 16] [--max-new-tokens 48] [--batch-sizes 1,4,8,16]
                                           [--continuous-sizes 16] [--repeats 2] [--threads N]
-                                          [--config configs/smollm2-135m-dspark.yaml]
+                                          [--attention drafter,sdpa] [--config configs/smollm2-135m-dspark.yaml]
 
 The real target (default SmolLM2-135M-Instruct) answers the first turns of the bundled
 MT-bench questions through `LocalBackend.run`, the path `drafter regenerate` takes
@@ -14,6 +14,8 @@ each batch size is reported, every round is listed). Batch size 1 is one request
 continuous batching over a pool of 8 x batch size prompts, finished rows refilled).
 Generated tokens are counted up to and including each answer's end-of-turn token (the
 padding a finished row keeps producing while its batch runs on is not counted).
+`--attention` runs every case under each listed attention implementation (default: the
+target's own; `drafter` is drafter/attention.py's, `sdpa` transformers' SDPA).
 Writes bench/results/regenerate_throughput.json and .md.
 """
 
@@ -38,11 +40,13 @@ def prompts(n: int) -> list[str]:
     return [json.loads(line)["turns"][0] for line in lines[:n]]
 
 
-def measure(target, cfg, questions: list[str], batch_size: int, batching: str = "static") -> dict:
+def measure(target, cfg, questions: list[str], batch_size: int, batching: str = "static", attention: str = "") -> dict:
     import torch
 
     from drafter.regenerate import Conversation, LocalBackend
 
+    attention = attention or target.config._attn_implementation
+    target.model.set_attn_implementation(attention)
     backend = LocalBackend(cfg.regenerate.model_copy(update={"batch_size": batch_size, "batching": batching}), target)
     convs = [Conversation(row={"id": str(i)}, source=[{"role": "user", "content": q},
                                                       {"role": "assistant", "content": ""}])
@@ -57,7 +61,8 @@ def measure(target, cfg, questions: list[str], batch_size: int, batching: str = 
         raise RuntimeError(f"batch {batch_size}: {errors[0]}")
     tokens = sum(t.tokens for c in finished for t in c.turns)
     stops = sum(t.finish_reason == "stop" for c in finished for t in c.turns)
-    return {"batch_size": batch_size, "batching": batching, "requests": len(finished), "generated_tokens": tokens,
+    return {"batch_size": batch_size, "batching": batching, "attention": attention, "requests": len(finished),
+            "generated_tokens": tokens,
             "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 2),
             "stopped_on_eos": stops}
 
@@ -68,6 +73,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-sizes", default="1,4,8,16")
     parser.add_argument("--continuous-sizes", default="", help="batch sizes also run with continuous batching")
+    parser.add_argument("--attention", default="", help="attention implementations to compare (default: the target's)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for regenerate_throughput.{json,md}")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "smollm2-135m-dspark.yaml")
     parser.add_argument("--repeats", type=int, default=2,
                         help="rounds over all batch sizes, interleaved; the best round of each is reported")
@@ -86,12 +93,13 @@ def main() -> None:
     cfg = load_config(args.config, [f"regenerate.max_new_tokens={args.max_new_tokens}"])
     target = load_target(cfg)
     questions = prompts(args.prompts)
-    cases = [(int(x), "static") for x in args.batch_sizes.split(",")]
-    cases += [(int(x), "continuous") for x in args.continuous_sizes.split(",") if x]
+    attentions = args.attention.split(",") if args.attention else [target.config._attn_implementation]
+    cases = [(int(x), "static", a) for a in attentions for x in args.batch_sizes.split(",")]
+    cases += [(int(x), "continuous", a) for a in attentions for x in args.continuous_sizes.split(",") if x]
     measure(target, cfg, questions[:2], 2)  # warm-up: first-call allocations and lazy inits
-    if any(b == "continuous" for _, b in cases):
+    if any(b == "continuous" for _, b, _ in cases):
         measure(target, cfg, questions[:2], 2, "continuous")
-    runs: dict[tuple[int, str], list[dict]] = {case: [] for case in cases}
+    runs: dict[tuple[int, str, str], list[dict]] = {case: [] for case in cases}
     for _ in range(args.repeats):  # interleaved, so a busy spell on a shared machine hits all sizes alike
         for case in cases:
             runs[case].append(measure(target, cfg, questions, *case))
@@ -101,7 +109,7 @@ def main() -> None:
         best = max(runs[case], key=lambda r: r["tokens_per_s"])
         rows.append({**best, "all_tokens_per_s": [r["tokens_per_s"] for r in runs[case]]})
     base = next((r for r in rows if (r["batch_size"], r["batching"]) == (1, "static")), rows[0])
-    for r in rows:
+    for r in rows:  # against the first attention's one-at-a-time row
         r["speedup_vs_one_at_a_time"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
 
     result = {
@@ -119,17 +127,17 @@ def main() -> None:
         f"Target {target.name} ({target.info()['parameters']:,} parameters, {target.dtype}, {target.device}); "
         f"{result['prompts']}; sampling {result['sampling']}.",
         "",
-        "| batching | batch size | requests | generated tokens | seconds | tokens/s (best) | every round | "
-        "vs one at a time |",
-        "|---|---:|---:|---:|---:|---:|---|---:|",
+        "| batching | attention | batch size | requests | generated tokens | seconds | tokens/s (best) | every round | "
+        f"vs one at a time ({base['attention']}) |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
         label = "1 (one at a time)" if (r["batch_size"], r["batching"]) == (1, "static") else str(r["batch_size"])
-        lines.append(f"| {r['batching']} | {label} | {r['requests']} | {r['generated_tokens']} | {r['seconds']} | "
+        lines.append(f"| {r['batching']} | {r['attention']} | {label} | {r['requests']} | {r['generated_tokens']} | {r['seconds']} | "
                      f"{r['tokens_per_s']} | {', '.join(map(str, r['all_tokens_per_s']))} | "
                      f"{r['speedup_vs_one_at_a_time']}x |")
     lines += ["", f"Command: `{result['command']}`", f"Machine: {result['machine']}", ""]
-    write_results(RESULTS, "regenerate_throughput", result, "\n".join(lines))
+    write_results(args.out, "regenerate_throughput", result, "\n".join(lines))
 
 
 if __name__ == "__main__":

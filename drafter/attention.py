@@ -9,8 +9,8 @@ as transformers' eager attention does (scores in the weights' dtype, softmax in 
 grouping each KV head's query heads instead of copying the cache per head, and hands
 everything else to transformers' own SDPA function.
 
-Packed verification: a padded batch runs every row at the widest row's block width, so the projections, MLPs and
-the LM head pay for padding. Packed, the R blocks are flattened into one sequence of N real
+Packed verification: a padded batch runs every row at the widest row's block width, so the
+projections, MLPs and the LM head pay for padding. Packed, the R blocks are flattened into one sequence of N real
 tokens (`[1, N]`, each with its own position id) and only attention sees the rows: each
 layer's new keys/values are scattered into the usual per-row `[R, heads, width, d]` block of
 the KV cache (`PackedCache.update`), and the queries are scattered the same way so that each

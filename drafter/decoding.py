@@ -17,8 +17,8 @@ sends its block; when the blocks differ in length they are packed (drafter/atten
 one sequence of their real tokens, each row attending to its own cache), otherwise, or with
 `packed=False`, each is padded on the right to the longest. Either way the cache gets one
 block per row, as wide as the longest; afterwards each row keeps its anchor and accepted
-drafts, and its rejected slots are rotated to the left where they become padding. So the
-cache is always "padding, then the request's confirmed tokens", which is exact for
+drafts: the row shifts right past its rejected slots, and the slots it vacates on the left
+become padding. So the cache is always "padding, then the request's confirmed tokens", which is exact for
 sliding-window attention too. With one request this is a plain crop.
 
 Every generation carries `breakdown`: its batch's round time by phase (PHASES), read by the
@@ -421,7 +421,7 @@ class SpecEngine:
 
     # ----- cache bookkeeping ----------------------------------------------------------
     def _realign(self, cache, mask: torch.Tensor, rows: list[_Request], width: int) -> torch.Tensor:
-        """Drop rejected slots: crop what every row rejected, rotate the rest to the left as padding."""
+        """Drop rejected slots: crop what every row rejected, shift the rest of each row past its own."""
         keep = torch.tensor([r.keep for r in rows], device=self.device)
         block_mask = (torch.arange(width, device=self.device)[None, :] < keep[:, None]).long()
         mask = torch.cat([mask, block_mask], dim=1)

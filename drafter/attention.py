@@ -39,13 +39,14 @@ SHORT_QUERY = 16  # query tokens up to which bf16 on a CPU takes the matrix-prod
 
 
 # ----- attention ------------------------------------------------------------------------------
-def _grouped_attention(query, key, value, mask, scaling):
+def _grouped_attention(query, key, value, mask, scaling=None):
     """query [B, h, T, d], key/value [B, kv, S, d], mask bool [B, 1, T, S] (True: attend) or None
-    (causal, the queries last). Each KV head's h/kv query heads go through it as one matrix."""
+    (causal, the queries last); scaling defaults to d^-0.5. Each KV head's h/kv query heads go
+    through it as one matrix."""
     batch, heads, length, dim = query.shape
     kv, total = key.shape[1], key.shape[2]
     group = heads // kv
-    q = (query * scaling).reshape(batch, kv, group * length, dim)
+    q = (query * (scaling if scaling is not None else dim**-0.5)).reshape(batch, kv, group * length, dim)
     scores = torch.matmul(q, key.transpose(-1, -2)).view(batch, kv, group, length, total)
     if mask is None and length > 1:
         mask = torch.ones(length, total, dtype=torch.bool, device=query.device).tril(total - length)[None, None]
@@ -65,8 +66,7 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         attention_mask = attention_mask == 0  # an additive float mask: 0 where allowed
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return _grouped_attention(query, key, value, attention_mask, scale).transpose(1, 2), None
+    return _grouped_attention(query, key, value, attention_mask, scaling).transpose(1, 2), None
 
 
 AttentionInterface.register(ATTENTION, attention)
@@ -80,16 +80,21 @@ def install(model) -> None:
 
 
 @contextmanager
-def sdpa_attention(model):
-    """Within: transformers' own SDPA attention (for code that accepts no other, e.g. continuous batching)."""
-    before = model.config._attn_implementation
-    if before == ATTENTION:
-        model.set_attn_implementation("sdpa")
+def attention_implementation(config, name: str):
+    """Within: the models of `config` attend through `name` (their modules read it every forward)."""
+    before = config._attn_implementation
+    config._attn_implementation = name
     try:
         yield
     finally:
-        if before == ATTENTION:
-            model.set_attn_implementation(ATTENTION)
+        config._attn_implementation = before
+
+
+def sdpa_attention(model):
+    """Within: transformers' own SDPA instead of `attention` (for code that accepts no other,
+    e.g. continuous batching); other implementations stay."""
+    current = model.config._attn_implementation
+    return attention_implementation(model.config, "sdpa" if current == ATTENTION else current)
 
 
 # ----- packed verification --------------------------------------------------------------------
@@ -145,7 +150,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise RuntimeError(f"{PACKED_ATTENTION} attention needs the packing of its batch")
     q = packing.unpack(query)  # [rows, heads, width, d]
     if _short_query(q):
-        out = _grouped_attention(q, key, value, attention_mask, scaling if scaling is not None else q.shape[-1] ** -0.5)
+        out = _grouped_attention(q, key, value, attention_mask, scaling)
     else:
         out = F.scaled_dot_product_attention(
             q, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=q.shape[1] != key.shape[1]
@@ -180,10 +185,9 @@ def supports_packing(target) -> bool:
 @contextmanager
 def packed_forward(target, cache: PackedCache, packing: Packing):
     """Within: the target's attention is `packed_attention` and `cache` stores packed blocks."""
-    config = target.config
-    before = config._attn_implementation
-    config._attn_implementation, cache.packing = PACKED_ATTENTION, packing
-    try:
-        yield
-    finally:
-        config._attn_implementation, cache.packing = before, None
+    with attention_implementation(target.config, PACKED_ATTENTION):
+        cache.packing = packing
+        try:
+            yield
+        finally:
+            cache.packing = None

@@ -1,0 +1,91 @@
+"""Decontamination against evaluation prompts: n-gram overlap, short prompts, boilerplate."""
+
+import json
+import random
+
+import pytest
+
+from drafter.traces.decontam import EvalIndex
+from drafter.traces.dedup import normalize
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+         "upsilon phi chi psi omega apple river stone cloud").split()
+
+
+BOILER = "you are an expert python programmer and here is your task for today please"
+
+
+def sentence(rng, n):
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+@pytest.fixture
+def sets(tmp_path):
+    rng = random.Random(0)
+    files = {
+        "math": [sentence(rng, 30), sentence(rng, 20), "What is 2 plus 2?"],
+        "code": [sentence(rng, 25), *(f"{BOILER} {sentence(rng, 8)}" for _ in range(6))],
+    }
+    for name, prompts in files.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"turns": [p]}) + "\n" for p in prompts))
+    return tmp_path, files
+
+
+def reference(index_files, texts, n=13):
+    """Brute force: the first text (in order) sharing an n-gram with a non-boilerplate prompt."""
+    prompts = [(name, normalize(p).split()) for name, ps in index_files.items() for p in ps]
+    def grams(words):
+        return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+    df = {}
+    for _, w in prompts:
+        for g in grams(w):
+            df[g] = df.get(g, 0) + 1
+    for text in texts:
+        words = text.split()
+        for name, w in prompts:
+            if len(w) < n and words == w:
+                return name
+        for i in range(len(words) - n + 1):
+            g = tuple(words[i : i + n])
+            for name, w in prompts:  # files in name order, as the index reads them
+                if len(w) >= n and g in grams(w) and df[g] < 5:
+                    return name
+    return None
+
+
+def test_overlap_short_prompts_boilerplate_and_order(sets):
+    folder, files = sets
+    index = EvalIndex([folder])
+    assert index.names == ["code", "math"] and index.boilerplate > 0
+    m0 = normalize(files["math"][0]).split()
+    c0 = normalize(files["code"][0]).split()
+    conversations = [
+        ["hello there " + " ".join(m0[3:16]) + " thanks"],  # 13 words of a math prompt
+        ["hello there " + " ".join(m0[3:15]) + " thanks"],  # only 12: no overlap
+        [normalize("What is 2 plus 2?")],  # a short prompt, matched exactly
+        [normalize("What is 2 plus 2 and 3?")],  # not the short prompt
+        ["zzz " + normalize(BOILER) + " zzz"],  # shares only the boilerplate (in 6 prompts)
+        ["nothing here", " ".join(c0[:13]), " ".join(m0[:13])],  # the first overlapping text decides
+        [],
+    ]
+    got = [index.match(c) for c in conversations]
+    assert got == ["math", None, "math", None, None, "code", None]
+    assert got == [reference(files, c) for c in conversations]
+
+
+def test_agrees_with_brute_force_on_random_texts(sets):
+    folder, files = sets
+    index = EvalIndex([folder])
+    rng = random.Random(1)
+    pool = [normalize(p).split() for ps in files.values() for p in ps]
+    conversations = []
+    for _ in range(200):
+        texts = []
+        for _ in range(rng.randint(1, 3)):
+            words = rng.choice(pool)
+            start = rng.randint(0, max(0, len(words) - 10))
+            texts.append(" ".join(sentence(rng, rng.randint(0, 4)).split() + words[start : start + rng.randint(5, 16)]))
+        conversations.append(texts)
+    got = [index.match(c) for c in conversations]
+    assert got == [reference(files, c) for c in conversations]
+    assert 20 < sum(g is not None for g in got) < 180  # both outcomes are exercised

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from drafter.traces.decontam import EvalIndex
+from drafter.traces.decontam import BOILERPLATE_PROMPTS, EvalIndex
 from drafter.traces.dedup import normalize
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
@@ -33,12 +33,11 @@ def sets(tmp_path):
 
 def reference(index_files, texts, n=13):
     """Brute force: the first text (in order) sharing an n-gram with a non-boilerplate prompt."""
-    prompts = [(name, normalize(p).split()) for name, ps in index_files.items() for p in ps]
-    def grams(words):
-        return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+    prompts = [(name, normalize(p).split()) for name in sorted(index_files) for p in index_files[name]]
+    grams = [{tuple(w[i : i + n]) for i in range(len(w) - n + 1)} for _, w in prompts]
     df = {}
-    for _, w in prompts:
-        for g in grams(w):
+    for prompt_grams in grams:
+        for g in prompt_grams:
             df[g] = df.get(g, 0) + 1
     for text in texts:
         words = text.split()
@@ -47,8 +46,8 @@ def reference(index_files, texts, n=13):
                 return name
         for i in range(len(words) - n + 1):
             g = tuple(words[i : i + n])
-            for name, w in prompts:  # files in name order, as the index reads them
-                if len(w) >= n and g in grams(w) and df[g] < 5:
+            for (name, _), prompt_grams in zip(prompts, grams):  # files in name order, as the index reads them
+                if g in prompt_grams and df[g] < BOILERPLATE_PROMPTS:
                     return name
     return None
 

@@ -119,3 +119,40 @@ def test_shingles_and_keys_are_the_plain_definitions():
     plain = [(_key(0, p.encode()), tuple(_key(1 + i, sig.tobytes()[i * width : (i + 1) * width]) for i in range(bands)))
              for p, sig in zip(prompts, sigs)]
     assert prompt_keys(prompts, 128, bands, rows) == plain
+
+
+def test_an_index_of_the_earlier_layout_is_migrated_in_place(tmp_path):
+    # Indexes written before prompts got their own table held the prompt's id in every key row;
+    # opening one rewrites it, and it answers as the index it was.
+    import sqlite3
+
+    rng = random.Random(3)
+    base = [prose(rng) for _ in range(30)]
+    new = Deduper(tmp_path / "new.sqlite", 0.85, 128)
+    assert new.check([f"c{i}" for i in range(30)], new.keys([normalize(p) for p in base])) == [None] * 30
+    new.close()
+    db = sqlite3.connect(tmp_path / "new.sqlite")
+    rows = db.execute("SELECT seen.key, prompts.ref FROM seen JOIN prompts ON prompts.id = seen.prompt").fetchall()
+    meta = db.execute("SELECT name, value FROM meta").fetchall()
+    db.close()
+    assert len(rows) == 30 * 9
+    old = sqlite3.connect(tmp_path / "old.sqlite")
+    old.execute("CREATE TABLE seen (key INTEGER PRIMARY KEY, ref TEXT NOT NULL)")
+    old.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT)")
+    old.executemany("INSERT INTO seen VALUES (?, ?)", rows)
+    old.executemany("INSERT INTO meta VALUES (?, ?)", meta)
+    old.commit()
+    old.close()
+
+    migrated = Deduper(tmp_path / "old.sqlite", 0.85, 128)
+    assert migrated.count() == 30
+    near = base[9].split()
+    near[10] = "changed"
+    probes = [base[4].upper(), " ".join(near), prose(rng)]
+    assert migrated.check(["a", "b", "c"], migrated.keys([normalize(p) for p in probes])) == \
+        [("exact", "c4"), ("near", "c9"), None]
+    migrated.close()
+    db = sqlite3.connect(tmp_path / "old.sqlite")
+    assert [row[1] for row in db.execute("PRAGMA table_info(seen)")] == ["key", "prompt"]
+    assert db.execute("SELECT COUNT(*) FROM seen").fetchone()[0] == 31 * 9
+    db.close()

@@ -7,9 +7,9 @@ banding: two prompts whose Jaccard similarity is above the threshold share a ban
 probability. The bands and rows are datasketch's optimum for the threshold. The first
 conversation seen is kept; later ones are counted as duplicates of it.
 
-The index lives in SQLite (one row per exact hash and per LSH band of each kept prompt),
-so memory stays flat however many prompts were ingested, and later runs see what
-earlier runs kept.
+The index lives in SQLite: one row per kept prompt (its id) and one narrow row per exact hash
+and per LSH band of it (the key and the prompt's row number), so memory stays flat however
+many prompts were ingested, and later runs see what earlier runs kept.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ LOOKUP = 512  # keys per SELECT; a varying IN-list size would cache a new large 
 # Bits of the in-memory filter of the keys in the index (16 MiB): a key whose bit is clear is not
 # in the index and is not looked up; a set bit may be another key's, and is looked up.
 FILTER_BITS = 1 << 27
-LOOKUP_SQL = f"SELECT key, ref FROM seen WHERE key IN ({','.join('?' * LOOKUP)})"
+LOOKUP_SQL = ("SELECT seen.key, prompts.ref FROM seen JOIN prompts ON prompts.id = seen.prompt "
+              f"WHERE seen.key IN ({','.join('?' * LOOKUP)})")
 SHINGLE = 3  # words per shingle
 
 
@@ -121,7 +122,12 @@ class Deduper:
         self.db.execute("PRAGMA journal_mode=OFF")  # the whole index file is swapped in atomically
         self.db.execute("PRAGMA synchronous=OFF")
         self.db.execute("PRAGMA cache_size=-65536")  # 64 MiB of pages: lookups of random keys stay in memory
-        self.db.execute("CREATE TABLE IF NOT EXISTS seen (key INTEGER PRIMARY KEY, ref TEXT NOT NULL)")
+        # Ten keys a prompt point at one row of `prompts`: a key row holds two integers, not the
+        # prompt's id, so the B-tree that random inserts touch is half as large.
+        self.db.execute("CREATE TABLE IF NOT EXISTS prompts (id INTEGER PRIMARY KEY, ref TEXT NOT NULL)")
+        if "ref" in {row[1] for row in self.db.execute("PRAGMA table_info(seen)")}:
+            self._migrate()
+        self.db.execute("CREATE TABLE IF NOT EXISTS seen (key INTEGER PRIMARY KEY, prompt INTEGER NOT NULL)")
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
         params = (f"{threshold}:{num_perm}:{self.bands}x{self.rows}:{SHINGLE}:"
                   f"rensa{rensa.RMinHash.ALGORITHM_VERSION}-{MINHASH_SEED}:xxh64")
@@ -133,11 +139,24 @@ class Deduper:
             raise DedupIndexError(f"dedup index was built with {row[0]}; this run hashes with {params} (the config's "
                                   "threshold and num_perm, this drafter's MinHash): "
                                   "ingest into a fresh --out folder")
-        self._added: dict[str, tuple[int, ...]] = {}  # kept since the last settle(): may still be forgotten
+        self._added: dict[str, tuple[int, tuple[int, ...]]] = {}  # kept since the last settle(): may still be forgotten
+        self._next_id = self.db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM prompts").fetchone()[0]
         # Most keys of a batch are new: the filter spares their lookups (the index file is written
         # exactly as before: only SELECTs are skipped). Keys of earlier runs are loaded once.
         self._filter = KeyFilter(FILTER_BITS)
         self._filter.add(np.fromiter(map(itemgetter(0), self.db.execute("SELECT key FROM seen")), dtype=np.int64))
+
+    def _migrate(self) -> None:
+        """An index of the earlier layout (the prompt's id in every key row) rewritten in place."""
+        self.db.executescript("""
+            INSERT INTO prompts (ref) SELECT DISTINCT ref FROM seen ORDER BY ref;
+            CREATE INDEX prompts_ref ON prompts (ref);
+            CREATE TABLE seen_keys (key INTEGER PRIMARY KEY, prompt INTEGER NOT NULL);
+            INSERT INTO seen_keys SELECT seen.key, prompts.id FROM seen JOIN prompts ON prompts.ref = seen.ref;
+            DROP TABLE seen;
+            DROP INDEX prompts_ref;
+            ALTER TABLE seen_keys RENAME TO seen;
+        """)
 
     def keys(self, normalized: list[str]) -> list[tuple[int, tuple[int, ...]]]:
         return prompt_keys(normalized, self.num_perm, self.bands, self.rows)
@@ -150,7 +169,8 @@ class Deduper:
         self._lookup({exact for exact, _ in keys}, known)
         self._lookup({b for exact, bands in keys if exact not in known for b in bands}, known)
         out: list[tuple[str, str] | None] = []
-        rows: list[tuple[int, str]] = []
+        rows: list[tuple[int, int]] = []
+        prompts: list[tuple[int, str]] = []
         for cid, (exact, bands) in zip(ids, keys):
             if exact in known:
                 out.append(("exact", known[exact]))
@@ -159,12 +179,15 @@ class Deduper:
             if near is not None:
                 out.append(("near", near))
                 continue
+            pid, self._next_id = self._next_id, self._next_id + 1
+            prompts.append((pid, cid))
             for k in (exact, *bands):
                 known[k] = cid
-                rows.append((k, cid))
-            self._added[cid] = (exact, *bands)
+                rows.append((k, pid))
+            self._added[cid] = (pid, (exact, *bands))
             out.append(None)
         rows.sort()  # in key order: each B-tree page is visited once
+        self.db.executemany("INSERT INTO prompts VALUES (?, ?)", prompts)
         self.db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", rows)
         self._filter.add(np.fromiter(map(itemgetter(0), rows), dtype=np.int64, count=len(rows)))
         return out
@@ -182,14 +205,17 @@ class Deduper:
 
     def forget(self, cid: str) -> None:
         """Drop a prompt kept since the last `settle` from the index (it was quarantined after all)."""
-        keys = self._added.pop(cid, ())
-        self.db.executemany("DELETE FROM seen WHERE key = ? AND ref = ?", [(k, cid) for k in keys])
+        if cid not in self._added:
+            return
+        pid, keys = self._added.pop(cid)
+        self.db.executemany("DELETE FROM seen WHERE key = ? AND prompt = ?", [(k, pid) for k in keys])
+        self.db.execute("DELETE FROM prompts WHERE id = ?", (pid,))
 
     def settle(self) -> None:
         self._added.clear()
 
     def count(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM seen").fetchone()[0] // (self.bands + 1)
+        return self.db.execute("SELECT COUNT(*) FROM prompts").fetchone()[0]
 
     def close(self) -> None:
         self.db.commit()

@@ -69,7 +69,7 @@ def run_arm(name: str, args: argparse.Namespace) -> dict:
     samples = [json.loads(line) for line in (work / "eval" / "samples.jsonl").read_text().splitlines() if line]
     return {
         "arm": name, "overrides": ARMS[name],
-        "bytes_per_token": size["bytes_per_token"], "size_vs_plain": size["size_vs_plain"],
+        "bytes_per_token": size["bytes_per_token"], "plain_bytes_per_token": size["plain_bytes_per_token"],
         "holdout_sim_tau_greedy": trained.get("final_holdout_sim_tau_greedy"),
         "holdout_sim_tau_t1": trained.get("final_holdout_sim_tau"),
         "train_cpu_s": trained.get("train_cpu_s"),
@@ -95,7 +95,9 @@ def markdown(result: dict) -> str:
     lines = ["# Cache layout against decoded tau at the same budget", "",
              f"DSpark, {result['steps']} steps from a random init on the same conversations, decoded greedy at "
              "block 3 with plain decoding interleaved. Paired: per-prompt tau minus the dense arm's, "
-             f"95% bootstrap over prompts ({RESAMPLES:,} resamples).", "",
+             f"95% bootstrap over prompts ({RESAMPLES:,} resamples). Sizes against DeepSpec's plain layout "
+             f"(the dense arm: bf16 feature layers + the final hidden state), {result['plain_bytes_per_token']:,} bytes "
+             "a token.", "",
              "| arm | bytes/token | vs plain bf16 | held-out sim tau (greedy) | macro tau | speedup | "
              "paired tau diff vs dense [95%] | lossless |",
              "|---|---:|---:|---:|---:|---:|---|---|"]
@@ -124,10 +126,12 @@ def main() -> None:
         parser.error(f"arms must be among {list(ARMS)} and include {BASELINE}; unknown: {unknown}")
     arms = [run_arm(name, args) for name in names]
     base = next(a for a in arms if a["arm"] == BASELINE)
-    for arm in arms:
+    for arm in arms:  # against DeepSpec's plain layout of the dense arm (5 layers + final hidden, bf16)
+        arm["size_vs_plain"] = arm["bytes_per_token"] / base["plain_bytes_per_token"]
         if arm is not base:
             arm["paired_vs_dense"] = paired_tau_diff(arm["per_prompt"], base["per_prompt"])
     result = {"target": "SmolLM2-135M-Instruct", "steps": args.steps, "data": str(args.data),
+              "plain_bytes_per_token": base["plain_bytes_per_token"],
               "arms": arms, "command": command(), "machine": machine()}
     write_results(RESULTS, "cache_layout", result, markdown(result))
 

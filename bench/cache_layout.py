@@ -98,14 +98,15 @@ def markdown(result: dict) -> str:
              f"95% bootstrap over prompts ({RESAMPLES:,} resamples). Sizes against DeepSpec's plain layout "
              f"(the dense arm: bf16 feature layers + the final hidden state), {result['plain_bytes_per_token']:,} bytes "
              "a token.", "",
-             "| arm | bytes/token | vs plain bf16 | held-out sim tau (greedy) | macro tau | speedup | "
+             "| arm | bytes/token | vs plain bf16 | train CPU s/step | held-out sim tau (greedy) | macro tau | speedup | "
              "paired tau diff vs dense [95%] | lossless |",
-             "|---|---:|---:|---:|---:|---:|---|---|"]
+             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in result["arms"]:
         p = r.get("paired_vs_dense")
         cell = f"{p['mean_tau_diff']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]" if p else "-"
         sim = "-" if r["holdout_sim_tau_greedy"] is None else f"{r['holdout_sim_tau_greedy']:.3f}"
-        lines.append(f"| {r['arm']} | {r['bytes_per_token']:,.0f} | {r['size_vs_plain']:.3f} | {sim} | "
+        step = "-" if r["train_cpu_s"] is None else f"{r['train_cpu_s'] / result['steps']:.2f}"
+        lines.append(f"| {r['arm']} | {r['bytes_per_token']:,.0f} | {r['size_vs_plain']:.3f} | {step} | {sim} | "
                      f"{r['macro_tau']:.3f} | {r['speedup']:.3f}x | {cell} | {r['lossless']} |")
     lines += ["", f"Command: `{result['command']}`", f"Machine: {result['machine']}"]
     return "\n".join(lines) + "\n"

@@ -519,6 +519,11 @@ def load_drafter(path, target) -> tuple[DraftModel, Path]:
     except ValueError as exc:
         raise DecodingError(f"{folder / 'config.json'}: {exc}") from None
     model = cls.load(folder, TargetHeads.from_target(target))
+    wanted = getattr(model.config, "layer_ids", None)
+    if wanted is not None and list(wanted) != list(target.layer_ids):
+        raise DecodingError(f"{folder}: the drafter reads the target's feature layers {list(wanted)} but the target "
+                            f"captures {list(target.layer_ids)}: set target.layer_ids or target.num_feature_layers "
+                            "as for the cache it was trained on")
     return model.to(target.device, target.dtype).eval(), folder
 
 

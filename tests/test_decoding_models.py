@@ -91,3 +91,16 @@ def test_a_loaded_drafter_drafts_in_the_targets_dtype(tmp_path, algorithm):
     assert {p.dtype for p in drafter.parameters() if p.is_floating_point()} == {torch.bfloat16}
     gen = SpecEngine(target, drafter, gamma=block_size_of(drafter, 4)).generate(chat(target, QUESTIONS[0]), 16)
     assert len(gen.tokens) == 16 and sum(r.proposed for r in gen.rounds) > 0
+
+
+def test_a_drafter_of_other_feature_layers_is_refused(tmp_path):
+    # A drafter trained on a cache of 3 feature layers, decoding a target that captures others,
+    # would fail deep in its first projection: the load says which layers to set instead.
+    from drafter.decoding import DecodingError, load_drafter
+
+    target = lively_target("llama")
+    drafter_for(target, "dspark").export(tmp_path / "drafter")
+    load_drafter(tmp_path / "drafter", target)
+    target.layer_ids = list(target.layer_ids)[:-1]
+    with pytest.raises(DecodingError, match="feature layers"):
+        load_drafter(tmp_path / "drafter", target)

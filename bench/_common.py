@@ -78,6 +78,13 @@ class Resync:
         return self.base() - self.seconds
 
 
+def rounds_per_prompt(eval_dir: Path) -> dict[str, list[int]]:
+    """[emitted tokens, rounds] per prompt id of a `drafter evaluate` output (its samples.jsonl):
+    what the paired bootstraps of per-prompt tau resample."""
+    samples = (json.loads(line) for line in (eval_dir / "samples.jsonl").read_text().splitlines() if line)
+    return {s["id"]: [sum(r[3] for r in s["spec"]["rounds"]), len(s["spec"]["rounds"])] for s in samples}
+
+
 def write_results(out_dir: Path, name: str, doc: dict[str, Any], markdown: str) -> None:
     """`<out_dir>/<name>.json` (machine-readable) and `<name>.md`; the markdown is printed too."""
     out_dir.mkdir(parents=True, exist_ok=True)

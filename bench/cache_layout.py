@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import RESULTS, ROOT, command, machine, write_results
+from _common import RESULTS, ROOT, command, machine, rounds_per_prompt, write_results
 
 ARMS = {  # name -> overrides of the config's cache and target sections
     "dense-bf16-5": ["cache.dtype=bfloat16", "target.num_feature_layers=5", "cache.target_top_k=0",
@@ -66,7 +66,6 @@ def run_arm(name: str, args: argparse.Namespace) -> dict:
     size = json.loads((work / "cache" / "manifest.json").read_text())["size"]["train"]
     trained = json.loads((work / "drafter" / "manifest.json").read_text())["metrics"]
     metrics = json.loads((work / "eval" / "metrics.json").read_text())
-    samples = [json.loads(line) for line in (work / "eval" / "samples.jsonl").read_text().splitlines() if line]
     return {
         "arm": name, "overrides": ARMS[name],
         "bytes_per_token": size["bytes_per_token"], "plain_bytes_per_token": size["plain_bytes_per_token"],
@@ -75,8 +74,7 @@ def run_arm(name: str, args: argparse.Namespace) -> dict:
         "train_cpu_s": trained.get("train_cpu_s"),
         "macro_tau": metrics["macro_tau"], "speedup": metrics["speedup"],
         "decode_speedup": metrics.get("decode_speedup"), "lossless": bool(metrics["lossless_passed"]),
-        # [emitted tokens, rounds] per prompt: what the paired bootstrap resamples.
-        "per_prompt": {s["id"]: [sum(r[3] for r in s["spec"]["rounds"]), len(s["spec"]["rounds"])] for s in samples},
+        "per_prompt": rounds_per_prompt(work / "eval"),  # [emitted, rounds]: what the paired bootstrap resamples
     }
 
 

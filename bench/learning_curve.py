@@ -72,6 +72,7 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import rounds_per_prompt  # noqa: E402
 from drafter.config import load_config  # noqa: E402
 from drafter.manifest import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_json, sha256_tree  # noqa: E402
 
@@ -464,7 +465,7 @@ class Bench:
                                         "greedy": info["holdout"].get("sim_tau_greedy"),
                                         "note": "cheap estimate, not decoded"}}
         drafter_hash = sha256_tree(export)
-        reports, samples, eval_wall = {}, {}, 0.0
+        reports, per_prompt, eval_wall = {}, {}, 0.0
         for mode, temp in MODES.items():
             edir = self.data / "lc-eval" / f"{alg}-s{seed}-step{total}-{mode}"
             extra = [f"drafter.algorithm={alg}", f"evaluate.temperature={temp:g}", f"evaluate.samples_per_dataset={k}",
@@ -478,8 +479,8 @@ class Bench:
                     "evaluate", "-d", str(export), "-o", str(edir), *holdout, extra=extra))
                 atomic_write_json(mark, {"key": ekey, "drafter_hash": drafter_hash})
             reports[mode] = json.loads((edir / "report.json").read_text())
-            samples[mode] = [json.loads(line) for line in (edir / "samples.jsonl").read_text().splitlines() if line]
-        return cont | assemble(alg, seed, total, key, info, reports, samples, eval_wall)
+            per_prompt[mode] = rounds_per_prompt(edir)
+        return cont | assemble(alg, seed, total, key, info, reports, per_prompt, eval_wall)
 
 
 _SPAWN = ("import ctypes, os, signal, sys\n"
@@ -497,7 +498,7 @@ def _macro(taus: dict[str, float]) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def assemble(alg, seed, steps, key, info, reports, samples, eval_wall) -> dict:
+def assemble(alg, seed, steps, key, info, reports, per_prompt, eval_wall) -> dict:
     g, t = reports["greedy"], reports["t1"]
     per_set = {n: m["samples"] for n, m in g["datasets"].items()}
     return {
@@ -519,9 +520,7 @@ def assemble(alg, seed, steps, key, info, reports, samples, eval_wall) -> dict:
         "drafter_hash": info.get("drafter_hash"),
         "target": g["target"].get("name"),
         "key": key,
-        # [emitted tokens, rounds] per prompt: what the paired bootstraps resample.
-        "per_prompt": {mode: {s["id"]: [sum(r[3] for r in s["spec"]["rounds"]), len(s["spec"]["rounds"])]
-                              for s in samples[mode]} for mode in MODES},
+        "per_prompt": {mode: per_prompt[mode] for mode in MODES},  # [emitted, rounds]: what `paired` resamples
     }
 
 

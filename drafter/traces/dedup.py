@@ -81,7 +81,7 @@ def prompt_keys(normalized: list[str], num_perm: int, bands: int, rows: int) -> 
     sigs = signatures(normalized, num_perm)
     width = sigs.itemsize * rows
     spans = [(1 + i, i * width, (i + 1) * width) for i in range(bands)]
-    h, shift = xxhash.xxh64_intdigest, 1 << 63  # = _key, inlined: ten keys a prompt
+    h, shift = xxhash.xxh64_intdigest, 1 << 63  # = _key, inlined: 1 + bands keys a prompt
     out = []
     for text, sig in zip(normalized, sigs):
         hv = sig.tobytes()
@@ -122,8 +122,8 @@ class Deduper:
         self.db.execute("PRAGMA journal_mode=OFF")  # the whole index file is swapped in atomically
         self.db.execute("PRAGMA synchronous=OFF")
         self.db.execute("PRAGMA cache_size=-65536")  # 64 MiB of pages: lookups of random keys stay in memory
-        # Ten keys a prompt point at one row of `prompts`: a key row holds two integers, not the
-        # prompt's id, so the B-tree that random inserts touch is half as large.
+        # A prompt's keys (the exact one and one per band) point at its row of `prompts`: a key row
+        # holds two integers, not the prompt's id, so the B-tree that random inserts touch is half as large.
         self.db.execute("CREATE TABLE IF NOT EXISTS prompts (id INTEGER PRIMARY KEY, ref TEXT NOT NULL)")
         if "ref" in {row[1] for row in self.db.execute("PRAGMA table_info(seen)")}:
             self._migrate()

@@ -88,3 +88,19 @@ def test_agrees_with_brute_force_on_random_texts(sets):
     got = [index.match(c) for c in conversations]
     assert got == [reference(files, c) for c in conversations]
     assert 20 < sum(g is not None for g in got) < 180  # both outcomes are exercised
+
+
+@pytest.mark.parametrize("n", [4, 7, 13])
+def test_an_overlap_is_found_at_every_offset_whatever_n(sets, n):
+    """Texts are probed at every few words before being scanned: an evaluation n-gram must be
+    found wherever it starts in the text, and a window one word short of it never."""
+    folder, files = sets
+    index = EvalIndex([folder], n=n)
+    words = normalize(files["math"][0]).split()
+    rng = random.Random(2)
+    for lead in range(2 * n + 1):
+        filler = sentence(rng, lead).split()
+        for start in (0, 5, len(words) - n):
+            gram = words[start : start + n]
+            assert index.match([" ".join(filler + gram + ["omega"])]) == "math", (lead, start)
+            assert index.match([" ".join(filler + gram[1:] + ["zzz"])]) == reference(files, [" ".join(filler + gram[1:] + ["zzz"])], n)

@@ -156,3 +156,20 @@ def test_an_index_of_the_earlier_layout_is_migrated_in_place(tmp_path):
     assert [row[1] for row in db.execute("PRAGMA table_info(seen)")] == ["key", "prompt"]
     assert db.execute("SELECT COUNT(*) FROM seen").fetchone()[0] == 31 * 9
     db.close()
+
+
+def test_normalize_folds_ascii_text_as_the_unicode_path_does():
+    """ASCII text takes a translate-and-split path: it must give the words the regex finds after
+    NFKC and lowercasing, for every ASCII character (controls, punctuation, underscores)."""
+    import random
+    import re
+    import unicodedata
+
+    def slow(text):
+        return " ".join(re.findall(r"\w+", unicodedata.normalize("NFKC", text).lower()))
+
+    rng = random.Random(0)
+    texts = ["".join(chr(rng.randrange(128)) for _ in range(rng.randint(0, 60))) for _ in range(2000)]
+    texts += ["Hello, World!", "snake_case_Name x2", "tab\tsep\x1fnewline\nend", "", "   "]
+    assert [normalize(t) for t in texts] == [slow(t) for t in texts]
+    assert normalize("Ünïcode ﬁle Straße") == slow("Ünïcode ﬁle Straße") == "ünïcode file straße"

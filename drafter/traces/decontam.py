@@ -6,6 +6,11 @@ shorter than n words must match a user turn exactly. N-grams shared by many eval
 prompts are instruction boilerplate ("You are an expert Python programmer ...", "Please
 reason step by step ..."), not content, and are ignored so that ordinary prompts using
 the same phrasing stay.
+
+Most texts share no n-gram with any evaluation prompt, so a text is first probed with its
+k-grams (k = (n + 1) // 2) at every (n - k + 1)-th word: every window of n words holds one of
+them, so a text none of whose probes is a k-gram of an evaluation n-gram cannot match, and
+only the others are scanned window by window.
 """
 
 from __future__ import annotations
@@ -63,8 +68,11 @@ class EvalIndex:
         self.n = n
         self.files = eval_files(paths)
         self.names = [p.stem for p in self.files]
+        self.k = (n + 1) // 2
+        self.stride = n - self.k + 1  # every window of n words holds a k-gram starting at a multiple of this
         owner: dict[int, int] = {}
         df: Counter = Counter()
+        self.probes: set[int] = set()  # k-grams of the evaluation n-grams (a superset: boilerplate's too)
         self.short: dict[str, int] = {}
         self.prompts = 0
         for idx, path in enumerate(self.files):
@@ -77,6 +85,7 @@ class EvalIndex:
                     continue
                 grams = {hash(tuple(words[i : i + n])) for i in range(len(words) - n + 1)}
                 df.update(grams)
+                self.probes.update(hash(tuple(words[i : i + self.k])) for i in range(len(words) - self.k + 1))
                 for g in grams:
                     owner.setdefault(g, idx)
         self.grams = {g: idx for g, idx in owner.items() if df[g] < BOILERPLATE_PROMPTS}
@@ -91,6 +100,9 @@ class EvalIndex:
                 hit = self.short.get(" ".join(words))
                 if hit is not None:
                     return self.names[hit]
+                continue
+            k, probes = self.k, self.probes
+            if not any(hash(tuple(words[p : p + k])) in probes for p in range(0, len(words) - k + 1, self.stride)):
                 continue
             for i in range(len(words) - n + 1):
                 hit = self.grams.get(hash(tuple(words[i : i + n])))

@@ -41,8 +41,14 @@ LOOKUP_SQL = ("SELECT seen.key, prompts.ref FROM seen JOIN prompts ON prompts.id
 SHINGLE = 3  # words per shingle
 
 
+# ASCII text, lowercased with every non-word character made a space: the words `WORD` finds.
+ASCII_WORDS = str.maketrans({c: c.lower() if c.isalnum() or c == "_" else " " for c in map(chr, range(128))})
+
+
 def normalize(text: str) -> str:
     """Case, Unicode form, punctuation and spacing folded: what 'the same prompt' means."""
+    if text.isascii():  # (NFKC leaves ASCII as it is; one C pass instead of the regex: ~2x faster)
+        return " ".join(text.translate(ASCII_WORDS).split())
     return " ".join(WORD.findall(unicodedata.normalize("NFKC", text).lower()))
 
 

@@ -142,7 +142,7 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
 
     base = load_config(args.config, [f"cache.max_seq_len={args.max_seq_len}", f"cache.root={args.work / 'root'}"])
-    target = load_target(base)
+    target = load_target(base, work="batch")
     results, paths = [], {}
     for dtype in DTYPES:
         cfg = load_config(args.config, [f"cache.max_seq_len={args.max_seq_len}",

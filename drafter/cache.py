@@ -376,7 +376,7 @@ def build_cache(cfg: Config, in_dir: Path, out_dir: Path, target=None) -> Manife
         if target is None:
             from drafter.target import load_target
 
-            target = load_target(cfg)
+            target = load_target(cfg, work="batch")
             if dist.state is not None and target.device != dist.state.device:
                 target.model.to(dist.state.device)
     if target.tokenizer is None:

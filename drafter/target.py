@@ -26,7 +26,7 @@ from torch import nn
 
 from drafter.config import Config, ConfigError, TargetConfig, check_layer_ids
 from drafter.manifest import atomic_write_json, sha256_bytes, sha256_file, sha256_json
-from drafter.runtime import dtype_name, resolve_dtype
+from drafter.runtime import Work, dtype_name, resolve_dtype
 from drafter.target_files import _name_for, convert_gguf, load_tokenizer, locate_packaged_gguf  # noqa: F401 (API)
 
 log = logging.getLogger(__name__)
@@ -263,15 +263,16 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_target(config: Config | TargetConfig) -> Target:
-    """Load the configured target, frozen, with its fingerprint and feature layers."""
+def load_target(config: Config | TargetConfig, work: Work = "decode") -> Target:
+    """Load the configured target, frozen, with its fingerprint and feature layers, in the
+    dtype `auto` picks for `work` (`batch` for long sequences: build-cache, train)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     full = config if isinstance(config, Config) else None
     cfg = config.target if isinstance(config, Config) else config
     name = _name_for(cfg)
     device = _resolve_device(cfg.device)
-    dtype = resolve_dtype(full.target_dtype if full else cfg.dtype, device)
+    dtype = resolve_dtype(full.target_dtype if full else cfg.dtype, device, work)
 
     if cfg.source == "tiny":
         from drafter.tiny import build_tiny_model, tiny_tokenizer

@@ -263,8 +263,8 @@ def _accelerator(cfg: Config):
 
     cuda = torch.cuda.is_available() and cfg.target.device != "cpu"
     mp = cfg.train.mixed_precision
-    if mp == "auto":  # bf16 autocast wherever the runtime computes in bf16 (AMX/AVX-512 BF16 CPUs too)
-        bf16 = resolve_dtype(cfg.runtime.dtype, "cuda" if cuda else "cpu") == torch.bfloat16
+    if mp == "auto":  # bf16 autocast wherever the runtime computes batches in bf16 (AMX CPUs too)
+        bf16 = resolve_dtype(cfg.runtime.dtype, "cuda" if cuda else "cpu", "batch") == torch.bfloat16
         mp = "bf16" if bf16 else "no"
     from accelerate.state import AcceleratorState
 
@@ -328,7 +328,7 @@ class Trainer:
 
                 tcfg = cfg.model_copy(deep=True)
                 tcfg.target.device = str(accelerator.device)
-                self.target = load_target(tcfg)
+                self.target = load_target(tcfg, work="batch")
             if self.data is None:
                 train_ds, holdout_ds, default_collate = _open_data(cfg, self.cache_dir, self.target)
             else:

@@ -22,14 +22,43 @@ from tests.test_decoding_models import drafter_for
 from tests.tiny_data import collate, make_dataset, sharp_target
 
 
-def test_auto_follows_the_hardware(monkeypatch):
+def test_auto_follows_the_hardware_and_the_work(monkeypatch):
     assert runtime.resolve_dtype("float32") == torch.float32
-    assert runtime.resolve_dtype("bfloat16") == torch.bfloat16
-    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
-    assert runtime.resolve_dtype("auto", "cpu") == torch.bfloat16
-    assert runtime.resolve_dtype(None, "cpu") == torch.bfloat16
-    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
-    assert runtime.resolve_dtype("auto", "cpu") == torch.float32
+    assert runtime.resolve_dtype("bfloat16", work="batch") == torch.bfloat16
+    timed = []
+    monkeypatch.setattr(runtime, "bf16_matmul_faster", lambda: timed.append(1) or False)
+    for flags, decode, batch in [({"amx_bf16", "avx512_bf16"}, torch.bfloat16, torch.bfloat16),
+                                 ({"avx512_bf16"}, torch.bfloat16, torch.float32),  # the timed matmul lost
+                                 ({"avx512f"}, torch.float32, torch.float32)]:
+        monkeypatch.setattr(runtime, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert runtime.resolve_dtype("auto", "cpu") == runtime.resolve_dtype(None, "cpu") == decode, flags
+        assert runtime.resolve_dtype("auto", "cpu", "batch") == batch, flags
+    assert len(timed) == 1  # only AVX-512 BF16 without AMX is timed, and only for batches
+    monkeypatch.setattr(runtime, "bf16_matmul_faster", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert runtime.resolve_dtype("auto", "cpu", "batch") == torch.bfloat16
+
+
+@pytest.mark.parametrize("bf16_seconds, faster", [(0.85, True), (0.95, False), (1.2, False)])
+def test_bf16_must_beat_float32_by_a_margin_on_the_timed_matmul(monkeypatch, bf16_seconds, faster):
+    clock = [0.0]
+    real_matmul = torch.matmul
+
+    def timed_matmul(x, y):
+        clock[0] += bf16_seconds if x.dtype == torch.bfloat16 else 1.0
+        return real_matmul(x, y)
+
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(runtime.torch, "matmul", timed_matmul)
+    assert runtime.bf16_matmul_faster.__wrapped__(rows=8, reps=2) is faster
+
+
+def test_stages_load_the_target_for_their_work(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setattr(runtime, "bf16_matmul_faster", lambda: False)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["runtime.dtype=auto"])
+    assert load_target(cfg).dtype == torch.bfloat16  # decoding stages
+    assert load_target(cfg, work="batch").dtype == torch.float32  # build-cache, train
 
 
 def test_target_dtype_overrides_the_runtime():

@@ -178,9 +178,9 @@ def test_real_smollm2_target_trains_exports_and_drafts(smollm2_target, tmp_path)
         "train.system_metrics=false"])
     manifest = train(cfg, out_dir=tmp_path, target=target, data=data, collate=collate)
     assert manifest.counts["steps"] == 2 and manifest.counts["sequences_with_targets"] == 4
-    from drafter.runtime import cpu_has_bf16
+    from drafter.runtime import resolve_dtype
 
-    assert manifest.params["mixed_precision"] == ("bf16" if cpu_has_bf16() else "no")  # runtime.dtype auto
+    assert manifest.params["mixed_precision"] == ("bf16" if resolve_dtype("auto", work="batch") == torch.bfloat16 else "no")  # runtime.dtype auto
     assert manifest.params["vocabulary"]["coverage"] == 1.0  # every answer token is in the 8k draft vocabulary
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in json.loads((tmp_path / "metrics.json").read_text())["history"])
     config = json.loads((tmp_path / "best" / "config.json").read_text())

@@ -4,9 +4,11 @@ issue, side by side in one run on the real SmolLM2-135M target's shapes:
 - before: the target (its frozen embedding and LM head) in fp32, no autocast, p_t recomputed
   from the cached final hidden state through the 576 x 49,152 LM head, the full vocabulary;
   EAGLE-3's training-time-test unroll over every position (then the sampled chains kept);
-- after:  `runtime.dtype: auto` (bf16 target, bf16 autocast, fp32 master weights), p_t from
-  the cache's top-64 (no target LM head), an 8,192-token draft vocabulary, EAGLE-3's unroll
-  on the sampled chains only.
+- after:  bf16 target, bf16 autocast, fp32 master weights (what `runtime.dtype: auto` picks
+  for training with AMX), p_t from the cache's top-64 (no target LM head), an 8,192-token
+  draft vocabulary, EAGLE-3's unroll on the sampled chains only;
+- after-fp32: the same in float32 without autocast (what `auto` picks where bf16 matmuls are
+  not faster, e.g. AVX-512 BF16 without AMX on Intel).
 
     DRAFTER_MODELS=/work/main/.drafter/models /work/main/.venv/bin/python bench/train_throughput.py \
         [--seq-len 320] [--batch 8] [--anchors 16] [--steps 3] [--threads 1]
@@ -37,6 +39,7 @@ TOP_K, DRAFT_VOCAB = 64, 8192  # the default config's draft vocabulary
 VARIANTS = {  # name -> (target dtype, autocast, sparse p_t, draft vocabulary)
     "before": ("float32", False, False, None),
     "after": ("bfloat16", True, True, DRAFT_VOCAB),
+    "after-fp32": ("float32", False, True, DRAFT_VOCAB),
 }
 
 
@@ -112,6 +115,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="folder for train_throughput.{json,md}")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -130,9 +134,9 @@ def main() -> None:
     for r in results:
         before = next(x for x in results if x["algorithm"] == r["algorithm"] and x["variant"] == "before")
         r["speedup_vs_before"] = round(before["seconds_per_step"] / r["seconds_per_step"], 2)
-    command = (f"DRAFTER_MODELS=/work/main/.drafter/models /work/main/.venv/bin/python bench/train_throughput.py "
-               f"--seq-len {args.seq_len} --batch {args.batch} --anchors {args.anchors} --steps {args.steps} "
-               f"--threads {args.threads}")
+    from bench._common import command
+
+    command = command()
     report = {
         "command": command, "device": f"CPU ({os.cpu_count()} cores, {args.threads} torch threads)",
         "platform": platform.platform(), "torch": torch.__version__, "target": targets["after"].name,
@@ -141,7 +145,7 @@ def main() -> None:
             ("target_dtype", "autocast_bf16", "sparse_target", "draft_vocab_size"), v)) for k, v in VARIANTS.items()},
         "load_average": os.getloadavg(), "results": results,
     }
-    out = ROOT / "bench" / "results"
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
     render(report, out / "train_throughput.md")
@@ -161,6 +165,7 @@ def render(report: dict, path: Path) -> None:
         "EAGLE-3 unrolled over every position",
         f"- after: bf16 target heads + bf16 autocast, top-{report['top_k']} p_t from the cache, "
         f"{report['draft_vocab_size']:,}-token draft vocabulary; EAGLE-3 unrolled on its sampled chains",
+        "- after-fp32: the same in float32, no autocast",
         "",
         "| algorithm | variant | s / step | speedup | sequence tokens / s | draft positions / step | trainable params |",
         "|---|---|---|---|---|---|---|",

@@ -6,9 +6,9 @@ work, float32 elsewhere. Two kinds of work differ on CPUs:
 - `decode` (evaluate, decode, the engine, calibrate, regenerate): a few rows a forward, so
   reading the weights dominates, and bf16 halves the bytes on any CPU with bf16 units;
 - `batch` (build-cache, train): long sequences, so the matmuls' arithmetic dominates. AMX
-  makes bf16 several times faster; AVX-512 BF16 alone may not (one bf16 dot product a cycle
-  against two fp32 FMAs on some Intel cores), so there a matmul of the stage's shape is timed
-  in both dtypes once per process and the faster wins.
+  makes bf16 several times faster; AVX-512 BF16 alone may not (on an Intel CPU without AMX
+  oneDNN's bf16 matmul ran at 0.7x MKL's fp32 GEMM), so there a matmul of the stage's shape
+  is timed in both dtypes once per process and the faster wins.
 
 Measured on this project's 2-core CPUs (STACK.md, bench/RESULTS.md): with AMX an LM-head
 product 3.7x faster in bf16 and a 256-token prefill 2.4x; on an Intel CPU with AVX-512 BF16

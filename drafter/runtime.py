@@ -7,7 +7,7 @@ work, float32 elsewhere. Two kinds of work differ on CPUs:
   reading the weights dominates, and bf16 halves the bytes on any CPU with bf16 units;
 - `batch` (build-cache, train): long sequences, so the matmuls' arithmetic dominates. AMX
   makes bf16 several times faster; AVX-512 BF16 alone may not (on an Intel CPU without AMX
-  oneDNN's bf16 matmul ran at 0.7x MKL's fp32 GEMM), so there a matmul of the stage's shape
+  a large bf16 matmul ran at 0.6-0.7x the speed of fp32), so there a matmul of the stage's shape
   is timed in both dtypes once per process and the faster wins.
 
 Measured on this project's 2-core CPUs (STACK.md, bench/RESULTS.md): with AMX an LM-head

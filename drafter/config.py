@@ -44,8 +44,10 @@ class RunConfig(Section):
 class RuntimeConfig(Section):
     """Numerics shared by every stage (drafter/runtime.py)."""
 
-    # auto: bfloat16 on GPUs and on CPUs with AMX/AVX-512 BF16, float32 elsewhere. The target's
-    # forward in regenerate, build-cache, calibrate, evaluate and the engine, and training's autocast.
+    # auto: bfloat16 where it is faster for the stage's work (drafter/runtime.py): on GPUs and AMX
+    # CPUs everywhere; with AVX-512 BF16 alone in the decoding stages, and in build-cache and
+    # training only if a timed matmul says so; float32 elsewhere. The target's forward in
+    # regenerate, build-cache, calibrate, evaluate and the engine, and training's autocast.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 

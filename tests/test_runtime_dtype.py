@@ -124,3 +124,32 @@ def test_training_with_a_bf16_target_autocasts(tmp_path):
 
     weights = load_file(str(tmp_path / "last" / "model.safetensors"))
     assert all(w.dtype == torch.float32 for w in weights.values() if w.is_floating_point())
+
+
+def test_build_cache_and_training_load_the_target_for_batch_work(monkeypatch, tmp_path):
+    """Where `auto` would pick bf16 for decoding only, the cache build and training run in float32."""
+    import drafter.target
+    from drafter.cache import build_cache
+    from drafter.train import _accelerator
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setattr(runtime, "bf16_matmul_faster", lambda: False)
+    asked = []
+
+    class Loaded(Exception):
+        pass
+
+    def spy(config, work="decode"):
+        asked.append(work)
+        raise Loaded
+
+    monkeypatch.setattr(drafter.target, "load_target", spy)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["runtime.dtype=auto"])
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "train.jsonl").write_text("")
+    with pytest.raises(Loaded):
+        build_cache(cfg, tmp_path / "in", tmp_path / "cache")
+    with pytest.raises(Loaded):
+        train(cfg, tmp_path / "cache", tmp_path / "drafter")
+    assert asked == ["batch", "batch"]
+    assert _accelerator(cfg).mixed_precision == "no"  # no bf16 autocast either

@@ -520,7 +520,7 @@ def assemble(alg, seed, steps, key, info, reports, per_prompt, eval_wall) -> dic
         "drafter_hash": info.get("drafter_hash"),
         "target": g["target"].get("name"),
         "key": key,
-        "per_prompt": {mode: per_prompt[mode] for mode in MODES},  # [emitted, rounds]: what `paired` resamples
+        "per_prompt": per_prompt,  # mode -> prompt id -> [emitted, rounds]: what `paired` resamples
     }
 
 

@@ -34,6 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._common import command  # noqa: E402
+
 ALGORITHMS = ["dspark", "dflash", "eagle3"]
 TOP_K, DRAFT_VOCAB = 64, 8192  # the default config's draft vocabulary
 VARIANTS = {  # name -> (target dtype, autocast, sparse p_t, draft vocabulary)
@@ -134,11 +136,8 @@ def main() -> None:
     for r in results:
         before = next(x for x in results if x["algorithm"] == r["algorithm"] and x["variant"] == "before")
         r["speedup_vs_before"] = round(before["seconds_per_step"] / r["seconds_per_step"], 2)
-    from bench._common import command
-
-    command = command()
     report = {
-        "command": command, "device": f"CPU ({os.cpu_count()} cores, {args.threads} torch threads)",
+        "command": command(), "device": f"CPU ({os.cpu_count()} cores, {args.threads} torch threads)",
         "platform": platform.platform(), "torch": torch.__version__, "target": targets["after"].name,
         "seq_len": args.seq_len, "batch": args.batch, "anchors": args.anchors, "steps": args.steps,
         "top_k": TOP_K, "draft_vocab_size": DRAFT_VOCAB, "variants": {k: dict(zip(

@@ -93,7 +93,7 @@ class EvalIndex:
 
     def match(self, texts: list[str]) -> str | None:
         """Name of the first evaluation set one of the texts (`normalize`d) overlaps, else None."""
-        n = self.n
+        n, k, probes = self.n, self.k, self.probes
         for text in texts:
             words = text.split()
             if len(words) < n:
@@ -101,7 +101,6 @@ class EvalIndex:
                 if hit is not None:
                     return self.names[hit]
                 continue
-            k, probes = self.k, self.probes
             if not any(hash(tuple(words[p : p + k])) in probes for p in range(0, len(words) - k + 1, self.stride)):
                 continue
             for i in range(len(words) - n + 1):

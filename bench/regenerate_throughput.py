@@ -2,7 +2,8 @@
 
     python bench/regenerate_throughput.py [--prompts 16] [--max-new-tokens 48] [--batch-sizes 1,4,8,16]
                                           [--continuous-sizes 16] [--repeats 2] [--threads N]
-                                          [--attention drafter,sdpa] [--config configs/smollm2-135m-dspark.yaml]
+                                          [--attention drafter,sdpa] [--sampler drafter,transformers]
+                                          [--config configs/smollm2-135m-dspark.yaml]
 
 The real target (default SmolLM2-135M-Instruct) answers the first turns of the bundled
 MT-bench questions through `LocalBackend.run`, the path `drafter regenerate` takes
@@ -15,7 +16,9 @@ continuous batching over a pool of 8 x batch size prompts, finished rows refille
 Generated tokens are counted up to and including each answer's end-of-turn token (the
 padding a finished row keeps producing while its batch runs on is not counted).
 `--attention` runs every case under each listed attention implementation (default: the
-target's own; `drafter` is drafter/attention.py's, `sdpa` transformers' SDPA).
+target's own; `drafter` is drafter/attention.py's, `sdpa` transformers' SDPA). `--sampler` does
+the same for static batches' temperature + top-k + top-p: `drafter` is drafter/sampling.py's
+`TopKTopP` (what `LocalBackend` uses), `transformers` its own warpers (a sort of the vocabulary).
 Writes bench/results/regenerate_throughput.json and .md.
 """
 
@@ -40,7 +43,8 @@ def prompts(n: int) -> list[str]:
     return [json.loads(line)["turns"][0] for line in lines[:n]]
 
 
-def measure(target, cfg, questions: list[str], batch_size: int, batching: str = "static", attention: str = "") -> dict:
+def measure(target, cfg, questions: list[str], batch_size: int, batching: str = "static", attention: str = "",
+            sampler: str = "drafter") -> dict:
     import torch
 
     from drafter.regenerate import Conversation, LocalBackend
@@ -48,6 +52,8 @@ def measure(target, cfg, questions: list[str], batch_size: int, batching: str = 
     attention = attention or target.config._attn_implementation
     target.model.set_attn_implementation(attention)
     backend = LocalBackend(cfg.regenerate.model_copy(update={"batch_size": batch_size, "batching": batching}), target)
+    if sampler == "transformers":  # transformers' own top-k and top-p warpers instead of drafter.sampling's
+        backend._static_sampling = backend._generate_kwargs
     convs = [Conversation(row={"id": str(i)}, source=[{"role": "user", "content": q},
                                                       {"role": "assistant", "content": ""}])
              for i, q in enumerate(questions)]
@@ -61,7 +67,8 @@ def measure(target, cfg, questions: list[str], batch_size: int, batching: str = 
         raise RuntimeError(f"batch {batch_size}: {errors[0]}")
     tokens = sum(t.tokens for c in finished for t in c.turns)
     stops = sum(t.finish_reason == "stop" for c in finished for t in c.turns)
-    return {"batch_size": batch_size, "batching": batching, "attention": attention, "requests": len(finished),
+    return {"batch_size": batch_size, "batching": batching, "attention": attention, "sampler": sampler,
+            "requests": len(finished),
             "generated_tokens": tokens,
             "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 2),
             "stopped_on_eos": stops}
@@ -74,6 +81,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,4,8,16")
     parser.add_argument("--continuous-sizes", default="", help="batch sizes also run with continuous batching")
     parser.add_argument("--attention", default="", help="attention implementations to compare (default: the target's)")
+    parser.add_argument("--sampler", default="drafter",
+                        help="static batches' top-k/top-p: drafter (drafter.sampling), transformers (its warpers), or both")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for regenerate_throughput.{json,md}")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "smollm2-135m-dspark.yaml")
     parser.add_argument("--repeats", type=int, default=2,
@@ -94,12 +103,13 @@ def main() -> None:
     target = load_target(cfg)
     questions = prompts(args.prompts)
     attentions = args.attention.split(",") if args.attention else [target.config._attn_implementation]
-    cases = [(int(x), "static", a) for a in attentions for x in args.batch_sizes.split(",")]
-    cases += [(int(x), "continuous", a) for a in attentions for x in args.continuous_sizes.split(",") if x]
+    samplers = args.sampler.split(",")
+    cases = [(int(x), "static", a, s) for a in attentions for s in samplers for x in args.batch_sizes.split(",")]
+    cases += [(int(x), "continuous", a, "transformers") for a in attentions for x in args.continuous_sizes.split(",") if x]
     measure(target, cfg, questions[:2], 2)  # warm-up: first-call allocations and lazy inits
-    if any(b == "continuous" for _, b, _ in cases):
+    if any(case[1] == "continuous" for case in cases):
         measure(target, cfg, questions[:2], 2, "continuous")
-    runs: dict[tuple[int, str, str], list[dict]] = {case: [] for case in cases}
+    runs: dict[tuple[int, str, str, str], list[dict]] = {case: [] for case in cases}
     for _ in range(args.repeats):  # interleaved, so a busy spell on a shared machine hits all sizes alike
         for case in cases:
             runs[case].append(measure(target, cfg, questions, *case))
@@ -109,7 +119,7 @@ def main() -> None:
         best = max(runs[case], key=lambda r: r["tokens_per_s"])
         rows.append({**best, "all_tokens_per_s": [r["tokens_per_s"] for r in runs[case]]})
     base = next((r for r in rows if (r["batch_size"], r["batching"]) == (1, "static")), rows[0])
-    for r in rows:  # against the first attention's one-at-a-time row
+    for r in rows:  # against the first attention's and sampler's one-at-a-time row
         r["speedup_vs_one_at_a_time"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
 
     result = {
@@ -127,13 +137,13 @@ def main() -> None:
         f"Target {target.name} ({target.info()['parameters']:,} parameters, {target.dtype}, {target.device}); "
         f"{result['prompts']}; sampling {result['sampling']}.",
         "",
-        "| batching | attention | batch size | requests | generated tokens | seconds | tokens/s (best) | every round | "
-        f"vs one at a time ({base['attention']}) |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+        "| batching | attention | sampler | batch size | requests | generated tokens | seconds | tokens/s (best) | "
+        f"every round | vs one at a time ({base['attention']}, {base['sampler']}) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
         label = "1 (one at a time)" if (r["batch_size"], r["batching"]) == (1, "static") else str(r["batch_size"])
-        lines.append(f"| {r['batching']} | {r['attention']} | {label} | {r['requests']} | {r['generated_tokens']} | {r['seconds']} | "
+        lines.append(f"| {r['batching']} | {r['attention']} | {r['sampler']} | {label} | {r['requests']} | {r['generated_tokens']} | {r['seconds']} | "
                      f"{r['tokens_per_s']} | {', '.join(map(str, r['all_tokens_per_s']))} | "
                      f"{r['speedup_vs_one_at_a_time']}x |")
     lines += ["", f"Command: `{result['command']}`", f"Machine: {result['machine']}", ""]

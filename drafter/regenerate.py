@@ -8,7 +8,8 @@ messages after the last assistant turn are dropped (nothing to imitate there).
 Two backends give the same records:
 - `local`: transformers `generate` on this machine, batched with left padding, prompts
   sorted by length to cut padding, KV cache on. Conversations at different turns share
-  a batch, so a multi-turn conversation does not hold up the others.
+  a batch, so a multi-turn conversation does not hold up the others. Top-k + top-p go
+  through `drafter.sampling.TopKTopP` (transformers' rules without sorting the vocabulary).
 - `openai`: any OpenAI-compatible server (vLLM, SGLang, `transformers serve`): asyncio
   with `concurrency` requests in flight, a timeout per request (the whole request, not
   each read), retries with exponential backoff and jitter on 429, 5xx, timeouts, connection
@@ -203,6 +204,18 @@ class LocalBackend(Backend):
             return {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k or None}
         return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
+    def _static_sampling(self) -> dict[str, Any]:
+        """`_generate_kwargs`, with top-k + top-p done by `TopKTopP` (no sort of the vocabulary)."""
+        from transformers import LogitsProcessorList
+
+        from drafter.sampling import TopKTopP
+
+        cfg = self.cfg
+        if cfg.temperature > 0 and cfg.top_k and 0 < cfg.top_p < 1:
+            return {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                    "logits_processor": LogitsProcessorList([TopKTopP(cfg.temperature, cfg.top_k, cfg.top_p)])}
+        return self._generate_kwargs()
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]]) -> list[Turn]:
         """Answer `prompts` (in order): one left-padded batch, or continuous batching."""
@@ -221,7 +234,7 @@ class LocalBackend(Backend):
             pad_token_id=self.pad_id,
             eos_token_id=self.eos or None,
             use_cache=True,
-            **self._generate_kwargs(),
+            **self._static_sampling(),
         )
         return [self._turn(row) for row in out[:, width:].tolist()]
 

@@ -1,0 +1,93 @@
+"""drafter.sampling.TopKTopP against transformers' temperature, top-k and top-p warpers."""
+
+import pytest
+import torch
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from drafter import chat
+from drafter.regenerate import LocalBackend
+from drafter.sampling import TopKTopP
+from tests.test_regenerate import config
+
+INF = float("-inf")
+
+
+def transformers_warpers(scores, temperature, top_k, top_p):
+    scores = TemperatureLogitsWarper(temperature)(None, scores)
+    scores = TopKLogitsWarper(top_k)(None, scores)
+    return TopPLogitsWarper(top_p)(None, scores)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 20, 0.8), (1.0, 5, 0.5), (1.3, 64, 0.95), (0.5, 1, 0.9)])
+def test_same_masked_scores_as_transformers(temperature, top_k, top_p):
+    """Distinct logits (no ties): every row's scores equal transformers' to the bit, so its
+    softmax and multinomial draw the same token from the same random state."""
+    g = torch.Generator().manual_seed(0)
+    for spread in (0.5, 2.0, 8.0):  # flat to peaked rows: top-p keeps from all k down to one token
+        scores = torch.randn(64, 3000, generator=g, dtype=torch.float64).float() * spread
+        ours = TopKTopP(temperature, top_k, top_p)(None, scores)
+        assert torch.equal(ours, transformers_warpers(scores, temperature, top_k, top_p))
+        kept = ours.isfinite().sum(-1)
+        assert bool((kept >= 1).all() and (kept <= top_k).all())
+
+
+def test_ties_at_the_kth_value_pass_top_k_as_in_transformers():
+    """transformers' top-k keeps every token tied with the k-th, so more than k reach top-p;
+    rows in one batch may have different numbers of ties."""
+    scores = torch.tensor([[5.0, 4.0, 3.0, 3.0, 3.0, 1.0, 0.0], [2.0, 1.9, 1.8, 1.7, 1.6, 1.5, 1.4],
+                           [3.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]])
+    for top_p in (0.99, 0.5):  # cuts between distinct logits
+        ours = TopKTopP(1.0, 3, top_p)(None, scores)
+        assert torch.equal(ours, transformers_warpers(scores, 1.0, 3, top_p))
+    assert TopKTopP(1.0, 3, 0.99)(None, scores).isfinite().sum(-1).tolist() == [5, 3, 5]
+
+
+def test_tied_tokens_at_the_top_p_boundary_are_kept_together():
+    """Where top-p's cut falls between equal logits, transformers' unstable sort keeps some of
+    them; every token as likely as the least likely kept one stays."""
+    scores = torch.tensor([[4.0, 2.0, 2.0, -3.0, -4.0, -5.0]])
+    # p(4) = 0.79, p(2) = 0.106 each: 0.8 needs one of the tied twos, so both stay.
+    ours = TopKTopP(1.0, 4, 0.8)(None, scores)
+    assert ours[0].isfinite().tolist() == [True, True, True, False, False, False]
+    theirs = transformers_warpers(scores, 1.0, 4, 0.8)[0].isfinite()
+    assert theirs[0] and not theirs[3:].any() and int(theirs[1:3].sum()) == 1
+
+
+def test_bf16_logits_differ_from_transformers_only_by_tied_tokens_at_the_cut():
+    """Logits of a bf16 target tie often. On such rows we keep what transformers keeps, plus
+    at most the tokens tied with the least likely token it keeps."""
+    g = torch.Generator().manual_seed(1)
+    scores = (torch.randn(2000, 3000, generator=g) * 3).to(torch.bfloat16).float()
+    ours = TopKTopP(0.7, 20, 0.8)(None, scores)
+    theirs = transformers_warpers(scores, 0.7, 20, 0.8)
+    kept, kept_theirs = ours.isfinite(), theirs.isfinite()
+    assert bool((kept_theirs & ~kept).sum() == 0)  # nothing transformers keeps is dropped
+    extra = kept & ~kept_theirs
+    least_theirs = scores.masked_fill(~kept_theirs, float("inf")).min(-1, keepdim=True).values
+    assert torch.equal(scores[extra], least_theirs.expand_as(scores)[extra])
+    assert extra.any()  # such cuts are common at this spread (~1 row in 10)
+    assert torch.equal(ours[~extra.any(-1)], theirs[~extra.any(-1)])
+
+
+@pytest.mark.parametrize("args", [(0.0, 20, 0.8), (0.7, 0, 0.8), (0.7, 20, 1.0), (0.7, 20, 0.0)])
+def test_settings_it_does_not_cover_are_refused(args):
+    with pytest.raises(ValueError, match="TopKTopP needs"):
+        TopKTopP(*args)
+
+
+def test_local_backend_samples_what_transformers_warpers_sample(tiny_config, tiny_target):
+    """A static batch through TopKTopP and through transformers' own warpers (temperature,
+    top-k, top-p passed to generate) gives the same sampled answers for the same seed."""
+    cfg = config(tiny_config, temperature=0.7, top_k=8, top_p=0.8, max_new_tokens=12).regenerate
+    ours, theirs = LocalBackend(cfg, tiny_target), LocalBackend(cfg, tiny_target)
+    theirs._static_sampling = theirs._generate_kwargs
+    assert "logits_processor" in ours._static_sampling()
+    prompts = [chat.prompt_ids(tiny_target.tokenizer, [{"role": "user", "content": q}])
+               for q in ("Hi", "What is 17 times 3?", "Explain binary search in detail.")]
+    answers = []
+    for backend in (ours, theirs):
+        torch.manual_seed(7)
+        answers.append([(t.text, t.tokens) for t in backend.generate(prompts)])
+    assert answers[0] == answers[1]
+    torch.manual_seed(8)  # and the seed matters: a different one samples something else
+    assert [(t.text, t.tokens) for t in ours.generate(prompts)] != answers[0]

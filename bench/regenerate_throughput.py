@@ -138,7 +138,8 @@ def main() -> None:
         f"{result['prompts']}; sampling {result['sampling']}.",
         "",
         "| batching | attention | sampler | batch size | requests | generated tokens | seconds | tokens/s (best) | "
-        f"every round | vs one at a time ({base['attention']}, {base['sampler']}) |",
+        f"every round | vs {'one at a time' if base['batch_size'] == 1 else 'batch ' + str(base['batch_size'])} "
+        f"({base['attention']}, {base['sampler']}) |",
         "|---|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:

@@ -505,6 +505,7 @@ def load_drafter(path, target) -> tuple[DraftModel, Path]:
     (model, its folder). Drafting is memory-bound (a handful of rows through each weight): bf16
     weights halve what a proposal reads, and verification keeps decoding lossless either way."""
     from drafter.models import REGISTRY, TargetHeads, model_class
+    from drafter.prepack import is_prepacked, prepack
 
     folder = resolve_drafter_dir(path)
     try:
@@ -524,7 +525,10 @@ def load_drafter(path, target) -> tuple[DraftModel, Path]:
         raise DecodingError(f"{folder}: the drafter reads the target's feature layers {list(wanted)} but the target "
                             f"captures {list(target.layer_ids)}: set target.layer_ids or target.num_feature_layers "
                             "as for the cache it was trained on")
-    return model.to(target.device, target.dtype).eval(), folder
+    model = model.to(target.device, target.dtype).eval()
+    if is_prepacked(target.model):  # the drafter is frozen here too (runtime.prepack)
+        prepack(model)
+    return model, folder
 
 
 def block_size_of(drafter: DraftModel | None, default: int) -> int:

@@ -308,7 +308,7 @@ def load_target(config: Config | TargetConfig, work: Work = "decode") -> Target:
     num_layers = model.config.num_hidden_layers
     check_layer_ids(cfg.layer_ids or [], num_layers, full.source if full else "target config")
     layer_ids = list(cfg.layer_ids) if cfg.layer_ids else default_layer_ids(num_layers, cfg.num_feature_layers)
-    return Target(
+    target = Target(
         model=model,
         tokenizer=tokenizer,
         name=name,
@@ -318,3 +318,8 @@ def load_target(config: Config | TargetConfig, work: Work = "decode") -> Target:
         template_hash=template_hash(tokenizer),
         source=source,
     )
+    if full is None or full.runtime.prepack:
+        from drafter.prepack import prepack
+
+        prepack(target.model)
+    return target

@@ -180,6 +180,7 @@ class LocalBackend(Backend):
         # "batching" only when not the default, so that runs made before the option keep their key.
         return {**_sampling(self.cfg), "batch_size": self.cfg.batch_size,
                 **({"batching": self.cfg.batching} if self.cfg.batching != "static" else {}),
+                **({"sampler": self.sampler} if self.sampler != "transformers" else {}),
                 "target_fingerprint": self.target.fingerprint, "dtype": dtype_name(self.target.dtype)}
 
     def _prepare(self, conv: Conversation) -> None:
@@ -204,6 +205,14 @@ class LocalBackend(Backend):
             return {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k or None}
         return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
+    @property
+    def sampler(self) -> str:
+        """Who applies top-k and top-p: `TopKTopP` keeps every token tied at the top-p cut, where
+        transformers' warpers keep some at random, so the two are not interchangeable in a run."""
+        cfg = self.cfg
+        ours = cfg.batching == "static" and cfg.temperature > 0 and cfg.top_k and 0 < cfg.top_p < 1
+        return "drafter.sampling.TopKTopP" if ours else "transformers"
+
     def _static_sampling(self) -> dict[str, Any]:
         """`_generate_kwargs`, with top-k + top-p done by `TopKTopP` (no sort of the vocabulary)."""
         from transformers import LogitsProcessorList
@@ -211,7 +220,7 @@ class LocalBackend(Backend):
         from drafter.sampling import TopKTopP
 
         cfg = self.cfg
-        if cfg.temperature > 0 and cfg.top_k and 0 < cfg.top_p < 1:
+        if self.sampler != "transformers":
             return {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
                     "logits_processor": LogitsProcessorList([TopKTopP(cfg.temperature, cfg.top_k, cfg.top_p)])}
         return self._generate_kwargs()
@@ -711,7 +720,9 @@ def regenerate(cfg: Config, in_dir: Path, out_dir: Path, target=None) -> Manifes
     fingerprint = backend.target.fingerprint if local else None
     run_key = sha256_json({"backend": backend.name, "model": backend.model, "target": fingerprint,
                            "dtype": dtype_name(backend.target.dtype) if local else None,
-                           "sampling": _sampling(rcfg), "inputs": inputs, "seed": cfg.run.seed})[:16]
+                           "sampling": _sampling(rcfg), "inputs": inputs, "seed": cfg.run.seed,
+                           # (only when not transformers' own, so that runs made before the option keep their key)
+                           **({"sampler": backend.sampler} if local and backend.sampler != "transformers" else {})})[:16]
 
     previous = read_manifest(out_dir) if (out_dir / "manifest.json").is_file() else None
     same_run = previous is not None and previous.params.get("run_key") == run_key

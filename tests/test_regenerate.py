@@ -227,6 +227,18 @@ def test_changed_parameters_discard_partial_work(tiny_config, tiny_target, inges
     assert manifest.params["temperature"] == 0.0
 
 
+def test_the_sampler_is_part_of_the_run(tiny_config, tiny_target, ingested, tmp_path):
+    """transformers' warpers (continuous batching) and TopKTopP (static batches) break ties at
+    the top-p cut differently: a run of one is not resumed or reused by the other."""
+    out = tmp_path / "out"
+    first = regenerate(config(tiny_config, limit=None, batching="continuous"), ingested, out, target=tiny_target)
+    second = regenerate(config(tiny_config, limit=None), ingested, out, target=tiny_target)
+    assert "sampler" not in first.params and second.params["sampler"] == "drafter.sampling.TopKTopP"
+    assert second.params["run_key"] != first.params["run_key"]
+    greedy = regenerate(config(tiny_config, limit=None, temperature=0.0), ingested, out, target=tiny_target)
+    assert "sampler" not in greedy.params
+
+
 def test_missing_input_is_a_clear_error(tiny_config, tiny_target, tmp_path):
     with pytest.raises(RegenerateError, match="run ingest first"):
         regenerate(tiny_config, tmp_path / "nothing", tmp_path / "out", target=tiny_target)

@@ -8,8 +8,9 @@ messages after the last assistant turn are dropped (nothing to imitate there).
 Two backends give the same records:
 - `local`: transformers `generate` on this machine, batched with left padding, prompts
   sorted by length to cut padding, KV cache on. Conversations at different turns share
-  a batch, so a multi-turn conversation does not hold up the others. Top-k + top-p go
-  through `drafter.sampling.TopKTopP` (transformers' rules without sorting the vocabulary).
+  a batch, so a multi-turn conversation does not hold up the others. Top-k + top-p and the
+  draw go through `drafter.sampling.TopKTopP` (transformers' rules without sorting the
+  vocabulary, the draw among the survivors only).
 - `openai`: any OpenAI-compatible server (vLLM, SGLang, `transformers serve`): asyncio
   with `concurrency` requests in flight, a timeout per request (the whole request, not
   each read), retries with exponential backoff and jitter on 429, 5xx, timeouts, connection
@@ -207,21 +208,23 @@ class LocalBackend(Backend):
 
     @property
     def sampler(self) -> str:
-        """Who applies top-k and top-p: `TopKTopP` keeps every token tied at the top-p cut, where
-        transformers' warpers keep some at random, so the two are not interchangeable in a run."""
+        """Who applies top-k and top-p and draws: `TopKTopP` keeps every token tied at the top-p
+        cut (transformers' warpers keep some at random) and draws among the survivors (another
+        use of the random state), so the two are not interchangeable in a run."""
         cfg = self.cfg
         ours = cfg.batching == "static" and cfg.temperature > 0 and cfg.top_k and 0 < cfg.top_p < 1
-        return "drafter.sampling.TopKTopP" if ours else "transformers"
+        return "drafter.sampling.TopKTopP.draw" if ours else "transformers"
 
     def _static_sampling(self) -> dict[str, Any]:
-        """`_generate_kwargs`, with top-k + top-p done by `TopKTopP` (no sort of the vocabulary)."""
+        """`_generate_kwargs`, with top-k + top-p and the draw done by `TopKTopP` (no sort of the
+        vocabulary, no draw over all of it)."""
         from transformers import LogitsProcessorList
 
         from drafter.sampling import TopKTopP
 
         cfg = self.cfg
-        if self.sampler != "transformers":
-            return {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+        if self.sampler != "transformers":  # TopKTopP draws the token; greedy decoding takes it
+            return {"do_sample": False, "temperature": None, "top_k": None, "top_p": None,
                     "logits_processor": LogitsProcessorList([TopKTopP(cfg.temperature, cfg.top_k, cfg.top_p)])}
         return self._generate_kwargs()
 

@@ -233,7 +233,7 @@ def test_the_sampler_is_part_of_the_run(tiny_config, tiny_target, ingested, tmp_
     out = tmp_path / "out"
     first = regenerate(config(tiny_config, limit=None, batching="continuous"), ingested, out, target=tiny_target)
     second = regenerate(config(tiny_config, limit=None), ingested, out, target=tiny_target)
-    assert "sampler" not in first.params and second.params["sampler"] == "drafter.sampling.TopKTopP"
+    assert "sampler" not in first.params and second.params["sampler"] == "drafter.sampling.TopKTopP.draw"
     assert second.params["run_key"] != first.params["run_key"]
     greedy = regenerate(config(tiny_config, limit=None, temperature=0.0), ingested, out, target=tiny_target)
     assert "sampler" not in greedy.params

@@ -15,8 +15,9 @@ each batch size is reported, every round is listed). Batch size 1 is one request
 continuous batching over a pool of 8 x batch size prompts, finished rows refilled).
 Generated tokens are counted up to and including each answer's end-of-turn token (the
 padding a finished row keeps producing while its batch runs on is not counted).
-`--attention` runs every case under each listed attention implementation (default: the
-target's own; `drafter` is drafter/attention.py's, `sdpa` transformers' SDPA). `--sampler` does
+`--prepack on,off` runs every case with the target's bf16 linear weights reordered once
+(drafter/prepack.py, the default) and on every call. `--attention` runs every case under each
+listed attention implementation (default: the target's own; `drafter` is drafter/attention.py's, `sdpa` transformers' SDPA). `--sampler` does
 the same for static batches' temperature + top-k + top-p: `drafter` is drafter/sampling.py's
 `TopKTopP` (what `LocalBackend` uses), `transformers` its own warpers (a sort of the vocabulary).
 Writes bench/results/regenerate_throughput.json and .md.
@@ -44,10 +45,13 @@ def prompts(n: int) -> list[str]:
 
 
 def measure(target, cfg, questions: list[str], batch_size: int, batching: str = "static", attention: str = "",
-            sampler: str = "drafter") -> dict:
+            sampler: str = "drafter", prepacked: str = "on") -> dict:
     import torch
 
+    from drafter.prepack import prepack, unpack
     from drafter.regenerate import Conversation, LocalBackend
+
+    (prepack if prepacked == "on" else unpack)(target.model)
 
     attention = attention or target.config._attn_implementation
     target.model.set_attn_implementation(attention)
@@ -68,6 +72,7 @@ def measure(target, cfg, questions: list[str], batch_size: int, batching: str = 
     tokens = sum(t.tokens for c in finished for t in c.turns)
     stops = sum(t.finish_reason == "stop" for c in finished for t in c.turns)
     return {"batch_size": batch_size, "batching": batching, "attention": attention, "sampler": sampler,
+            "prepacked": prepacked,
             "requests": len(finished),
             "generated_tokens": tokens,
             "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 2),
@@ -83,6 +88,8 @@ def main() -> None:
     parser.add_argument("--attention", default="", help="attention implementations to compare (default: the target's)")
     parser.add_argument("--sampler", default="drafter",
                         help="static batches' top-k/top-p: drafter (drafter.sampling), transformers (its warpers), or both")
+    parser.add_argument("--prepack", default="on",
+                        help="bf16 linear weights reordered once (on, as runtime.prepack does), on every call (off), or on,off")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for regenerate_throughput.{json,md}")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "smollm2-135m-dspark.yaml")
     parser.add_argument("--repeats", type=int, default=2,
@@ -104,12 +111,15 @@ def main() -> None:
     questions = prompts(args.prompts)
     attentions = args.attention.split(",") if args.attention else [target.config._attn_implementation]
     samplers = args.sampler.split(",")
-    cases = [(int(x), "static", a, s) for a in attentions for s in samplers for x in args.batch_sizes.split(",")]
-    cases += [(int(x), "continuous", a, "transformers") for a in attentions for x in args.continuous_sizes.split(",") if x]
+    packs = args.prepack.split(",")
+    cases = [(int(x), "static", a, s, p) for p in packs for a in attentions for s in samplers
+             for x in args.batch_sizes.split(",")]
+    cases += [(int(x), "continuous", a, "transformers", p) for p in packs for a in attentions
+              for x in args.continuous_sizes.split(",") if x]
     measure(target, cfg, questions[:2], 2)  # warm-up: first-call allocations and lazy inits
     if any(case[1] == "continuous" for case in cases):
         measure(target, cfg, questions[:2], 2, "continuous")
-    runs: dict[tuple[int, str, str, str], list[dict]] = {case: [] for case in cases}
+    runs: dict[tuple[int, str, str, str, str], list[dict]] = {case: [] for case in cases}
     for _ in range(args.repeats):  # interleaved, so a busy spell on a shared machine hits all sizes alike
         for case in cases:
             runs[case].append(measure(target, cfg, questions, *case))
@@ -118,9 +128,12 @@ def main() -> None:
     for case in cases:
         best = max(runs[case], key=lambda r: r["tokens_per_s"])
         rows.append({**best, "all_tokens_per_s": [r["tokens_per_s"] for r in runs[case]]})
-    base = next((r for r in rows if (r["batch_size"], r["batching"]) == (1, "static")), rows[0])
-    for r in rows:  # against the first attention's and sampler's one-at-a-time row
+    bases = {}
+    for r in rows:  # against the one-at-a-time row of the first attention and sampler, weights prepacked alike
+        same = [b for b in rows if b["prepacked"] == r["prepacked"]]
+        base = bases[r["prepacked"]] = next((b for b in same if (b["batch_size"], b["batching"]) == (1, "static")), same[0])
         r["speedup_vs_one_at_a_time"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
+    base = bases[packs[0]]
 
     result = {
         "benchmark": "regenerate_throughput",
@@ -137,14 +150,14 @@ def main() -> None:
         f"Target {target.name} ({target.info()['parameters']:,} parameters, {target.dtype}, {target.device}); "
         f"{result['prompts']}; sampling {result['sampling']}.",
         "",
-        "| batching | attention | sampler | batch size | requests | generated tokens | seconds | tokens/s (best) | "
+        "| batching | attention | sampler | prepacked | batch size | requests | generated tokens | seconds | tokens/s (best) | "
         f"every round | vs {'one at a time' if base['batch_size'] == 1 else 'batch ' + str(base['batch_size'])} "
-        f"({base['attention']}, {base['sampler']}) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|---:|",
+        f"({base['attention']}, {base['sampler']}, same prepacking) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
         label = "1 (one at a time)" if (r["batch_size"], r["batching"]) == (1, "static") else str(r["batch_size"])
-        lines.append(f"| {r['batching']} | {r['attention']} | {r['sampler']} | {label} | {r['requests']} | {r['generated_tokens']} | {r['seconds']} | "
+        lines.append(f"| {r['batching']} | {r['attention']} | {r['sampler']} | {r['prepacked']} | {label} | {r['requests']} | {r['generated_tokens']} | {r['seconds']} | "
                      f"{r['tokens_per_s']} | {', '.join(map(str, r['all_tokens_per_s']))} | "
                      f"{r['speedup_vs_one_at_a_time']}x |")
     lines += ["", f"Command: `{result['command']}`", f"Machine: {result['machine']}", ""]

@@ -64,8 +64,9 @@ def prepack(model: nn.Module) -> int:
     if not linears or not supported():
         return 0
     for linear in linears:
-        _reorder(linear)
-        linear.forward = _packed_forward.__get__(linear)
+        if "_prepacked" not in linear.__dict__:  # (a layer shared with a model prepacked before keeps its copy)
+            _reorder(linear)
+            linear.forward = _packed_forward.__get__(linear)
     return len(linears)
 
 

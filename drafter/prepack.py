@@ -3,7 +3,7 @@
 torch runs a bf16 `F.linear` on a CPU through oneDNN, which reorders the weight matrix into its
 blocked layout on every call. For the few rows of a decoding step that reorder costs as much as
 the product: SmolLM2's LM head ([1 x 576] @ [576 x 49,152], one thread, Intel AVX-512 BF16) took
-7.2 ms as `F.linear` and 4.3 ms from a weight reordered once (`bench/prepack.py`). `prepack`
+9.3 ms as `F.linear` and 6.0 ms from a weight reordered once (`bench/prepack.py`). `prepack`
 gives each bf16 `nn.Linear` of a frozen CPU model a copy of its weight in oneDNN's layout
 (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing does) and a forward that
 uses it. Same kernel, same accumulation order: the outputs are `F.linear`'s to the bit (tested),

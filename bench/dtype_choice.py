@@ -49,14 +49,20 @@ def best_seconds(model, rows: int, context: int, new: int, reps: int) -> float:
     return best
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def forward_args(doc: str) -> argparse.Namespace:
+    """--config, --reps, --threads (applied), --out: the arguments of a script that times the target's forwards."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "smollm2-135m-dspark.yaml")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     apply_threads(args)
+    return args
+
+
+def main() -> None:
+    args = forward_args(__doc__)
 
     from drafter.config import load_config
     from drafter.runtime import dtype_name, resolve_dtype

@@ -12,12 +12,10 @@ to the bit. Writes bench/results/prepack.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
-from _common import RESULTS, ROOT, apply_threads, command, machine, write_results
-from dtype_choice import SHAPES, best_seconds
+from _common import command, machine, write_results
+from dtype_choice import SHAPES, best_seconds, forward_args
 
 
 def lm_head_seconds(model, rows: int, reps: int) -> float:
@@ -49,13 +47,7 @@ def same_logits(model, rows: int, context: int, new: int) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "smollm2-135m-dspark.yaml")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    apply_threads(args)
+    args = forward_args(__doc__)
 
     from drafter.config import load_config
     from drafter.prepack import prepack, unpack

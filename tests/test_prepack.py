@@ -95,3 +95,27 @@ def test_greedy_speculative_decoding_with_prepacked_weights_is_plain_decoding(tm
     spec = SpecEngine(target, drafter, gamma=3).generate(prompt, 24)
     assert plain == unpacked
     assert spec.tokens == plain and sum(r.proposed for r in spec.rounds) > 0
+
+
+def test_the_draft_vocabularys_head_slice_is_reordered_with_the_lm_head():
+    """A reduced draft vocabulary scores through a kept slice of the LM head: reordered once
+    when the head is, equal to F.linear on the slice to the bit, and sliced again after a change."""
+    from drafter.models import TargetHeads, build
+
+    target = bf16_target(prepack=False)
+    heads = TargetHeads.from_target(target)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["drafter.algorithm=dspark", "drafter.draft_vocab_size=32"])
+    counts = torch.arange(heads.vocab_size).flip(0)  # the 32 lowest ids are the most frequent
+    drafter = build(cfg, heads, target.layer_ids, token_counts=counts).to(torch.bfloat16)
+    h = torch.randn(3, heads.hidden_size).bfloat16()
+
+    def plain():
+        return F.linear(h, heads.lm_head.weight[drafter.draft_ids])
+
+    with torch.inference_mode():
+        assert not pp.is_prepacked(drafter.draft_head()) and torch.equal(drafter.vocab_logits(h), plain())
+        pp.prepack(target.model)
+        assert pp.is_prepacked(drafter.draft_head()) and torch.equal(drafter.vocab_logits(h), plain())
+        drafter.set_draft_vocab(counts.flip(0))  # another vocabulary: the 32 highest ids
+        assert pp.is_prepacked(drafter.draft_head()) and torch.equal(drafter.vocab_logits(h), plain())
+    assert "_draft_head" not in dict(drafter.named_modules()) and not any("draft_head" in k for k in drafter.state_dict())

@@ -124,7 +124,7 @@ def test_the_kept_head_slice_follows_the_head_and_the_vocabulary(target, heads, 
 
     with torch.inference_mode():
         torch.testing.assert_close(model.vocab_logits(h), fresh())
-    assert model.draft_head()[0] is model.draft_head()[0]  # kept, not sliced again
+    assert model.draft_head() is model.draft_head()  # kept, not sliced again
     with torch.no_grad():
         heads.lm_head.weight.mul_(2.0)  # the head changes in place
     try:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from drafter.models.metrics import GREEDY_BELOW
+from drafter.prepack import is_prepacked, prepack
 
 
 class DraftVocab:
@@ -64,27 +66,39 @@ class DraftVocab:
         """Final-normed hidden -> draft-vocabulary logits via the frozen target LM head."""
         if self.d2t is None:
             return self.heads.logits(normed)
-        weight, bias = self.draft_head()
-        logits = F.linear(normed.to(weight.dtype), weight, bias)
-        cap = self.heads.final_logit_softcapping
-        return torch.tanh(logits / cap) * cap if cap else logits
-
-    def draft_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The LM head's rows of the draft vocabulary. Copying N x H rows out of the V x H head
-        costs several times the product itself (6.4 against 1.4 ms a block on SmolLM2), so the
-        frozen head's slice is kept until the head, its device or dtype, or d2t change."""
         head = self.heads.lm_head
         if head.weight.requires_grad:  # a head being trained: slice it each time, gradients flow
             ids = self.draft_ids
-            return head.weight[ids], None if head.bias is None else head.bias[ids]
-        key = (head.weight.data_ptr(), head.weight._version, head.weight.dtype, self.d2t.data_ptr(), self.d2t._version)
-        if getattr(self, "_draft_head_key", None) != key:
-            # A plain tensor even when first asked under inference_mode: training reuses it.
+            bias = None if head.bias is None else head.bias[ids]
+            logits = F.linear(normed.to(head.weight.dtype), head.weight[ids], bias)
+        else:
+            linear = self.draft_head()
+            logits = linear(normed.to(linear.weight.dtype))
+        cap = self.heads.final_logit_softcapping
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def draft_head(self) -> nn.Linear:
+        """The frozen LM head's rows of the draft vocabulary, as a linear layer kept between calls.
+        Copying N x H rows out of the V x H head costs several times the product itself (6.4
+        against 1.4 ms a block on SmolLM2), so the slice is kept until the head, its device or
+        dtype, or d2t change; when the head's weight is reordered once (`drafter.prepack`), so is
+        the slice's. Not a submodule: it holds no state of its own."""
+        head = self.heads.lm_head
+        key = (head.weight.data_ptr(), head.weight._version, head.weight.dtype, self.d2t.data_ptr(), self.d2t._version,
+               is_prepacked(head))
+        if self.__dict__.get("_draft_head_key") != key:
+            # Plain tensors even when first asked under inference_mode: training reuses them.
             with torch.inference_mode(False), torch.no_grad():
                 ids = self.draft_ids
-                self._draft_head = (head.weight[ids], None if head.bias is None else head.bias[ids])
-            self._draft_head_key = key
-        return self._draft_head
+                weight = head.weight[ids]
+                linear = nn.Linear(weight.shape[1], weight.shape[0], bias=head.bias is not None, device="meta")
+                linear.weight = nn.Parameter(weight, requires_grad=False)
+                if head.bias is not None:
+                    linear.bias = nn.Parameter(head.bias[ids], requires_grad=False)
+                if key[-1]:
+                    prepack(linear)
+            self.__dict__["_draft_head"], self.__dict__["_draft_head_key"] = linear, key
+        return self.__dict__["_draft_head"]
 
     def to_target(self, probs: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary distributions [..., Vd] -> target vocabulary [..., V] (zeros elsewhere)."""

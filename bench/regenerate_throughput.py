@@ -15,8 +15,9 @@ each batch size is reported, every round is listed). Batch size 1 is one request
 continuous batching over a pool of 8 x batch size prompts, finished rows refilled).
 Generated tokens are counted up to and including each answer's end-of-turn token (the
 padding a finished row keeps producing while its batch runs on is not counted).
-`--prepack on,off` runs every case with the target's bf16 linear weights reordered once
-(drafter/prepack.py, the default) and on every call. `--attention` runs every case under each
+`--prepack on,bf16,off` runs every case with the target's bf16 linear weights reordered once
+and wide products in float32 where that is faster (drafter/prepack.py, the default: `on`),
+reordered once with every product in bf16 (`bf16`), and reordered on every call (`off`). `--attention` runs every case under each
 listed attention implementation (default: the target's own; `drafter` is drafter/attention.py's, `sdpa` transformers' SDPA). `--sampler` does
 the same for static batches' temperature + top-k + top-p: `drafter` is drafter/sampling.py's
 `TopKTopP` (what `LocalBackend` uses), `transformers` its own warpers (a sort of the vocabulary).
@@ -51,7 +52,9 @@ def measure(target, cfg, questions: list[str], batch_size: int, batching: str = 
     from drafter.prepack import prepack, unpack
     from drafter.regenerate import Conversation, LocalBackend
 
-    (prepack if prepacked == "on" else unpack)(target.model)
+    unpack(target.model)
+    if prepacked != "off":
+        prepack(target.model, wide_rows="auto" if prepacked == "on" else None)
 
     attention = attention or target.config._attn_implementation
     target.model.set_attn_implementation(attention)
@@ -89,7 +92,8 @@ def main() -> None:
     parser.add_argument("--sampler", default="drafter",
                         help="static batches' top-k/top-p: drafter (drafter.sampling), transformers (its warpers), or both")
     parser.add_argument("--prepack", default="on",
-                        help="bf16 linear weights reordered once (on, as runtime.prepack does), on every call (off), or on,off")
+                        help="bf16 linear weights reordered once with wide products in float32 (on, as runtime.prepack "
+                             "does), reordered once with every product in bf16 (bf16), on every call (off): a list")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for regenerate_throughput.{json,md}")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "smollm2-135m-dspark.yaml")
     parser.add_argument("--repeats", type=int, default=2,

@@ -53,6 +53,10 @@ class RuntimeConfig(Section):
     # once instead of on every call (drafter/prepack.py): same outputs to the bit, faster decoding
     # steps, the weights' memory once more.
     prepack: bool = True
+    # With prepack, on a CPU whose large bf16 products are slower than float32's (AVX-512 BF16
+    # without AMX), products of many rows (prefills) multiply in float32 and round to bf16 once:
+    # faster prefills; decoding steps and verification keep the bf16 kernel.
+    wide_float32: bool = True
 
 
 class TinyTargetConfig(Section):

@@ -12,11 +12,21 @@ so plain and speculative decoding stay exactly what they were, only faster.
 The reordered copy costs the weights' memory once more. A forward that needs gradients (a
 drafter trained through the target's LM head) takes `F.linear`, and a weight replaced or changed
 in place since it was reordered is reordered again before use.
+
+Wide products (a prefill: many rows through one weight) are another matter on a CPU whose bf16
+matrix products are slower than float32's (AVX-512 BF16 without AMX: ~75 against ~120-150
+GFLOP/s here). With `wide_rows` set, a product of at least that many rows per ~2M weight
+elements upcasts the weight on the fly, multiplies in float32 and rounds the result to bf16
+once: a 16 x 71-token prefill of SmolLM2 1.4x faster (`bench/prepack.py`). Those outputs are
+not bf16 `F.linear`'s to the bit (another summation order, the same float32 accumulation);
+plain and speculative decoding share the prefill, so decoding stays lossless relative to the
+target as it runs. Decoding steps and a request's verification (a few rows) keep the bf16 path.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,11 +49,29 @@ def supported() -> bool:
     return torch.equal(out, F.linear(x, weight))
 
 
+WIDE_ROWS = 64  # rows from which float32 beats bf16 on a ~1M-element weight (no AMX; bench/prepack.py)
+
+
+def wide_rows_for_this_cpu() -> int | None:
+    """`WIDE_ROWS` where large bf16 products are not faster than float32 ones (runtime.py's probe), else None."""
+    from drafter.runtime import cpu_bf16_pays
+
+    return None if cpu_bf16_pays("batch") else WIDE_ROWS
+
+
+def _is_wide(rows: int, wide_rows: int | None, weight: torch.Tensor) -> bool:
+    # the upcast costs one pass over the weight, so a larger weight needs more rows to pay for it
+    return wide_rows is not None and rows >= wide_rows * max(1, weight.numel() >> 21)
+
+
 def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight = self.weight
     if (weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or weight.device.type != "cpu"
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return F.linear(x, weight, self.bias)
+    if _is_wide(x.numel() // x.shape[-1], self._wide_rows, weight):
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), weight.float(), bias).to(x.dtype)
     if self._prepacked_from != (weight.data_ptr(), weight._version):  # replaced or changed in place
         _reorder(self)
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self._prepacked, self.bias, "none", [], "")
@@ -56,17 +84,22 @@ def _reorder(linear: nn.Linear) -> None:
     linear._prepacked_from = (weight.data_ptr(), weight._version)
 
 
-def prepack(model: nn.Module) -> int:
+def prepack(model: nn.Module, wide_rows: int | Literal["auto"] | None = None) -> int:
     """Reorder the weights of `model`'s bf16 CPU `nn.Linear` layers once; returns how many.
-    Does nothing where oneDNN's packed linear is missing or differs from `F.linear`."""
+    `wide_rows`: products of that many rows (per ~2M weight elements) or more run in float32
+    (see the module's doc; None: never; "auto": `wide_rows_for_this_cpu()`). Does nothing
+    where oneDNN's packed linear is missing or differs from `F.linear`."""
     linears = [m for m in model.modules() if type(m) is nn.Linear
                and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"]
     if not linears or not supported():
         return 0
+    if wide_rows == "auto":
+        wide_rows = wide_rows_for_this_cpu()
     for linear in linears:
         if "_prepacked" not in linear.__dict__:  # (a layer shared with a model prepacked before keeps its copy)
             _reorder(linear)
             linear.forward = _packed_forward.__get__(linear)
+            linear._wide_rows = wide_rows
     return len(linears)
 
 
@@ -78,4 +111,4 @@ def unpack(model: nn.Module) -> None:
     """Undo `prepack` (the layers take F.linear again; the reordered copies are freed)."""
     for m in model.modules():
         if "_prepacked" in m.__dict__:
-            del m.forward, m._prepacked, m._prepacked_from
+            del m.forward, m._prepacked, m._prepacked_from, m._wide_rows

@@ -321,5 +321,5 @@ def load_target(config: Config | TargetConfig, work: Work = "decode") -> Target:
     if full is None or full.runtime.prepack:
         from drafter.prepack import prepack
 
-        prepack(target.model)
+        prepack(target.model, wide_rows="auto" if full is None or full.runtime.wide_float32 else None)
     return target

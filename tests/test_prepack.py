@@ -15,11 +15,11 @@ from tests.test_decoding import QUESTIONS, chat
 pytestmark = pytest.mark.skipif(not pp.supported(), reason="this torch build has no oneDNN packed linear")
 
 
-def bf16_target(prepack=True):
+def bf16_target(prepack=True, *sets):
     from drafter.target import load_target
 
     return load_target(load_config(ROOT / "configs" / "tiny.yaml", ["target.dtype=bfloat16", "target.tiny.seed=5",
-                                                                     f"runtime.prepack={str(prepack).lower()}"]))
+                                                                     f"runtime.prepack={str(prepack).lower()}", *sets]))
 
 
 def linear_count(model):
@@ -78,22 +78,26 @@ def test_a_weight_changed_after_prepacking_is_reordered_again():
         assert torch.equal(linear(x.float()), F.linear(x.float(), linear.weight))
 
 
-def test_greedy_speculative_decoding_with_prepacked_weights_is_plain_decoding(tmp_path):
-    """A prepacked target, and a drafter `load_drafter` prepacks with it: lossless as before."""
+@pytest.mark.parametrize("wide_rows", [None, 16])
+def test_greedy_speculative_decoding_with_prepacked_weights_is_plain_decoding(tmp_path, wide_rows):
+    """A prepacked target, and a drafter `load_drafter` prepacks with it: lossless as before,
+    also with the prefill's products in float32 (16 rows or more) and the rounds' in bf16."""
     from drafter.decoding import load_drafter
     from tests.test_decoding_models import drafter_for
 
     target = lively_target("llama")
     target.model.to(torch.bfloat16)
     prompt = chat(target, QUESTIONS[1])
+    assert len(prompt) > 16
     unpacked = SpecEngine(target, None).generate(prompt, 24).tokens
     drafter_for(target, "dspark").export(tmp_path / "drafter")
-    assert pp.prepack(target.model) == linear_count(target.model)
+    assert pp.prepack(target.model, wide_rows=wide_rows) == linear_count(target.model)
     drafter, _ = load_drafter(tmp_path / "drafter", target)
     assert pp.is_prepacked(drafter)
     plain = SpecEngine(target, None).generate(prompt, 24).tokens
     spec = SpecEngine(target, drafter, gamma=3).generate(prompt, 24)
-    assert plain == unpacked
+    if wide_rows is None:
+        assert plain == unpacked
     assert spec.tokens == plain and sum(r.proposed for r in spec.rounds) > 0
 
 
@@ -119,3 +123,34 @@ def test_the_draft_vocabularys_head_slice_is_reordered_with_the_lm_head():
         drafter.set_draft_vocab(counts.flip(0))  # another vocabulary: the 32 highest ids
         assert pp.is_prepacked(drafter.draft_head()) and torch.equal(drafter.vocab_logits(h), plain())
     assert "_draft_head" not in dict(drafter.named_modules()) and not any("draft_head" in k for k in drafter.state_dict())
+
+
+def test_wide_products_multiply_in_float32_and_few_rows_stay_bf16():
+    """With wide_rows set, a product of that many rows per ~2M weight elements is the float32
+    product of the bf16 operands rounded once; fewer rows keep the bf16 kernel, bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    for out_features, in_features, needs in ((1536, 576, 4), (4096, 1024, 8)):  # 4M elements: twice the rows
+        linear = torch.nn.Linear(in_features, out_features).bfloat16().requires_grad_(False)
+        pp.prepack(linear, wide_rows=4)
+        told_apart = False
+        for rows in (1, needs - 1, needs, 8 * needs):
+            x = torch.randn(rows, in_features, generator=gen).bfloat16()
+            wide = F.linear(x.float(), linear.weight.float(), linear.bias.float()).bfloat16()
+            bf16 = F.linear(x, linear.weight, linear.bias)
+            with torch.inference_mode():
+                out = linear(x)
+            assert torch.equal(out, wide if rows >= needs else bf16), (out_features, rows)
+            told_apart |= rows >= needs and not torch.equal(wide, bf16)
+        assert told_apart  # the two paths give different roundings somewhere here
+        pp.unpack(linear)
+        assert not hasattr(linear, "_wide_rows")
+
+
+@pytest.mark.parametrize("bf16_pays,setting", [(True, "true"), (False, "true"), (False, "false")])
+def test_the_target_multiplies_wide_in_float32_only_where_bf16_is_slower(monkeypatch, bf16_pays, setting):
+    import drafter.runtime
+
+    monkeypatch.setattr(drafter.runtime, "cpu_bf16_pays", lambda work: bf16_pays)
+    target = bf16_target(True, f"runtime.wide_float32={setting}")
+    wide = {m._wide_rows for m in target.model.modules() if "_prepacked" in m.__dict__}
+    assert wide == {pp.WIDE_ROWS if not bf16_pays and setting == "true" else None}

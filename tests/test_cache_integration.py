@@ -85,9 +85,11 @@ def test_smollm2_cache(smollm2_target, tmp_path):
         ref = smollm2_target.capture(sample["input_ids"].unsqueeze(0))
         scale = ref.layers[0].abs().amax(dim=-1, keepdim=True)
         # bf16 storage, and a bf16 forward: a row padded in the cache's batch differs from this lone
-        # forward by rounding compounded over 28 layers (measured: at most 0.024 of the row's max);
-        # a wrong layer or position would be off by the order of the scale.
-        assert ((sample["features"] - ref.layers[0]).abs() <= scale / 32).all()
+        # forward by rounding compounded over 28 layers (measured: at most 0.024 of the row's max when
+        # both run the bf16 kernel, 0.043 where the batch's products run in float32 and this lone
+        # forward's few rows in bf16, `runtime.wide_float32`); a wrong layer or position would be
+        # off by the order of the scale.
+        assert ((sample["features"] - ref.layers[0]).abs() <= scale / 16).all()
         p = torch.softmax(smollm2_target.logits_from_hidden(ref.final[0]).float(), -1).topk(64)
         assert (sample["target_ids"][:, 0] == p.indices[:, 0]).float().mean() > 0.95  # the target's argmax
         torch.testing.assert_close(sample["target_probs"], p.values, atol=0.02, rtol=0.05)

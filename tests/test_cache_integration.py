@@ -92,7 +92,8 @@ def test_smollm2_cache(smollm2_target, tmp_path):
         assert ((sample["features"] - ref.layers[0]).abs() <= scale / 16).all()
         p = torch.softmax(smollm2_target.logits_from_hidden(ref.final[0]).float(), -1).topk(64)
         assert (sample["target_ids"][:, 0] == p.indices[:, 0]).float().mean() > 0.95  # the target's argmax
-        torch.testing.assert_close(sample["target_probs"], p.values, atol=0.02, rtol=0.05)
+        # (the same rounding: at most 0.041 apart where the batch ran float32 products, measured)
+        torch.testing.assert_close(sample["target_probs"], p.values, atol=0.06, rtol=0.05)
     # The default system prompt SmolLM2's template injects is part of the ids, never of the mask.
     assert "You are a helpful AI assistant named SmolLM" in tok.decode(reader[0]["input_ids"])
     with pytest.raises(CacheMismatchError):

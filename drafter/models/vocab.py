@@ -84,8 +84,9 @@ class DraftVocab:
         dtype, or d2t change; when the head's weight is reordered once (`drafter.prepack`), so is
         the slice's. Not a submodule: it holds no state of its own."""
         head = self.heads.lm_head
+        packed = is_prepacked(head)
         key = (head.weight.data_ptr(), head.weight._version, head.weight.dtype, self.d2t.data_ptr(), self.d2t._version,
-               is_prepacked(head))
+               packed)
         if self.__dict__.get("_draft_head_key") != key:
             # Plain tensors even when first asked under inference_mode: training reuses them.
             with torch.inference_mode(False), torch.no_grad():
@@ -95,7 +96,7 @@ class DraftVocab:
                 linear.weight = nn.Parameter(weight, requires_grad=False)
                 if head.bias is not None:
                     linear.bias = nn.Parameter(head.bias[ids], requires_grad=False)
-                if key[-1]:
+                if packed:
                     prepack(linear)
             self.__dict__["_draft_head"], self.__dict__["_draft_head_key"] = linear, key
         return self.__dict__["_draft_head"]

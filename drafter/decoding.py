@@ -42,6 +42,7 @@ from drafter.attention import PackedCache, Packing, packed_forward, supports_pac
 from drafter.errors import DrafterError
 from drafter.models.base import DraftModel
 from drafter.models.metrics import GREEDY_BELOW
+from drafter.sampling import Sampler
 
 
 class DecodingError(DrafterError, RuntimeError):
@@ -101,10 +102,6 @@ class LengthPolicy(Protocol):
 
 
 # ----- the acceptance rule ----------------------------------------------------------------
-def target_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return torch.softmax(logits.float() / temperature, dim=-1)
-
-
 def residual(p_t: torch.Tensor, p_d: torch.Tensor) -> torch.Tensor:
     """Where a rejected position resamples from: normalize(max(0, p_t - p_d)), else p_t."""
     diff = (p_t - p_d).clamp_min(0)
@@ -177,7 +174,9 @@ class SpecEngine:
 
     `gamma` is the number of tokens drafted per round; `scheduler` (see
     `drafter.scheduler`) decides how many of them the target verifies; `packed` verifies
-    blocks of different lengths packed rather than padded to the longest.
+    blocks of different lengths packed rather than padded to the longest. `temperature`,
+    `top_k` and `top_p` (0 and 1: off) are the target's distribution (`drafter.sampling.Sampler`):
+    plain decoding draws from it and drafts are accepted against it, so the output follows it.
     """
 
     def __init__(
@@ -187,6 +186,8 @@ class SpecEngine:
         *,
         gamma: int = 7,
         temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
         scheduler: LengthPolicy | None = None,
         seed: int = 0,
         eos_token_ids: Sequence[int] | None = None,
@@ -201,6 +202,8 @@ class SpecEngine:
         self.drafter = drafter
         self.gamma = gamma if drafter is not None else 0
         self.temperature = float(temperature)
+        # The target's distribution: what plain decoding samples and what drafts are accepted against.
+        self.sampler = None if self.greedy else Sampler(self.temperature, top_k, top_p)
         self.scheduler = scheduler
         self.packed = packed and supports_packing(target)
         self.clock = clock  # wall clock by default; time.process_time on a shared machine (one torch thread)
@@ -269,10 +272,11 @@ class SpecEngine:
             return [int(t) for t in prompt.reshape(-1)]
         return [int(t) for t in prompt]
 
-    def _sample(self, logits: torch.Tensor) -> int:
+    def _draw(self, logits: torch.Tensor) -> list[int]:
+        """One target token per row of logits [R, V], all rows at once."""
         if self.greedy:
-            return int(logits.argmax(-1))
-        return int(torch.multinomial(target_probs(logits, self.temperature), 1, generator=self.generator))
+            return logits.max(-1).indices.tolist()
+        return self.sampler.draw(logits, self.generator).view(-1).tolist()
 
     def _prefill(self, reqs: list[_Request], max_new: int, on_tokens, start: float):
         lengths = [len(r.gen.prompt) for r in reqs]
@@ -290,14 +294,14 @@ class SpecEngine:
         feats = self.target.capture(ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
         logits = self.target.logits_from_hidden(feats.final[:, -1])
         prefill_end = self.clock()
+        tokens = self._draw(logits)
         for i, r in enumerate(reqs):
             r.gen.prefill_seconds = prefill_end - start
             if self.drafter is not None:
                 r.state = self.drafter.init_state()
                 self.drafter.extend(r.state, feats.layers[i : i + 1, width - lengths[i] :], ids[i : i + 1, width - lengths[i] :])
-            token = self._sample(logits[i])
-            r.anchor, r.position = token, lengths[i]
-            self._emit(r, [token], max_new, on_tokens)
+            r.anchor, r.position = tokens[i], lengths[i]
+            self._emit(r, [tokens[i]], max_new, on_tokens)
             if r.done:
                 r.t_end = self.clock()
         return cache, mask
@@ -376,14 +380,19 @@ class SpecEngine:
             with self._phases("accept"):  # every row's argmax in one pass, then plain lists
                 top = logits.max(-1).indices.tolist()  # argmax's first-maximum ties; bf16 argmax is 2x slower
                 row_top = [top[s : s + n + 1] for s, n in zip(starts, lengths)] if packed else top
+        elif self.drafter is None:
+            with self._phases("accept"):  # plain decoding: every row's next token in one draw
+                drawn = self._draw(logits[:, 0])
         for i, r in enumerate(rows):
             n_ver = lengths[i]
             draft = drafts[i][:n_ver]
             with self._phases("accept"):
                 if self.greedy:
                     n, nxt = accept_greedy(row_top[i], draft.tolist())
+                elif self.drafter is None:
+                    n, nxt = 0, drawn[i]
                 else:
-                    p_t = target_probs(row_logits[i], self.temperature)
+                    p_t = self.sampler.probs(row_logits[i])
                     p_d = probs[i][:n_ver] if n_ver else p_t[:0]
                     n, nxt = accept_sampled(p_t, p_d, draft, self.generator)
                 accepted = draft[:n].tolist()

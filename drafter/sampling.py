@@ -1,11 +1,11 @@
-"""Temperature, top-k and top-p for transformers' `generate` without sorting the vocabulary.
+"""The target's sampling distribution: temperature, then top-k, then top-p, without sorting the vocabulary.
 
 transformers applies top-k and top-p as two warpers, and its top-p sorts every row of the
 vocabulary (49,152 logits for SmolLM2) although top-k has already masked all but k of them.
 On a CPU that sort, its cumulative sum and the scatter back cost ~40 ms of a ~265 ms decoding
-step at 16 rows (`bench/regenerate_throughput.py`), and the draw over the whole vocabulary
-another 22 ms. `TopKTopP` does the same three steps on the k survivors only (its `mask` is
-transformers' masked scores), and draws among the survivors.
+step at 16 rows, and its draw (`multinomial` over the whole vocabulary: an exponential variate
+per logit) another 22 ms. `Sampler` does the same three steps on the k survivors only (its
+`mask` is transformers' masked scores) and draws among the survivors.
 
 Ties: transformers' top-k keeps every token tied with the k-th (more than k may pass), and
 so do we. Where top-p's cut falls between tokens of equal logits, transformers' unstable sort
@@ -16,31 +16,31 @@ Elsewhere the masked scores are transformers' to the bit (tested).
 from __future__ import annotations
 
 import torch
-from transformers import LogitsProcessor
 
 
-class TopKTopP(LogitsProcessor):
-    """scores / temperature, then top-k, then top-p (transformers' order and rules), and the draw.
+class Sampler:
+    """scores / temperature, then top-k (0: off), then top-p (1: off): transformers' order and rules.
 
-    As a logits processor it draws the token itself, among the survivors only, and returns
-    scores that leave greedy decoding no other choice (0 for the drawn token, -inf elsewhere):
-    `generate(do_sample=False, logits_processor=[TopKTopP(...)])`. transformers' own draw
-    (`multinomial` over the whole vocabulary: an exponential variate per logit, 22 ms a step at
-    16 rows of 49,152) is the same distribution at the cost of a few dozen."""
+    `probs` is the whole distribution (what speculative decoding's acceptance rule compares
+    with), `draw` one token per row from it, among the survivors only when a mask is on."""
 
-    def __init__(self, temperature: float, top_k: int, top_p: float) -> None:
-        if temperature <= 0 or top_k < 1 or not 0 < top_p < 1:
-            raise ValueError(f"TopKTopP needs temperature > 0, top_k >= 1 and 0 < top_p < 1 "
+    def __init__(self, temperature: float, top_k: int = 0, top_p: float = 1.0) -> None:
+        if temperature <= 0 or top_k < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"Sampler needs temperature > 0, top_k >= 0 (0: off) and 0 < top_p <= 1 (1: off) "
                              f"(got {temperature}, {top_k}, {top_p})")
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
 
+    @property
+    def masked(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1
+
     def _survivors(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(scaled scores, the top values [B, w] descending, their ids, the least kept value [B, 1])."""
-        scores = scores / self.temperature
-        k = min(self.top_k, scores.size(-1))
+        scores = scores.float() / self.temperature
+        k = min(self.top_k or scores.size(-1), scores.size(-1))
         top = torch.topk(scores, k, dim=-1)
         kth = top.values[..., -1:]
-        widest = int((scores >= kth).sum(-1).max())  # ties with the k-th value pass top-k too
+        widest = int((scores >= kth).sum(-1).max()) if k < scores.size(-1) else k  # ties with the k-th pass too
         values = top.values
         if widest > k:
             top = torch.topk(scores, widest, dim=-1)
@@ -53,14 +53,19 @@ class TopKTopP(LogitsProcessor):
 
     def mask(self, scores: torch.Tensor) -> torch.Tensor:
         """The scaled scores with every token top-k or top-p removes at -inf (transformers' warpers' output)."""
+        if not self.masked:
+            return scores.float() / self.temperature
         scaled, _, _, least_kept = self._survivors(scores)
         return scaled.masked_fill(scaled < least_kept, float("-inf"))
 
-    def draw(self, scores: torch.Tensor) -> torch.Tensor:
-        """One token id per row [B, 1], drawn from softmax(mask(scores)) with torch's random state."""
+    def probs(self, scores: torch.Tensor) -> torch.Tensor:
+        """softmax(mask(scores)) in float32, over the whole vocabulary."""
+        return torch.softmax(self.mask(scores), dim=-1)
+
+    def draw(self, scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One token id per row [B, 1], drawn from `probs(scores)`."""
+        if not self.masked:
+            return torch.multinomial(self.probs(scores), 1, generator=generator)
         _, values, ids, least_kept = self._survivors(scores)
         probs = values.masked_fill(values < least_kept, float("-inf")).softmax(-1)
-        return ids.gather(-1, torch.multinomial(probs, 1))
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        return torch.full_like(scores, float("-inf")).scatter_(-1, self.draw(scores), 0.0)
+        return ids.gather(-1, torch.multinomial(probs, 1, generator=generator))

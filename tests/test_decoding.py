@@ -10,6 +10,7 @@ from scipy import stats
 
 import drafter.decoding as dec
 from drafter.decoding import DecodingError, SpecEngine, round_totals
+from drafter.sampling import Sampler
 from tests.drafters import (
     BigramDrafter,
     LMDrafter,
@@ -255,18 +256,24 @@ def make_small_world(confidences=False, dtype=torch.float32):
     target = tiny_vocab_target(VOCAB, seed=0)
     target.model.to(dtype)  # the exact joint below is the target's as it runs
     drafter = BigramDrafter.random(VOCAB, seed=1, confidences=confidences)
+    return target, drafter, exact_joint(target, lambda logits: torch.log_softmax(logits.double() / TEMPERATURE, -1))
+
+
+def exact_joint(target, log_probs):
+    """P(first three tokens) for every continuation, from the target's logits through `log_probs`."""
     cont = torch.tensor(list(itertools.product(range(VOCAB), repeat=3)))
     ids = torch.cat([torch.tensor(PROMPT).expand(len(cont), -1), cont], dim=1)
     with torch.no_grad():
-        logp = torch.log_softmax(target.model(ids).logits.double() / TEMPERATURE, dim=-1)
+        logp = log_probs(target.model(ids).logits)
     p = len(PROMPT)
     joint = sum(logp[:, p - 1 + k].gather(1, cont[:, k : k + 1]).squeeze(1) for k in range(3)).exp().numpy()
     assert abs(joint.sum() - 1) < 1e-9
-    return target, drafter, joint
+    return joint
 
 
-def sample_pvalue(target, drafter, joint, seed=1, scheduler=None):
-    engine = SpecEngine(target, drafter, gamma=2, temperature=TEMPERATURE, seed=seed, eos_token_ids=[], scheduler=scheduler)
+def sample_pvalue(target, drafter, joint, seed=1, scheduler=None, **sampling):
+    engine = SpecEngine(target, drafter, gamma=2, temperature=TEMPERATURE, seed=seed, eos_token_ids=[], scheduler=scheduler,
+                        **sampling)
     counts = np.zeros(VOCAB**3)
     gens = []
     for _ in range(SAMPLES // 2000):
@@ -275,6 +282,8 @@ def sample_pvalue(target, drafter, joint, seed=1, scheduler=None):
         counts[(g.tokens[0] * VOCAB + g.tokens[1]) * VOCAB + g.tokens[2]] += 1
     expected = joint * SAMPLES
     small = expected < 5
+    if expected[small].sum() == 0:  # only impossible continuations there: one drawn fails the test outright
+        return (0.0 if counts[small].any() else stats.chisquare(counts[~small], expected[~small]).pvalue), round_totals(gens)
     observed = np.append(counts[~small], counts[small].sum())
     expected = np.append(expected[~small], expected[small].sum())
     return stats.chisquare(observed, expected).pvalue, round_totals(gens)
@@ -284,6 +293,21 @@ def test_sampling_preserves_target_distribution(small_world):
     pvalue, totals = sample_pvalue(*small_world)
     assert 1.2 < totals["tau"] < 2.5  # drafts are neither always right nor always wrong
     assert pvalue > ALPHA
+
+
+@pytest.mark.parametrize("with_drafter", [True, False])
+def test_top_k_top_p_sampling_follows_the_masked_target(small_world, with_drafter):
+    """With top-k and top-p the target's distribution is transformers' masked one
+    (drafter.sampling.Sampler): speculative decoding (the bigram drafter knows nothing of the
+    masks) and plain decoding (every row drawn at once) both follow it, and not the unmasked one."""
+    target, drafter, unmasked = small_world
+    sampler = Sampler(TEMPERATURE, 4, 0.9)
+    masked = exact_joint(target, lambda logits: torch.log_softmax(sampler.mask(logits).double(), -1))
+    assert (masked == 0).mean() > 0.5  # the masks remove most continuations
+    pvalue, _ = sample_pvalue(target, drafter if with_drafter else None, masked, top_k=4, top_p=0.9)
+    assert pvalue > ALPHA
+    pvalue, _ = sample_pvalue(target, drafter if with_drafter else None, unmasked, top_k=4, top_p=0.9)
+    assert pvalue < ALPHA
 
 
 @pytest.mark.parametrize("bug", ["resample_from_target", "accept_everything", "ignore_draft_probs"])

@@ -134,18 +134,20 @@ def test_continuous_batching_matches_one_at_a_time(tiny_config, tiny_target, ing
     assert manifest.counts["train"]["succeeded"] == 7 and manifest.counts["train"]["errors"] == 0
 
 
-def test_stop_on_eos_reports_finish_reason(tiny_config, tiny_target, monkeypatch):
-    backend = LocalBackend(config(tiny_config, temperature=0.0, max_new_tokens=8).regenerate, tiny_target)
-    eos = tiny_target.eos_token_ids[0]
-
-    def fake_generate(input_ids, attention_mask, **kw):
-        new = torch.tensor([[40, 41, eos, 0, 0, 0, 0, 0], [40, 41, 42, 43, 44, 45, 46, 47]])
-        return torch.cat([input_ids, new], dim=1)
-
-    monkeypatch.setattr(tiny_target.model, "generate", fake_generate)
-    stop, length = backend.generate([[5, 6, 7], [8, 9]])
-    assert (stop.finish_reason, stop.tokens) == ("stop", 3)
-    assert stop.text == tiny_target.tokenizer.decode([40, 41])
+def test_stop_on_eos_reports_finish_reason(tiny_config, tiny_target):
+    """An answer ends at its first end token (counted, not in its text); one that meets none stops
+    at the budget. The end token is one the greedy answer reaches, told to the backend."""
+    cfg = config(tiny_config, temperature=0.0, max_new_tokens=8).regenerate
+    prompts = [[5, 6, 7], [8, 9]]
+    probe = LocalBackend(cfg, tiny_target)
+    probe.eos = []  # no end token: both answers run to the budget
+    first, second = (g.tokens for g in probe.engine.generate_batch(prompts, 8))
+    j = next(j for j, t in enumerate(first) if t not in first[:j] and t not in second)
+    backend = LocalBackend(cfg, tiny_target)
+    backend.eos = [first[j]]
+    stop, length = backend.generate(prompts)
+    assert (stop.finish_reason, stop.tokens) == ("stop", j + 1)
+    assert stop.text == tiny_target.tokenizer.decode(first[:j], skip_special_tokens=True)
     assert (length.finish_reason, length.tokens) == ("length", 8)
 
 
@@ -228,15 +230,18 @@ def test_changed_parameters_discard_partial_work(tiny_config, tiny_target, inges
 
 
 def test_the_sampler_is_part_of_the_run(tiny_config, tiny_target, ingested, tmp_path):
-    """transformers' warpers (continuous batching) and TopKTopP (static batches) break ties at
-    the top-p cut differently: a run of one is not resumed or reused by the other."""
+    """transformers' warpers (continuous batching) and the engine's Sampler (static batches) break
+    ties at the top-p cut differently and draw from other random streams: a run of one is not
+    resumed or reused by the other, greedy or not."""
     out = tmp_path / "out"
     first = regenerate(config(tiny_config, limit=None, batching="continuous"), ingested, out, target=tiny_target)
     second = regenerate(config(tiny_config, limit=None), ingested, out, target=tiny_target)
-    assert "sampler" not in first.params and second.params["sampler"] == "drafter.sampling.TopKTopP.draw"
+    assert "sampler" not in first.params and second.params["sampler"] == "drafter.decoding.SpecEngine"
     assert second.params["run_key"] != first.params["run_key"]
-    greedy = regenerate(config(tiny_config, limit=None, temperature=0.0), ingested, out, target=tiny_target)
-    assert "sampler" not in greedy.params
+    greedy = {b: regenerate(config(tiny_config, limit=None, temperature=0.0, batching=b), ingested, out / b,
+                            target=tiny_target) for b in ("static", "continuous")}
+    assert greedy["static"].params["sampler"] == "drafter.decoding.SpecEngine" and "sampler" not in greedy["continuous"].params
+    assert greedy["static"].params["run_key"] != greedy["continuous"].params["run_key"]
 
 
 def test_missing_input_is_a_clear_error(tiny_config, tiny_target, tmp_path):

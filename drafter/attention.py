@@ -9,7 +9,7 @@ as transformers' eager attention does (scores in the weights' dtype, softmax in 
 grouping each KV head's query heads instead of copying the cache per head, and hands
 everything else to transformers' own SDPA function.
 
-Packed verification: a padded batch runs every row at the widest row's block width, so the
+Packed verification (and prefill): a padded batch runs every row at the widest row's block width, so the
 projections, MLPs and the LM head pay for padding. Packed, the R blocks are flattened into one sequence of N real
 tokens (`[1, N]`, each with its own position id) and only attention sees the rows: each
 layer's new keys/values are scattered into the usual per-row `[R, heads, width, d]` block of
@@ -110,10 +110,12 @@ class Packing:
     width: int
 
     @classmethod
-    def of(cls, lengths: Sequence[int], device: torch.device | str = "cpu") -> Packing:
-        """Row r holds lengths[r] tokens (slots 0..lengths[r]-1 of a block as wide as the longest)."""
+    def of(cls, lengths: Sequence[int], device: torch.device | str = "cpu", left_padded: bool = False) -> Packing:
+        """Row r holds lengths[r] tokens: slots 0..lengths[r]-1 of a block as wide as the longest
+        (a verification block), or its last lengths[r] slots with `left_padded` (a prompt)."""
         width = max(lengths)
-        index = torch.cat([r * width + torch.arange(n) for r, n in enumerate(lengths)]).to(device)
+        index = torch.cat([r * width + (width - n if left_padded else 0) + torch.arange(n)
+                           for r, n in enumerate(lengths)]).to(device)
         return cls(index, len(lengths), width)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:

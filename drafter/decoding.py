@@ -291,15 +291,26 @@ class SpecEngine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp_min(0)
         cache = PackedCache()  # plain layers (no sliding-window trimming): crop and realign stay exact
-        feats = self.target.capture(ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-        logits = self.target.logits_from_hidden(feats.final[:, -1])
+        if self.packed and min(lengths) < width:  # the prompts' real tokens only, as one sequence
+            packing = Packing.of(lengths, self.device, left_padded=True)
+            with packed_forward(self.target, cache, packing):
+                feats = self.target.capture(packing.pack(ids)[None], attention_mask=verify_mask(mask, width),
+                                            position_ids=packing.pack(positions)[None], past_key_values=cache,
+                                            use_cache=True, packing=packing)
+            ends = list(itertools.accumulate(lengths))
+            logits = self.target.logits_from_hidden(feats.final[0, [e - 1 for e in ends]])
+            row_layers = [feats.layers[:, e - n : e] for e, n in zip(ends, lengths)]
+        else:
+            feats = self.target.capture(ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+            logits = self.target.logits_from_hidden(feats.final[:, -1])
+            row_layers = [feats.layers[i : i + 1, width - n :] for i, n in enumerate(lengths)]
         prefill_end = self.clock()
         tokens = self._draw(logits)
         for i, r in enumerate(reqs):
             r.gen.prefill_seconds = prefill_end - start
             if self.drafter is not None:
                 r.state = self.drafter.init_state()
-                self.drafter.extend(r.state, feats.layers[i : i + 1, width - lengths[i] :], ids[i : i + 1, width - lengths[i] :])
+                self.drafter.extend(r.state, row_layers[i], ids[i : i + 1, width - lengths[i] :])
             r.anchor, r.position = tokens[i], lengths[i]
             self._emit(r, [tokens[i]], max_new, on_tokens)
             if r.done:

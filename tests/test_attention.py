@@ -96,6 +96,49 @@ def test_packed_forward_gives_what_a_padded_forward_gives(shape):
         torch.testing.assert_close(a.values * real, b.values * real, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", ["llama", "qwen3"])
+def test_packed_prefill_gives_what_a_left_padded_prefill_gives(shape):
+    """Prompts of different lengths as one sequence of their real tokens: the same last logits,
+    feature layers and cache (at the real positions) as the left-padded batch."""
+    target = lively_target(shape)
+    g = torch.Generator().manual_seed(1)
+    lengths = [7, 3, 12, 1]
+    rows, width = len(lengths), max(lengths)
+    ids = torch.randint(target.vocab_size, (rows, width), generator=g)
+    mask = (torch.arange(width)[None] >= width - torch.tensor(lengths)[:, None]).long()
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    packing = Packing.of(lengths, left_padded=True)
+    assert packing.pack(mask[:, :, None])[:, 0].tolist() == [1] * sum(lengths)  # exactly the real tokens
+    caches = [PackedCache(), PackedCache()]
+    with torch.inference_mode():
+        padded = target.capture(ids, attention_mask=mask, position_ids=positions, past_key_values=caches[0], use_cache=True)
+        with packed_forward(target, caches[1], packing):
+            packed = target.capture(packing.pack(ids)[None], attention_mask=verify_mask(mask, width),
+                                    position_ids=packing.pack(positions)[None], past_key_values=caches[1], use_cache=True,
+                                    packing=packing)
+    torch.testing.assert_close(packed.final[0], packing.pack(padded.final), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed.layers[0], packing.pack(padded.layers), rtol=1e-5, atol=1e-5)
+    real = mask.bool()[:, None, :, None]
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        assert a.keys.shape == b.keys.shape
+        torch.testing.assert_close(a.keys * real, b.keys * real, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.values * real, b.values * real, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_prefills_prompts_of_different_lengths_packed(monkeypatch):
+    """The engine's prefill packs prompts of different lengths (only their real tokens reach the
+    model) and the greedy answers are still the target's, one prompt at a time."""
+    target = lively_target("llama")
+    prompts = [chat(target, q) for q in QUESTIONS]
+    assert len({len(p) for p in prompts}) > 1
+    refs = [reference(target, p, 12) for p in prompts]
+    packs = []
+    monkeypatch.setattr(dec, "packed_forward", lambda t, c, p: packs.append(p.index.numel()) or packed_forward(t, c, p))
+    out = SpecEngine(target).generate_batch(prompts, 12)
+    assert [g.tokens for g in out] == refs
+    assert packs == [sum(len(p) for p in prompts)]  # the prefill, packed; plain decoding's 1-token rounds are not
+
+
 def test_sliding_window_targets_are_verified_padded():
     assert not supports_packing(lively_target("gemma3"))
 

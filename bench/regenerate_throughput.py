@@ -13,7 +13,7 @@ side by side in one process with the same prompts and the configured sampling
 each batch size is reported, every round is listed). Batch size 1 is one request at a time.
 Static batches run on the decoding engine (`drafter.decoding.SpecEngine` without a drafter),
 as `drafter regenerate` does. `--generate-sizes` adds rows through transformers' `generate`
-instead (left-padded, its own top-k/top-p warpers and draw; what static batches ran before),
+instead (left-padded, with transformers' own top-k/top-p warpers and draw),
 `--continuous-sizes` rows with `regenerate.batching=continuous` (transformers'
 continuous batching over a pool of 8 x batch size prompts, finished rows refilled).
 Generated tokens are counted up to and including each answer's end-of-turn token (the

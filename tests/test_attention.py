@@ -87,6 +87,12 @@ def test_packed_forward_gives_what_a_padded_forward_gives(shape):
                                     packing=packing)
     assert target.config._attn_implementation == ATTENTION and caches[1].packing is None  # restored
     assert packed.final.shape[:2] == (1, sum(lengths))
+    assert_same_as_padded(packed, padded, packing, caches, key_mask)
+
+
+def assert_same_as_padded(packed, padded, packing, caches, key_mask):
+    """The packed forward's outputs are the padded one's at the packed tokens, and its cache
+    (caches[1]) the padded one's (caches[0]) wherever `key_mask` marks a real token."""
     torch.testing.assert_close(packed.final[0], packing.pack(padded.final), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed.layers[0], packing.pack(padded.layers), rtol=1e-5, atol=1e-5)
     real = key_mask.bool()[:, None, :, None]
@@ -116,13 +122,7 @@ def test_packed_prefill_gives_what_a_left_padded_prefill_gives(shape):
             packed = target.capture(packing.pack(ids)[None], attention_mask=verify_mask(mask, width),
                                     position_ids=packing.pack(positions)[None], past_key_values=caches[1], use_cache=True,
                                     packing=packing)
-    torch.testing.assert_close(packed.final[0], packing.pack(padded.final), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(packed.layers[0], packing.pack(padded.layers), rtol=1e-5, atol=1e-5)
-    real = mask.bool()[:, None, :, None]
-    for a, b in zip(caches[0].layers, caches[1].layers):
-        assert a.keys.shape == b.keys.shape
-        torch.testing.assert_close(a.keys * real, b.keys * real, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(a.values * real, b.values * real, rtol=1e-5, atol=1e-5)
+    assert_same_as_padded(packed, padded, packing, caches, mask)
 
 
 def test_engine_prefills_prompts_of_different_lengths_packed(monkeypatch):

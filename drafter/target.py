@@ -321,5 +321,7 @@ def load_target(config: Config | TargetConfig, work: Work = "decode") -> Target:
     if full is None or full.runtime.prepack:
         from drafter.prepack import prepack
 
-        prepack(target.model, wide_rows="auto" if full is None or full.runtime.wide_float32 else None)
+        runtime = full.runtime if full is not None else None
+        prepack(target.model, wide_rows="auto" if runtime is None or runtime.wide_float32 else None,
+                few_rows="auto" if runtime is None or runtime.few_rows_kernel else None)
     return target

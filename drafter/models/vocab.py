@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from drafter.models.metrics import GREEDY_BELOW
-from drafter.prepack import is_prepacked, prepack
+from drafter.prepack import is_prepacked, prepack_like
 
 
 class DraftVocab:
@@ -97,7 +97,7 @@ class DraftVocab:
                 if head.bias is not None:
                     linear.bias = nn.Parameter(head.bias[ids], requires_grad=False)
                 if packed:
-                    prepack(linear)
+                    prepack_like(linear, head)
             self.__dict__["_draft_head"], self.__dict__["_draft_head_key"] = linear, key
         return self.__dict__["_draft_head"]
 

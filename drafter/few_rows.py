@@ -1,0 +1,82 @@
+"""A bf16 linear kernel for the few rows of decoding steps, on AVX-512 CPUs without AMX.
+
+A decoding step, a verification of a few drafted tokens and a drafter's proposal multiply a
+handful of rows by every weight of the model: the work is reading the weights from memory.
+oneDNN's bf16 kernel (AVX-512 BF16, no AMX) reads them at ~9 GB/s on one thread here, and each
+extra row adds its `vdpbf16ps` compute on top of that read. `csrc/few_rows_linear.cpp` streams
+each 64-column tile of a weight, laid out k after k, with software prefetch 8 KiB ahead, turns
+bf16 into float32 with one shift or mask per 16 values and multiplies with float32 FMAs, whose
+throughput here is twice `vdpbf16ps`'s. Cold weights, one thread (`bench/few_rows.py`): 1.2-1.7x
+oneDNN's prepacked kernel from 1 to 32 rows.
+
+Every output is one float32 FMA chain over k in order, rounded to bf16 once: a row's result is the
+same whatever the other rows, the tile or the thread (tested), so a token's logits in a
+verification are those of the same token decoded alone. Not F.linear's to the bit (oneDNN sums in
+another order); plain and speculative decoding share the kernel, so decoding stays lossless
+relative to the target as it runs.
+
+The kernel is compiled on first use with torch's C++ extension builder (g++ and ninja; ~20 s,
+cached under `TORCH_EXTENSIONS_DIR`, `make setup` builds it). Without a compiler, AVX-512 or a
+successful build, `available()` is False and prepacked layers keep oneDNN.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "few_rows_linear.cpp"
+MAX_ROWS = 32  # measured faster than oneDNN up to here on every SmolLM2 shape (bench/few_rows.py)
+
+
+def cpu_supports() -> bool:
+    """AVX-512 without AMX: where the kernel was measured to beat oneDNN (with AMX, oneDNN's tile
+    kernel multiplies 8 rows for the cost of one and was not measured against this one)."""
+    from drafter.runtime import cpu_flags
+
+    flags = cpu_flags()
+    return "avx512f" in flags and "amx_bf16" not in flags
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel is built (building it now if needed) and loaded on a CPU it suits."""
+    if not cpu_supports():
+        return False
+    try:
+        build()
+    except Exception as exc:  # no compiler, no ninja, a failed build: oneDNN stays, with the reason
+        log.warning("few-rows bf16 kernel not built (%s); bf16 linears keep oneDNN", str(exc).splitlines()[0][:200])
+        return False
+    return True
+
+
+def build(verbose: bool = False) -> None:
+    from torch.utils import cpp_extension
+
+    cpp_extension.load("drafter_few_rows", [str(SOURCE)], extra_cflags=["-O3", "-mavx512f"],
+                       is_python_module=False, verbose=verbose)
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` [N, K] bf16 in the kernel's tile layout (a copy, the weight's size)."""
+    return torch.ops.drafter_few_rows.pack(weight.detach().contiguous())
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for bf16 `x` [..., K] from `pack(weight)`, float32 sums rounded once."""
+    out = torch.ops.drafter_few_rows.linear(x.reshape(-1, x.shape[-1]), packed, out_features, bias)
+    return out.view(*x.shape[:-1], out_features)
+
+
+if __name__ == "__main__":  # `python -m drafter.few_rows`: build the kernel now (make setup does); never fails
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if available():
+        print("few-rows kernel: built and loaded")
+    else:
+        print("few-rows kernel: not used here" + ("" if cpu_supports() else " (needs an AVX-512 CPU without AMX)"))

@@ -1,0 +1,104 @@
+"""The few-rows bf16 kernel (drafter/few_rows.py): each output is one float32 FMA chain over k in
+order, rounded to bf16 once, whatever the other rows, the tile or the thread; prepacked layers take
+it for few rows only, and decoding through it stays lossless."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from drafter import few_rows
+from drafter import prepack as pp
+
+pytestmark = pytest.mark.skipif(not (pp.supported() and few_rows.available()),
+                                reason="needs an AVX-512 CPU without AMX, a compiler and oneDNN's packed linear")
+
+
+def fma_chain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernel's arithmetic written out: acc = fma(x_k, w_k, acc) in float32 for k in order
+    (a bf16 product is exact in float64, and so is its sum with a float32 here), bias, one rounding."""
+    acc = torch.zeros(x.shape[0], weight.shape[0], dtype=torch.float32)
+    for k in range(x.shape[1]):
+        acc = (acc.double() + x[:, k, None].double() * weight[None, :, k].double()).float()
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.bfloat16()
+
+
+@pytest.mark.parametrize("out_features,in_features,bias", [(100, 37, True), (64, 70, False), (200, 16, True)])
+def test_each_output_is_a_float32_fma_chain_rounded_once(out_features, in_features, bias):
+    gen = torch.Generator().manual_seed(out_features)
+    weight = torch.randn(out_features, in_features, generator=gen).bfloat16()
+    b = torch.randn(out_features, generator=gen).bfloat16() if bias else None
+    x = torch.randn(13, in_features, generator=gen).bfloat16()
+    out = few_rows.linear(x, few_rows.pack(weight), out_features, b)
+    assert torch.equal(out, fma_chain(x, weight, b))
+
+
+def test_a_rows_result_does_not_depend_on_the_batch_or_the_threads():
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(1536, 576, generator=gen).bfloat16()
+    packed = few_rows.pack(weight)
+    x = torch.randn(40, 576, generator=gen).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = torch.cat([few_rows.linear(x[i:i + 1], packed, 1536) for i in range(40)])
+        torch.set_num_threads(2)
+        for rows in (1, 4, 5, 6, 7, 12, 13, 40):
+            assert torch.equal(few_rows.linear(x[:rows], packed, 1536), alone[:rows]), rows
+    finally:
+        torch.set_num_threads(threads)
+    # 3-D input: the leading dimensions are rows
+    assert torch.equal(few_rows.linear(x[:12].view(3, 4, 576), packed, 1536), alone[:12].view(3, 4, 1536))
+
+
+def test_a_prepacked_layer_takes_the_kernel_for_few_rows_and_onednn_beyond():
+    gen = torch.Generator().manual_seed(2)
+    linear = torch.nn.Linear(576, 130).bfloat16().requires_grad_(False)
+    pp.prepack(linear, few_rows=8)
+    told_apart = False
+    for rows in (1, 8, 9, 33):
+        x = torch.randn(rows, 576, generator=gen).bfloat16()
+        with torch.inference_mode():
+            out = linear(x)
+        chain, onednn = fma_chain(x, linear.weight, linear.bias), F.linear(x, linear.weight, linear.bias)
+        assert torch.equal(out, chain if rows <= 8 else onednn), rows
+        told_apart |= not torch.equal(chain, onednn)
+    assert told_apart  # the two summation orders round apart somewhere here
+    with torch.no_grad():  # a weight changed in place is packed again for the kernel too
+        linear.weight.mul_(-1)
+        x = torch.randn(2, 576, generator=gen).bfloat16()
+        assert torch.equal(linear(x), fma_chain(x, linear.weight, linear.bias))
+    pp.unpack(linear)
+    assert "_few_packed" not in linear.__dict__
+
+
+@pytest.mark.parametrize("available,setting", [(True, "true"), (False, "true"), (True, "false")])
+def test_the_target_takes_the_kernel_where_it_suits_the_cpu_and_the_config_allows(monkeypatch, available, setting):
+    from tests.test_prepack import bf16_target
+
+    monkeypatch.setattr(few_rows, "available", lambda: available)
+    target = bf16_target(True, f"runtime.few_rows_kernel={setting}")
+    settings = {m._few_rows for m in target.model.modules() if "_prepacked" in m.__dict__}
+    assert settings == {few_rows.MAX_ROWS if available and setting == "true" else None}
+
+
+def test_greedy_speculative_decoding_through_the_kernel_is_plain_decoding(tmp_path):
+    """Target and drafter (prepacked like the target) on the kernel: verification blocks, single
+    steps and proposals all through it; the speculative answer is the plain one token for token."""
+    from drafter.decoding import SpecEngine, load_drafter
+    from tests.drafters import lively_target
+    from tests.test_decoding import QUESTIONS, chat
+    from tests.test_decoding_models import drafter_for
+
+    target = lively_target("llama")
+    target.model.to(torch.bfloat16)
+    drafter_for(target, "dspark").export(tmp_path / "drafter")
+    pp.prepack(target.model, few_rows=few_rows.MAX_ROWS)
+    drafter, _ = load_drafter(tmp_path / "drafter", target)
+    assert {m._few_rows for m in drafter.modules() if "_prepacked" in m.__dict__} == {few_rows.MAX_ROWS}
+    for question in QUESTIONS[:3]:
+        prompt = chat(target, question)
+        plain = SpecEngine(target, None).generate(prompt, 24).tokens
+        spec = SpecEngine(target, drafter, gamma=3).generate(prompt, 24)
+        assert spec.tokens == plain and sum(r.proposed for r in spec.rounds) > 0

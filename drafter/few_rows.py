@@ -6,8 +6,9 @@ oneDNN's bf16 kernel (AVX-512 BF16, no AMX) reads them at ~9 GB/s on one thread 
 extra row adds its `vdpbf16ps` compute on top of that read. `csrc/few_rows_linear.cpp` streams
 each 64-column tile of a weight, laid out k after k, with software prefetch 8 KiB ahead, turns
 bf16 into float32 with one shift or mask per 16 values and multiplies with float32 FMAs, whose
-throughput here is twice `vdpbf16ps`'s. Cold weights, one thread (`bench/few_rows.py`): 1.2-1.7x
-oneDNN's prepacked kernel from 1 to 32 rows.
+throughput here is twice `vdpbf16ps`'s. One thread, cold weights: 1.2-1.7x oneDNN's prepacked
+kernel from 1 to 32 rows; verifying 4 tokens costs what decoding 1 did (`bench/prepack.py`), and
+SmolLM2's plain and speculative decoding run 1.37x faster end to end (bench/RESULTS.md).
 
 Every output is one float32 FMA chain over k in order, rounded to bf16 once: a row's result is the
 same whatever the other rows, the tile or the thread (tested), so a token's logits in a
@@ -31,7 +32,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "few_rows_linear.cpp"
-MAX_ROWS = 32  # measured faster than oneDNN up to here on every SmolLM2 shape (bench/few_rows.py)
+MAX_ROWS = 32  # measured faster than oneDNN up to here on every SmolLM2 shape (bench/RESULTS.md)
 
 
 def cpu_supports() -> bool:

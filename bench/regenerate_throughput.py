@@ -18,9 +18,11 @@ instead (left-padded, with transformers' own top-k/top-p warpers and draw),
 continuous batching over a pool of 8 x batch size prompts, finished rows refilled).
 Generated tokens are counted up to and including each answer's end-of-turn token (the
 padding a finished row keeps producing while its batch runs on is not counted).
-`--prepack on,bf16,off` runs every case with the target's bf16 linear weights reordered once
-and wide products in float32 where that is faster (drafter/prepack.py, the default: `on`),
-reordered once with every product in bf16 (`bf16`), and reordered on every call (`off`). `--attention` runs every case under each
+`--prepack on,onednn,bf16,off` runs every case with the target's bf16 linear weights reordered once,
+wide products in float32 where that is faster and products of at most 32 rows through the
+few-rows kernel where it suits the CPU (drafter/prepack.py, drafter/few_rows.py; the default: `on`),
+the same without the few-rows kernel (`onednn`), reordered once with every product in bf16
+(`bf16`), and reordered on every call (`off`). `--attention` runs every case under each
 listed attention implementation (default: the target's own; `drafter` is drafter/attention.py's, `sdpa` transformers' SDPA).
 Writes bench/results/regenerate_throughput.json and .md.
 """
@@ -71,7 +73,8 @@ def measure(target, cfg, questions: list[str], batch_size: int, batching: str = 
 
     unpack(target.model)
     if prepacked != "off":
-        prepack(target.model, wide_rows="auto" if prepacked == "on" else None)
+        prepack(target.model, wide_rows=None if prepacked == "bf16" else "auto",
+                few_rows="auto" if prepacked == "on" else None)
 
     attention = attention or target.config._attn_implementation
     target.model.set_attn_implementation(attention)
@@ -108,8 +111,9 @@ def main() -> None:
     parser.add_argument("--attention", default="", help="attention implementations to compare (default: the target's)")
     parser.add_argument("--generate-sizes", default="", help="batch sizes also run through transformers' generate")
     parser.add_argument("--prepack", default="on",
-                        help="bf16 linear weights reordered once with wide products in float32 (on, as runtime.prepack "
-                             "does), reordered once with every product in bf16 (bf16), on every call (off): a list")
+                        help="bf16 linear weights reordered once with wide products in float32 and few rows through "
+                             "the few-rows kernel (on, as runtime.prepack does), the same without that kernel (onednn), "
+                             "reordered once with every product in bf16 (bf16), on every call (off): a list")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for regenerate_throughput.{json,md}")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "smollm2-135m-dspark.yaml")
     parser.add_argument("--repeats", type=int, default=2,

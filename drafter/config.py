@@ -55,7 +55,7 @@ class RuntimeConfig(Section):
     prepack: bool = True
     # With prepack, on a CPU whose large bf16 products are slower than float32's (AVX-512 BF16
     # without AMX), products of many rows (prefills) multiply in float32 and round to bf16 once:
-    # faster prefills; decoding steps and verification keep the bf16 kernel.
+    # faster prefills; decoding steps and verification keep a bf16 kernel.
     wide_float32: bool = True
     # With prepack, on an AVX-512 CPU without AMX, products of at most 32 rows (decoding steps,
     # verification, drafting, small batches) take drafter/few_rows.py's kernel: float32 sums, a

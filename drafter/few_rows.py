@@ -8,7 +8,9 @@ each 64-column tile of a weight, laid out k after k, with software prefetch 8 Ki
 bf16 into float32 with one shift or mask per 16 values and multiplies with float32 FMAs, whose
 throughput here is twice `vdpbf16ps`'s. One thread, cold weights: 1.2-1.7x oneDNN's prepacked
 kernel from 1 to 32 rows; verifying 4 tokens costs what decoding 1 did (`bench/prepack.py`), and
-SmolLM2's plain and speculative decoding run 1.37x faster end to end (bench/RESULTS.md).
+SmolLM2's plain and speculative decoding run 1.37x faster end to end (bench/RESULTS.md). On two
+torch threads (this VM's two vCPUs) oneDNN's kernel scaled and this one did not, so prepacked
+layers take it on one thread only (drafter/prepack.py).
 
 Every output is one float32 FMA chain over k in order, rounded to bf16 once: a row's result is the
 same whatever the other rows, the tile or the thread (tested), so a token's logits in a

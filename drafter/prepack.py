@@ -23,9 +23,10 @@ plain and speculative decoding share the prefill, so decoding stays lossless rel
 target as it runs. Decoding steps and a request's verification (a few rows) keep the bf16 path.
 
 With `few_rows` set, products of at most that many rows (decoding steps, verification, small
-batches) take `drafter.few_rows`' kernel instead (AVX-512 without AMX): a float32-accumulating
-kernel that streams the weights faster than oneDNN's, 1.2-1.7x on SmolLM2's shapes, from a third
-copy of the weights in its own layout. Its outputs are not F.linear's to the bit either, and every
+batches) on one torch thread take `drafter.few_rows`' kernel instead (AVX-512 without AMX): a
+float32-accumulating kernel that streams the weights faster than oneDNN's, 1.2-1.7x on SmolLM2's
+shapes, from a third copy of the weights in its own layout. On two threads oneDNN's kernel was
+faster (bench/RESULTS.md), so it keeps those. Its outputs are not F.linear's to the bit either, and every
 decoding path shares it.
 """
 
@@ -88,7 +89,7 @@ def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), weight.float(), bias).to(x.dtype)
     if self._prepacked_from != (weight.data_ptr(), weight._version):  # replaced or changed in place
         _reorder(self)
-    if self._few_rows is not None and rows <= self._few_rows:
+    if self._few_rows is not None and rows <= self._few_rows and torch.get_num_threads() == 1:
         from drafter import few_rows
 
         return few_rows.linear(x, self._few_packed, self.out_features, self.bias)

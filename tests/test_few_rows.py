@@ -13,6 +13,15 @@ pytestmark = pytest.mark.skipif(not (pp.supported() and few_rows.available()),
                                 reason="needs an AVX-512 CPU without AMX, a compiler and oneDNN's packed linear")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Prepacked layers take the kernel on one torch thread only (drafter/prepack.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def fma_chain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The kernel's arithmetic written out: acc = fma(x_k, w_k, acc) in float32 for k in order
     (a bf16 product is exact in float64, and so is its sum with a float32 here), bias, one rounding."""
@@ -65,6 +74,14 @@ def test_a_prepacked_layer_takes_the_kernel_for_few_rows_and_onednn_beyond(monke
             out = linear(x)
         want = fma_chain(x, linear.weight, linear.bias) if rows <= 8 else F.linear(x, linear.weight, linear.bias)
         assert torch.equal(out, want), rows
+    assert calls == [1, 8]
+    threads = torch.get_num_threads()
+    try:  # on two threads oneDNN's kernel was faster: it keeps them
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            assert torch.equal(linear(x[:1]), F.linear(x[:1], linear.weight, linear.bias))
+    finally:
+        torch.set_num_threads(threads)
     assert calls == [1, 8]
     with torch.no_grad():  # a weight changed in place is packed again for the kernel too
         linear.weight.mul_(-1)

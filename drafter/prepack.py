@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from drafter import few_rows as few_rows_kernel
+
 
 @functools.cache
 def supported() -> bool:
@@ -73,9 +75,7 @@ def _is_wide(rows: int, wide_rows: int | None, weight: torch.Tensor) -> bool:
 
 def few_rows_for_this_cpu() -> int | None:
     """`few_rows.MAX_ROWS` where the few-rows kernel suits this CPU and builds, else None."""
-    from drafter import few_rows
-
-    return few_rows.MAX_ROWS if few_rows.available() else None
+    return few_rows_kernel.MAX_ROWS if few_rows_kernel.available() else None
 
 
 def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -90,9 +90,7 @@ def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if self._prepacked_from != (weight.data_ptr(), weight._version):  # replaced or changed in place
         _reorder(self)
     if self._few_rows is not None and rows <= self._few_rows and torch.get_num_threads() == 1:
-        from drafter import few_rows
-
-        return few_rows.linear(x, self._few_packed, self.out_features, self.bias)
+        return few_rows_kernel.linear(x, self._few_packed, self.out_features, self.bias)
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self._prepacked, self.bias, "none", [], "")
     return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -101,9 +99,7 @@ def _reorder(linear: nn.Linear) -> None:
     weight = linear.weight.detach()
     linear._prepacked = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
     if linear._few_rows is not None:
-        from drafter import few_rows
-
-        linear._few_packed = few_rows.pack(weight)
+        linear._few_packed = few_rows_kernel.pack(weight)
     linear._prepacked_from = (weight.data_ptr(), weight._version)
 
 

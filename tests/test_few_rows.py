@@ -2,6 +2,8 @@
 order, rounded to bf16 once, whatever the other rows, the tile or the thread; prepacked layers take
 it for few rows only, and decoding through it stays lossless."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,13 +15,21 @@ pytestmark = pytest.mark.skipif(not (pp.supported() and few_rows.available()),
                                 reason="needs an AVX-512 CPU without AMX, a compiler and oneDNN's packed linear")
 
 
+@contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Prepacked layers take the kernel on one torch thread only (drafter/prepack.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def fma_chain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -48,15 +58,10 @@ def test_a_rows_result_does_not_depend_on_the_batch_or_the_threads():
     weight = torch.randn(1536, 576, generator=gen).bfloat16()
     packed = few_rows.pack(weight)
     x = torch.randn(40, 576, generator=gen).bfloat16()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        alone = torch.cat([few_rows.linear(x[i:i + 1], packed, 1536) for i in range(40)])
-        torch.set_num_threads(2)
+    alone = torch.cat([few_rows.linear(x[i:i + 1], packed, 1536) for i in range(40)])  # one thread (the fixture)
+    with torch_threads(2):
         for rows in (1, 4, 5, 6, 7, 12, 13, 40):
             assert torch.equal(few_rows.linear(x[:rows], packed, 1536), alone[:rows]), rows
-    finally:
-        torch.set_num_threads(threads)
     # 3-D input: the leading dimensions are rows
     assert torch.equal(few_rows.linear(x[:12].view(3, 4, 576), packed, 1536), alone[:12].view(3, 4, 1536))
 
@@ -75,13 +80,8 @@ def test_a_prepacked_layer_takes_the_kernel_for_few_rows_and_onednn_beyond(monke
         want = fma_chain(x, linear.weight, linear.bias) if rows <= 8 else F.linear(x, linear.weight, linear.bias)
         assert torch.equal(out, want), rows
     assert calls == [1, 8]
-    threads = torch.get_num_threads()
-    try:  # on two threads oneDNN's kernel was faster: it keeps them
-        torch.set_num_threads(2)
-        with torch.inference_mode():
-            assert torch.equal(linear(x[:1]), F.linear(x[:1], linear.weight, linear.bias))
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(2), torch.inference_mode():  # on two threads oneDNN's kernel was faster: it keeps them
+        assert torch.equal(linear(x[:1]), F.linear(x[:1], linear.weight, linear.bias))
     assert calls == [1, 8]
     with torch.no_grad():  # a weight changed in place is packed again for the kernel too
         linear.weight.mul_(-1)

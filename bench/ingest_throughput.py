@@ -10,7 +10,7 @@
 2. For each worker count, runs `python -m drafter ingest LOG --out DIR --workers N` in a
    child process (real target tokenizer, bundled evaluation sets, Great Expectations; N > 1
    prepares batches on a Dask LocalCluster), polling the resident memory of the whole
-   process tree (the ingest and its Dask workers) once a second.
+   process tree (the ingest and its Dask workers) once a second, and the CPU time of that tree.
 3. Writes bench/results/ingest.json and bench/results/ingest.md: per run lines/s, peak RSS
    of the tree, RSS along the run (bounded memory: it must not grow with the number of
    lines), the stage's own timings and counts from its manifest; and checks that every run
@@ -25,6 +25,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -99,6 +100,7 @@ def run_ingest(log: Path, out: Path, config: Path, workers: int) -> dict:
     cmd = [sys.executable, "-m", "drafter", "ingest", str(log), "--out", str(out), "-c", str(config),
            "--workers", str(workers), "--json"]
     env = {**os.environ, "TQDM_DISABLE": "1"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     samples: list[tuple[float, int]] = []
@@ -121,6 +123,9 @@ def run_ingest(log: Path, out: Path, config: Path, workers: int) -> dict:
     watcher.start()
     stdout, stderr = proc.communicate()
     wall = time.time() - start
+    # CPU of the ingest and every process it waited for (Dask's nannies and workers)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     watcher.join()
     if proc.returncode != 0:
         raise SystemExit(f"ingest failed ({proc.returncode}):\n{stderr[-3000:]}")
@@ -128,7 +133,7 @@ def run_ingest(log: Path, out: Path, config: Path, workers: int) -> dict:
     samples = [s for s in samples if s[1] > 0]
     n = len(samples)
     along = [samples[min(n - 1, int(n * q))] for q in (0.1, 0.25, 0.5, 0.75, 1.0)] if n else []
-    return {"wall_s": round(wall, 1), "peak_rss_mib": round(max((s[1] for s in samples), default=0) / 2**20, 1),
+    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_mib": round(max((s[1] for s in samples), default=0) / 2**20, 1),
             "rss_along_run_mib": [(t, round(rss / 2**20, 1)) for t, rss in along],
             "manifest": manifest, "command": " ".join(cmd).replace(sys.executable, "python")}
 
@@ -153,7 +158,7 @@ def main() -> None:
         m = run["manifest"]
         kept[workers] = (m["counts"]["totals"], m["outputs"])
         runs.append({
-            "workers": workers, "lines": args.lines, "wall_s": run["wall_s"],
+            "workers": workers, "lines": args.lines, "wall_s": run["wall_s"], "cpu_s": run["cpu_s"],
             "lines_per_s": round(args.lines / run["wall_s"], 1), "mb_per_s": round(gen["bytes"] / 1e6 / run["wall_s"], 2),
             "peak_rss_mib": run["peak_rss_mib"], "rss_along_run_mib": run["rss_along_run_mib"],
             "stage_durations_s": m["durations_s"],
@@ -171,9 +176,9 @@ def main() -> None:
     md = [
         "# Ingest throughput", "",
         f"Command: `{doc['command']}` ({gen['lines']:,} generated gateway lines, {gen['bytes'] / 1e6:,.0f} MB)", "",
-        "| workers | wall time | lines/s | vs first | MB/s | peak RSS (process tree) |",
-        "|---:|---:|---:|---:|---:|---:|",
-        *[f"| {r['workers']} | {r['wall_s']:,.0f} s | {r['lines_per_s']:,.0f} | "
+        "| workers | wall time | CPU time (process tree) | lines/s | vs first | MB/s | peak RSS (process tree) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        *[f"| {r['workers']} | {r['wall_s']:,.0f} s | {r['cpu_s']:,.0f} s | {r['lines_per_s']:,.0f} | "
           f"{r['lines_per_s'] / base['lines_per_s']:.2f}x | {r['mb_per_s']} | {r['peak_rss_mib']:,.0f} MiB |" for r in runs],
         "",
         f"Same output (kept conversations, checksums of every output file) for every worker count: {same}.",

@@ -14,7 +14,8 @@ before each token and reported as its (calibrated) confidence. The synthetic dra
 drafts for free (and where bf16 rounding takes the answer off its script, its resync is
 left out of the clock: bench/_common.py `Resync`), so the table isolates the verification
 side the scheduler controls. "fixed", "threshold" and "algorithm 1" verify packed (each
-request its own drafts); "alg. 1, padded" pads every row to the longest block.
+request its own drafts); the "padded" variants pad every row to the longest block
+(`scheduler.packed=false`; Algorithm 1 then judges a draft with the block width it shares).
 
     python bench/scheduler_throughput.py [--drafter data/drafter] [--rows 1 2 4 8 16]
                                          [--clock process --threads 1] [-s section.key=value]
@@ -95,19 +96,20 @@ def main() -> None:
     table = profile_target(target, args.rows, gamma + 1, context, args.reps, progress=False, clock=clock)
     profile_s = time.perf_counter() - start
 
-    policies = {  # label: (scheduler, packed verification)
-        "fixed": (None, True),
-        f"threshold {args.threshold}": (Scheduler("threshold", args.threshold, temps), True),
-        "algorithm 1": (Scheduler("prefix", temperatures=temps, cost_table=table), True),
-        "alg. 1, padded (shared width)": (Scheduler("prefix", temperatures=temps, cost_table=table, packed=False), False),
+    policies = {  # label: scheduler (the engine verifies packed or padded as its rule assumes)
+        "fixed": None,
+        f"threshold {args.threshold}": Scheduler("threshold", args.threshold, temps),
+        f"threshold {args.threshold}, padded": Scheduler("threshold", args.threshold, temps, packed=False),
+        "algorithm 1": Scheduler("prefix", temperatures=temps, cost_table=table),
+        "alg. 1, padded (shared width)": Scheduler("prefix", temperatures=temps, cost_table=table, packed=False),
     }
     results = []
     for rows in args.rows:
         batch = prompts[:rows]
         runs: dict[str, list[dict]] = {label: [] for label in policies}
         for _ in range(args.repeats):  # policies in turn, so that a slow spell does not fall on one
-            for label, (scheduler, packed) in policies.items():
-                engine = SpecEngine(target, drafter, gamma=gamma, scheduler=scheduler, seed=0, clock=clock, packed=packed)
+            for label, scheduler in policies.items():
+                engine = SpecEngine(target, drafter, gamma=gamma, scheduler=scheduler, seed=0, clock=clock)
                 engine.generate_batch(batch[:1], 4)  # warm-up, not measured
                 torch.manual_seed(0)  # the synthetic drafter's corruptions start from the same draws
                 runs[label].append(measure(engine.generate_batch(batch, args.max_new_tokens)))

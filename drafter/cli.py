@@ -502,7 +502,7 @@ def generate_cmd(
     engine = SpecEngine(
         target, model, gamma=gamma, seed=cfg.run.seed,
         temperature=cfg.evaluate.temperature if temperature is None else temperature,
-        scheduler=build_scheduler(cfg, folder) if model is not None else None, packed=cfg.scheduler.packed,
+        scheduler=build_scheduler(cfg, folder) if model is not None else None,
     )
     tok = target.tokenizer
     ids = tok(prompt)["input_ids"] if raw else encode_chat(tok, [{"role": "user", "content": prompt}])

@@ -14,8 +14,9 @@ the target features of the anchor and the accepted drafts (ALGORITHMS.md section
 
 Batching: R requests share one target KV cache, left-padded. Each round every request
 sends its block; when the blocks differ in length they are packed (drafter/attention.py:
-one sequence of their real tokens, each row attending to its own cache), otherwise, or with
-`packed=False`, each is padded on the right to the longest. Either way the cache gets one
+one sequence of their real tokens, each row attending to its own cache), otherwise, or when
+the scheduler verifies padded (`scheduler.packed=false`), each is padded on the right to the
+longest. Prompts of different lengths are always prefilled packed. Either way the cache gets one
 block per row, as wide as the longest; afterwards each row keeps its anchor and accepted
 drafts: the row shifts right past its rejected slots, and the slots it vacates on the left
 become padding. So the cache is always "padding, then the request's confirmed tokens", which is exact for
@@ -174,7 +175,8 @@ class SpecEngine:
 
     `gamma` is the number of tokens drafted per round; `scheduler` (see
     `drafter.scheduler`) decides how many of them the target verifies; `packed` verifies
-    blocks of different lengths packed rather than padded to the longest. `temperature`,
+    blocks of different lengths packed rather than padded to the longest (None: as the
+    scheduler's rule assumes, `Scheduler.packed`; packed without one). `temperature`,
     `top_k` and `top_p` (0 and 1: off) are the target's distribution (`drafter.sampling.Sampler`):
     plain decoding draws from it and drafts are accepted against it, so the output follows it.
     """
@@ -192,7 +194,7 @@ class SpecEngine:
         seed: int = 0,
         eos_token_ids: Sequence[int] | None = None,
         clock: Callable[[], float] = time.perf_counter,
-        packed: bool = True,
+        packed: bool | None = None,
     ) -> None:
         if temperature < 0:
             raise DecodingError(f"temperature must be >= 0, got {temperature}")
@@ -205,7 +207,12 @@ class SpecEngine:
         # The target's distribution: what plain decoding samples and what drafts are accepted against.
         self.sampler = None if self.greedy else Sampler(self.temperature, top_k, top_p)
         self.scheduler = scheduler
-        self.packed = packed and supports_packing(target)
+        rule = getattr(scheduler, "packed", None)  # what the scheduler's cost model assumes
+        if packed is not None and rule is not None and packed != rule:
+            raise DecodingError(f"the scheduler prices {'packed' if rule else 'padded'} verification; "
+                                f"the engine was asked for {'packed' if packed else 'padded'}")
+        self.pack_prompts = supports_packing(target)  # prompts of different lengths: prefilled packed
+        self.packed = self.pack_prompts and (packed if packed is not None else rule if rule is not None else True)
         self.clock = clock  # wall clock by default; time.process_time on a shared machine (one torch thread)
         self.overhead_s: dict[int, float] = {}  # per batch size: moving average of a round's time outside the forward
         self._phases = _Phases(clock)
@@ -291,7 +298,7 @@ class SpecEngine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp_min(0)
         cache = PackedCache()  # plain layers (no sliding-window trimming): crop and realign stay exact
-        if self.packed and min(lengths) < width:  # the prompts' real tokens only, as one sequence
+        if self.pack_prompts and min(lengths) < width:  # the prompts' real tokens only, as one sequence
             packing = Packing.of(lengths, self.device, left_padded=True)
             with packed_forward(self.target, cache, packing):
                 feats = self.target.capture(packing.pack(ids)[None], attention_mask=verify_mask(mask, width),

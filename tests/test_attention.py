@@ -159,7 +159,9 @@ def test_engine_packs_ragged_blocks_and_decodes_the_target_greedy_answer(monkeyp
     prompts = [chat(target, q) for q in QUESTIONS]
     refs = [reference(target, p, 30) for p in prompts]
     packs = []
-    monkeypatch.setattr(dec, "packed_forward", lambda t, c, p: packs.append(p.index.numel()) or packed_forward(t, c, p))
+    # verification blocks only (at most gamma + 1 wide): the prompts are prefilled packed either way
+    monkeypatch.setattr(dec, "packed_forward",
+                        lambda t, c, p: (p.width <= 6 and packs.append(p.index.numel())) or packed_forward(t, c, p))
     runs = {}
     for packed in (True, False):
         torch.manual_seed(0)
@@ -169,3 +171,33 @@ def test_engine_packs_ragged_blocks_and_decodes_the_target_greedy_answer(monkeyp
     assert [g.rounds for g in runs[True]] == [g.rounds for g in runs[False]]  # the same decisions, round by round
     padded_tokens = sum(len(g.rounds) for g in runs[True]) * 6
     assert packs and sum(packs) < padded_tokens  # packing ran, on fewer tokens than padding would
+
+
+def test_verification_packs_as_the_scheduler_prices_it_and_prompts_always_pack(monkeypatch):
+    """`scheduler.packed=false` reaches the engine through its scheduler (evaluate and generate
+    build the engine from the scheduler alone): ragged blocks are padded, the prompts of
+    different lengths are still prefilled packed, and an engine told otherwise is refused."""
+    from drafter.decoding import DecodingError
+    from drafter.scheduler import Scheduler
+
+    target = lively_target("llama")
+    prompts = [chat(target, q) for q in QUESTIONS]
+    refs = [reference(target, p, 20) for p in prompts]
+    forms = {}
+    for packed in (True, False):
+        class RaggedRule(Ragged, Scheduler):  # Ragged's cuts, priced as packed or padded
+            pass
+
+        rule = RaggedRule()
+        rule.packed = packed
+        packs = []
+        monkeypatch.setattr(dec, "packed_forward", lambda t, c, p, packs=packs: packs.append(p) or packed_forward(t, c, p))
+        torch.manual_seed(0)
+        drafter = ScriptedDrafter({tuple(p): r for p, r in zip(prompts, refs)}, target.vocab_size, error=(1.0, 2.0))
+        out = SpecEngine(target, drafter, gamma=5, scheduler=rule).generate_batch(prompts, 20)
+        assert [g.tokens for g in out] == refs
+        assert packs[0].width == max(len(p) for p in prompts)  # the prefill, packed either way
+        forms[packed] = len(packs) - 1  # packed verifications
+        with pytest.raises(DecodingError, match="prices"):
+            SpecEngine(target, drafter, gamma=5, scheduler=rule, packed=not packed)
+    assert forms[True] > 0 and forms[False] == 0

@@ -129,6 +129,10 @@ class IngestConfig(Section):
     max_pending_bytes: int = Field(128 << 20, ge=1)  # raw bytes of a batch: past it the batch runs early
     workers: int = Field(1, ge=1)  # > 1: batches are prepared on a Dask LocalCluster of this many processes
     scheduler_address: str | None = None  # a running Dask scheduler (tcp://host:8786) to prepare batches on
+    # Workers read their own byte ranges of plain files (the ingesting process only hashes and
+    # counts them). None: on the LocalCluster (same files); true for a cluster at scheduler_address
+    # whose workers see the inputs at the same absolute paths; false: records are sent to workers.
+    workers_read_files: bool | None = None
     max_decompressed_bytes: int = Field(8 << 30, ge=1)  # per .gz/.zst file; the rest past it is quarantined
     max_compression_ratio: float = Field(1000.0, gt=1)  # decompressed/compressed, checked after 4 MiB (bombs)
     validate_rows: int = Field(20_000, ge=1)  # rows per Great Expectations batch (bounds memory; ~0.4 s a call)

@@ -361,6 +361,7 @@ def test_two_dask_workers_give_the_same_output_as_one_process(tmp_path):
         rows = {split: [dict(r) for r in load_from_disk(str(out / split))] for split in ("train", "holdout")}
         files = {name: (out / name).read_bytes() for name in ("quarantine.jsonl", "dropped.jsonl")}
         outputs[workers] = (rows, files, m.counts)
+        assert ("read_range" in m.durations_s) == (workers == 2)  # the workers read their own byte ranges
     assert outputs[2] == outputs[1]
     rows, files, counts = outputs[1]
     assert counts["conversations"]["duplicate"] >= 80 and len(rows["train"]) + len(rows["holdout"]) > 40

@@ -8,7 +8,7 @@ import zstandard
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from drafter.traces.sources import SourceReader, discover, is_log_name
+from drafter.traces.sources import LineRange, SourceChanged, SourceReader, discover, is_log_name, range_records
 
 LINES = [json.dumps({"messages": [{"role": "user", "content": f"hi {i}"}]}).encode() for i in range(20)]
 BODY = b"\n".join(LINES) + b"\n"
@@ -120,3 +120,59 @@ def test_fuzz_every_line_comes_out_once(tmp_path_factory, lines, limit, compress
     assert [r.line for r in records] == list(range(1, len(lines) + 1))
     assert [r.data for r in records] == [line.rstrip(b"\r") for line in lines]
     assert reader.watermark.offset == len(body)
+
+
+def read_ranged(path, previous=None, ranges=(3, 1 << 20), **kw):
+    """What a pool that reads files gets: the ranges, each read back as a worker reads it."""
+    reader = SourceReader(path, previous, **kw)
+    shards = list(reader.records(ranges))
+    assert all(isinstance(s, LineRange) for s in shards)
+    records = [r for s in shards for r in range_records(s, reader.max_line_bytes, reader.keep_bytes)]
+    return records, reader, shards
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=st.lists(st.one_of(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")),
+                                st.sampled_from([b"", b"\r", LINES[0], b"x" * 90, b'{"long": "' + b"y" * 80 + b'"}'])),
+                      min_size=0, max_size=25),
+       tail=st.sampled_from([b"", LINES[1], LINES[1][:9], b"z" * 70, b"z" * 200]),
+       chunk=st.integers(min_value=1, max_value=64), max_lines=st.integers(min_value=1, max_value=6),
+       max_bytes=st.integers(min_value=1, max_value=300), resume_at=st.integers(min_value=0, max_value=25))
+def test_line_ranges_read_back_to_the_same_records_and_watermark(tmp_path_factory, lines, tail, chunk, max_lines,
+                                                                 max_bytes, resume_at):
+    """Ranges of whole lines, hashed and counted in blocks here and read back where they are
+    prepared, give `records()`' records and watermark exactly: lines over the limit (taken
+    whole, also as the last line), carriage returns, blank lines, an unterminated last line
+    (JSON: read; otherwise left for the writer), blocks of any size, and a resumed read."""
+    from unittest import mock
+
+    from drafter.traces import sources
+
+    body = b"".join(line + b"\n" for line in lines) + tail
+    assume(body.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] != b"[")
+    assume(not body.startswith((b"\x1f\x8b", b"\x28\xb5\x2f\xfd")))
+    path = tmp_path_factory.mktemp("ranges") / "f.jsonl"
+    cut = sum(len(line) + 1 for line in lines[:resume_at])
+    path.write_bytes(body[:cut])
+    previous = read(path, max_line_bytes=64)[1].watermark  # what an earlier run read
+    path.write_bytes(body)
+    want, plain = read(path, previous, max_line_bytes=64, keep_bytes=16)
+    with mock.patch.object(sources, "CHUNK", chunk):
+        got, ranged, shards = read_ranged(path, previous, (max_lines, max_bytes), max_line_bytes=64, keep_bytes=16)
+    assert got == want
+    assert ranged.watermark == plain.watermark and ranged.pending_partial == plain.pending_partial
+    assert all(s.lines <= max_lines for s in shards)
+    assert all(s.lines == max_lines or s.length >= max_bytes for s in shards[:-1])  # cut as soon as one is reached
+    assert [s.offset for s in shards[1:]] == [s.offset + s.length for s in shards[:-1]]  # contiguous
+
+
+def test_a_range_rewritten_before_its_worker_reads_it_is_refused(tmp_path):
+    import pytest
+
+    path = tmp_path / "app.jsonl"
+    path.write_bytes(BODY)
+    _, _, shards = read_ranged(path, ranges=(5, 1 << 20))
+    path.write_bytes(BODY.replace(b"hi 7", b"hi 8"))  # same length, other bytes
+    with pytest.raises(SourceChanged, match="changed while it was ingested"):
+        range_records(shards[1], 1 << 20, 1000)
+    assert range_records(shards[0], 1 << 20, 1000)[0].data == LINES[0]  # the bytes it hashed are still there

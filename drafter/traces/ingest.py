@@ -15,6 +15,9 @@ batches of `ingest.batch_size`; each batch is prepared up to the dedup step
 (`drafter.traces.prepare`) in this process or, with `ingest.workers` > 1 or
 `ingest.scheduler_address`, on Dask workers, and batches are committed (dedup index,
 validation, writes) in the order they were read: the output is the same wherever they ran.
+Workers that see the inputs (the LocalCluster; `ingest.workers_read_files`) are sent byte
+ranges of whole lines of plain files instead of records: this process hashes and counts
+the bytes (the watermark), the worker reads them and checks their hash.
 The dedup index is on disk and at most a few batches are in flight, so memory stays bounded.
 
 Output (see drafter/CONTRACTS.md): `train/` and `holdout/` (datasets `save_to_disk`),
@@ -56,7 +59,7 @@ from drafter.traces.dedup import Deduper
 from drafter.traces.formats import NotAConversation, Parsed
 from drafter.traces.prepare import EXCERPT_MARGIN, Batch, Kept, Ledger, Preparer, prepare_remote
 from drafter.traces.schema import COLUMNS
-from drafter.traces.sources import RawRecord, SourceReader, Watermark, discover, head_hash
+from drafter.traces.sources import LineRange, RawRecord, SourceReader, Watermark, discover, head_hash
 from drafter.traces.validate import Validator, ValidationFailed, markdown
 
 log = logging.getLogger(__name__)
@@ -84,7 +87,7 @@ class DaskPool:
     """Batches prepared on Dask workers: a LocalCluster of `workers` single-threaded processes,
     or the cluster at `address`. At most `window` batches are in flight (bounded memory)."""
 
-    def __init__(self, workers: int, address: str | None = None) -> None:
+    def __init__(self, workers: int, address: str | None = None, read_files: bool | None = None) -> None:
         from distributed import Client, LocalCluster
 
         self.cluster = None
@@ -96,8 +99,9 @@ class DaskPool:
             self.client = Client(self.cluster)
         self.workers = len(self.client.scheduler_info().get("workers", {})) or workers
         self.window = 2 * self.workers
+        self.read_files = (not address) if read_files is None else read_files  # LineRanges, not records
 
-    def submit(self, cfg: Config, records: list[RawRecord], fmt: str | None):
+    def submit(self, cfg: Config, records: list[RawRecord] | LineRange, fmt: str | None):
         return self.client.submit(prepare_remote, cfg, records, fmt, pure=False)
 
     def close(self) -> None:
@@ -193,8 +197,18 @@ class IngestRun:
         from tqdm import tqdm
 
         records, size = [], 0
-        with tqdm(reader.records(), desc=f"ingest {path.name}", unit=" lines", disable=None, leave=False) as bar:
-            for rec in bar:
+        # Plain files on a pool that reads them: shards of whole lines, read by the workers.
+        ranges = (self.icfg.batch_size, self.icfg.max_pending_bytes) \
+            if self.pool is not None and self.pool.read_files and fmt not in BATCH_FORMATS else None
+        with tqdm(desc=f"ingest {path.name}", unit=" lines", disable=None, leave=False) as bar:
+            for rec in reader.records(ranges):
+                if isinstance(rec, LineRange):
+                    self.ledger.records["read"] += rec.lines
+                    bar.update(rec.lines)
+                    self.inflight.append(self.pool.submit(self.cfg, rec, fmt))
+                    self.commit_ready(self.pool.window)
+                    continue
+                bar.update()
                 self.ledger.records["read"] += 1
                 records.append(rec)
                 size += rec.size
@@ -455,7 +469,7 @@ def _ingest_locked(cfg: Config, inputs: list[Path], out_dir: Path, started: floa
     work.mkdir(parents=True)
     pool = None
     if cfg.ingest.workers > 1 or cfg.ingest.scheduler_address:
-        pool = DaskPool(cfg.ingest.workers, cfg.ingest.scheduler_address)
+        pool = DaskPool(cfg.ingest.workers, cfg.ingest.scheduler_address, cfg.ingest.workers_read_files)
     run = IngestRun(cfg, out_dir, work, pool)
     new_marks = dict(marks)
     plan = []

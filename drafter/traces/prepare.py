@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
@@ -30,7 +31,7 @@ from drafter.traces.domain import classify
 from drafter.traces.formats import NotAConversation, Parsed
 from drafter.traces.redact import Redactor, has_leftover, mask_leftovers
 from drafter.traces.schema import ROLES, conversation_row, record_id
-from drafter.traces.sources import RawRecord
+from drafter.traces.sources import LineRange, RawRecord, range_records
 
 # Bytes of a bad record read beyond the excerpt kept, so that a secret across the excerpt's
 # end is seen whole by redaction (the excerpt is cut after redacting, never before).
@@ -472,10 +473,18 @@ class Preparer:
 _PREPARERS: dict[str, Preparer] = {}
 
 
-def prepare_remote(cfg: Config, records: list[RawRecord], fmt: str | None) -> Batch:
-    """`Preparer.prepare` in a worker process, its helpers loaded once per config."""
+def prepare_remote(cfg: Config, records: list[RawRecord] | LineRange, fmt: str | None) -> Batch:
+    """`Preparer.prepare` in a worker process, its helpers loaded once per config; a
+    `LineRange` is read here, from the file (the worker sees the ingesting process's files)."""
     key = cfg.hash()
     if key not in _PREPARERS:
         _PREPARERS.clear()
         _PREPARERS[key] = Preparer(cfg)
-    return _PREPARERS[key].prepare(records, fmt)
+    if not isinstance(records, LineRange):
+        return _PREPARERS[key].prepare(records, fmt)
+    started = time.perf_counter()
+    records = range_records(records, cfg.ingest.max_line_bytes, cfg.ingest.quarantine_keep_bytes + EXCERPT_MARGIN)
+    read_s = time.perf_counter() - started
+    batch = _PREPARERS[key].prepare(records, fmt)
+    batch.durations["read_range"] = round(batch.durations.get("read_range", 0.0) + read_s, 4)
+    return batch

@@ -77,6 +77,21 @@ class RawRecord:
     sha256: str | None = None  # of the whole record, when `data` is cut
 
 
+@dataclass(frozen=True)
+class LineRange:
+    """Whole lines of a plain file, [offset, offset + length), the first numbered `first_line`:
+    a shard a worker reads for itself (`range_records`), so that the ingesting process only
+    hashes and counts the bytes. `sha256` lets the worker check it reads what was counted."""
+
+    source: str  # as the file's records name it
+    path: str  # absolute, for the worker's open
+    offset: int
+    length: int
+    first_line: int
+    lines: int
+    sha256: str
+
+
 # ----- discovery -----------------------------------------------------------------------
 def is_log_name(name: str) -> bool:
     base = name
@@ -312,7 +327,10 @@ class SourceReader:
     def __post_init__(self) -> None:
         self.watermark = Watermark(path=str(self.path))
 
-    def records(self) -> Iterator[RawRecord]:
+    def records(self, ranges: tuple[int, int] | None = None) -> Iterator[RawRecord | LineRange]:
+        """The new records, in order. With `ranges` = (lines, bytes), the lines of a plain (not
+        compressed, not JSON array) file come as `LineRange`s of about that many lines or bytes
+        instead, hashed and counted here; the watermark is the same either way."""
         self.compression = compression_of(self.path)
         prev = self.previous
         if prev is not None and prev.damaged and prev.size == os.path.getsize(self.path):
@@ -333,6 +351,8 @@ class SourceReader:
             state = {"hasher": hasher, "offset": offset, "count": count, "head": head, "damaged": False}
             if offset == 0 and self._is_array():
                 yield from self._array_records(stream, state)
+            elif ranges is not None and self.compression == "none":
+                yield from self._line_ranges(stream, state, *ranges)
             else:
                 yield from self._line_records(stream, state)
             self.watermark = Watermark(
@@ -429,6 +449,59 @@ class SourceReader:
             self._consume(state, chunk)
             data = chunk.rstrip(b"\r\n")
             yield RawRecord(source, line_no, data, len(chunk), offset=offset)
+
+    def _line_ranges(self, stream: BinaryIO, state: dict, max_lines: int, max_bytes: int) -> Iterator[LineRange]:
+        """`_line_records`' reading of a plain file as ranges of whole lines: the same lines
+        consumed (a line over the limit included, an unterminated last line only when it is
+        JSON or over the limit), hashed and counted here in blocks, not one by one."""
+        source, path, limit = str(self.path), str(self.path.resolve()), self.max_line_bytes
+        start, first, lines, digest = state["offset"], state["count"] + 1, 0, hashlib.sha256()
+        tail: list[bytes] = []  # bytes after the last line end, not consumed yet
+        tail_len, tail_long = 0, False  # a tail over the limit is consumed (hashed) as it comes
+
+        def consume(data: bytes, records: int) -> None:
+            self._consume(state, data, records)
+            digest.update(data)
+
+        def cut() -> LineRange:
+            nonlocal start, first, lines, digest
+            rng = LineRange(source, path, start, state["offset"] - start, first, lines, digest.hexdigest())
+            start, first, lines, digest = state["offset"], state["count"] + 1, 0, hashlib.sha256()
+            return rng
+
+        while block := stream.read(CHUNK):
+            if block.find(b"\n") < 0:  # still inside one line
+                if tail_long:
+                    consume(block, 0)
+                    continue
+                tail.append(block)
+                tail_len += len(block)
+                if tail_len > limit:
+                    tail_long = True
+                    consume(b"".join(tail), 0)
+                    tail = []
+                continue
+            if not tail_long:  # the line this block ends began before it
+                for piece in tail:
+                    consume(piece, 0)
+            pos = done = 0  # block[done:pos]: whole lines not consumed yet
+            while (nl := block.find(b"\n", pos)) >= 0:
+                pos, lines = nl + 1, lines + 1
+                if lines >= max_lines or state["offset"] + pos - done - start >= max_bytes:
+                    consume(block[done:pos], block.count(b"\n", done, pos))
+                    done = pos
+                    yield cut()
+            if done < pos:
+                consume(block[done:pos], block.count(b"\n", done, pos))
+            tail, tail_len, tail_long = [block[pos:]], len(block) - pos, False
+        rest = b"".join(tail)
+        if tail_long or len(rest) > limit or (rest and _is_json(rest)):  # a last record without its line end
+            consume(rest, 1)
+            lines += 1
+        elif rest:
+            self.pending_partial = True  # probably still being written: left for the next run
+        if lines:
+            yield cut()
 
     def _unreadable(self, line_no: int, offset: int, exc: BaseException) -> RawRecord:
         """The rest of a file that cannot be read: damaged, or expanding past the limits."""
@@ -532,6 +605,42 @@ class SourceReader:
             yield RawRecord(source, line, text.encode(), len(text), obj=obj, offset=byte_at(pos))
             line += buf.count("\n", pos, end)
             pos, want = end, CHUNK
+
+
+class SourceChanged(Exception):
+    """A range's bytes are not the ones the ingesting process hashed (the file was rewritten)."""
+
+
+class _Window(io.RawIOBase):
+    """`length` bytes of a file from its current position, then end of stream."""
+
+    def __init__(self, raw: BinaryIO, length: int) -> None:
+        self.raw, self.left = raw, length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer)[: self.left]
+        n = self.raw.readinto(view) if len(view) else 0
+        self.left -= n
+        return n
+
+
+def range_records(rng: LineRange, max_line_bytes: int, keep_bytes: int) -> list[RawRecord]:
+    """The records of a `LineRange`, exactly as `SourceReader.records()` yields them: read
+    where the range is prepared (a Dask worker), checked against the ingesting process's hash."""
+    reader = SourceReader(Path(rng.source), max_line_bytes=max_line_bytes, keep_bytes=keep_bytes)
+    with open(rng.path, "rb") as f:
+        f.seek(rng.offset)
+        stream = io.BufferedReader(_Window(f, rng.length), CHUNK)
+        state = {"hasher": hashlib.sha256(), "offset": rng.offset, "count": rng.first_line - 1, "head": b"",
+                 "damaged": False}
+        records = list(reader._line_records(stream, state))  # a range ends at a line end: no partial line
+    if state["hasher"].hexdigest() != rng.sha256 or len(records) != rng.lines:
+        raise SourceChanged(f"{rng.source} changed while it was ingested (bytes {rng.offset:,}-"
+                            f"{rng.offset + rng.length:,} differ): ingest again")
+    return records
 
 
 def _is_json(data: bytes) -> bool:

@@ -1,6 +1,6 @@
 """Ingest throughput and memory on generated production logs (default: 1,000,000 lines).
 
-    python bench/ingest_throughput.py [--lines 1000000] [--workers 1,2] [--work /tmp/drafter-bench-ingest]
+    python bench/ingest_throughput.py [--lines 1000000] [--workers 1,2,2r] [--work /tmp/drafter-bench-ingest]
                                       [--config configs/smollm2-135m-dspark.yaml]
 
 1. Generates an OpenAI chat-completions gateway log: prompts and answers are 1-3
@@ -9,7 +9,8 @@
    broken lines.
 2. For each worker count, runs `python -m drafter ingest LOG --out DIR --workers N` in a
    child process (real target tokenizer, bundled evaluation sets, Great Expectations; N > 1
-   prepares batches on a Dask LocalCluster), polling the resident memory of the whole
+   prepares batches on a Dask LocalCluster whose workers read their own byte ranges of the
+   log; `Nr`: records read here and sent to the workers, `ingest.workers_read_files=false`), polling the resident memory of the whole
    process tree (the ingest and its Dask workers) once a second, and the CPU time of that tree.
 3. Writes bench/results/ingest.json and bench/results/ingest.md: per run lines/s, peak RSS
    of the tree, RSS along the run (bounded memory: it must not grow with the number of
@@ -93,12 +94,12 @@ def generate(path: Path, lines: int, seed: int = 0) -> dict:
     return {"lines": lines, "bytes": path.stat().st_size, "kinds": kinds, "seconds": round(time.time() - t0, 1)}
 
 
-def run_ingest(log: Path, out: Path, config: Path, workers: int) -> dict:
+def run_ingest(log: Path, out: Path, config: Path, workers: int, overrides: list[str] = ()) -> dict:
     import psutil
 
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "drafter", "ingest", str(log), "--out", str(out), "-c", str(config),
-           "--workers", str(workers), "--json"]
+           "--workers", str(workers), "--json", *[a for o in overrides for a in ("-s", o)]]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.time()
@@ -141,7 +142,8 @@ def run_ingest(log: Path, out: Path, config: Path, workers: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lines", type=int, default=1_000_000)
-    parser.add_argument("--workers", default="1,2", help="worker counts to run, comma-separated")
+    parser.add_argument("--workers", default="1,2", help="worker counts to run, comma-separated; "
+                        "N r (e.g. 2r): records sent to the workers rather than byte ranges")
     parser.add_argument("--work", type=Path, default=Path("/tmp/drafter-bench-ingest"))
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "smollm2-135m-dspark.yaml")
     parser.add_argument("--keep", action="store_true", help="keep the generated log and output")
@@ -152,13 +154,14 @@ def main() -> None:
     gen = generate(log, args.lines)
     print(f"generated {gen['lines']:,} lines ({gen['bytes'] / 1e6:.0f} MB) in {gen['seconds']} s", flush=True)
     runs, kept = [], {}
-    for workers in [int(w) for w in args.workers.split(",")]:
-        out = args.work / f"ingested-w{workers}"
-        run = run_ingest(log, out, args.config, workers)
+    for spec in args.workers.split(","):
+        workers, reads = int(spec.rstrip("r")), "records" if spec.endswith("r") or spec == "1" else "ranges"
+        out = args.work / f"ingested-w{spec}"
+        run = run_ingest(log, out, args.config, workers, ["ingest.workers_read_files=false"] * spec.endswith("r"))
         m = run["manifest"]
-        kept[workers] = (m["counts"]["totals"], m["outputs"])
+        kept[spec] = (m["counts"]["totals"], m["outputs"])
         runs.append({
-            "workers": workers, "lines": args.lines, "wall_s": run["wall_s"], "cpu_s": run["cpu_s"],
+            "workers": workers, "reads": reads, "lines": args.lines, "wall_s": run["wall_s"], "cpu_s": run["cpu_s"],
             "lines_per_s": round(args.lines / run["wall_s"], 1), "mb_per_s": round(gen["bytes"] / 1e6 / run["wall_s"], 2),
             "peak_rss_mib": run["peak_rss_mib"], "rss_along_run_mib": run["rss_along_run_mib"],
             "stage_durations_s": m["durations_s"],
@@ -166,7 +169,7 @@ def main() -> None:
                                                      "duplicates_by_kind", "redactions", "domains", "totals")},
             "ingest_command": run["command"],
         })
-        print(f"workers={workers}: {runs[-1]['lines_per_s']:,.0f} lines/s, peak RSS {run['peak_rss_mib']:,.0f} MiB",
+        print(f"workers={workers} ({reads}): {runs[-1]['lines_per_s']:,.0f} lines/s, peak RSS {run['peak_rss_mib']:,.0f} MiB",
               flush=True)
         shutil.rmtree(out, ignore_errors=True) if not args.keep else None
     same = len({json.dumps(v, sort_keys=True) for v in kept.values()}) == 1
@@ -176,9 +179,9 @@ def main() -> None:
     md = [
         "# Ingest throughput", "",
         f"Command: `{doc['command']}` ({gen['lines']:,} generated gateway lines, {gen['bytes'] / 1e6:,.0f} MB)", "",
-        "| workers | wall time | CPU time (process tree) | lines/s | vs first | MB/s | peak RSS (process tree) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-        *[f"| {r['workers']} | {r['wall_s']:,.0f} s | {r['cpu_s']:,.0f} s | {r['lines_per_s']:,.0f} | "
+        "| workers | workers read | wall time | CPU time (process tree) | lines/s | vs first | MB/s | peak RSS (process tree) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        *[f"| {r['workers']} | {r['reads'] if r['workers'] > 1 else '-'} | {r['wall_s']:,.0f} s | {r['cpu_s']:,.0f} s | {r['lines_per_s']:,.0f} | "
           f"{r['lines_per_s'] / base['lines_per_s']:.2f}x | {r['mb_per_s']} | {r['peak_rss_mib']:,.0f} MiB |" for r in runs],
         "",
         f"Same output (kept conversations, checksums of every output file) for every worker count: {same}.",
@@ -186,7 +189,7 @@ def main() -> None:
         f"duplicates {base['counts']['conversations']['duplicate']:,}; "
         f"quarantined {base['counts']['records']['quarantined']:,}; "
         f"redactions {sum(base['counts']['redactions'].values()):,}.", "",
-        *[f"Stage timings, {r['workers']} worker(s) (s; prepare steps summed over workers): "
+        *[f"Stage timings, {r['workers']} worker(s), {r['reads']} (s; prepare steps summed over workers): "
           + ", ".join(f"{k} {v}" for k, v in r["stage_durations_s"].items()) for r in runs], "",
         f"Machine: {doc['machine']['platform']}, {doc['machine']['cpus']} CPUs "
         f"(load average at the end: {doc['machine']['load_average']}).",

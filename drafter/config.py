@@ -293,7 +293,10 @@ class SchedulerConfig(Section):
     mode: Literal["fixed", "threshold", "prefix"] = "fixed"
     threshold: float = Field(0.5, ge=0, le=1)  # threshold mode: cut at the first calibrated c_k below it
     cost_table: Path | None = None  # prefix mode: SPS table from `drafter profile`; None = data_dir/profile/cost_table.json
-    packed: bool = True  # verify each request's own drafts (packed); false: pad every row to the longest block
+    # Verification: true packs each request's own drafts, false pads every row to the longest block.
+    # None: padded in prefix mode (its shared-width rule beat the paper's packed one on CPUs,
+    # bench/RESULTS.md), packed otherwise.
+    packed: bool | None = None
     shared_width: bool = True  # prefix mode, padded: judge a block-widening draft with the drafts it carries
     profile_rows: list[int] = [1, 2, 4, 8, 16]  # batch sizes R to profile
     profile_max_width: int | None = Field(None, ge=1)  # tokens per row; None = drafter.block_size + 1

@@ -10,10 +10,13 @@ Modes (config `scheduler.mode`):
   while throughput tau* x SPS(forward) improves and the search STOPS at the first
   candidate that does not improve it. The early stop keeps decoding lossless: admitting
   position j never depends on a token drafted at j or later. With packed verification
-  (`scheduler.packed`, the default) a forward costs what its token count costs, and this
-  is the paper's rule verbatim. Padded, `scheduler.shared_width` (default on) adapts the
-  widening step to the padding (see `prefix_lengths`); off, it is the paper's rule over
-  padded widths.
+  (`scheduler.packed=true`) a forward costs what its token count costs, and this is the
+  paper's rule verbatim. Padded (the default in this mode), `scheduler.shared_width`
+  (default on) adapts the widening step to the padding (see `prefix_lengths`); off, it is
+  the paper's rule over padded widths. On CPUs a forward's cost is concave in its tokens
+  (the few-rows kernel makes the first ones cheap, then each costs more than the next), and
+  the paper's rule stops on that first steep step; the shared-width rule weighs whole width
+  steps and measured faster (bench/RESULTS.md).
 
 SPS comes from a cost table profiled on this machine (`drafter profile`): target forward
 steps per second. The rest of an engine step (drafting, sampling, cache bookkeeping) does
@@ -366,7 +369,8 @@ def build_scheduler(cfg, drafter_dir: Path | None = None, mode: str | None = Non
         return None
     table = CostTable.load(cost_table_path(cfg)) if mode == "prefix" else None
     temperatures = load_temperatures(drafter_dir, cfg.data_dir / "calibration")
-    return Scheduler(mode, sc.threshold, temperatures, table, sc.shared_width, sc.packed)
+    packed = sc.packed if sc.packed is not None else mode != "prefix"
+    return Scheduler(mode, sc.threshold, temperatures, table, sc.shared_width, packed)
 
 
 def cost_table_path(cfg) -> Path:

@@ -121,6 +121,20 @@ def test_threshold_and_temperatures():
     torch.testing.assert_close(prefix_survival(torch.tensor([0.5, 0.5, 0.5])), torch.tensor([0.5, 0.25, 0.125], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("mode,packed,want", [("prefix", None, False), ("threshold", None, True),
+                                              ("prefix", "true", True), ("threshold", "false", False)])
+def test_configured_verification_form(tmp_path, mode, packed, want):
+    """Unset, `scheduler.packed` is padded for Algorithm 1 (its shared-width rule measured faster
+    on CPUs, bench/RESULTS.md) and packed for the threshold rule; set, it is what it says."""
+    from drafter.config import load_config
+    from drafter.scheduler import build_scheduler
+
+    table([1], [[10.0, 8.0]]).save(tmp_path / "sps.json")
+    cfg = load_config(None, [f"scheduler.mode={mode}", f"scheduler.cost_table={tmp_path / 'sps.json'}",
+                      f"run.data_dir={tmp_path}"] + ([f"scheduler.packed={packed}"] if packed else []))
+    assert build_scheduler(cfg).packed is want
+
+
 def test_cost_table_lookup_and_errors(tmp_path):
     t = CostTable(rows=[1, 4], widths=[1, 2, 3], sps=[[10.0, 8.0, 6.0], [4.0, 3.0, 2.0]])
     assert t(1, 2) == 8.0 and t(4, 3) == 2.0

@@ -31,6 +31,8 @@ from typing import BinaryIO, Iterator
 
 import zstandard
 
+from drafter.errors import DrafterError
+
 
 LOG_SUFFIXES = (".jsonl", ".json", ".ndjson", ".log")
 COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
@@ -607,8 +609,9 @@ class SourceReader:
             pos, want = end, CHUNK
 
 
-class SourceChanged(Exception):
-    """A range's bytes are not the ones the ingesting process hashed (the file was rewritten)."""
+class SourceChanged(DrafterError, RuntimeError):
+    """A range's bytes are not the ones the ingesting process hashed (the file was rewritten):
+    the run stops, nothing is published, and the next run reads the file again."""
 
 
 class _Window(io.RawIOBase):

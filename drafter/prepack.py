@@ -74,8 +74,8 @@ def _is_wide(rows: int, wide_rows: int | None, weight: torch.Tensor) -> bool:
 
 
 def few_rows_for_this_cpu() -> int | None:
-    """`few_rows.MAX_ROWS` where the few-rows kernel suits this CPU and builds, else None."""
-    return few_rows_kernel.MAX_ROWS if few_rows_kernel.available() else None
+    """`few_rows.max_rows()` where the few-rows kernel suits this CPU and builds, else None."""
+    return few_rows_kernel.max_rows() if few_rows_kernel.available() else None
 
 
 def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -34,16 +34,26 @@ Work = Literal["batch", "decode"]
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+def _cpuinfo(field: str) -> str:
+    """The first `field` line of Linux's /proc/cpuinfo ("" elsewhere)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
+        return ""
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+        if line.split(":", 1)[0].strip() == field:
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo is missing)."""
+    return frozenset(_cpuinfo("flags").split())
+
+
+def cpu_vendor() -> str:
+    """`GenuineIntel`, `AuthenticAMD`, ... ("" where /proc/cpuinfo is missing)."""
+    return _cpuinfo("vendor_id")
 
 
 def cpu_bf16_pays(work: Work) -> bool:

@@ -98,7 +98,16 @@ def test_the_target_takes_the_kernel_where_it_suits_the_cpu_and_the_config_allow
     monkeypatch.setattr(few_rows, "available", lambda: available)
     target = bf16_target(True, f"runtime.few_rows_kernel={setting}")
     settings = {m._few_rows for m in target.model.modules() if "_prepacked" in m.__dict__}
-    assert settings == {few_rows.MAX_ROWS if available and setting == "true" else None}
+    assert settings == {few_rows.max_rows() if available and setting == "true" else None}
+
+
+@pytest.mark.parametrize("vendor,rows", [("GenuineIntel", few_rows.MAX_ROWS), ("AuthenticAMD", 8), ("", few_rows.MAX_ROWS)])
+def test_the_kernel_takes_as_many_rows_as_it_was_measured_faster_for_on_this_cpu(monkeypatch, vendor, rows):
+    import drafter.runtime as rt
+
+    monkeypatch.setattr(rt, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(few_rows, "available", lambda: True)
+    assert pp.few_rows_for_this_cpu() == rows
 
 
 def test_greedy_speculative_decoding_through_the_kernel_is_plain_decoding(tmp_path):

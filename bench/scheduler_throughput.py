@@ -13,9 +13,10 @@ target's own greedy answers with random corruptions whose per-position rate is d
 before each token and reported as its (calibrated) confidence. The synthetic drafter
 drafts for free (and where bf16 rounding takes the answer off its script, its resync is
 left out of the clock: bench/_common.py `Resync`), so the table isolates the verification
-side the scheduler controls. "fixed", "threshold" and "algorithm 1" verify packed (each
-request its own drafts); the "padded" variants pad every row to the longest block
-(`scheduler.packed=false`; Algorithm 1 then judges a draft with the block width it shares).
+side the scheduler controls. "fixed", "threshold" and "alg. 1, packed" verify packed (each
+request its own drafts); "algorithm 1" is `scheduler.mode=prefix` as shipped: every row padded to
+the longest block, a draft judged with the block width it shares (`scheduler.shared_width`).
+The ratios are the shipped Algorithm 1's.
 
     python bench/scheduler_throughput.py [--drafter data/drafter] [--rows 1 2 4 8 16]
                                          [--clock process --threads 1] [-s section.key=value]
@@ -46,6 +47,8 @@ from drafter.decoding import SpecEngine, block_size_of, load_drafter, round_tota
 from drafter.evaluate import load_prompts  # noqa: E402
 from drafter.scheduler import CLOCKS, Scheduler, load_temperatures, profile_target  # noqa: E402
 from drafter.target import load_target  # noqa: E402
+
+ALG1 = "algorithm 1 (padded, shared width)"  # scheduler.mode=prefix as shipped
 
 
 def main() -> None:
@@ -99,9 +102,8 @@ def main() -> None:
     policies = {  # label: scheduler (the engine verifies packed or padded as its rule assumes)
         "fixed": None,
         f"threshold {args.threshold}": Scheduler("threshold", args.threshold, temps),
-        f"threshold {args.threshold}, padded": Scheduler("threshold", args.threshold, temps, packed=False),
-        "algorithm 1": Scheduler("prefix", temperatures=temps, cost_table=table),
-        "alg. 1, padded (shared width)": Scheduler("prefix", temperatures=temps, cost_table=table, packed=False),
+        "alg. 1, packed (paper's rule)": Scheduler("prefix", temperatures=temps, cost_table=table),
+        ALG1: Scheduler("prefix", temperatures=temps, cost_table=table, packed=False),
     }
     results = []
     for rows in args.rows:
@@ -177,7 +179,7 @@ def render(out: dict) -> str:
     threshold = next(p for p in policies if p.startswith("threshold"))
     for rows in dict.fromkeys(r["rows"] for r in out["results"]):
         cells = {r["policy"]: r for r in out["results"] if r["rows"] == rows}
-        alg1 = cells["algorithm 1"]["decode_tokens_per_s"]
+        alg1 = cells[ALG1]["decode_tokens_per_s"]
         lines.append(f"| {rows} | " + " | ".join(
             f"{cells[p]['decode_tokens_per_s']:.1f} ({cells[p]['tau']:.2f}; {cells[p]['verified_per_round']:.1f})"
             for p in policies

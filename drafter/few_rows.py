@@ -7,10 +7,11 @@ extra row adds its `vdpbf16ps` compute on top of that read. `csrc/few_rows_linea
 each 64-column tile of a weight, laid out k after k, with software prefetch 8 KiB ahead, turns
 bf16 into float32 with one shift or mask per 16 values and multiplies with float32 FMAs, whose
 throughput here is twice `vdpbf16ps`'s. One thread, cold weights: 1.2-1.7x oneDNN's prepacked
-kernel from 1 to 32 rows on Intel (on AMD EPYC up to 8 rows only: `max_rows`); verifying 4 tokens costs what decoding 1 did (`bench/prepack.py`), and
-SmolLM2's plain and speculative decoding run 1.37x faster end to end (bench/RESULTS.md). On two
-torch threads (this VM's two vCPUs) oneDNN's kernel scaled and this one did not, so prepacked
-layers take it on one thread only (drafter/prepack.py).
+kernel from 1 to 32 rows on Intel (on AMD EPYC up to 8 rows only: `max_rows`); verifying 4
+tokens costs what decoding 1 did (`bench/prepack.py`), and SmolLM2's plain and speculative
+decoding run 1.37x faster end to end (bench/RESULTS.md). On two torch threads (this VM's two
+vCPUs) oneDNN's kernel scaled and this one did not, so prepacked layers take it on one thread
+only (drafter/prepack.py).
 
 Every output is one float32 FMA chain over k in order, rounded to bf16 once: a row's result is the
 same whatever the other rows, the tile or the thread (tested), so a token's logits in a
@@ -35,8 +36,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "few_rows_linear.cpp"
 MAX_ROWS = 32  # Intel: measured faster than oneDNN up to here on every SmolLM2 shape (bench/RESULTS.md)
-# AMD EPYC (AVX-512 BF16, no AMX): the target's forward 1.02-1.5x oneDNN's up to 8 rows, but
-# 0.77-0.88x at 16-32 rows (bench/RESULTS.md, "A few-rows bf16 kernel").
+# AMD EPYC (AVX-512 BF16, no AMX): the target's forward 1.04-1.42x oneDNN's up to 8 rows, but
+# 0.77-0.98x at 16-32 rows (bench/few_rows_limit.py; bench/RESULTS.md, "A few-rows bf16 kernel").
 MAX_ROWS_BY_VENDOR = {"AuthenticAMD": 8}
 
 

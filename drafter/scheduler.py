@@ -14,9 +14,9 @@ Modes (config `scheduler.mode`):
   paper's rule verbatim. Padded (the default in this mode), `scheduler.shared_width`
   (default on) adapts the widening step to the padding (see `prefix_lengths`); off, it is
   the paper's rule over padded widths. On CPUs a forward's cost is concave in its tokens
-  (the few-rows kernel makes the first ones cheap, then each costs more than the next), and
-  the paper's rule stops on that first steep step; the shared-width rule weighs whole width
-  steps and measured faster (bench/RESULTS.md).
+  (the first extra tokens cost the most, later ones less), and the paper's rule stops on
+  that first steep step; the shared-width rule weighs whole width steps and measured
+  faster (bench/RESULTS.md).
 
 SPS comes from a cost table profiled on this machine (`drafter profile`): target forward
 steps per second. The rest of an engine step (drafting, sampling, cache bookkeeping) does

@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "few_rows_linear.cpp"
 MAX_ROWS = 32  # Intel: measured faster than oneDNN up to here on every SmolLM2 shape (bench/RESULTS.md)
-# AMD EPYC (AVX-512 BF16, no AMX): the target's forward 1.04-1.42x oneDNN's up to 8 rows, but
-# 0.77-0.98x at 16-32 rows (bench/few_rows_limit.py; bench/RESULTS.md, "A few-rows bf16 kernel").
+# AMD EPYC (AVX-512 BF16, no AMX): the target's forward up to 1.5x oneDNN's at 1-4 rows, even
+# around 8-16, 0.71-0.79x at 32 (bench/few_rows_limit.py; bench/RESULTS.md, "A few-rows bf16 kernel").
 MAX_ROWS_BY_VENDOR = {"AuthenticAMD": 8}
 
 

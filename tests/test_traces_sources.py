@@ -136,7 +136,7 @@ def read_ranged(path, previous=None, ranges=(3, 1 << 20), **kw):
                                 st.sampled_from([b"", b"\r", LINES[0], b"x" * 90, b'{"long": "' + b"y" * 80 + b'"}'])),
                       min_size=0, max_size=25),
        tail=st.sampled_from([b"", LINES[1], LINES[1][:9], b"z" * 70, b"z" * 200]),
-       chunk=st.integers(min_value=1, max_value=64), max_lines=st.integers(min_value=1, max_value=6),
+       chunk=st.integers(min_value=1, max_value=200), max_lines=st.integers(min_value=1, max_value=6),
        max_bytes=st.integers(min_value=1, max_value=300), resume_at=st.integers(min_value=0, max_value=25))
 def test_line_ranges_read_back_to_the_same_records_and_watermark(tmp_path_factory, lines, tail, chunk, max_lines,
                                                                  max_bytes, resume_at):

@@ -486,5 +486,5 @@ def prepare_remote(cfg: Config, records: list[RawRecord] | LineRange, fmt: str |
     records = range_records(records, cfg.ingest.max_line_bytes, cfg.ingest.quarantine_keep_bytes + EXCERPT_MARGIN)
     read_s = time.perf_counter() - started
     batch = _PREPARERS[key].prepare(records, fmt)
-    batch.durations["read_range"] = round(batch.durations.get("read_range", 0.0) + read_s, 4)
+    batch.durations["read_range"] = round(read_s, 4)
     return batch

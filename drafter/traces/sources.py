@@ -459,7 +459,7 @@ class SourceReader:
         source, path, limit = str(self.path), str(self.path.resolve()), self.max_line_bytes
         start, first, lines, digest = state["offset"], state["count"] + 1, 0, hashlib.sha256()
         tail: list[bytes] = []  # bytes after the last line end, not consumed yet
-        tail_len, tail_long = 0, False  # a tail over the limit is consumed (hashed) as it comes
+        tail_len = 0  # bytes after the last line end; past the limit they are consumed as they come
 
         def consume(data: bytes, records: int) -> None:
             self._consume(state, data, records)
@@ -473,19 +473,15 @@ class SourceReader:
 
         while block := stream.read(CHUNK):
             if block.find(b"\n") < 0:  # still inside one line
-                if tail_long:
-                    consume(block, 0)
-                    continue
                 tail.append(block)
                 tail_len += len(block)
-                if tail_len > limit:
-                    tail_long = True
-                    consume(b"".join(tail), 0)
+                if tail_len > limit:  # a line over the limit is consumed whatever follows: never held
+                    for piece in tail:
+                        consume(piece, 0)
                     tail = []
                 continue
-            if not tail_long:  # the line this block ends began before it
-                for piece in tail:
-                    consume(piece, 0)
+            for piece in tail:  # the line this block ends began before it
+                consume(piece, 0)
             pos = done = 0  # block[done:pos]: whole lines not consumed yet
             while (nl := block.find(b"\n", pos)) >= 0:
                 pos, lines = nl + 1, lines + 1
@@ -495,9 +491,9 @@ class SourceReader:
                     yield cut()
             if done < pos:
                 consume(block[done:pos], block.count(b"\n", done, pos))
-            tail, tail_len, tail_long = [block[pos:]], len(block) - pos, False
+            tail, tail_len = [block[pos:]], len(block) - pos
         rest = b"".join(tail)
-        if tail_long or len(rest) > limit or (rest and _is_json(rest)):  # a last record without its line end
+        if tail_len > limit or (rest and _is_json(rest)):  # a last record without its line end
             consume(rest, 1)
             lines += 1
         elif rest:

@@ -4,20 +4,24 @@ A decoding step, a verification of a few drafted tokens and a drafter's proposal
 handful of rows by every weight of the model: the work is reading the weights from memory.
 oneDNN's bf16 kernel (AVX-512 BF16, no AMX) reads them at ~9 GB/s on one thread here, and each
 extra row adds its `vdpbf16ps` compute on top of that read. `csrc/few_rows_linear.cpp` streams
-each 64-column tile of a weight, laid out k after k, with software prefetch 8 KiB ahead, turns
-bf16 into float32 with one shift or mask per 16 values and multiplies with float32 FMAs, whose
-throughput here is twice `vdpbf16ps`'s. One thread, cold weights: 1.2-1.7x oneDNN's prepacked
-kernel from 1 to 32 rows on Intel (on AMD EPYC up to 8 rows only: `max_rows`); verifying 4
-tokens costs what decoding 1 did (`bench/prepack.py`), and SmolLM2's plain and speculative
-decoding run 1.37x faster end to end (bench/RESULTS.md). On two torch threads (this VM's two
-vCPUs) oneDNN's kernel scaled and this one did not, so prepacked layers take it on one thread
-only (drafter/prepack.py).
+each 64-column tile of a weight, laid out k after k, with software prefetch 8 KiB ahead, and has
+two arithmetics, chosen once per CPU by the layout `pack` writes (`paired()`):
+- float32 FMAs over bf16 turned float (one shift or mask per 16 values). On the Intel Xeon
+  measured, whose FMAs issue at twice `vdpbf16ps`'s rate: 1.2-1.7x oneDNN's prepacked kernel
+  from 1 to 32 rows; verifying 4 tokens costs what decoding 1 did (`bench/prepack.py`), and
+  SmolLM2's plain and speculative decoding run 1.37x faster end to end (bench/RESULTS.md).
+- `vdpbf16ps` on bf16 pairs (k and k+1 side by side), on AMD EPYC, where it multiplies twice the
+  values an FMA does for the same issue slot: the FMAs there beat oneDNN only up to 8 rows, the
+  pairs up to 16-32 (1.15-1.36x at 8 rows, 1.03-1.19x at 16; the same as the FMAs at 1-4 rows;
+  `bench/few_rows_limit.py`).
+On two torch threads (this VM's two vCPUs) oneDNN's kernel scaled and this one did not, so
+prepacked layers take it on one thread only (drafter/prepack.py).
 
-Every output is one float32 FMA chain over k in order, rounded to bf16 once: a row's result is the
-same whatever the other rows, the tile or the thread (tested), so a token's logits in a
-verification are those of the same token decoded alone. Not F.linear's to the bit (oneDNN sums in
-another order); plain and speculative decoding share the kernel, so decoding stays lossless
-relative to the target as it runs.
+Every output is one float32 sum over k in order (an FMA chain, or a chain of pairs), plus the
+bias, rounded to bf16 once: a row's result is the same whatever the other rows, the tile or the
+thread (tested), so a token's logits in a verification are those of the same token decoded
+alone. Not F.linear's to the bit (oneDNN sums in another order); plain and speculative decoding
+share the kernel, so decoding stays lossless relative to the target as it runs.
 
 The kernel is compiled on first use with torch's C++ extension builder (g++ and ninja; ~20 s,
 cached under `TORCH_EXTENSIONS_DIR`, `make setup` builds it). Without a compiler, AVX-512 or a
@@ -36,9 +40,10 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "few_rows_linear.cpp"
 MAX_ROWS = 32  # Intel: measured faster than oneDNN up to here on every SmolLM2 shape (bench/RESULTS.md)
-# AMD EPYC (AVX-512 BF16, no AMX): the target's forward up to 1.5x oneDNN's at 1-4 rows, even
-# around 8-16, 0.71-0.79x at 32 (bench/few_rows_limit.py; bench/RESULTS.md, "A few-rows bf16 kernel").
-MAX_ROWS_BY_VENDOR = {"AuthenticAMD": 8}
+# AMD EPYC (AVX-512 BF16, no AMX), with the pairs: the target's forward 1.5x oneDNN's at 1-2 rows,
+# 1.03-1.19x at 16, 0.88-1.31x at 32 (bench/few_rows_limit.py; bench/RESULTS.md, "A few-rows bf16 kernel").
+MAX_ROWS_BY_VENDOR = {"AuthenticAMD": 16}
+PAIRED_VENDORS = {"AuthenticAMD"}
 
 
 def max_rows() -> int:
@@ -77,9 +82,20 @@ def build(verbose: bool = False) -> None:
                        is_python_module=False, verbose=verbose)
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` [N, K] bf16 in the kernel's tile layout (a copy, the weight's size)."""
-    return torch.ops.drafter_few_rows.pack(weight.detach().contiguous())
+def paired() -> bool:
+    """Whether the kernel multiplies bf16 pairs with `vdpbf16ps` here: on AMD EPYC with AVX-512 BF16,
+    where it is up to 1.7x the float32 FMAs from 8 rows on (bench/few_rows_limit.py); Intel keeps the
+    FMAs, which were measured there (its `vdpbf16ps` issues at half their rate)."""
+    from drafter.runtime import cpu_flags, cpu_vendor
+
+    return "avx512_bf16" in cpu_flags() and cpu_vendor() in PAIRED_VENDORS
+
+
+def pack(weight: torch.Tensor, pairs: bool | None = None) -> torch.Tensor:
+    """`weight` [N, K] bf16 in the kernel's tile layout (a copy, the weight's size); `pairs`: the
+    `vdpbf16ps` layout (None: `paired()`). `linear` takes its arithmetic from the layout."""
+    pairs = paired() if pairs is None else pairs
+    return getattr(torch.ops.drafter_few_rows, "pack_pairs" if pairs else "pack")(weight.detach().contiguous())
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The few-rows bf16 kernel (drafter/few_rows.py): each output is one float32 FMA chain over k in
-order, rounded to bf16 once, whatever the other rows, the tile or the thread; prepacked layers take
-it for few rows only, and decoding through it stays lossless."""
+order (or, in the `vdpbf16ps` layout, one float32 sum over k pairs), rounded to bf16 once, whatever
+the other rows, the tile or the thread; prepacked layers take it for few rows only, and decoding
+through it stays lossless."""
 
 from contextlib import contextmanager
 
@@ -23,6 +24,11 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+from drafter.runtime import cpu_flags
+
+LAYOUTS = [False, pytest.param(True, marks=pytest.mark.skipif("avx512_bf16" not in cpu_flags(), reason="needs AVX-512 BF16"))]
 
 
 @pytest.fixture(autouse=True)
@@ -49,14 +55,33 @@ def test_each_output_is_a_float32_fma_chain_rounded_once(out_features, in_featur
     weight = torch.randn(out_features, in_features, generator=gen).bfloat16()
     b = torch.randn(out_features, generator=gen).bfloat16() if bias else None
     x = torch.randn(13, in_features, generator=gen).bfloat16()
-    out = few_rows.linear(x, few_rows.pack(weight), out_features, b)
+    out = few_rows.linear(x, few_rows.pack(weight, pairs=False), out_features, b)
     assert torch.equal(out, fma_chain(x, weight, b))
 
 
-def test_a_rows_result_does_not_depend_on_the_batch_or_the_threads():
+@pytest.mark.parametrize("out_features,in_features,bias", [(100, 37, True), (64, 70, False), (200, 576, True)])
+def test_the_pairs_layout_sums_the_same_products_in_pairs(out_features, in_features, bias):
+    """`vdpbf16ps` adds k's products two at a time (an odd K gets a zero pair partner): at most one
+    bf16 step from the FMA chain, and equal to it nearly everywhere."""
+    if "avx512_bf16" not in cpu_flags():
+        pytest.skip("needs AVX-512 BF16")
+    gen = torch.Generator().manual_seed(out_features)
+    weight = torch.randn(out_features, in_features, generator=gen).bfloat16()
+    b = torch.randn(out_features, generator=gen).bfloat16() if bias else None
+    x = torch.randn(13, in_features, generator=gen).bfloat16()
+    packed = few_rows.pack(weight, pairs=True)
+    assert packed.shape == ((out_features + 63) // 64, (in_features + 1) // 2, 128)
+    out, want = few_rows.linear(x, packed, out_features, b), fma_chain(x, weight, b)
+    ulp = want.float().abs().clamp_min(2 ** -126) * 2 ** -7  # one bf16 step at the sum's magnitude
+    assert ((out.float() - want.float()).abs() <= ulp).all()
+    assert (out == want).float().mean() > 0.98
+
+
+@pytest.mark.parametrize("pairs", LAYOUTS)
+def test_a_rows_result_does_not_depend_on_the_batch_or_the_threads(pairs):
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(1536, 576, generator=gen).bfloat16()
-    packed = few_rows.pack(weight)
+    packed = few_rows.pack(weight, pairs=pairs)
     x = torch.randn(40, 576, generator=gen).bfloat16()
     alone = torch.cat([few_rows.linear(x[i:i + 1], packed, 1536) for i in range(40)])  # one thread (the fixture)
     with torch_threads(2):
@@ -68,6 +93,7 @@ def test_a_rows_result_does_not_depend_on_the_batch_or_the_threads():
 
 def test_a_prepacked_layer_takes_the_kernel_for_few_rows_and_onednn_beyond(monkeypatch):
     gen = torch.Generator().manual_seed(2)
+    monkeypatch.setattr(few_rows, "paired", lambda: False)  # the FMA chain, written out below
     calls = []
     kernel = few_rows.linear
     monkeypatch.setattr(few_rows, "linear", lambda x, *args: calls.append(x.shape[0]) or kernel(x, *args))
@@ -101,13 +127,20 @@ def test_the_target_takes_the_kernel_where_it_suits_the_cpu_and_the_config_allow
     assert settings == {few_rows.max_rows() if available and setting == "true" else None}
 
 
-@pytest.mark.parametrize("vendor,rows", [("GenuineIntel", few_rows.MAX_ROWS), ("AuthenticAMD", 8), ("", few_rows.MAX_ROWS)])
-def test_the_kernel_takes_as_many_rows_as_it_was_measured_faster_for_on_this_cpu(monkeypatch, vendor, rows):
+@pytest.mark.parametrize("vendor,flags,rows,paired", [
+    ("GenuineIntel", "avx512f avx512_bf16", few_rows.MAX_ROWS, False), ("AuthenticAMD", "avx512f avx512_bf16", 16, True),
+    ("AuthenticAMD", "avx512f", 16, False), ("", "avx512f", few_rows.MAX_ROWS, False)])
+def test_the_kernel_takes_the_rows_and_arithmetic_it_was_measured_faster_with_on_this_cpu(monkeypatch, vendor, flags,
+                                                                                          rows, paired):
     import drafter.runtime as rt
 
     monkeypatch.setattr(rt, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(rt, "cpu_flags", lambda: frozenset(flags.split()))
     monkeypatch.setattr(few_rows, "available", lambda: True)
     assert pp.few_rows_for_this_cpu() == rows
+    assert few_rows.paired() is paired
+    linear = torch.nn.Linear(70, 130).bfloat16().requires_grad_(False)
+    assert few_rows.pack(linear.weight).shape == ((3, 35, 128) if paired else (3, 70, 64))
 
 
 def test_greedy_speculative_decoding_through_the_kernel_is_plain_decoding(tmp_path):

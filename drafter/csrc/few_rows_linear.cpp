@@ -1,10 +1,12 @@
 // bf16 linear layers for a few rows (decoding steps, verification, small batches) on AVX-512 CPUs.
 // See drafter/few_rows.py for why. Built by torch.utils.cpp_extension and registered as
-// torch.ops.drafter_few_rows.{pack, linear}.
+// torch.ops.drafter_few_rows.{pack, pack_pairs, linear}.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+
+#include <cstring>
 
 namespace {
 
@@ -23,10 +25,39 @@ at::Tensor pack(const at::Tensor& weight) {
   return padded.view({tiles, 2, 2, 16, k}).permute({0, 4, 1, 3, 2}).contiguous().view({tiles, k, kCols});
 }
 
+// W [N, K] -> [ceil(N / 64), ceil(K / 2), 128]: the same tiles, k in pairs. Each k pair holds 4 x 16
+// columns, each column's two bf16 side by side: the operand of one `vdpbf16ps` for 16 columns.
+at::Tensor pack_pairs(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "pack: a 2-D bf16 weight");
+  int64_t n = weight.size(0), k = weight.size(1), tiles = (n + kCols - 1) / kCols, pairs = (k + 1) / 2;
+  auto padded = at::zeros({tiles * kCols, 2 * pairs}, weight.options());
+  padded.narrow(0, 0, n).narrow(1, 0, k).copy_(weight);
+  // column c = 64 t + c', k = 2 p + e  ->  [t, p, c', e]
+  return padded.view({tiles, kCols, pairs, 2}).permute({0, 2, 1, 3}).contiguous().view({tiles, pairs, 2 * kCols});
+}
+
+// A tile's sums for MT rows (+ bias) rounded once to bf16 (as `Tensor.to(bfloat16)` rounds) into `out`.
+template <int MT>
+inline void store(const __m512 (&acc)[MT][4], const float* bias, at::BFloat16* out, int64_t ld_out, int64_t cols) {
+  for (int m = 0; m < MT; m++) {
+    float row[kCols];
+    for (int b = 0; b < 4; b++) _mm512_storeu_ps(row + 16 * b, acc[m][b]);
+    for (int64_t c = 0; c < cols; c++) out[m * ld_out + c] = at::BFloat16(bias ? row[c] + bias[c] : row[c]);
+  }
+}
+
+inline float to_float(uint16_t bf16) {
+  uint32_t bits = uint32_t(bf16) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 // out[m, 0:cols] = x[m, :] . W_tile for MT rows; one float32 FMA chain per output, k in order,
 // so a row's result does not depend on the other rows, the tile size or the thread.
 template <int MT>
-void tile(const float* x, int64_t k_len, const uint16_t* w, float* out, int64_t ld_out, int64_t cols) {
+void tile(const uint16_t* x, int64_t k_len, const uint16_t* w, const float* bias, at::BFloat16* out, int64_t ld_out,
+          int64_t cols) {
   __m512 acc[MT][4];
   for (int m = 0; m < MT; m++)
     for (int b = 0; b < 4; b++) acc[m][b] = _mm512_setzero_ps();
@@ -41,50 +72,89 @@ void tile(const float* x, int64_t k_len, const uint16_t* w, float* out, int64_t 
     __m512 w2 = _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16));
     __m512 w3 = _mm512_castsi512_ps(_mm512_and_si512(hi, high));
     for (int m = 0; m < MT; m++) {
-      __m512 xm = _mm512_set1_ps(x[m * k_len + k]);
+      __m512 xm = _mm512_set1_ps(to_float(x[m * k_len + k]));
       acc[m][0] = _mm512_fmadd_ps(xm, w0, acc[m][0]);
       acc[m][1] = _mm512_fmadd_ps(xm, w1, acc[m][1]);
       acc[m][2] = _mm512_fmadd_ps(xm, w2, acc[m][2]);
       acc[m][3] = _mm512_fmadd_ps(xm, w3, acc[m][3]);
     }
   }
-  for (int m = 0; m < MT; m++) {
-    float row[kCols];
-    for (int b = 0; b < 4; b++) _mm512_storeu_ps(row + 16 * b, acc[m][b]);
-    std::copy(row, row + cols, out + m * ld_out);
-  }
+  store<MT>(acc, bias, out, ld_out, cols);
 }
 
-using TileFn = void (*)(const float*, int64_t, const uint16_t*, float*, int64_t, int64_t);
-constexpr TileFn kTiles[] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
+// The same tile with `vdpbf16ps`: x and W as bf16 pairs, each output's float32 sum over k pairs in
+// order (the instruction adds a pair's two products to the sum; its rounding is the CPU's, the
+// same for every row), so a row's result still does not depend on the other rows or the thread.
+template <int MT>
+__attribute__((target("avx512f,avx512bf16")))
+void tile_pairs(const uint16_t* x, int64_t pairs, const uint16_t* w, const float* bias, at::BFloat16* out,
+                int64_t ld_out, int64_t cols) {
+  const uint32_t* xp = reinterpret_cast<const uint32_t*>(x);
+  __m512 acc[MT][4];
+  for (int m = 0; m < MT; m++)
+    for (int b = 0; b < 4; b++) acc[m][b] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; p++) {
+    const uint16_t* wp = w + p * 2 * kCols;
+    const char* ahead = reinterpret_cast<const char*>(wp + kPrefetch * kCols);  // the same 8 KiB ahead
+    for (int line = 0; line < 4; line++) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+    __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp), w1 = (__m512bh)_mm512_loadu_si512(wp + 32);
+    __m512bh w2 = (__m512bh)_mm512_loadu_si512(wp + 64), w3 = (__m512bh)_mm512_loadu_si512(wp + 96);
+    for (int m = 0; m < MT; m++) {
+      __m512bh xm = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[m * pairs + p]));
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], xm, w0);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xm, w1);
+      acc[m][2] = _mm512_dpbf16_ps(acc[m][2], xm, w2);
+      acc[m][3] = _mm512_dpbf16_ps(acc[m][3], xm, w3);
+    }
+  }
+  store<MT>(acc, bias, out, ld_out, cols);
+}
 
-// x [M, K] bf16 (float32 accepted) @ packed W [N, K]^T (+ bias) -> [M, N] bf16, rounded once.
+using TileFn = void (*)(const uint16_t*, int64_t, const uint16_t*, const float*, at::BFloat16*, int64_t, int64_t);
+constexpr TileFn kTiles[] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
+constexpr TileFn kPairTiles[] = {nullptr, tile_pairs<1>, tile_pairs<2>, tile_pairs<3>, tile_pairs<4>,
+                                 tile_pairs<5>, tile_pairs<6>};
+
+// x [M, K] bf16 @ packed W [N, K]^T (+ bias) -> [M, N] bf16, each output rounded once. The packed
+// layout picks the arithmetic: [tiles, K, 64] float32 FMAs, [tiles, ceil(K / 2), 128] `vdpbf16ps`.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(1) == x.size(1) && packed.size(2) == kCols,
-              "linear: x [M, K] and a weight packed for K = x.size(1)");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && packed.dim() == 3, "linear: bf16 x [M, K] and a packed weight");
+  int64_t rows = x.size(0), k_len = x.size(1), pairs = (k_len + 1) / 2;
+  bool paired = packed.size(2) == 2 * kCols;
+  TORCH_CHECK(paired ? packed.size(1) == pairs : packed.size(1) == k_len && packed.size(2) == kCols,
+              "linear: a weight packed for K = x.size(1)");
   TORCH_CHECK(n > (packed.size(0) - 1) * kCols && n <= packed.size(0) * kCols, "linear: n does not match the packed weight");
-  auto xf = x.to(at::kFloat).contiguous();
-  int64_t rows = x.size(0), k_len = x.size(1);
-  auto out = at::empty({rows, n}, x.options().dtype(at::kFloat));
-  const float* xp = xf.data_ptr<float>();
+  at::Tensor xs = x.contiguous();
+  if (paired && k_len % 2) {  // whole pairs: a zero after each row's odd last k
+    xs = at::zeros({rows, 2 * pairs}, x.options());
+    xs.narrow(1, 0, k_len).copy_(x);
+  }
+  at::Tensor b;
+  if (bias.has_value()) b = bias->to(at::kFloat).contiguous();
+  auto out = at::empty({rows, n}, x.options());
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xs.data_ptr<at::BFloat16>());
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
-  float* op = out.data_ptr<float>();
+  const float* bp = bias.has_value() ? b.data_ptr<float>() : nullptr;
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  int64_t x_row = xs.size(1), steps = packed.size(1), tile_len = steps * packed.size(2);
+  const TileFn* tiles = paired ? kPairTiles : kTiles;
   at::parallel_for(0, packed.size(0), 4, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; t++) {
       int64_t cols = std::min(kCols, n - t * kCols);
       for (int64_t m = 0; m < rows; m += 6) {  // the weight tile stays in L2 for the next rows
         int64_t mt = std::min<int64_t>(6, rows - m);
-        kTiles[mt](xp + m * k_len, k_len, wp + t * k_len * kCols, op + m * n + t * kCols, n, cols);
+        tiles[mt](xp + m * x_row, steps, wp + t * tile_len, bp ? bp + t * kCols : nullptr, op + m * n + t * kCols, n,
+                  cols);
       }
     }
   });
-  if (bias.has_value()) out.add_(bias->to(at::kFloat));
-  return out.to(at::kBFloat16);
+  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(drafter_few_rows, m) {
   m.def("pack(Tensor weight) -> Tensor", pack);
+  m.def("pack_pairs(Tensor weight) -> Tensor", pack_pairs);
   m.def("linear(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor", linear);
 }

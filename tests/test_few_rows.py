@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from drafter import few_rows
 from drafter import prepack as pp
+from drafter.runtime import cpu_flags
 
 pytestmark = pytest.mark.skipif(not (pp.supported() and few_rows.available()),
                                 reason="needs an AVX-512 CPU without AMX, a compiler and oneDNN's packed linear")
@@ -25,8 +26,6 @@ def torch_threads(n: int):
     finally:
         torch.set_num_threads(before)
 
-
-from drafter.runtime import cpu_flags
 
 LAYOUTS = [False, pytest.param(True, marks=pytest.mark.skipif("avx512_bf16" not in cpu_flags(), reason="needs AVX-512 BF16"))]
 

@@ -8,9 +8,10 @@ tokens after 256 cached tokens, LM head included: the shapes of a verification (
 concurrent requests (4 x 4, 16 x 2) and of batched decoding (16 x 1). Each forward is timed with
 every product of at most 32 rows through the kernel (`few_rows.MAX_ROWS`) in each of its two
 arithmetics (float32 FMAs over bf16 turned float; `vdpbf16ps` on bf16 pairs, where the CPU has
-AVX-512 BF16) and with none (oneDNN), in two interleaved rounds of `dtype_choice.best_seconds` (best of --reps, wall clock). The kernel
-takes products of at most `few_rows.max_rows()` rows on this CPU, with `few_rows.paired()`'s
-arithmetic; the table says where that limit should sit and which arithmetic to take. Writes bench/results/few_rows_limit.{json,md}.
+AVX-512 BF16) and with none (oneDNN), in two interleaved rounds of `dtype_choice.best_seconds`
+(best of --reps, wall clock). The kernel takes products of at most `few_rows.max_rows()` rows on
+this CPU, with `few_rows.paired()`'s arithmetic; the table says where that limit should sit and
+which arithmetic to take. Writes bench/results/few_rows_limit.{json,md}.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def main() -> None:
              **{f"{k}_speedup": round(best["oneDNN", (r, w)] / best[k, (r, w)], 2) for k in kernels}}
             for r, w in SHAPES]
     doc = {"command": command(), "target": target.name, "cpu_vendor": cpu_vendor(),
-           "max_rows_here": few_rows.max_rows(), "paired_here": few_rows.paired(), "rows": rows, "machine": machine(torch_threads=args.threads)}
+           "max_rows_here": few_rows.max_rows(), "paired_here": few_rows.paired(), "rows": rows,
+           "machine": machine(torch_threads=args.threads)}
     md = [f"# Few-rows kernel against oneDNN by rows: {target.name}, bf16, prepacked, 256 cached tokens", "",
           f"Command: `{doc['command']}`; best of {args.reps} in two interleaved rounds, wall clock, {args.threads} thread(s); "
           f"{doc['cpu_vendor'] or 'unknown vendor'}: the kernel takes products of at most {doc['max_rows_here']} rows here, "

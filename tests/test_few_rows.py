@@ -27,7 +27,8 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-LAYOUTS = [False, pytest.param(True, marks=pytest.mark.skipif("avx512_bf16" not in cpu_flags(), reason="needs AVX-512 BF16"))]
+needs_bf16_units = pytest.mark.skipif("avx512_bf16" not in cpu_flags(), reason="needs AVX-512 BF16")
+LAYOUTS = [False, pytest.param(True, marks=needs_bf16_units)]
 
 
 @pytest.fixture(autouse=True)
@@ -58,12 +59,11 @@ def test_each_output_is_a_float32_fma_chain_rounded_once(out_features, in_featur
     assert torch.equal(out, fma_chain(x, weight, b))
 
 
+@needs_bf16_units
 @pytest.mark.parametrize("out_features,in_features,bias", [(100, 37, True), (64, 70, False), (200, 576, True)])
 def test_the_pairs_layout_sums_the_same_products_in_pairs(out_features, in_features, bias):
     """`vdpbf16ps` adds k's products two at a time (an odd K gets a zero pair partner): at most one
     bf16 step from the FMA chain, and equal to it nearly everywhere."""
-    if "avx512_bf16" not in cpu_flags():
-        pytest.skip("needs AVX-512 BF16")
     gen = torch.Generator().manual_seed(out_features)
     weight = torch.randn(out_features, in_features, generator=gen).bfloat16()
     b = torch.randn(out_features, generator=gen).bfloat16() if bias else None

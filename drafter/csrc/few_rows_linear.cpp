@@ -13,27 +13,32 @@ namespace {
 constexpr int64_t kCols = 64;      // output columns a tile computes: 4 vectors of 16 floats
 constexpr int64_t kPrefetch = 64;  // k steps ahead (8 KiB) a tile asks for the weight it will read
 
+// `weight` [N, K] bf16 zero-padded to whole tiles of columns and to a multiple of `k_step` in k.
+at::Tensor padded(const at::Tensor& weight, int64_t k_step) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "pack: a 2-D bf16 weight");
+  int64_t n = weight.size(0), k = weight.size(1), tiles = (n + kCols - 1) / kCols;
+  auto out = at::zeros({tiles * kCols, (k + k_step - 1) / k_step * k_step}, weight.options());
+  out.narrow(0, 0, n).narrow(1, 0, k).copy_(weight);
+  return out;
+}
+
 // W [N, K] -> [ceil(N / 64), K, 64]: a tile's weight, k after k, so one tile streams from memory.
 // In each 32 of a k's 64 values, element 2i is column i and 2i+1 column 16+i: a 32-bit shift and a
 // mask turn 32 bf16 into 2 x 16 floats (a bf16 is the top half of its float).
 at::Tensor pack(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "pack: a 2-D bf16 weight");
-  int64_t n = weight.size(0), k = weight.size(1), tiles = (n + kCols - 1) / kCols;
-  auto padded = at::zeros({tiles * kCols, k}, weight.options());
-  padded.narrow(0, 0, n).copy_(weight);
+  auto w = padded(weight, 1);
+  int64_t tiles = w.size(0) / kCols, k = w.size(1);
   // column c = 64 t + 32 h + 16 j + i  ->  [t, k, h, i, j]
-  return padded.view({tiles, 2, 2, 16, k}).permute({0, 4, 1, 3, 2}).contiguous().view({tiles, k, kCols});
+  return w.view({tiles, 2, 2, 16, k}).permute({0, 4, 1, 3, 2}).contiguous().view({tiles, k, kCols});
 }
 
 // W [N, K] -> [ceil(N / 64), ceil(K / 2), 128]: the same tiles, k in pairs. Each k pair holds 4 x 16
 // columns, each column's two bf16 side by side: the operand of one `vdpbf16ps` for 16 columns.
 at::Tensor pack_pairs(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "pack: a 2-D bf16 weight");
-  int64_t n = weight.size(0), k = weight.size(1), tiles = (n + kCols - 1) / kCols, pairs = (k + 1) / 2;
-  auto padded = at::zeros({tiles * kCols, 2 * pairs}, weight.options());
-  padded.narrow(0, 0, n).narrow(1, 0, k).copy_(weight);
+  auto w = padded(weight, 2);
+  int64_t tiles = w.size(0) / kCols, pairs = w.size(1) / 2;
   // column c = 64 t + c', k = 2 p + e  ->  [t, p, c', e]
-  return padded.view({tiles, kCols, pairs, 2}).permute({0, 2, 1, 3}).contiguous().view({tiles, pairs, 2 * kCols});
+  return w.view({tiles, kCols, pairs, 2}).permute({0, 2, 1, 3}).contiguous().view({tiles, pairs, 2 * kCols});
 }
 
 // A tile's sums for MT rows (+ bias) rounded once to bf16 (as `Tensor.to(bfloat16)` rounds) into `out`.

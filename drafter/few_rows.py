@@ -38,7 +38,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "few_rows_linear.cpp"
+# the same build holds drafter.attention's short-query kernel (torch.ops.drafter_attention)
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("few_rows_linear.cpp", "short_attention.cpp")]
 MAX_ROWS = 32  # Intel: measured faster than oneDNN up to here on every SmolLM2 shape (bench/RESULTS.md)
 # AMD EPYC (AVX-512 BF16, no AMX), with the pairs: the target's forward 1.5x oneDNN's at 1-2 rows,
 # 1.03-1.19x at 16, 0.88-1.31x at 32 (bench/few_rows_limit.py; bench/RESULTS.md, "A few-rows bf16 kernel").
@@ -75,10 +76,19 @@ def available() -> bool:
     return True
 
 
+@functools.cache
+def attention_available() -> bool:
+    """Whether drafter.attention's short-query kernel runs here: it is built with this one, and
+    multiplies bf16 pairs (`vdpbf16ps`: AVX-512 BF16)."""
+    from drafter.runtime import cpu_flags
+
+    return "avx512_bf16" in cpu_flags() and available()
+
+
 def build(verbose: bool = False) -> None:
     from torch.utils import cpp_extension
 
-    cpp_extension.load("drafter_few_rows", [str(SOURCE)], extra_cflags=["-O3", "-mavx512f"],
+    cpp_extension.load("drafter_few_rows", [str(source) for source in SOURCES], extra_cflags=["-O3", "-mavx512f"],
                        is_python_module=False, verbose=verbose)
 
 

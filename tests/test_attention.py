@@ -201,3 +201,99 @@ def test_verification_packs_as_the_scheduler_prices_it_and_prompts_always_pack(m
         with pytest.raises(DecodingError, match="prices"):
             SpecEngine(target, drafter, gamma=5, scheduler=rule, packed=not packed)
     assert forms[True] > 0 and forms[False] == 0
+
+
+# ----- the short-query kernel (csrc/short_attention.cpp) ----------------------------------------
+def _kernel_runs() -> bool:
+    from drafter import few_rows
+
+    return few_rows.attention_available()
+
+
+needs_kernel = pytest.mark.skipif(not _kernel_runs(), reason="needs the few-rows build and AVX-512 BF16")
+
+
+def exact_attention(q, k, v, mask, scale):
+    """float64 attention of the same bf16 inputs (mask bool [B, 1, T, S] or None: causal, queries last)."""
+    q, k, v = (x.double() for x in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = q @ k.transpose(-1, -2) * scale
+    if mask is None:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril(k.shape[2] - q.shape[2])
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch,heads,kv,length,total,dim", [
+    (1, 9, 3, 1, 300, 64), (1, 9, 3, 8, 301, 64), (4, 6, 2, 3, 17, 32), (2, 8, 8, 5, 1000, 128), (1, 4, 1, 16, 40, 256),
+])
+def test_the_kernel_gives_the_matrix_paths_result(batch, heads, kv, length, total, dim):
+    """Causal without a mask, a padding mask per row, and one mask broadcast over the rows."""
+    q = torch.randn(batch, heads, length, dim, generator=torch.Generator().manual_seed(1)).bfloat16()
+    k, v = (torch.randn(batch, kv, total, dim, generator=torch.Generator().manual_seed(s)).bfloat16() for s in (2, 3))
+    padding = torch.ones(batch, 1, length, total, dtype=torch.bool).tril(total - length)
+    padding[-1, ..., : total // 3] = False  # a left-padded row
+    shared = torch.ones(1, 1, length, total + 4, dtype=torch.bool).tril(total - length)  # longer than the keys
+    for mask in (None, padding, shared):
+        given = None if mask is None else mask[..., :total]
+        want = att._grouped_attention(q, k, v, given, dim**-0.5)
+        assert att.kernel_takes(q, k, v, mask)
+        ours = att._short_attention(q, k, v, mask)
+        # the same roundings, summed in another order: equal to the bit almost everywhere, and as
+        # close to the exact result as the matrix path is
+        assert (ours == want).float().mean() >= 0.99
+        exact = exact_attention(q, k, v, given, dim**-0.5)
+        ours_err, want_err = (ours.double() - exact).abs(), (want.double() - exact).abs()
+        assert ours_err.max() <= 1.5 * want_err.max() and ours_err.mean() <= 1.1 * want_err.mean()
+
+
+@needs_kernel
+def test_a_query_gets_the_same_bits_alone_as_in_a_verified_block_or_a_batch():
+    """What keeps decoding lossless: a token's attention in a block of 7 (causal), in a batch of
+    rows, or on its own over its prefix is the same to the bit."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 9, 7, 64, generator=g).bfloat16()
+    k, v = (torch.randn(3, 3, 290, 64, generator=g).bfloat16() for _ in range(2))
+    block = att._short_attention(q, k, v, None)
+    for row in range(3):
+        for t in range(7):
+            end = 290 - 7 + t + 1
+            alone = att._short_attention(q[row : row + 1, :, t : t + 1], k[row : row + 1, :, :end], v[row : row + 1, :, :end], None)
+            assert torch.equal(alone[0, :, 0], block[row, :, t])
+
+
+@needs_kernel
+def test_the_kernel_leaves_what_it_does_not_take_to_the_matrix_path():
+    q, k, v = random_attention(1, 4, 2, 3, 30, torch.bfloat16)  # head size 16
+    assert not att.kernel_takes(q, k, v, None)
+    q, k, v = (torch.randn(1, 4, n, 64).bfloat16() for n in (3, 30, 30))
+    k2, v2 = (torch.randn(1, 2, 30, 64).bfloat16() for _ in range(2))
+    assert att.kernel_takes(q, k2, v2, None)
+    assert not att.kernel_takes(q.float(), k2.float(), v2.float(), None)
+    assert not att.kernel_takes(q, k2.transpose(2, 3).contiguous().transpose(2, 3), v2, None)  # keys not row-major
+    assert not att.kernel_takes(q, k2, v2, torch.ones(1, 4, 3, 30, dtype=torch.bool))  # a mask per head
+
+
+@needs_kernel
+def test_greedy_speculative_decoding_through_the_attention_kernel_is_plain_decoding(tmp_path, monkeypatch):
+    """A bf16 target with 32-wide heads: every decoding step and verification attends through the
+    kernel, and the speculative answer is the plain one token for token."""
+    from drafter.config import TargetConfig, TinyTargetConfig
+    from drafter.target import load_target
+
+    target = load_target(TargetConfig(source="tiny", dtype="bfloat16", tiny=TinyTargetConfig(hidden_size=128, num_heads=4)))
+    with torch.no_grad():
+        for name, p in target.model.named_parameters():
+            if p.dim() > 1 and "embed" not in name:
+                p.mul_(10.0)  # answers that vary (see tests/drafters.py lively_target)
+    taken = []
+    real = att.kernel_takes
+    monkeypatch.setattr(att, "kernel_takes", lambda *a: taken.append(real(*a)) or taken[-1])
+    for question in QUESTIONS[:3]:
+        prompt = chat(target, question)
+        plain = SpecEngine(target, None).generate(prompt, 24).tokens
+        drafter = ScriptedDrafter({tuple(prompt): plain}, target.vocab_size, error=(1.0, 2.0))
+        spec = SpecEngine(target, drafter, gamma=4).generate(prompt, 24)
+        assert spec.tokens == plain and any(r.accepted for r in spec.rounds)
+    assert taken and all(taken)

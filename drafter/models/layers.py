@@ -203,7 +203,8 @@ def block_attention(
 
 def _single_block_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale: float) -> torch.Tensor:
     """`block_attention` with A = 1 and every context key visible, in the weights' dtype: no
-    float32 copies of the context keys/values and no mask (SDPA accumulates in float32)."""
+    float32 copies of the context keys/values and no mask (SDPA accumulates in float32; bf16 on a
+    CPU with the short-query kernel, drafter/attention.py, takes that)."""
     b, h, A, S, d = q.shape
     if A != 1:
         raise ValueError(f"an unmasked block attention takes one block per row, got {A}")

@@ -297,3 +297,25 @@ def test_greedy_speculative_decoding_through_the_attention_kernel_is_plain_decod
         spec = SpecEngine(target, drafter, gamma=4).generate(prompt, 24)
         assert spec.tokens == plain and any(r.accepted for r in spec.rounds)
     assert taken and all(taken)
+
+
+@needs_kernel
+def test_a_bf16_proposal_block_attends_through_the_kernel_like_sdpa(monkeypatch):
+    """A drafter's inference block (every context key visible, the block bidirectional)."""
+    from drafter.models.layers import block_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 9, 1, 7, 64, generator=g).bfloat16()
+    k_ctx, v_ctx = (torch.randn(1, 3, 300, 64, generator=g).bfloat16() for _ in range(2))
+    k_blk, v_blk = (torch.randn(1, 3, 1, 7, 64, generator=g).bfloat16() for _ in range(2))
+    ours = block_attention(q, k_ctx, v_ctx, k_blk, v_blk, None, 0.125)
+    k, v = torch.cat([k_ctx, k_blk[:, :, 0]], 2), torch.cat([v_ctx, v_blk[:, :, 0]], 2)
+    visible = torch.ones(1, 1, 7, 307, dtype=torch.bool)
+    # the matrix path's roundings (scores and probabilities in bf16; SDPA keeps them in float32)
+    want = att._grouped_attention(q[:, :, 0], k, v, visible, 0.125)
+    assert (ours[:, :, 0] == want).float().mean() >= 0.99
+    exact = exact_attention(q[:, :, 0], k, v, visible, 0.125)
+    assert (ours[:, :, 0].double() - exact).abs().max() <= 1.5 * (want.double() - exact).abs().max()
+    sdpa = F.scaled_dot_product_attention(q[:, :, 0], k, v, scale=0.125, enable_gqa=True)
+    monkeypatch.setattr("drafter.models.layers.kernel_takes", lambda *a: False)
+    assert torch.equal(block_attention(q, k_ctx, v_ctx, k_blk, v_blk, None, 0.125)[:, :, 0], sdpa)

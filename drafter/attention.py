@@ -71,6 +71,12 @@ def _short_attention(query, key, value, mask, scaling=None):
     other tokens or rows are verified with it, so decoding stays lossless."""
     if not kernel_takes(query, key, value, mask):
         return _grouped_attention(query, key, value, mask, scaling)
+    return kernel_attention(query, key, value, mask, scaling)
+
+
+def kernel_attention(query, key, value, mask, scaling=None):
+    """The short-query kernel on what `kernel_takes` accepts: query [B, h, T, d], key/value
+    [B, kv, S, d], mask bool [B or 1, 1, T, >= S] (True: attend) or None (causal, the queries last)."""
     if mask is not None:
         mask = mask[:, 0, :, : key.shape[2]].expand(query.shape[0], query.shape[2], key.shape[2])
     return torch.ops.drafter_attention.attend(query * (scaling if scaling is not None else query.shape[-1] ** -0.5),

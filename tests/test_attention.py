@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import drafter.attention as att
 import drafter.decoding as dec
+from drafter import few_rows
 from drafter.attention import ATTENTION, PackedCache, Packing, packed_forward, supports_packing, verify_mask
 from drafter.decoding import SpecEngine
 from tests.drafters import ScriptedDrafter, lively_target
@@ -204,13 +205,7 @@ def test_verification_packs_as_the_scheduler_prices_it_and_prompts_always_pack(m
 
 
 # ----- the short-query kernel (csrc/short_attention.cpp) ----------------------------------------
-def _kernel_runs() -> bool:
-    from drafter import few_rows
-
-    return few_rows.attention_available()
-
-
-needs_kernel = pytest.mark.skipif(not _kernel_runs(), reason="needs the few-rows build and AVX-512 BF16")
+needs_kernel = pytest.mark.skipif(not few_rows.attention_available(), reason="needs the few-rows build and AVX-512 BF16")
 
 
 def exact_attention(q, k, v, mask, scale):

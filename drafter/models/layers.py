@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drafter.attention import kernel_takes
+from drafter.attention import kernel_attention, kernel_takes
 
 
 def draft_layer_config(target_config: Any, num_layers: int) -> Any:
@@ -210,9 +210,9 @@ def _single_block_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale: float) -> torc
         raise ValueError(f"an unmasked block attention takes one block per row, got {A}")
     k = torch.cat([k_ctx, k_blk[:, :, 0]], dim=2)
     v = torch.cat([v_ctx, v_blk[:, :, 0]], dim=2)
-    if q.device.type == "cpu" and kernel_takes(q[:, :, 0], k, v, None):  # the target's short-query kernel
-        visible = torch.ones(1, 1, 1, dtype=torch.bool).expand(b, S, k.shape[2])
-        return torch.ops.drafter_attention.attend(q[:, :, 0] * scale, k, v, visible)[:, :, None]
+    visible = torch.ones(1, 1, 1, 1, dtype=torch.bool).expand(b, 1, S, k.shape[2])  # the block sees itself whole
+    if q.device.type == "cpu" and kernel_takes(q[:, :, 0], k, v, visible):  # the target's short-query kernel
+        return kernel_attention(q[:, :, 0], k, v, visible, scale)[:, :, None]
     out = F.scaled_dot_product_attention(q[:, :, 0], k, v, scale=scale, enable_gqa=h != k.shape[1])
     return out[:, :, None]  # [b, h, 1, S, d]
 

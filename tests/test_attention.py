@@ -224,13 +224,15 @@ def exact_attention(q, k, v, mask, scale):
     (1, 9, 3, 1, 300, 64), (1, 9, 3, 8, 301, 64), (4, 6, 2, 3, 17, 32), (2, 8, 8, 5, 1000, 128), (1, 4, 1, 16, 40, 256),
 ])
 def test_the_kernel_gives_the_matrix_paths_result(batch, heads, kv, length, total, dim):
-    """Causal without a mask, a padding mask per row, and one mask broadcast over the rows."""
+    """Causal without a mask, a padding mask per row (also with its keys strided), and one mask
+    broadcast over the rows."""
     q = torch.randn(batch, heads, length, dim, generator=torch.Generator().manual_seed(1)).bfloat16()
     k, v = (torch.randn(batch, kv, total, dim, generator=torch.Generator().manual_seed(s)).bfloat16() for s in (2, 3))
     padding = torch.ones(batch, 1, length, total, dtype=torch.bool).tril(total - length)
     padding[-1, ..., : total // 3] = False  # a left-padded row
     shared = torch.ones(1, 1, length, total + 4, dtype=torch.bool).tril(total - length)  # longer than the keys
-    for mask in (None, padding, shared):
+    strided = padding.transpose(-1, -2).contiguous().transpose(-1, -2)  # keys not adjacent in memory
+    for mask in (None, padding, shared, strided):
         given = None if mask is None else mask[..., :total]
         want = att._grouped_attention(q, k, v, given, dim**-0.5)
         assert att.kernel_takes(q, k, v, mask)

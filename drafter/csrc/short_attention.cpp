@@ -14,62 +14,145 @@ extern "C" __m512 Sleef_expf16_u10(__m512);  // torch's own exp (libtorch_cpu), 
 
 namespace {
 
-#define TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
-
-// r[j] = the sum of v[j]'s 16 lanes, for 16 vectors.
-TARGET inline __m512 sum16(__m512 v[16]) {
-  __m512 t[8], u[4];
-  for (int k = 0; k < 8; k++)  // per 128-bit lane: v[2k] at places 0, 2; v[2k+1] at 1, 3
-    t[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
-  for (int m = 0; m < 4; m++) {  // per 128-bit lane: v[4m + p]'s lane sum at place p
-    __m512d a = _mm512_castps_pd(t[2 * m]), b = _mm512_castps_pd(t[2 * m + 1]);
-    u[m] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-  }
-  __m512 x0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44), _mm512_shuffle_f32x4(u[0], u[1], 0xEE));
-  __m512 x1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44), _mm512_shuffle_f32x4(u[2], u[3], 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0xDD));
-}
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 TARGET inline __m512 round_bf16(__m512 x) {  // to the nearest bf16 (even on ties), as a float
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
 }
 
+// 16 x 16 32-bit transpose: r[j]'s element i -> r[i]'s element j.
+TARGET inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int k = 0; k < 8; k++) {  // per 128-bit lane: rows 2k, 2k+1 interleaved
+    t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; k++) {  // r[4k + e], lane L: rows 4k..4k+3 of column 4L + e
+    r[4 * k] = _mm512_unpacklo_epi64(t[4 * k], t[4 * k + 2]);
+    r[4 * k + 1] = _mm512_unpackhi_epi64(t[4 * k], t[4 * k + 2]);
+    r[4 * k + 2] = _mm512_unpacklo_epi64(t[4 * k + 1], t[4 * k + 3]);
+    r[4 * k + 3] = _mm512_unpackhi_epi64(t[4 * k + 1], t[4 * k + 3]);
+  }
+  for (int e = 0; e < 4; e++) {  // column 4L + e: lane L of r[e], r[4 + e], r[8 + e], r[12 + e]
+    __m512i x0 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0x44), x1 = _mm512_shuffle_i32x4(r[e], r[4 + e], 0xEE);
+    __m512i y0 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0x44), y1 = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0xEE);
+    t[e] = _mm512_shuffle_i32x4(x0, y0, 0x88), t[4 + e] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
+    t[8 + e] = _mm512_shuffle_i32x4(x1, y1, 0x88), t[12 + e] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
+  }
+  for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
+// G queries' (bf16 pairs `q[g]`) scores against one block of 16 keys laid out pair by pair
+// (`kt`: 16 * VECS vectors, pair i of the 16 keys), each a float32 sum over the pairs in CHAINS
+// interleaved chains (pairs c, c + CHAINS, ...) added at the end: independent chains keep the
+// units busy when G is small, and their number never depends on G, so a query's score has the
+// same bits whatever the other queries (decoding stays lossless).
+constexpr int CHAINS = 2;
+template <int VECS, int G, int C = CHAINS>
+TARGET inline void block_scores(const uint32_t* const q[], const __m512bh* kt, __m512 out[]) {
+  __m512 acc[C][G];
+  for (int c = 0; c < C; c++)
+    for (int g = 0; g < G; g++) acc[c][g] = _mm512_setzero_ps();
+  for (int i = 0; i < 16 * VECS; i += C)
+    for (int c = 0; c < C; c++)
+      for (int g = 0; g < G; g++)
+        acc[c][g] = _mm512_dpbf16_ps(acc[c][g], (__m512bh)_mm512_set1_epi32(q[g][i + c]), kt[i + c]);
+  for (int g = 0; g < G; g++) {
+    out[g] = acc[0][g];
+    for (int c = 1; c < C; c++) out[g] = _mm512_add_ps(out[g], acc[c][g]);
+  }
+}
+
+// G queries' outputs: float32 sums over the key pairs in order, rounded to bf16.
+template <int VECS, int G>
+TARGET inline void block_output(const uint32_t* const p[], const uint16_t* vpairs, int64_t pairs, int64_t dim,
+                                at::BFloat16* const o[]) {
+  __m512 acc[G][2 * VECS];
+  for (int g = 0; g < G; g++)
+    for (int i = 0; i < 2 * VECS; i++) acc[g][i] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < pairs; j++) {
+    uint32_t any = 0;
+    for (int g = 0; g < G; g++) any |= p[g][j];
+    if (any == 0) continue;  // keys no query here sees (a query's own zeros leave its sum as it is)
+    const uint16_t* vp = vpairs + 2 * j * dim;
+    for (int i = 0; i < 2 * VECS; i++) {
+      __m512bh x = (__m512bh)_mm512_loadu_si512(vp + 32 * i);
+      for (int g = 0; g < G; g++) acc[g][i] = _mm512_dpbf16_ps(acc[g][i], (__m512bh)_mm512_set1_epi32(p[g][j]), x);
+    }
+  }
+  for (int g = 0; g < G; g++)
+    for (int i = 0; i < 2 * VECS; i++)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o[g] + 16 * i), (__m256i)_mm512_cvtneps_pbh(acc[g][i]));
+}
+
+// Which of the 16 keys from s0 query token t may attend to: `mask` [T, S] (any strides) or none
+// (causal, the queries last), and only the `length` real keys.
+TARGET inline __mmask16 allowed(const bool* mask, int64_t mask_t, int64_t mask_s, int64_t t, int64_t tokens,
+                                int64_t s0, int64_t length) {
+  const int64_t n = std::min<int64_t>(16, length - s0);
+  __mmask16 real = n == 16 ? 0xFFFF : (__mmask16)((1u << n) - 1);
+  if (!mask) {
+    const int64_t last = length - tokens + t - s0;  // the last key it sees, from s0
+    return last >= 15 ? real : last < 0 ? 0 : (__mmask16)(real & ((1u << (last + 1)) - 1));
+  }
+  const bool* m = mask + t * mask_t + s0 * mask_s;
+  if (mask_s == 1) return _mm_test_epi8_mask(_mm_maskz_loadu_epi8(real, m), _mm_set1_epi8(1));
+  __mmask16 bits = 0;
+  for (int64_t j = 0; j < n; j++) bits |= (__mmask16)(m[j * mask_s] ? 1u << j : 0);
+  return bits;
+}
+
 // One KV head of one row: `queries` bf16 query vectors (the group's heads x T tokens, scaled)
-// against `length` cached keys whose rows lie `dim` apart. Rounds where the matrix-product path
-// does: scores to bf16, softmax in float32, probabilities to bf16, the output to bf16.
-TARGET void head(const uint16_t* q, int64_t queries, int64_t tokens, int64_t dim, const uint16_t* k,
-                 const uint16_t* v, int64_t length, const bool* mask, int64_t mask_t, int64_t mask_s,
-                 float* scores, uint16_t* probs, uint16_t* vpairs, at::BFloat16* out, int64_t out_head,
-                 int64_t out_token) {
-  const int64_t vecs = dim / 32, padded = (length + 15) / 16 * 16, even = (length + 1) / 2 * 2;
+// against `length` cached keys whose rows lie `dim` = 32 * VECS apart. Rounds where the
+// matrix-product path does: scores to bf16, softmax in float32, probabilities to bf16, the output
+// to bf16. Each block of 16 keys is transposed once (pairs of the 16 keys side by side) and then
+// shared by every query: 16 scores a `vdpbf16ps` chain, no horizontal sums.
+template <int VECS>
+TARGET void head(const uint16_t* q, int64_t queries, int64_t tokens, const uint16_t* k, const uint16_t* v,
+                 int64_t length, const bool* mask, int64_t mask_t, int64_t mask_s, float* scores, uint16_t* probs,
+                 uint16_t* vpairs, at::BFloat16* out, int64_t out_head, int64_t out_token) {
+  constexpr int64_t dim = 32 * VECS;
+  constexpr int QG = 8, OG = 2 * VECS <= 4 ? 4 : 2 * VECS <= 8 ? 2 : 1;  // queries a pass (registers)
+  const int64_t padded = (length + 15) / 16 * 16, even = (length + 1) / 2 * 2;
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  // scores: each block of 16 keys against each query, 16 sums at once
+  const __m512 ninf = _mm512_set1_ps(neg_inf);
+  const uint32_t* q32 = reinterpret_cast<const uint32_t*>(q);
+  // scores, masked keys at -inf
+  alignas(64) __m512bh kt[16 * VECS];
   for (int64_t s0 = 0; s0 < length; s0 += 16) {
     const int64_t n = std::min<int64_t>(16, length - s0);
-    for (int64_t qi = 0; qi < queries; qi++) {
-      __m512bh qv[8];
-      for (int64_t i = 0; i < vecs; i++) qv[i] = (__m512bh)_mm512_loadu_si512(q + qi * dim + 32 * i);
-      __m512 part[16];
-      for (int64_t j = 0; j < 16; j++) {
-        __m512 acc = _mm512_setzero_ps();
-        if (j < n)
-          for (int64_t i = 0; i < vecs; i++)
-            acc = _mm512_dpbf16_ps(acc, qv[i], (__m512bh)_mm512_loadu_si512(k + (s0 + j) * dim + 32 * i));
-        part[j] = acc;
+    for (int64_t c = 0; c < VECS; c++) {
+      __m512i r[16];
+      for (int64_t j = 0; j < 16; j++)
+        r[j] = j < n ? _mm512_loadu_si512(k + (s0 + j) * dim + 32 * c) : _mm512_setzero_si512();
+      transpose16(r);
+      for (int64_t i = 0; i < 16; i++) kt[16 * c + i] = (__m512bh)r[i];
+    }
+    for (int64_t q0 = 0; q0 < queries; q0 += QG) {
+      const int64_t g = std::min<int64_t>(QG, queries - q0);
+      const uint32_t* qs[QG];
+      for (int64_t i = 0; i < g; i++) qs[i] = q32 + (q0 + i) * (dim / 2);
+      __m512 acc[QG];
+      switch (g) {
+        case 8: block_scores<VECS, 8>(qs, kt, acc); break;
+        case 7: block_scores<VECS, 7>(qs, kt, acc); break;
+        case 6: block_scores<VECS, 6>(qs, kt, acc); break;
+        case 5: block_scores<VECS, 5>(qs, kt, acc); break;
+        case 4: block_scores<VECS, 4>(qs, kt, acc); break;
+        case 3: block_scores<VECS, 3>(qs, kt, acc); break;
+        case 2: block_scores<VECS, 2>(qs, kt, acc); break;
+        default: block_scores<VECS, 1>(qs, kt, acc);
       }
-      _mm512_storeu_ps(scores + qi * padded + s0, round_bf16(sum16(part)));
+      for (int64_t i = 0; i < g; i++) {
+        const __mmask16 ok = allowed(mask, mask_t, mask_s, (q0 + i) % tokens, tokens, s0, length);
+        _mm512_storeu_ps(scores + (q0 + i) * padded + s0, _mm512_mask_blend_ps(ok, ninf, round_bf16(acc[i])));
+      }
     }
   }
   // softmax per query in float32 (masked keys: probability 0), probabilities rounded to bf16
   for (int64_t qi = 0; qi < queries; qi++) {
     float* row = scores + qi * padded;
-    const int64_t t = qi % tokens;
-    for (int64_t s = 0; s < length; s++) {
-      bool allowed = mask ? mask[t * mask_t + s * mask_s] : s <= length - tokens + t;  // none: causal, queries last
-      if (!allowed) row[s] = neg_inf;
-    }
-    for (int64_t s = length; s < padded; s++) row[s] = neg_inf;
-    __m512 top = _mm512_set1_ps(neg_inf);
+    __m512 top = ninf;
     for (int64_t s = 0; s < padded; s += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(row + s));
     const float m = _mm512_reduce_max_ps(top);
     uint16_t* p = probs + qi * even;
@@ -86,9 +169,8 @@ TARGET void head(const uint16_t* q, int64_t queries, int64_t tokens, int64_t dim
     const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
     for (int64_t s = 0; s < even; s += 16) {
       __m256bh pb = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(row + s), inv));
-      uint16_t tmp[16];
-      _mm256_storeu_si256((__m256i*)tmp, (__m256i)pb);
-      std::memcpy(p + s, tmp, std::min<int64_t>(16, even - s) * sizeof(uint16_t));
+      const int64_t left = std::min<int64_t>(16, even - s);
+      _mm256_mask_storeu_epi16(p + s, left == 16 ? 0xFFFF : (__mmask16)((1u << left) - 1), (__m256i)pb);
     }
   }
   // values in key pairs: for keys 2j, 2j+1 and each d, (v[2j][d], v[2j+1][d]) side by side
@@ -96,29 +178,30 @@ TARGET void head(const uint16_t* q, int64_t queries, int64_t tokens, int64_t dim
                                       37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
   for (int64_t s = 0; s < even; s += 2) {
-    for (int64_t i = 0; i < vecs; i++) {
+    for (int64_t i = 0; i < VECS; i++) {
       __m512i a = _mm512_loadu_si512(v + s * dim + 32 * i);
       __m512i b = s + 1 < length ? _mm512_loadu_si512(v + (s + 1) * dim + 32 * i) : _mm512_setzero_si512();
       _mm512_storeu_si512(vpairs + s * dim + 64 * i, _mm512_permutex2var_epi16(a, lo, b));
       _mm512_storeu_si512(vpairs + s * dim + 64 * i + 32, _mm512_permutex2var_epi16(a, hi, b));
     }
   }
-  // output: each query's float32 sum over the keys (in pairs), rounded to bf16
-  for (int64_t qi = 0; qi < queries; qi++) {
-    const uint32_t* pp = reinterpret_cast<const uint32_t*>(probs + qi * even);
-    __m512 acc[16];
-    for (int64_t i = 0; i < 2 * vecs; i++) acc[i] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < even / 2; j++) {
-      if (pp[j] == 0) continue;
-      __m512bh pv = (__m512bh)_mm512_set1_epi32(pp[j]);
-      const uint16_t* vp = vpairs + 2 * j * dim;
-      for (int64_t i = 0; i < 2 * vecs; i++) acc[i] = _mm512_dpbf16_ps(acc[i], pv, (__m512bh)_mm512_loadu_si512(vp + 32 * i));
+  // outputs, OG queries a pass sharing each pair of value rows
+  for (int64_t q0 = 0; q0 < queries; q0 += OG) {
+    const int64_t g = std::min<int64_t>(OG, queries - q0);
+    const uint32_t* ps[OG];
+    at::BFloat16* os[OG];
+    for (int64_t i = 0; i < g; i++) {
+      ps[i] = reinterpret_cast<const uint32_t*>(probs + (q0 + i) * even);
+      os[i] = out + ((q0 + i) / tokens) * out_head + ((q0 + i) % tokens) * out_token;
     }
-    at::BFloat16* o = out + (qi / tokens) * out_head + (qi % tokens) * out_token;
-    for (int64_t i = 0; i < 2 * vecs; i++)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * i), (__m256i)_mm512_cvtneps_pbh(acc[i]));
+    if (g == OG) block_output<VECS, OG>(ps, vpairs, even / 2, dim, os);
+    else for (int64_t i = 0; i < g; i++) block_output<VECS, 1>(ps + i, vpairs, even / 2, dim, os + i);
   }
 }
+
+using HeadFn = void (*)(const uint16_t*, int64_t, int64_t, const uint16_t*, const uint16_t*, int64_t, const bool*,
+                        int64_t, int64_t, float*, uint16_t*, uint16_t*, at::BFloat16*, int64_t, int64_t);
+constexpr HeadFn HEADS[8] = {head<1>, head<2>, head<3>, head<4>, head<5>, head<6>, head<7>, head<8>};
 
 // query [B, H, T, D] bf16, already scaled; key, value [B, KV, S, D] bf16, D a multiple of 32 up to
 // 256, each head's S x D rows contiguous (any batch and head strides, the same for both); mask
@@ -156,7 +239,7 @@ at::Tensor attend(const at::Tensor& query, const at::Tensor& key, const at::Tens
     std::vector<uint16_t> probs(queries * even + 16), vpairs(even * dim);
     for (int64_t i = begin; i < end; i++) {
       const int64_t b = i / kv, h = i % kv;
-      head(qp + (b * heads + h * group) * tokens * dim, queries, tokens, dim, kp + b * key.stride(0) + h * key.stride(1),
+      HEADS[dim / 32 - 1](qp + (b * heads + h * group) * tokens * dim, queries, tokens, kp + b * key.stride(0) + h * key.stride(1),
            vp + b * value.stride(0) + h * value.stride(1), length, mp ? mp + b * mask_b : nullptr, mask_t, mask_s,
            scores.data(), probs.data(), vpairs.data(), op + (b * heads + h * group) * tokens * dim, tokens * dim, dim);
     }

@@ -39,6 +39,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from drafter import fused
 from drafter.attention import PackedCache, Packing, packed_forward, supports_packing, verify_mask
 from drafter.errors import DrafterError
 from drafter.models.base import DraftModel
@@ -554,6 +555,7 @@ def load_drafter(path, target) -> tuple[DraftModel, Path]:
                             "as for the cache it was trained on")
     model = model.to(target.device, target.dtype).eval()
     prepack_like(model, target.model)  # the drafter is frozen here too (runtime.prepack)
+    fused.install(model)
     return model, folder
 
 

@@ -38,8 +38,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# the same build holds drafter.attention's short-query kernel (torch.ops.drafter_attention)
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("few_rows_linear.cpp", "short_attention.cpp")]
+# the same build holds drafter.attention's short-query kernel (torch.ops.drafter_attention) and
+# drafter.fused's elementwise ops (torch.ops.drafter_fused)
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("few_rows_linear.cpp", "short_attention.cpp", "fused_ops.cpp")]
 MAX_ROWS = 32  # Intel: measured faster than oneDNN up to here on every SmolLM2 shape (bench/RESULTS.md)
 # AMD EPYC (AVX-512 BF16, no AMX), with the pairs: the target's forward 1.5x oneDNN's at 1-2 rows,
 # 1.03-1.19x at 16, 0.88-1.31x at 32 (bench/few_rows_limit.py; bench/RESULTS.md, "A few-rows bf16 kernel").

@@ -85,9 +85,10 @@ class Target:
             module = self.decoder.embed_tokens if layer_id == -1 else self.decoder.layers[layer_id]
             module.register_forward_hook(self._make_hook(layer_id))
         self.model.get_output_embeddings().register_forward_pre_hook(_standard_layout)
-        from drafter.attention import install
+        from drafter import attention, fused
 
-        install(self.model)  # fast short-query attention in bf16 on a CPU
+        attention.install(self.model)  # fast short-query attention in bf16 on a CPU
+        fused.install(self.model)  # and one pass for each norm and gated MLP
 
     def _make_hook(self, layer_id: int):
         def hook(_module, _inputs, output):

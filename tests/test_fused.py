@@ -100,3 +100,30 @@ def test_a_fused_bf16_target_decodes_speculatively_as_it_decodes_plainly():
     norm = target.model.model.norm
     alone = torch.cat([norm(x[i : i + 1]) for i in range(6)])
     assert torch.equal(norm(x), alone)
+
+
+@pytest.mark.parametrize("batch,heads,tokens,dim", [(1, 9, 1, 64), (3, 4, 7, 32), (2, 2, 5, 128)])
+def test_the_fused_rotary_embedding_gives_transformers_to_the_bit(batch, heads, tokens, dim):
+    from transformers.models.llama import modeling_llama
+
+    g = torch.Generator().manual_seed(dim)
+    q, k = ((torch.randn(batch, tokens, h, dim, generator=g) * 4).bfloat16().transpose(1, 2) for h in (heads, 1))
+    angles = torch.randn(1, tokens, dim, generator=g) * 50  # one row of positions for the batch
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    original = getattr(modeling_llama.apply_rotary_pos_emb, "__wrapped__", None) or modeling_llama.apply_rotary_pos_emb
+    ours = fused._fused_rope(original)
+    for a, b in zip(ours(q, k, cos, sin), original(q, k, cos, sin)):
+        assert torch.equal(a, b)
+    q32, k32 = q.float(), k.float()  # not bf16: the original runs
+    for a, b in zip(ours(q32, k32, cos.float(), sin.float()), original(q32, k32, cos.float(), sin.float())):
+        assert torch.equal(a, b)
+
+
+def test_loading_a_bf16_llama_replaces_its_rotary_function():
+    from transformers.models.llama import modeling_llama
+
+    from drafter.config import TargetConfig, TinyTargetConfig
+    from drafter.target import load_target
+
+    load_target(TargetConfig(source="tiny", dtype="bfloat16", tiny=TinyTargetConfig(hidden_size=128, num_heads=4)))
+    assert getattr(modeling_llama.apply_rotary_pos_emb, "_drafter_fused", False)

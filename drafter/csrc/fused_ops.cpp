@@ -1,5 +1,5 @@
-// The elementwise work of a bf16 decoder layer in one pass each: RMSNorm and the gated MLP's
-// silu(gate) * up. Decoding steps and verifications run them over a handful of rows, where
+// The elementwise work of a bf16 decoder layer in one pass each: RMSNorm, the gated MLP's
+// silu(gate) * up and the rotary embedding. Decoding steps and verifications run them over a handful of rows, where
 // torch's chain of small ops (8 for a norm, 2 for the gate) costs more in dispatch than in
 // arithmetic. Each keeps the roundings of the modules it stands in for (drafter/fused.py).
 // Registered as torch.ops.drafter_fused; built with few_rows_linear.cpp.
@@ -90,9 +90,48 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   return out;
 }
 
+// Rotary embedding of one [D] vector as transformers' apply_rotary_pos_emb computes it in bf16:
+// bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)), rotate_half(x) = [-x2, x1].
+TARGET void rope_row(const at::BFloat16* x, const at::BFloat16* c, const at::BFloat16* s, int64_t dim,
+                     at::BFloat16* out) {
+  const int64_t half = dim / 2;
+  for (int64_t i = 0; i < dim; i += 16) {
+    const __mmask16 m = first(dim - i);
+    const int64_t j = i < half ? i + half : i - half;  // the partner of element i (half is a multiple of 16)
+    __m512 a = round_trip(_mm512_mul_ps(load(x + i, m), load(c + i, m)));
+    __m512 b = round_trip(_mm512_mul_ps(load(x + j, m), load(s + i, m)));
+    _mm256_mask_storeu_epi16(out + i, m, to_bf16(i < half ? _mm512_sub_ps(a, b) : _mm512_add_ps(a, b)));
+  }
+}
+
+// x [B, H, T, D] bf16 (any strides, D contiguous), cos/sin [B or 1, T, D] bf16 (D contiguous)
+// -> [B, H, T, D] contiguous
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 4 && cos.dim() == 3 && cos.sizes() == sin.sizes() && cos.strides() == sin.strides(),
+              "rope: x [B, H, T, D], cos and sin [B, T, D]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && cos.scalar_type() == at::kBFloat16 && sin.scalar_type() == at::kBFloat16,
+              "rope: bf16");
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3);
+  TORCH_CHECK(D % 32 == 0 && x.stride(3) == 1 && cos.stride(2) == 1 && cos.size(1) == T && cos.size(2) == D &&
+              (cos.size(0) == B || cos.size(0) == 1), "rope: D a multiple of 32, contiguous; cos/sin [B or 1, T, D]");
+  auto out = at::empty({B, H, T, D}, x.options());
+  const at::BFloat16 *xp = x.data_ptr<at::BFloat16>(), *cp = cos.data_ptr<at::BFloat16>(), *sp = sin.data_ptr<at::BFloat16>();
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  const int64_t cb = cos.size(0) == 1 ? 0 : cos.stride(0), ct = cos.stride(1);
+  at::parallel_for(0, B * H * T, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
+      const int64_t b = r / (H * T), h = r / T % H, t = r % T;
+      rope_row(xp + b * x.stride(0) + h * x.stride(1) + t * x.stride(2), cp + b * cb + t * ct, sp + b * cb + t * ct, D,
+               op + r * D);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(drafter_fused, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", rms_norm);
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor", silu_mul);
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor", rope);
 }

@@ -23,6 +23,7 @@ to the target as it runs.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -81,6 +82,7 @@ def _fused_rope(original):
         return original(q, k, cos, sin, *args, **kwargs)
 
     apply_rotary_pos_emb._drafter_fused = True
+    apply_rotary_pos_emb.original = original
     return apply_rotary_pos_emb
 
 
@@ -137,3 +139,23 @@ def install(model: nn.Module) -> int:
                 module.forward, module._drafter_fused = _fused_mlp(module), True
                 fused += 1
     return fused
+
+
+@contextmanager
+def unfused(model: nn.Module):
+    """Within: the model's fused modules and rotary functions run their own forwards again (for
+    side-by-side measurements, bench/fused_ops.py)."""
+    modules = [m for m in model.modules() if getattr(m, "_drafter_fused", False)]
+    forwards = [m.__dict__.pop("forward") for m in modules]
+    sources = {sys.modules[type(m).__module__] for m in model.modules()}
+    ropes = {src: src.apply_rotary_pos_emb for src in sources
+             if getattr(getattr(src, "apply_rotary_pos_emb", None), "_drafter_fused", False)}
+    for src, fn in ropes.items():
+        src.apply_rotary_pos_emb = fn.original
+    try:
+        yield
+    finally:
+        for m, forward in zip(modules, forwards):
+            m.forward = forward
+        for src, fn in ropes.items():
+            src.apply_rotary_pos_emb = fn

@@ -127,3 +127,19 @@ def test_loading_a_bf16_llama_replaces_its_rotary_function():
 
     load_target(TargetConfig(source="tiny", dtype="bfloat16", tiny=TinyTargetConfig(hidden_size=128, num_heads=4)))
     assert getattr(modeling_llama.apply_rotary_pos_emb, "_drafter_fused", False)
+
+
+def test_unfused_puts_the_original_forwards_back_for_a_while():
+    from transformers.models.llama import modeling_llama
+
+    from drafter.config import TargetConfig, TinyTargetConfig
+    from drafter.target import load_target
+
+    model = load_target(TargetConfig(source="tiny", dtype="bfloat16", tiny=TinyTargetConfig(hidden_size=128, num_heads=4))).model
+    norm, rope = model.model.norm, modeling_llama.apply_rotary_pos_emb
+    assert "forward" in norm.__dict__ and rope._drafter_fused
+    with fused.unfused(model):
+        assert "forward" not in norm.__dict__ and modeling_llama.apply_rotary_pos_emb is rope.original
+        x = torch.randn(2, 128).bfloat16()
+        assert norm(x).dtype == torch.bfloat16
+    assert "forward" in norm.__dict__ and modeling_llama.apply_rotary_pos_emb is rope

@@ -9,9 +9,10 @@ as transformers' eager attention does (scores in the weights' dtype, softmax in 
 grouping each KV head's query heads instead of copying the cache per head, and hands
 everything else to transformers' own SDPA function. Where the few-rows build runs on a CPU with
 AVX-512 BF16, those short queries take `csrc/short_attention.cpp` instead (`_short_attention`):
-the same roundings in one pass over each KV head's cache, 16 keys' scores at a time with
-`vdpbf16ps` and torch's own vectorised exp (one layer of SmolLM2, one thread, 300 cached tokens:
-4.4x the matrix products for 1 or 8 query tokens of one row, 1.4-1.6x for 8-16 rows of one token).
+the same roundings in one pass over each KV head's cache, each block of 16 keys transposed once
+and shared by every query (16 scores a `vdpbf16ps` chain), and torch's own vectorised exp (one
+layer of SmolLM2, one thread, 260 cached tokens: 3.7-5.8x the matrix products for 1-8 query tokens
+of one row, 1.7-2.2x for 8-16 rows of one token; `bench/short_attention.py`).
 
 Packed verification (and prefill): a padded batch runs every row at the widest row's block width, so the
 projections, MLPs and the LM head pay for padding. Packed, the R blocks are flattened into one sequence of N real

@@ -88,7 +88,7 @@ class Target:
         from drafter import attention, fused
 
         attention.install(self.model)  # fast short-query attention in bf16 on a CPU
-        fused.install(self.model)  # and one pass for each norm and gated MLP
+        fused.install(self.model)  # and one pass for each norm, gated MLP and rotary embedding
 
     def _make_hook(self, layer_id: int):
         def hook(_module, _inputs, output):

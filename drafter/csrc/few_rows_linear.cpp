@@ -11,13 +11,15 @@
 namespace {
 
 constexpr int64_t kCols = 64;      // output columns a tile computes: 4 vectors of 16 floats
+constexpr int64_t kPairCols = 48;  // the same with `vdpbf16ps`: 3 vectors, so 8 rows' sums fit the registers
 constexpr int64_t kPrefetch = 64;  // k steps ahead (8 KiB) a tile asks for the weight it will read
+constexpr int kRows = 6, kPairRows = 8;  // rows a pass over a tile (the rest reread it from L2)
 
-// `weight` [N, K] bf16 zero-padded to whole tiles of columns and to a multiple of `k_step` in k.
-at::Tensor padded(const at::Tensor& weight, int64_t k_step) {
+// `weight` [N, K] bf16 zero-padded to whole tiles of `cols` columns and to a multiple of `k_step` in k.
+at::Tensor padded(const at::Tensor& weight, int64_t cols, int64_t k_step) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "pack: a 2-D bf16 weight");
-  int64_t n = weight.size(0), k = weight.size(1), tiles = (n + kCols - 1) / kCols;
-  auto out = at::zeros({tiles * kCols, (k + k_step - 1) / k_step * k_step}, weight.options());
+  int64_t n = weight.size(0), k = weight.size(1), tiles = (n + cols - 1) / cols;
+  auto out = at::zeros({tiles * cols, (k + k_step - 1) / k_step * k_step}, weight.options());
   out.narrow(0, 0, n).narrow(1, 0, k).copy_(weight);
   return out;
 }
@@ -26,27 +28,29 @@ at::Tensor padded(const at::Tensor& weight, int64_t k_step) {
 // In each 32 of a k's 64 values, element 2i is column i and 2i+1 column 16+i: a 32-bit shift and a
 // mask turn 32 bf16 into 2 x 16 floats (a bf16 is the top half of its float).
 at::Tensor pack(const at::Tensor& weight) {
-  auto w = padded(weight, 1);
+  auto w = padded(weight, kCols, 1);
   int64_t tiles = w.size(0) / kCols, k = w.size(1);
   // column c = 64 t + 32 h + 16 j + i  ->  [t, k, h, i, j]
   return w.view({tiles, 2, 2, 16, k}).permute({0, 4, 1, 3, 2}).contiguous().view({tiles, k, kCols});
 }
 
-// W [N, K] -> [ceil(N / 64), ceil(K / 2), 128]: the same tiles, k in pairs. Each k pair holds 4 x 16
-// columns, each column's two bf16 side by side: the operand of one `vdpbf16ps` for 16 columns.
+// W [N, K] -> [ceil(N / 48), ceil(K / 2), 96]: tiles of 48 columns, k in pairs. Each k pair holds
+// 3 x 16 columns, each column's two bf16 side by side: the operand of one `vdpbf16ps` for 16 columns.
+// 48 rather than 64 columns: 8 rows x 3 sums + 3 weight vectors fit the 32 registers, so a
+// verification of 8 tokens reads each weight once (with 64, 6 rows did and 2 reread the tile).
 at::Tensor pack_pairs(const at::Tensor& weight) {
-  auto w = padded(weight, 2);
-  int64_t tiles = w.size(0) / kCols, pairs = w.size(1) / 2;
-  // column c = 64 t + c', k = 2 p + e  ->  [t, p, c', e]
-  return w.view({tiles, kCols, pairs, 2}).permute({0, 2, 1, 3}).contiguous().view({tiles, pairs, 2 * kCols});
+  auto w = padded(weight, kPairCols, 2);
+  int64_t tiles = w.size(0) / kPairCols, pairs = w.size(1) / 2;
+  // column c = 48 t + c', k = 2 p + e  ->  [t, p, c', e]
+  return w.view({tiles, kPairCols, pairs, 2}).permute({0, 2, 1, 3}).contiguous().view({tiles, pairs, 2 * kPairCols});
 }
 
 // A tile's sums for MT rows (+ bias) rounded once to bf16 (as `Tensor.to(bfloat16)` rounds) into `out`.
-template <int MT>
-inline void store(const __m512 (&acc)[MT][4], const float* bias, at::BFloat16* out, int64_t ld_out, int64_t cols) {
+template <int MT, int B>
+inline void store(const __m512 (&acc)[MT][B], const float* bias, at::BFloat16* out, int64_t ld_out, int64_t cols) {
   for (int m = 0; m < MT; m++) {
-    float row[kCols];
-    for (int b = 0; b < 4; b++) _mm512_storeu_ps(row + 16 * b, acc[m][b]);
+    float row[16 * B];
+    for (int b = 0; b < B; b++) _mm512_storeu_ps(row + 16 * b, acc[m][b]);
     for (int64_t c = 0; c < cols; c++) out[m * ld_out + c] = at::BFloat16(bias ? row[c] + bias[c] : row[c]);
   }
 }
@@ -84,7 +88,7 @@ void tile(const uint16_t* x, int64_t k_len, const uint16_t* w, const float* bias
       acc[m][3] = _mm512_fmadd_ps(xm, w3, acc[m][3]);
     }
   }
-  store<MT>(acc, bias, out, ld_out, cols);
+  store<MT, 4>(acc, bias, out, ld_out, cols);
 }
 
 // The same tile with `vdpbf16ps`: x and W as bf16 pairs, each output's float32 sum over k pairs in
@@ -95,40 +99,41 @@ __attribute__((target("avx512f,avx512bf16")))
 void tile_pairs(const uint16_t* x, int64_t pairs, const uint16_t* w, const float* bias, at::BFloat16* out,
                 int64_t ld_out, int64_t cols) {
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(x);
-  __m512 acc[MT][4];
+  __m512 acc[MT][3];
   for (int m = 0; m < MT; m++)
-    for (int b = 0; b < 4; b++) acc[m][b] = _mm512_setzero_ps();
+    for (int b = 0; b < 3; b++) acc[m][b] = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; p++) {
-    const uint16_t* wp = w + p * 2 * kCols;
+    const uint16_t* wp = w + p * 2 * kPairCols;
     const char* ahead = reinterpret_cast<const char*>(wp + kPrefetch * kCols);  // the same 8 KiB ahead
-    for (int line = 0; line < 4; line++) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+    for (int line = 0; line < 3; line++) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
     __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp), w1 = (__m512bh)_mm512_loadu_si512(wp + 32);
-    __m512bh w2 = (__m512bh)_mm512_loadu_si512(wp + 64), w3 = (__m512bh)_mm512_loadu_si512(wp + 96);
+    __m512bh w2 = (__m512bh)_mm512_loadu_si512(wp + 64);
     for (int m = 0; m < MT; m++) {
       __m512bh xm = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[m * pairs + p]));
       acc[m][0] = _mm512_dpbf16_ps(acc[m][0], xm, w0);
       acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xm, w1);
       acc[m][2] = _mm512_dpbf16_ps(acc[m][2], xm, w2);
-      acc[m][3] = _mm512_dpbf16_ps(acc[m][3], xm, w3);
     }
   }
-  store<MT>(acc, bias, out, ld_out, cols);
+  store<MT, 3>(acc, bias, out, ld_out, cols);
 }
 
 using TileFn = void (*)(const uint16_t*, int64_t, const uint16_t*, const float*, at::BFloat16*, int64_t, int64_t);
 constexpr TileFn kTiles[] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
 constexpr TileFn kPairTiles[] = {nullptr, tile_pairs<1>, tile_pairs<2>, tile_pairs<3>, tile_pairs<4>,
-                                 tile_pairs<5>, tile_pairs<6>};
+                                 tile_pairs<5>, tile_pairs<6>, tile_pairs<7>, tile_pairs<8>};
 
 // x [M, K] bf16 @ packed W [N, K]^T (+ bias) -> [M, N] bf16, each output rounded once. The packed
-// layout picks the arithmetic: [tiles, K, 64] float32 FMAs, [tiles, ceil(K / 2), 128] `vdpbf16ps`.
+// layout picks the arithmetic: [tiles, K, 64] float32 FMAs, [tiles, ceil(K / 2), 96] `vdpbf16ps`.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && packed.dim() == 3, "linear: bf16 x [M, K] and a packed weight");
   int64_t rows = x.size(0), k_len = x.size(1), pairs = (k_len + 1) / 2;
-  bool paired = packed.size(2) == 2 * kCols;
+  const bool paired = packed.size(2) == 2 * kPairCols;
+  const int64_t tile_cols = paired ? kPairCols : kCols, pass_rows = paired ? kPairRows : kRows;
   TORCH_CHECK(paired ? packed.size(1) == pairs : packed.size(1) == k_len && packed.size(2) == kCols,
               "linear: a weight packed for K = x.size(1)");
-  TORCH_CHECK(n > (packed.size(0) - 1) * kCols && n <= packed.size(0) * kCols, "linear: n does not match the packed weight");
+  TORCH_CHECK(n > (packed.size(0) - 1) * tile_cols && n <= packed.size(0) * tile_cols,
+              "linear: n does not match the packed weight");
   at::Tensor xs = x.contiguous();
   if (paired && k_len % 2) {  // whole pairs: a zero after each row's odd last k
     xs = at::zeros({rows, 2 * pairs}, x.options());
@@ -145,11 +150,11 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, cons
   const TileFn* tiles = paired ? kPairTiles : kTiles;
   at::parallel_for(0, packed.size(0), 4, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; t++) {
-      int64_t cols = std::min(kCols, n - t * kCols);
-      for (int64_t m = 0; m < rows; m += 6) {  // the weight tile stays in L2 for the next rows
-        int64_t mt = std::min<int64_t>(6, rows - m);
-        tiles[mt](xp + m * x_row, steps, wp + t * tile_len, bp ? bp + t * kCols : nullptr, op + m * n + t * kCols, n,
-                  cols);
+      int64_t cols = std::min(tile_cols, n - t * tile_cols);
+      for (int64_t m = 0; m < rows; m += pass_rows) {  // the weight tile stays in L2 for the next rows
+        int64_t mt = std::min(pass_rows, rows - m);
+        tiles[mt](xp + m * x_row, steps, wp + t * tile_len, bp ? bp + t * tile_cols : nullptr,
+                  op + m * n + t * tile_cols, n, cols);
       }
     }
   });

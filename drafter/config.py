@@ -58,7 +58,7 @@ class RuntimeConfig(Section):
     # faster prefills; decoding steps and verification keep a bf16 kernel.
     wide_float32: bool = True
     # With prepack, on an AVX-512 CPU without AMX and one torch thread, products of at most 32 rows
-    # (16 on AMD; decoding steps, verification, drafting, small batches) take drafter/few_rows.py's kernel:
+    # (decoding steps, verification, drafting, small batches) take drafter/few_rows.py's kernel:
     # float32 sums, a row's result independent of the batch, 1.0-1.7x oneDNN's bf16 kernel here
     # (on two threads oneDNN's was faster and keeps them); compiled once.
     few_rows_kernel: bool = True

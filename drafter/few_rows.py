@@ -44,9 +44,10 @@ log = logging.getLogger(__name__)
 # drafter.fused's elementwise ops (torch.ops.drafter_fused)
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("few_rows_linear.cpp", "short_attention.cpp", "fused_ops.cpp")]
 MAX_ROWS = 32  # Intel: measured faster than oneDNN up to here on every SmolLM2 shape (bench/RESULTS.md)
-# AMD EPYC (AVX-512 BF16, no AMX), with the pairs: the target's forward 1.5x oneDNN's at 1-2 rows,
-# 1.03-1.19x at 16, 0.88-1.31x at 32 (bench/few_rows_limit.py; bench/RESULTS.md, "A few-rows bf16 kernel").
-MAX_ROWS_BY_VENDOR = {"AuthenticAMD": 16}
+# AMD EPYC (AVX-512 BF16, no AMX), with the pairs in 48-column tiles: the target's forward 1.67x
+# oneDNN's at 1 row, 1.17-1.19x at 16, 1.11-1.14x at 32 (bench/few_rows_limit.py; bench/RESULTS.md,
+# "A few-rows bf16 kernel"). Its float32 FMAs lose to oneDNN from 16 rows on (0.89x).
+MAX_ROWS_BY_VENDOR = {"AuthenticAMD": 16}  # without the pairs
 PAIRED_VENDORS = {"AuthenticAMD"}
 
 
@@ -54,7 +55,7 @@ def max_rows() -> int:
     """The most rows a product may have to take the kernel on this CPU."""
     from drafter.runtime import cpu_vendor
 
-    return MAX_ROWS_BY_VENDOR.get(cpu_vendor(), MAX_ROWS)
+    return MAX_ROWS if paired() else MAX_ROWS_BY_VENDOR.get(cpu_vendor(), MAX_ROWS)
 
 
 def cpu_supports() -> bool:

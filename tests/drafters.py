@@ -292,3 +292,16 @@ def lively_target(shape: str = "llama", seed: int = 0):
                 p.mul_(weight_scale)
     return target
 
+
+def wide_bf16_target():
+    """A tiny bf16 target with 32-wide heads (the smallest the CPU kernels take: drafter/attention.py,
+    drafter/fused.py) whose greedy answers vary (stronger weights, as in `lively_target`)."""
+    from drafter.config import TargetConfig, TinyTargetConfig
+    from drafter.target import load_target
+
+    target = load_target(TargetConfig(source="tiny", dtype="bfloat16", tiny=TinyTargetConfig(hidden_size=128, num_heads=4)))
+    with torch.no_grad():
+        for name, p in target.model.named_parameters():
+            if p.dim() > 1 and "embed" not in name:
+                p.mul_(10.0)
+    return target

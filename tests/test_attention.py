@@ -10,8 +10,8 @@ import drafter.decoding as dec
 from drafter import few_rows
 from drafter.attention import ATTENTION, PackedCache, Packing, packed_forward, supports_packing, verify_mask
 from drafter.decoding import SpecEngine
-from tests.drafters import ScriptedDrafter, lively_target
-from tests.test_decoding import QUESTIONS, chat, reference
+from tests.drafters import ScriptedDrafter, lively_target, wide_bf16_target
+from tests.test_decoding import QUESTIONS, assert_speculative_is_plain, chat, reference
 
 
 def random_attention(batch, heads, kv, length, total, dtype=torch.float32, seed=0):
@@ -276,23 +276,11 @@ def test_the_kernel_leaves_what_it_does_not_take_to_the_matrix_path():
 def test_greedy_speculative_decoding_through_the_attention_kernel_is_plain_decoding(tmp_path, monkeypatch):
     """A bf16 target with 32-wide heads: every decoding step and verification attends through the
     kernel, and the speculative answer is the plain one token for token."""
-    from drafter.config import TargetConfig, TinyTargetConfig
-    from drafter.target import load_target
-
-    target = load_target(TargetConfig(source="tiny", dtype="bfloat16", tiny=TinyTargetConfig(hidden_size=128, num_heads=4)))
-    with torch.no_grad():
-        for name, p in target.model.named_parameters():
-            if p.dim() > 1 and "embed" not in name:
-                p.mul_(10.0)  # answers that vary (see tests/drafters.py lively_target)
+    target = wide_bf16_target()
     taken = []
     real = att.kernel_takes
     monkeypatch.setattr(att, "kernel_takes", lambda *a: taken.append(real(*a)) or taken[-1])
-    for question in QUESTIONS[:3]:
-        prompt = chat(target, question)
-        plain = SpecEngine(target, None).generate(prompt, 24).tokens
-        drafter = ScriptedDrafter({tuple(prompt): plain}, target.vocab_size, error=(1.0, 2.0))
-        spec = SpecEngine(target, drafter, gamma=4).generate(prompt, 24)
-        assert spec.tokens == plain and any(r.accepted for r in spec.rounds)
+    assert_speculative_is_plain(target)
     assert taken and all(taken)
 
 

@@ -31,6 +31,17 @@ def chat(target, text):
     ]
 
 
+def assert_speculative_is_plain(target, questions=QUESTIONS, max_new_tokens=24):
+    """Greedy speculative decoding (a scripted drafter that errs now and then) emits plain greedy
+    decoding's tokens, with some drafts accepted."""
+    for question in questions:
+        prompt = chat(target, question)
+        plain = SpecEngine(target, None).generate(prompt, max_new_tokens).tokens
+        drafter = ScriptedDrafter({tuple(prompt): plain}, target.vocab_size, error=(1.0, 2.0))
+        spec = SpecEngine(target, drafter, gamma=4).generate(prompt, max_new_tokens)
+        assert spec.tokens == plain and any(r.accepted for r in spec.rounds)
+
+
 def reference(target, prompt, max_new_tokens, eos=None):
     kwargs = {} if eos is None else {"eos_token_id": eos}
     out = target.model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, **kwargs)

@@ -7,9 +7,8 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from drafter import few_rows, fused
-from drafter.decoding import SpecEngine
-from tests.drafters import ScriptedDrafter
-from tests.test_decoding import QUESTIONS, chat
+from tests.drafters import wide_bf16_target
+from tests.test_decoding import assert_speculative_is_plain
 
 pytestmark = pytest.mark.skipif(not few_rows.available(), reason="needs the few-rows build (an AVX-512 CPU without AMX)")
 
@@ -80,22 +79,10 @@ def test_install_fuses_only_what_the_kernel_agrees_with():
 def test_a_fused_bf16_target_decodes_speculatively_as_it_decodes_plainly():
     """Every step and verification of a bf16 target goes through the fused ops, and a row's norm
     does not depend on the other rows: speculative decoding stays token for token plain decoding."""
-    from drafter.config import TargetConfig, TinyTargetConfig
-    from drafter.target import load_target
-
-    target = load_target(TargetConfig(source="tiny", dtype="bfloat16", tiny=TinyTargetConfig(hidden_size=128, num_heads=4)))
+    target = wide_bf16_target()
     layers = target.config.num_hidden_layers
     assert sum(getattr(m, "_drafter_fused", False) for m in target.model.modules()) == 2 * layers + 1 + layers
-    with torch.no_grad():
-        for name, p in target.model.named_parameters():
-            if p.dim() > 1 and "embed" not in name:
-                p.mul_(10.0)  # answers that vary (see tests/drafters.py lively_target)
-    for question in QUESTIONS[:3]:
-        prompt = chat(target, question)
-        plain = SpecEngine(target, None).generate(prompt, 24).tokens
-        drafter = ScriptedDrafter({tuple(prompt): plain}, target.vocab_size, error=(1.0, 2.0))
-        spec = SpecEngine(target, drafter, gamma=4).generate(prompt, 24)
-        assert spec.tokens == plain and any(r.accepted for r in spec.rounds)
+    assert_speculative_is_plain(target)
     x = torch.randn(6, 128).bfloat16()
     norm = target.model.model.norm
     alone = torch.cat([norm(x[i : i + 1]) for i in range(6)])
@@ -122,20 +109,14 @@ def test_the_fused_rotary_embedding_gives_transformers_to_the_bit(batch, heads, 
 def test_loading_a_bf16_llama_replaces_its_rotary_function():
     from transformers.models.llama import modeling_llama
 
-    from drafter.config import TargetConfig, TinyTargetConfig
-    from drafter.target import load_target
-
-    load_target(TargetConfig(source="tiny", dtype="bfloat16", tiny=TinyTargetConfig(hidden_size=128, num_heads=4)))
+    wide_bf16_target()
     assert getattr(modeling_llama.apply_rotary_pos_emb, "_drafter_fused", False)
 
 
 def test_unfused_puts_the_original_forwards_back_for_a_while():
     from transformers.models.llama import modeling_llama
 
-    from drafter.config import TargetConfig, TinyTargetConfig
-    from drafter.target import load_target
-
-    model = load_target(TargetConfig(source="tiny", dtype="bfloat16", tiny=TinyTargetConfig(hidden_size=128, num_heads=4))).model
+    model = wide_bf16_target().model
     norm, rope = model.model.norm, modeling_llama.apply_rotary_pos_emb
     assert "forward" in norm.__dict__ and rope._drafter_fused
     with fused.unfused(model):

@@ -13,12 +13,15 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from drafter.scheduler import CLOCKS  # noqa: E402  (the clocks evaluate.clock names)
 
 RESULTS = ROOT / "bench" / "results"
+PAIRED_RESAMPLES = 10_000  # bootstrap resamples of the paired per-prompt tau differences
 
 
 def add_clock_args(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +86,17 @@ def rounds_per_prompt(eval_dir: Path) -> dict[str, list[int]]:
     what the paired bootstraps of per-prompt tau resample."""
     samples = (json.loads(line) for line in (eval_dir / "samples.jsonl").read_text().splitlines() if line)
     return {s["id"]: [sum(r[3] for r in s["spec"]["rounds"]), len(s["spec"]["rounds"])] for s in samples}
+
+
+def paired_tau_diff(a: dict[str, list[int]], b: dict[str, list[int]], seed: int = 0) -> dict:
+    """Mean over shared prompts of tau_a - tau_b (per-prompt tau = emitted / rounds), with a
+    percentile bootstrap 95% interval over prompts."""
+    ids = sorted(i for i in a.keys() & b.keys() if a[i][1] > 0 and b[i][1] > 0)
+    diff = np.array([a[i][0] / a[i][1] - b[i][0] / b[i][1] for i in ids])
+    boot = diff[np.random.default_rng(seed).integers(0, len(ids), size=(PAIRED_RESAMPLES, len(ids)))].mean(1)
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return {"prompts": len(ids), "mean_tau_diff": float(diff.mean()), "ci95": [float(lo), float(hi)],
+            "better": int((diff > 0).sum()), "worse": int((diff < 0).sum())}
 
 
 def write_results(out_dir: Path, name: str, doc: dict[str, Any], markdown: str) -> None:

@@ -29,9 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from _common import RESULTS, ROOT, command, machine, rounds_per_prompt, write_results
+from _common import PAIRED_RESAMPLES, RESULTS, ROOT, command, machine, paired_tau_diff, rounds_per_prompt, write_results
 
 ARMS = {  # name -> overrides of the config's cache and target sections
     "dense-bf16-5": ["cache.dtype=bfloat16", "target.num_feature_layers=5", "cache.target_top_k=0",
@@ -41,7 +39,6 @@ ARMS = {  # name -> overrides of the config's cache and target sections
     "int8-3": ["cache.dtype=int8", "target.num_feature_layers=3"],
 }
 BASELINE = "dense-bf16-5"
-RESAMPLES = 10_000
 
 
 def drafter_cli(*args: str) -> None:
@@ -78,22 +75,11 @@ def run_arm(name: str, args: argparse.Namespace) -> dict:
     }
 
 
-def paired_tau_diff(a: dict[str, list[int]], b: dict[str, list[int]], seed: int = 0) -> dict:
-    """Mean over shared prompts of tau_a - tau_b (per-prompt tau = emitted / rounds), with a
-    percentile bootstrap 95% interval over prompts."""
-    ids = sorted(i for i in a.keys() & b.keys() if a[i][1] > 0 and b[i][1] > 0)
-    diff = np.array([a[i][0] / a[i][1] - b[i][0] / b[i][1] for i in ids])
-    boot = diff[np.random.default_rng(seed).integers(0, len(ids), size=(RESAMPLES, len(ids)))].mean(1)
-    lo, hi = np.quantile(boot, [0.025, 0.975])
-    return {"prompts": len(ids), "mean_tau_diff": float(diff.mean()), "ci95": [float(lo), float(hi)],
-            "better": int((diff > 0).sum()), "worse": int((diff < 0).sum())}
-
-
 def markdown(result: dict) -> str:
     lines = ["# Cache layout against decoded tau at the same budget", "",
              f"DSpark, {result['steps']} steps from a random init on the same conversations, decoded greedy at "
              "block 3 with plain decoding interleaved. Paired: per-prompt tau minus the dense arm's, "
-             f"95% bootstrap over prompts ({RESAMPLES:,} resamples). Sizes against DeepSpec's plain layout "
+             f"95% bootstrap over prompts ({PAIRED_RESAMPLES:,} resamples). Sizes against DeepSpec's plain layout "
              f"(the dense arm: bf16 feature layers + the final hidden state), {result['plain_bytes_per_token']:,} bytes "
              "a token.", "",
              "| arm | bytes/token | vs plain bf16 | train CPU s/step | held-out sim tau (greedy) | macro tau | speedup | "

@@ -7,8 +7,8 @@ The configured target in bf16 with its weights prepacked (drafter/prepack.py), R
 tokens after 256 cached tokens, LM head included: the shapes of a verification (1 x 8), of
 concurrent requests (4 x 4, 16 x 2) and of batched decoding (16 x 1). Each forward is timed with
 every product of at most 32 rows through the kernel (`few_rows.MAX_ROWS`) in each of its two
-arithmetics (float32 FMAs over bf16 turned float; `vdpbf16ps` on bf16 pairs, where the CPU has
-AVX-512 BF16) and with none (oneDNN), in two interleaved rounds of `dtype_choice.best_seconds`
+arithmetics (float32 FMAs over bf16 turned float; bf16 pairs, where the CPU has AVX-512 BF16:
+`vdpbf16ps`, or the AMX tile unit's `tdpbf16ps` where it has AMX) and with none (oneDNN), in two interleaved rounds of `dtype_choice.best_seconds`
 (best of --reps, wall clock). The kernel takes products of at most `few_rows.max_rows()` rows on
 this CPU, with `few_rows.paired()`'s arithmetic; the table says where that limit should sit and
 which arithmetic to take. Writes bench/results/few_rows_limit.{json,md}.
@@ -33,11 +33,11 @@ def main() -> None:
     if not few_rows.available():
         raise SystemExit("the few-rows kernel does not suit this CPU or did not build: nothing to compare")
     target = load_target(load_config(args.config, ["target.dtype=bfloat16"]))
-    linears = [m for m in target.model.modules() if "_few_packed" in m.__dict__]
+    linears = [m for m in target.model.modules() if "_prepacked" in m.__dict__]  # each form sets its own kernel rows
     # each form: the most rows a product may take the kernel, and the kernel's layout
     forms = {"float32 FMAs": (few_rows.MAX_ROWS, False), "oneDNN": (None, None)}
-    if "avx512_bf16" in cpu_flags():
-        forms["vdpbf16ps"] = (few_rows.MAX_ROWS, True)
+    if "avx512_bf16" in cpu_flags():  # the pairs layout: through the AMX tile unit where the CPU has one
+        forms["tdpbf16ps" if "amx_bf16" in cpu_flags() else "vdpbf16ps"] = (few_rows.MAX_ROWS, True)
     layouts = {pairs: [few_rows.pack(m.weight, pairs) for m in linears] for _, pairs in forms.values() if pairs is not None}
     best = {}
     for shape in SHAPES:
@@ -60,7 +60,7 @@ def main() -> None:
     md = [f"# Few-rows kernel against oneDNN by rows: {target.name}, bf16, prepacked, 256 cached tokens", "",
           f"Command: `{doc['command']}`; best of {args.reps} in two interleaved rounds, wall clock, {args.threads} thread(s); "
           f"{doc['cpu_vendor'] or 'unknown vendor'}: the kernel takes products of at most {doc['max_rows_here']} rows here, "
-          f"with {'vdpbf16ps' if doc['paired_here'] else 'float32 FMAs'}.", "",
+          f"with {kernels[-1] if doc['paired_here'] else 'float32 FMAs'}.", "",
           "| rows x new tokens | rows per product | oneDNN ms | " + " | ".join(f"{k} ms | {k} speedup" for k in kernels) + " |",
           "|---|---:|---:|" + "---:|---:|" * len(kernels),
           *[f"| {r['rows']} x {r['new_tokens']} | {r['products_rows']} | {r['onednn_ms']} | "

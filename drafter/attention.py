@@ -85,8 +85,8 @@ def kernel_attention(query, key, value, mask, scaling=None):
 
 
 def kernel_takes(query, key, value, mask) -> bool:
-    """Whether the short-query kernel takes these: built with the few-rows kernel (an AVX-512 CPU
-    without AMX) on a CPU with AVX-512 BF16, bf16, a head size that is a multiple of 32 up to 256,
+    """Whether the short-query kernel takes these: built with the few-rows kernel (an AVX-512 CPU)
+    on a CPU with AVX-512 BF16, bf16, a head size that is a multiple of 32 up to 256,
     each KV head's keys and values S x D contiguous, a mask shared by the heads."""
     dim = query.shape[-1]
     return (key.dtype == torch.bfloat16 and dim % 32 == 0 and dim <= 256 and key.stride(-1) == 1

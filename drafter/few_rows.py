@@ -1,4 +1,4 @@
-"""A bf16 linear kernel for the few rows of decoding steps, on AVX-512 CPUs without AMX.
+"""A bf16 linear kernel for the few rows of decoding steps, on AVX-512 CPUs.
 
 A decoding step, a verification of a few drafted tokens and a drafter's proposal multiply a
 handful of rows by every weight of the model: the work is reading the weights from memory.
@@ -16,10 +16,13 @@ two arithmetics, chosen once per CPU by the layout `pack` writes (`paired()`):
   `bench/few_rows_limit.py`). Its tiles are 48 columns wide, so that 8 rows' sums stay in the
   registers and a verification of 8 tokens reads each weight once (with 64 columns 6 rows did and
   2 read the tile again from L2: SmolLM2's forward of 8 tokens 1.10x faster, 1 token the same).
+  On a CPU with AMX the same layout feeds the tile unit (`tdpbf16ps`), whose work does not grow
+  with the rows: SmolLM2's forward of 8 tokens costs 1.13x one token's (1.48x with `vdpbf16ps`,
+  1.10x with oneDNN's AMX kernel, which reads the weights 1.3x slower).
 On two torch threads (this VM's two vCPUs) oneDNN's kernel scaled and this one did not, so
 prepacked layers take it on one thread only (drafter/prepack.py).
 
-Every output is one float32 sum over k in order (an FMA chain, or a chain of pairs), plus the
+Every output is one float32 sum over k in order (an FMA chain, or a chain of pairs or of 16 pairs), plus the
 bias, rounded to bf16 once: a row's result is the same whatever the other rows, the tile or the
 thread (tested), so a token's logits in a verification are those of the same token decoded
 alone. Not F.linear's to the bit (oneDNN sums in another order); plain and speculative decoding
@@ -51,20 +54,26 @@ MAX_ROWS_BY_VENDOR = {"AuthenticAMD": 16}  # without the pairs
 PAIRED_VENDORS = {"AuthenticAMD"}
 
 
-def max_rows() -> int:
-    """The most rows a product may have to take the kernel on this CPU."""
-    from drafter.runtime import cpu_vendor
+# Intel with AMX, the pairs layout through the tile unit (`tdpbf16ps`): the target's forward
+# 1.31x oneDNN's (its own AMX kernel) at 1 row, 1.26x at 8, 1.04-1.06x at 32 (bench/results/amx/).
+MAX_ROWS_WITH_AMX = 32
 
+
+def max_rows() -> int:
+    """The most rows a product may have to take the kernel on this CPU (0: none do)."""
+    from drafter.runtime import cpu_flags, cpu_vendor
+
+    if "amx_bf16" in cpu_flags():
+        return MAX_ROWS_WITH_AMX
     return MAX_ROWS if paired() else MAX_ROWS_BY_VENDOR.get(cpu_vendor(), MAX_ROWS)
 
 
 def cpu_supports() -> bool:
-    """AVX-512 without AMX: where the kernel was measured to beat oneDNN (with AMX, oneDNN's tile
-    kernel multiplies 8 rows for the cost of one and was not measured against this one)."""
+    """AVX-512: where the kernels build and run. Which products the linear kernel takes is
+    `max_rows()`'s, per CPU, as measured against oneDNN (with AMX, none)."""
     from drafter.runtime import cpu_flags
 
-    flags = cpu_flags()
-    return "avx512f" in flags and "amx_bf16" not in flags
+    return "avx512f" in cpu_flags()
 
 
 @functools.cache
@@ -98,11 +107,13 @@ def build(verbose: bool = False) -> None:
 
 def paired() -> bool:
     """Whether the kernel multiplies bf16 pairs with `vdpbf16ps` here: on AMD EPYC with AVX-512 BF16,
-    where it is up to 1.7x the float32 FMAs from 8 rows on (bench/few_rows_limit.py); Intel keeps the
-    FMAs, which were measured there (its `vdpbf16ps` issues at half their rate)."""
+    where it is up to 1.7x the float32 FMAs from 8 rows on, and on Intel with AMX, 1.04-1.14x them
+    from 1 to 8 rows (bench/few_rows_limit.py); Intel without AMX keeps the FMAs, which were measured
+    there (its `vdpbf16ps` issues at half their rate)."""
     from drafter.runtime import cpu_flags, cpu_vendor
 
-    return "avx512_bf16" in cpu_flags() and cpu_vendor() in PAIRED_VENDORS
+    flags = cpu_flags()
+    return "avx512_bf16" in flags and (cpu_vendor() in PAIRED_VENDORS or "amx_bf16" in flags)
 
 
 def pack(weight: torch.Tensor, pairs: bool | None = None) -> torch.Tensor:
@@ -123,4 +134,4 @@ if __name__ == "__main__":  # `python -m drafter.few_rows`: build the kernel now
     if available():
         print("few-rows kernel: built and loaded")
     else:
-        print("few-rows kernel: not used here" + ("" if cpu_supports() else " (needs an AVX-512 CPU without AMX)"))
+        print("few-rows kernel: not used here" + ("" if cpu_supports() else " (needs an AVX-512 CPU)"))

@@ -23,9 +23,9 @@ plain and speculative decoding share the prefill, so decoding stays lossless rel
 target as it runs. Decoding steps and a request's verification (a few rows) keep the bf16 path.
 
 With `few_rows` set, products of at most that many rows (decoding steps, verification, small
-batches) on one torch thread take `drafter.few_rows`' kernel instead (AVX-512 without AMX): a
-float32-accumulating kernel that streams the weights faster than oneDNN's, 1.2-1.7x on SmolLM2's
-shapes, from a third copy of the weights in its own layout. On two threads oneDNN's kernel was
+batches) on one torch thread take `drafter.few_rows`' kernel instead (AVX-512; AMX tiles where
+the CPU has them): a float32-accumulating kernel that streams the weights faster than oneDNN's,
+1.04-1.7x on SmolLM2's shapes, from a third copy of the weights in its own layout. On two threads oneDNN's kernel was
 faster (bench/RESULTS.md), so it keeps those. Its outputs are not F.linear's to the bit either, and every
 decoding path shares it.
 """
@@ -74,8 +74,8 @@ def _is_wide(rows: int, wide_rows: int | None, weight: torch.Tensor) -> bool:
 
 
 def few_rows_for_this_cpu() -> int | None:
-    """`few_rows.max_rows()` where the few-rows kernel suits this CPU and builds, else None."""
-    return few_rows_kernel.max_rows() if few_rows_kernel.available() else None
+    """`few_rows.max_rows()` where the few-rows kernel builds and takes some products on this CPU, else None."""
+    return (few_rows_kernel.max_rows() or None) if few_rows_kernel.available() else None
 
 
 def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

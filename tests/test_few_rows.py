@@ -1,7 +1,7 @@
 """The few-rows bf16 kernel (drafter/few_rows.py): each output is one float32 FMA chain over k in
-order (or, in the `vdpbf16ps` layout, one float32 sum over k pairs), rounded to bf16 once, whatever
-the other rows, the tile or the thread; prepacked layers take it for few rows only, and decoding
-through it stays lossless."""
+order (or, in the pairs layout, one float32 sum over k pairs: `vdpbf16ps`, or `tdpbf16ps` where
+the CPU has AMX), rounded to bf16 once, whatever the other rows, the tile or the thread;
+prepacked layers take it for few rows only, and decoding through it stays lossless."""
 
 from contextlib import contextmanager
 
@@ -14,7 +14,7 @@ from drafter import prepack as pp
 from drafter.runtime import cpu_flags
 
 pytestmark = pytest.mark.skipif(not (pp.supported() and few_rows.available()),
-                                reason="needs an AVX-512 CPU without AMX, a compiler and oneDNN's packed linear")
+                                reason="needs an AVX-512 CPU, a compiler and oneDNN's packed linear")
 
 
 @contextmanager
@@ -123,13 +123,14 @@ def test_the_target_takes_the_kernel_where_it_suits_the_cpu_and_the_config_allow
     monkeypatch.setattr(few_rows, "available", lambda: available)
     target = bf16_target(True, f"runtime.few_rows_kernel={setting}")
     settings = {m._few_rows for m in target.model.modules() if "_prepacked" in m.__dict__}
-    assert settings == {few_rows.max_rows() if available and setting == "true" else None}
+    assert settings == {(few_rows.max_rows() or None) if available and setting == "true" else None}
 
 
 @pytest.mark.parametrize("vendor,flags,rows,paired", [
     ("GenuineIntel", "avx512f avx512_bf16", few_rows.MAX_ROWS, False),
     ("AuthenticAMD", "avx512f avx512_bf16", few_rows.MAX_ROWS, True),
-    ("AuthenticAMD", "avx512f", 16, False), ("", "avx512f", few_rows.MAX_ROWS, False)])
+    ("AuthenticAMD", "avx512f", 16, False), ("", "avx512f", few_rows.MAX_ROWS, False),
+    ("GenuineIntel", "avx512f avx512_bf16 amx_bf16", few_rows.MAX_ROWS_WITH_AMX, True)])
 def test_the_kernel_takes_the_rows_and_arithmetic_it_was_measured_faster_with_on_this_cpu(monkeypatch, vendor, flags,
                                                                                           rows, paired):
     import drafter.runtime as rt

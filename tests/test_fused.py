@@ -10,7 +10,7 @@ from drafter import few_rows, fused
 from tests.drafters import wide_bf16_target
 from tests.test_decoding import assert_speculative_is_plain
 
-pytestmark = pytest.mark.skipif(not few_rows.available(), reason="needs the few-rows build (an AVX-512 CPU without AMX)")
+pytestmark = pytest.mark.skipif(not few_rows.available(), reason="needs the few-rows build (an AVX-512 CPU)")
 
 
 @pytest.mark.parametrize("shape", [(1, 576), (3, 7, 40), (2, 1, 1536), (5, 9, 64)])

@@ -8,6 +8,9 @@
 
 #include <cstring>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 namespace {
 
 constexpr int64_t kCols = 64;      // output columns a tile computes: 4 vectors of 16 floats
@@ -118,6 +121,70 @@ void tile_pairs(const uint16_t* x, int64_t pairs, const uint16_t* w, const float
   store<MT, 3>(acc, bias, out, ld_out, cols);
 }
 
+// With AMX, the pairs layout feeds the tile unit instead: a 48-column tile's 16 k-pairs are 3 B
+// tiles (16 pairs x 16 columns, 192 bytes apart), the rows' 32 k values an A tile, and `tdpbf16ps`
+// adds the 16 pairs' products to each output's float32 sum. The tile unit's work does not grow
+// with the rows (up to 16), so verifying 8 tokens costs about what decoding 1 does: both read
+// each weight once. Each row's sums still depend only on that row (its own A tile row), so a
+// row's result does not depend on the other rows or the thread.
+constexpr int kAmxRows = 16;
+constexpr int64_t kAmxPairs = 16;  // k pairs a `tdpbf16ps` takes
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Whether this CPU has AMX-BF16 and the kernel let this process use its tile data (Linux asks).
+bool amx_ready() {
+  unsigned a, b, c, d;
+  __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+  const bool tile = d & (1u << 24), bf16 = d & (1u << 22);
+  constexpr long kReqPerm = 0x1023, kXtileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+  return tile && bf16 && syscall(SYS_arch_prctl, kReqPerm, kXtileData) == 0;
+}
+
+// out[0:mt, tiles begin..end) = x [mt, 2 * pairs] . W for whole 48-column tiles, mt <= 16 rows.
+__attribute__((target("amx-tile,amx-bf16,avx512f")))
+void tiles_amx(const uint16_t* x, int64_t mt, int64_t pairs, const uint16_t* w, int64_t tile_len, const float* bias,
+               at::BFloat16* out, int64_t ld_out, int64_t n, int64_t begin, int64_t end) {
+  TileConfig cfg;
+  for (int t = 0; t < 3; t++) cfg.rows[t] = mt, cfg.colsb[t] = 64;  // C: mt rows x 16 floats
+  cfg.rows[3] = mt, cfg.colsb[3] = 64;                                // A: mt rows x 16 pairs
+  for (int t = 4; t < 7; t++) cfg.rows[t] = kAmxPairs, cfg.colsb[t] = 64;  // B: 16 pairs x 16 columns
+  _tile_loadconfig(&cfg);
+  const int64_t x_stride = 4 * pairs, w_stride = 4 * kPairCols;  // bytes between rows
+  float sums[kAmxRows * kPairCols];
+  for (int64_t t = begin; t < end; t++) {
+    const uint16_t* wt = w + t * tile_len;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    for (int64_t p = 0; p < pairs; p += kAmxPairs) {
+      const uint16_t* wp = wt + p * 2 * kPairCols;
+      const char* ahead = reinterpret_cast<const char*>(wp + kPrefetch * kCols);  // 8 KiB ahead, as above
+      for (int line = 0; line < 48; line++) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+      _tile_loadd(3, x + 2 * p, x_stride);
+      _tile_loadd(4, wp, w_stride);
+      _tile_loadd(5, wp + 32, w_stride);
+      _tile_loadd(6, wp + 64, w_stride);
+      _tile_dpbf16ps(0, 3, 4);
+      _tile_dpbf16ps(1, 3, 5);
+      _tile_dpbf16ps(2, 3, 6);
+    }
+    _tile_stored(0, sums, 4 * kPairCols);
+    _tile_stored(1, sums + 16, 4 * kPairCols);
+    _tile_stored(2, sums + 32, 4 * kPairCols);
+    int64_t cols = std::min(kPairCols, n - t * kPairCols);
+    const float* bt = bias ? bias + t * kPairCols : nullptr;
+    for (int64_t m = 0; m < mt; m++)
+      for (int64_t c = 0; c < cols; c++)
+        out[m * ld_out + t * kPairCols + c] = at::BFloat16(bt ? sums[m * kPairCols + c] + bt[c] : sums[m * kPairCols + c]);
+  }
+  _tile_release();
+}
+
 using TileFn = void (*)(const uint16_t*, int64_t, const uint16_t*, const float*, at::BFloat16*, int64_t, int64_t);
 constexpr TileFn kTiles[] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
 constexpr TileFn kPairTiles[] = {nullptr, tile_pairs<1>, tile_pairs<2>, tile_pairs<3>, tile_pairs<4>,
@@ -148,6 +215,15 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, cons
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
   int64_t x_row = xs.size(1), steps = packed.size(1), tile_len = steps * packed.size(2);
   const TileFn* tiles = paired ? kPairTiles : kTiles;
+  static const bool amx = amx_ready();
+  if (paired && amx && pairs % kAmxPairs == 0) {
+    at::parallel_for(0, packed.size(0), 4, [&](int64_t begin, int64_t end) {
+      for (int64_t m = 0; m < rows; m += kAmxRows)
+        tiles_amx(xp + m * x_row, std::min<int64_t>(kAmxRows, rows - m), pairs, wp, tile_len, bp, op + m * n, n, n,
+                  begin, end);
+    });
+    return out;
+  }
   at::parallel_for(0, packed.size(0), 4, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; t++) {
       int64_t cols = std::min(tile_cols, n - t * tile_cols);

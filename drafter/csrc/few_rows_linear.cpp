@@ -145,10 +145,10 @@ bool amx_ready() {
   return tile && bf16 && syscall(SYS_arch_prctl, kReqPerm, kXtileData) == 0;
 }
 
-// out[0:mt, tiles begin..end) = x [mt, 2 * pairs] . W for whole 48-column tiles, mt <= 16 rows.
+// out [mt, n] (+ bias), the columns of tiles [begin, end) = x [mt, 2 * pairs] . W, mt <= 16 rows.
 __attribute__((target("amx-tile,amx-bf16,avx512f")))
 void tiles_amx(const uint16_t* x, int64_t mt, int64_t pairs, const uint16_t* w, int64_t tile_len, const float* bias,
-               at::BFloat16* out, int64_t ld_out, int64_t n, int64_t begin, int64_t end) {
+               at::BFloat16* out, int64_t n, int64_t begin, int64_t end) {
   TileConfig cfg;
   for (int t = 0; t < 3; t++) cfg.rows[t] = mt, cfg.colsb[t] = 64;  // C: mt rows x 16 floats
   cfg.rows[3] = mt, cfg.colsb[3] = 64;                                // A: mt rows x 16 pairs
@@ -180,7 +180,7 @@ void tiles_amx(const uint16_t* x, int64_t mt, int64_t pairs, const uint16_t* w, 
     const float* bt = bias ? bias + t * kPairCols : nullptr;
     for (int64_t m = 0; m < mt; m++)
       for (int64_t c = 0; c < cols; c++)
-        out[m * ld_out + t * kPairCols + c] = at::BFloat16(bt ? sums[m * kPairCols + c] + bt[c] : sums[m * kPairCols + c]);
+        out[m * n + t * kPairCols + c] = at::BFloat16(bt ? sums[m * kPairCols + c] + bt[c] : sums[m * kPairCols + c]);
   }
   _tile_release();
 }
@@ -219,8 +219,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, cons
   if (paired && amx && pairs % kAmxPairs == 0) {
     at::parallel_for(0, packed.size(0), 4, [&](int64_t begin, int64_t end) {
       for (int64_t m = 0; m < rows; m += kAmxRows)
-        tiles_amx(xp + m * x_row, std::min<int64_t>(kAmxRows, rows - m), pairs, wp, tile_len, bp, op + m * n, n, n,
-                  begin, end);
+        tiles_amx(xp + m * x_row, std::min<int64_t>(kAmxRows, rows - m), pairs, wp, tile_len, bp, op + m * n, n, begin,
+                  end);
     });
     return out;
   }

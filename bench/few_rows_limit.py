@@ -5,10 +5,11 @@ the kernel and without it, at the row counts of verification and batched decodin
 
 The configured target in bf16 with its weights prepacked (drafter/prepack.py), R rows of w new
 tokens after 256 cached tokens, LM head included: the shapes of a verification (1 x 8), of
-concurrent requests (4 x 4, 16 x 2) and of batched decoding (16 x 1). Each forward is timed with
-every product of at most 32 rows through the kernel (`few_rows.MAX_ROWS`) in each of its two
-arithmetics (float32 FMAs over bf16 turned float; bf16 pairs, where the CPU has AVX-512 BF16:
-`vdpbf16ps`, or the AMX tile unit's `tdpbf16ps` where it has AMX) and with none (oneDNN), in two interleaved rounds of `dtype_choice.best_seconds`
+concurrent requests (4 x 4, 16 x 2, 8 x 8) and of batched decoding (16 x 1 to 64 x 1). Each forward
+is timed with every product of at most 32 rows (`few_rows.MAX_ROWS`; 64 where the CPU has AMX)
+through the kernel in each of its two arithmetics (float32 FMAs over bf16 turned float; bf16
+pairs, where the CPU has AVX-512 BF16: `vdpbf16ps`, or the AMX tile unit's `tdpbf16ps` where it
+has AMX) and with none (oneDNN), in two interleaved rounds of `dtype_choice.best_seconds`
 (best of --reps, wall clock). The kernel takes products of at most `few_rows.max_rows()` rows on
 this CPU, with `few_rows.paired()`'s arithmetic; the table says where that limit should sit and
 which arithmetic to take. Writes bench/results/few_rows_limit.{json,md}.
@@ -19,7 +20,8 @@ from __future__ import annotations
 from _common import command, machine, write_results
 from dtype_choice import best_seconds, forward_args
 
-SHAPES = [(1, 1), (1, 2), (1, 4), (1, 8), (2, 4), (8, 1), (4, 4), (16, 1), (4, 8), (16, 2), (8, 4), (32, 1)]  # (rows, new tokens)
+SHAPES = [(1, 1), (1, 2), (1, 4), (1, 8), (2, 4), (8, 1), (4, 4), (16, 1), (4, 8), (16, 2), (8, 4), (32, 1),
+          (8, 8), (64, 1)]  # (rows, new tokens)
 
 
 def main() -> None:
@@ -35,9 +37,10 @@ def main() -> None:
     target = load_target(load_config(args.config, ["target.dtype=bfloat16"]))
     linears = [m for m in target.model.modules() if "_prepacked" in m.__dict__]  # each form sets its own kernel rows
     # each form: the most rows a product may take the kernel, and the kernel's layout
-    forms = {"float32 FMAs": (few_rows.MAX_ROWS, False), "oneDNN": (None, None)}
+    limit = max(few_rows.MAX_ROWS, few_rows.max_rows())
+    forms = {"float32 FMAs": (limit, False), "oneDNN": (None, None)}
     if "avx512_bf16" in cpu_flags():  # the pairs layout: through the AMX tile unit where the CPU has one
-        forms["tdpbf16ps" if "amx_bf16" in cpu_flags() else "vdpbf16ps"] = (few_rows.MAX_ROWS, True)
+        forms["tdpbf16ps" if "amx_bf16" in cpu_flags() else "vdpbf16ps"] = (limit, True)
     layouts = {pairs: [few_rows.pack(m.weight, pairs) for m in linears] for _, pairs in forms.values() if pairs is not None}
     best = {}
     for shape in SHAPES:

@@ -55,8 +55,9 @@ PAIRED_VENDORS = {"AuthenticAMD"}
 
 
 # Intel with AMX, the pairs layout through the tile unit (`tdpbf16ps`): the target's forward
-# 1.31x oneDNN's (its own AMX kernel) at 1 row, 1.26x at 8, 1.04-1.06x at 32 (bench/results/amx/).
-MAX_ROWS_WITH_AMX = 32
+# 1.31x oneDNN's (its own AMX kernel) at 1 row, 1.26x at 8, 1.04-1.07x at 32, 1.07-1.09x at 64 and
+# 0.98x at 128 (bench/results/amx/, bench/RESULTS.md).
+MAX_ROWS_WITH_AMX = 64
 
 
 def max_rows() -> int:

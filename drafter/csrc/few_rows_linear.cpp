@@ -145,42 +145,52 @@ bool amx_ready() {
   return tile && bf16 && syscall(SYS_arch_prctl, kReqPerm, kXtileData) == 0;
 }
 
-// out [mt, n] (+ bias), the columns of tiles [begin, end) = x [mt, 2 * pairs] . W, mt <= 16 rows.
+// out [rows, n] (+ bias), the columns of tiles [begin, end) = x [rows, 2 * pairs] . W. Past 16 rows
+// x holds whole blocks of 16 (zero rows after the last), and each weight tile, once read, serves
+// every block from the cache.
 __attribute__((target("amx-tile,amx-bf16,avx512f")))
-void tiles_amx(const uint16_t* x, int64_t mt, int64_t pairs, const uint16_t* w, int64_t tile_len, const float* bias,
+void tiles_amx(const uint16_t* x, int64_t rows, int64_t pairs, const uint16_t* w, int64_t tile_len, const float* bias,
                at::BFloat16* out, int64_t n, int64_t begin, int64_t end) {
+  const int block = std::min<int64_t>(rows, kAmxRows);
   TileConfig cfg;
-  for (int t = 0; t < 3; t++) cfg.rows[t] = mt, cfg.colsb[t] = 64;  // C: mt rows x 16 floats
-  cfg.rows[3] = mt, cfg.colsb[3] = 64;                                // A: mt rows x 16 pairs
+  for (int t = 0; t < 3; t++) cfg.rows[t] = block, cfg.colsb[t] = 64;  // C: block rows x 16 floats
+  cfg.rows[3] = block, cfg.colsb[3] = 64;                                // A: block rows x 16 pairs
   for (int t = 4; t < 7; t++) cfg.rows[t] = kAmxPairs, cfg.colsb[t] = 64;  // B: 16 pairs x 16 columns
   _tile_loadconfig(&cfg);
   const int64_t x_stride = 4 * pairs, w_stride = 4 * kPairCols;  // bytes between rows
   float sums[kAmxRows * kPairCols];
   for (int64_t t = begin; t < end; t++) {
     const uint16_t* wt = w + t * tile_len;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    for (int64_t p = 0; p < pairs; p += kAmxPairs) {
-      const uint16_t* wp = wt + p * 2 * kPairCols;
-      const char* ahead = reinterpret_cast<const char*>(wp + kPrefetch * kCols);  // 8 KiB ahead, as above
-      for (int line = 0; line < 48; line++) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
-      _tile_loadd(3, x + 2 * p, x_stride);
-      _tile_loadd(4, wp, w_stride);
-      _tile_loadd(5, wp + 32, w_stride);
-      _tile_loadd(6, wp + 64, w_stride);
-      _tile_dpbf16ps(0, 3, 4);
-      _tile_dpbf16ps(1, 3, 5);
-      _tile_dpbf16ps(2, 3, 6);
-    }
-    _tile_stored(0, sums, 4 * kPairCols);
-    _tile_stored(1, sums + 16, 4 * kPairCols);
-    _tile_stored(2, sums + 32, 4 * kPairCols);
-    int64_t cols = std::min(kPairCols, n - t * kPairCols);
+    const int64_t cols = std::min(kPairCols, n - t * kPairCols);
     const float* bt = bias ? bias + t * kPairCols : nullptr;
-    for (int64_t m = 0; m < mt; m++)
-      for (int64_t c = 0; c < cols; c++)
-        out[m * n + t * kPairCols + c] = at::BFloat16(bt ? sums[m * kPairCols + c] + bt[c] : sums[m * kPairCols + c]);
+    for (int64_t m0 = 0; m0 < rows; m0 += block) {
+      const uint16_t* xm = x + m0 * 2 * pairs;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      for (int64_t p = 0; p < pairs; p += kAmxPairs) {
+        const uint16_t* wp = wt + p * 2 * kPairCols;
+        if (m0 == 0) {  // 8 KiB ahead, as above; the next blocks find the tile in the cache
+          const char* ahead = reinterpret_cast<const char*>(wp + kPrefetch * kCols);
+          for (int line = 0; line < 48; line++) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+        }
+        _tile_loadd(3, xm + 2 * p, x_stride);
+        _tile_loadd(4, wp, w_stride);
+        _tile_loadd(5, wp + 32, w_stride);
+        _tile_loadd(6, wp + 64, w_stride);
+        _tile_dpbf16ps(0, 3, 4);
+        _tile_dpbf16ps(1, 3, 5);
+        _tile_dpbf16ps(2, 3, 6);
+      }
+      _tile_stored(0, sums, 4 * kPairCols);
+      _tile_stored(1, sums + 16, 4 * kPairCols);
+      _tile_stored(2, sums + 32, 4 * kPairCols);
+      for (int64_t m = 0; m < std::min<int64_t>(block, rows - m0); m++)
+        for (int64_t c = 0; c < cols; c++) {
+          const float sum = sums[m * kPairCols + c];
+          out[(m0 + m) * n + t * kPairCols + c] = at::BFloat16(bt ? sum + bt[c] : sum);
+        }
+    }
   }
   _tile_release();
 }
@@ -217,10 +227,14 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, cons
   const TileFn* tiles = paired ? kPairTiles : kTiles;
   static const bool amx = amx_ready();
   if (paired && amx && pairs % kAmxPairs == 0) {
+    if (rows > kAmxRows && rows % kAmxRows) {  // whole blocks of 16 rows: zero rows after the last
+      at::Tensor whole = at::zeros({(rows + kAmxRows - 1) / kAmxRows * kAmxRows, 2 * pairs}, x.options());
+      whole.narrow(0, 0, rows).copy_(xs);
+      xs = whole;
+      xp = reinterpret_cast<const uint16_t*>(xs.data_ptr<at::BFloat16>());
+    }
     at::parallel_for(0, packed.size(0), 4, [&](int64_t begin, int64_t end) {
-      for (int64_t m = 0; m < rows; m += kAmxRows)
-        tiles_amx(xp + m * x_row, std::min<int64_t>(kAmxRows, rows - m), pairs, wp, tile_len, bp, op + m * n, n, begin,
-                  end);
+      tiles_amx(xp, rows, pairs, wp, tile_len, bp, op, n, begin, end);
     });
     return out;
   }

@@ -64,14 +64,14 @@ def max_rows() -> int:
     """The most rows a product may have to take the kernel on this CPU (0: none do)."""
     from drafter.runtime import cpu_flags, cpu_vendor
 
-    if "amx_bf16" in cpu_flags():
-        return MAX_ROWS_WITH_AMX
+    if "amx_bf16" in cpu_flags():  # the tiles take the pairs layout; without it oneDNN's AMX kernel stays
+        return MAX_ROWS_WITH_AMX if paired() else 0
     return MAX_ROWS if paired() else MAX_ROWS_BY_VENDOR.get(cpu_vendor(), MAX_ROWS)
 
 
 def cpu_supports() -> bool:
     """AVX-512: where the kernels build and run. Which products the linear kernel takes is
-    `max_rows()`'s, per CPU, as measured against oneDNN (with AMX, none)."""
+    `max_rows()`'s, per CPU, as measured against oneDNN."""
     from drafter.runtime import cpu_flags
 
     return "avx512f" in cpu_flags()

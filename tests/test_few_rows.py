@@ -130,7 +130,8 @@ def test_the_target_takes_the_kernel_where_it_suits_the_cpu_and_the_config_allow
     ("GenuineIntel", "avx512f avx512_bf16", few_rows.MAX_ROWS, False),
     ("AuthenticAMD", "avx512f avx512_bf16", few_rows.MAX_ROWS, True),
     ("AuthenticAMD", "avx512f", 16, False), ("", "avx512f", few_rows.MAX_ROWS, False),
-    ("GenuineIntel", "avx512f avx512_bf16 amx_bf16", few_rows.MAX_ROWS_WITH_AMX, True)])
+    ("GenuineIntel", "avx512f avx512_bf16 amx_bf16", few_rows.MAX_ROWS_WITH_AMX, True),
+    ("GenuineIntel", "avx512f amx_bf16", None, False)])
 def test_the_kernel_takes_the_rows_and_arithmetic_it_was_measured_faster_with_on_this_cpu(monkeypatch, vendor, flags,
                                                                                           rows, paired):
     import drafter.runtime as rt

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -41,7 +42,7 @@ def command() -> str:
     """How this run was started, as a person would type it again."""
     script = Path(sys.argv[0]).resolve()
     shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
-    return " ".join(["python", str(shown), *sys.argv[1:]])
+    return shlex.join(["python", str(shown), *sys.argv[1:]])
 
 
 def machine(**extra: Any) -> dict[str, Any]:

@@ -74,7 +74,7 @@ def render(doc: dict) -> str:
         accepts = " / ".join(f"{d[f'accept_rate_at_{k}']:.3f}" for k in (1, 2, 3) if f"accept_rate_at_{k}" in d)
         lines.append(f"| {d['arm']} | {d['block']} | {d['macro_tau']:.3f} | {d['tau_pooled']:.3f} | "
                      f"{d['speedup']:.3f}x | {d['decode_speedup']:.3f}x | {d['round_cost_in_plain_steps']:.3f} | "
-                     f"{accepts} | {d['lossless_passed']} |")
+                     f"{accepts} | {'yes' if d['lossless_passed'] == 1 else 'no'} |")
     for p in doc["paired"]:
         lines += ["", f"Paired per-prompt tau, {p['a']} minus {p['b']}: {p['mean_tau_diff']:+.3f} "
                       f"[{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] (95% bootstrap, {p['prompts']} prompts; "

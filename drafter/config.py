@@ -57,7 +57,7 @@ class RuntimeConfig(Section):
     # without AMX), products of many rows (prefills) multiply in float32 and round to bf16 once:
     # faster prefills; decoding steps and verification keep a bf16 kernel.
     wide_float32: bool = True
-    # With prepack, on an AVX-512 CPU and one torch thread, products of at most 8-32 rows (per CPU:
+    # With prepack, on an AVX-512 CPU and one torch thread, products of at most 8-64 rows (per CPU:
     # decoding steps, verification, drafting, small batches) take drafter/few_rows.py's kernel:
     # float32 sums, a row's result independent of the batch, 1.0-1.7x oneDNN's bf16 kernel here
     # (AMX tiles where the CPU has them; on two threads oneDNN's was faster and keeps them); compiled once.

@@ -17,13 +17,13 @@ two arithmetics, chosen once per CPU by the layout `pack` writes (`paired()`):
   registers and a verification of 8 tokens reads each weight once (with 64 columns 6 rows did and
   2 read the tile again from L2: SmolLM2's forward of 8 tokens 1.10x faster, 1 token the same).
   On a CPU with AMX the same layout feeds the tile unit (`tdpbf16ps`), whose work does not grow
-  with the rows: SmolLM2's forward of 8 tokens costs 1.13x one token's (1.48x with `vdpbf16ps`,
-  1.10x with oneDNN's AMX kernel, which reads the weights 1.3x slower).
+  with the rows: SmolLM2's forward of 8 tokens costs 1.12x one token's (1.48x with `vdpbf16ps`,
+  1.06x with oneDNN's AMX kernel, which reads the weights 1.3x slower).
 On two torch threads (this VM's two vCPUs) oneDNN's kernel scaled and this one did not, so
 prepacked layers take it on one thread only (drafter/prepack.py).
 
-Every output is one float32 sum over k in order (an FMA chain, or a chain of pairs or of 16 pairs), plus the
-bias, rounded to bf16 once: a row's result is the same whatever the other rows, the tile or the
+Every output is one float32 sum over k in order (an FMA chain, or a chain of pairs, or of 16 pairs
+at a time on the tiles), plus the bias, rounded to bf16 once: a row's result is the same whatever the other rows, the tile or the
 thread (tested), so a token's logits in a verification are those of the same token decoded
 alone. Not F.linear's to the bit (oneDNN sums in another order); plain and speculative decoding
 share the kernel, so decoding stays lossless relative to the target as it runs.
@@ -55,8 +55,8 @@ PAIRED_VENDORS = {"AuthenticAMD"}
 
 
 # Intel with AMX, the pairs layout through the tile unit (`tdpbf16ps`): the target's forward
-# 1.31x oneDNN's (its own AMX kernel) at 1 row, 1.26x at 8, 1.04-1.07x at 32, 1.07-1.09x at 64 and
-# 0.98x at 128 (bench/results/amx/, bench/RESULTS.md).
+# 1.35x oneDNN's (its own AMX kernel) at 1 row, 1.28x at 8, 1.14-1.24x at 32, 1.06-1.13x at 64 and
+# 0.98x at 128 (bench/results/amx/few_rows_limit.md, bench/RESULTS.md).
 MAX_ROWS_WITH_AMX = 64
 
 
@@ -107,10 +107,10 @@ def build(verbose: bool = False) -> None:
 
 
 def paired() -> bool:
-    """Whether the kernel multiplies bf16 pairs with `vdpbf16ps` here: on AMD EPYC with AVX-512 BF16,
-    where it is up to 1.7x the float32 FMAs from 8 rows on, and on Intel with AMX, 1.04-1.14x them
-    from 1 to 8 rows (bench/few_rows_limit.py); Intel without AMX keeps the FMAs, which were measured
-    there (its `vdpbf16ps` issues at half their rate)."""
+    """Whether the kernel multiplies bf16 pairs here: with `vdpbf16ps` on AMD EPYC with AVX-512 BF16,
+    where it is up to 1.7x the float32 FMAs from 8 rows on, and with the AMX tiles' `tdpbf16ps` on
+    CPUs with AMX, 1.06-2.4x the FMAs from 1 to 64 rows (bench/few_rows_limit.py); Intel without AMX
+    keeps the FMAs, which were measured there (its `vdpbf16ps` issues at half their rate)."""
     from drafter.runtime import cpu_flags, cpu_vendor
 
     flags = cpu_flags()

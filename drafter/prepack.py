@@ -6,8 +6,9 @@ the product: SmolLM2's LM head ([1 x 576] @ [576 x 49,152], one thread, Intel AV
 9.3 ms as `F.linear` and 6.0 ms from a weight reordered once (`bench/prepack.py`). `prepack`
 gives each bf16 `nn.Linear` of a frozen CPU model a copy of its weight in oneDNN's layout
 (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing does) and a forward that
-uses it. Same kernel, same accumulation order: the outputs are `F.linear`'s to the bit (tested),
-so plain and speculative decoding stay exactly what they were, only faster.
+uses it. Same kernel, same accumulation order: the outputs are `F.linear`'s to the bit (tested;
+with AMX, products of 64 rows and more were seen a bf16 step apart now and then: oneDNN blocks
+them differently), and plain and speculative decoding share the layout, so they stay lossless.
 
 The reordered copy costs the weights' memory once more. A forward that needs gradients (a
 drafter trained through the target's LM head) takes `F.linear`, and a weight replaced or changed

@@ -102,8 +102,11 @@ def test_a_prepacked_layer_takes_the_kernel_for_few_rows_and_onednn_beyond(monke
         x = torch.randn(rows, 576, generator=gen).bfloat16()
         with torch.inference_mode():
             out = linear(x)
-        want = fma_chain(x, linear.weight, linear.bias) if rows <= 8 else F.linear(x, linear.weight, linear.bias)
-        assert torch.equal(out, want), rows
+        if rows <= 8:
+            assert torch.equal(out, fma_chain(x, linear.weight, linear.bias)), rows
+        else:  # oneDNN's prepacked kernel: with AMX its blocking at many rows may sum in another order than F.linear's
+            want = F.linear(x, linear.weight, linear.bias).float()
+            assert ((out.float() - want).abs() <= want.abs() * 2 ** -7 + 1e-6).all(), rows
     assert calls == [1, 8]
     with torch_threads(2), torch.inference_mode():  # on two threads oneDNN's kernel was faster: it keeps them
         assert torch.equal(linear(x[:1]), F.linear(x[:1], linear.weight, linear.bias))

@@ -7,8 +7,8 @@ the product: SmolLM2's LM head ([1 x 576] @ [576 x 49,152], one thread, Intel AV
 gives each bf16 `nn.Linear` of a frozen CPU model a copy of its weight in oneDNN's layout
 (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing does) and a forward that
 uses it. Same kernel, same accumulation order: the outputs are `F.linear`'s to the bit (tested;
-with AMX, products of 64 rows and more were seen a bf16 step apart now and then: oneDNN blocks
-them differently), and plain and speculative decoding share the layout, so they stay lossless.
+with AMX, products of some row counts past 32 were seen a bf16 step apart now and then: oneDNN
+blocks them differently), and plain and speculative decoding share the layout, so they stay lossless.
 
 The reordered copy costs the weights' memory once more. A forward that needs gradients (a
 drafter trained through the target's LM head) takes `F.linear`, and a weight replaced or changed

@@ -23,8 +23,8 @@ On two torch threads (this VM's two vCPUs) oneDNN's kernel scaled and this one d
 prepacked layers take it on one thread only (drafter/prepack.py).
 
 Every output is one float32 sum over k in order (an FMA chain, or a chain of pairs, or of 16 pairs
-at a time on the tiles), plus the bias, rounded to bf16 once: a row's result is the same whatever the other rows, the tile or the
-thread (tested), so a token's logits in a verification are those of the same token decoded
+at a time on the tiles), plus the bias, rounded to bf16 once: a row's result is the same whatever
+the other rows, the tile or the thread (tested), so a token's logits in a verification are those of the same token decoded
 alone. Not F.linear's to the bit (oneDNN sums in another order); plain and speculative decoding
 share the kernel, so decoding stays lossless relative to the target as it runs.
 

@@ -27,8 +27,8 @@ With `few_rows` set, products of at most that many rows (decoding steps, verific
 batches) on one torch thread take `drafter.few_rows`' kernel instead (AVX-512; AMX tiles where
 the CPU has them): a float32-accumulating kernel that streams the weights faster than oneDNN's,
 1.06-1.7x on SmolLM2's shapes, from a third copy of the weights in its own layout. On two threads
-oneDNN's kernel was faster (bench/RESULTS.md), so it keeps those. Its outputs are not F.linear's to the bit either, and every
-decoding path shares it.
+oneDNN's kernel was faster (bench/RESULTS.md), so it keeps those. Its outputs are not F.linear's to
+the bit either, and every decoding path shares it.
 """
 
 from __future__ import annotations

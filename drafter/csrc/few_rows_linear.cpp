@@ -48,13 +48,19 @@ at::Tensor pack_pairs(const at::Tensor& weight) {
   return w.view({tiles, kPairCols, pairs, 2}).permute({0, 2, 1, 3}).contiguous().view({tiles, pairs, 2 * kPairCols});
 }
 
-// A tile's sums for MT rows (+ bias) rounded once to bf16 (as `Tensor.to(bfloat16)` rounds) into `out`.
+// One row's float32 sums (+ bias) rounded once to bf16 (as `Tensor.to(bfloat16)` rounds) into `out`.
+__attribute__((always_inline)) inline void store_row(const float* sums, const float* bias, at::BFloat16* out,
+                                                     int64_t cols) {
+  for (int64_t c = 0; c < cols; c++) out[c] = at::BFloat16(bias ? sums[c] + bias[c] : sums[c]);
+}
+
+// A tile's sums for MT rows, each stored by `store_row`.
 template <int MT, int B>
 inline void store(const __m512 (&acc)[MT][B], const float* bias, at::BFloat16* out, int64_t ld_out, int64_t cols) {
   for (int m = 0; m < MT; m++) {
     float row[16 * B];
     for (int b = 0; b < B; b++) _mm512_storeu_ps(row + 16 * b, acc[m][b]);
-    for (int64_t c = 0; c < cols; c++) out[m * ld_out + c] = at::BFloat16(bias ? row[c] + bias[c] : row[c]);
+    store_row(row, bias, out + m * ld_out, cols);
   }
 }
 
@@ -129,6 +135,7 @@ void tile_pairs(const uint16_t* x, int64_t pairs, const uint16_t* w, const float
 // row's result does not depend on the other rows or the thread.
 constexpr int kAmxRows = 16;
 constexpr int64_t kAmxPairs = 16;  // k pairs a `tdpbf16ps` takes
+constexpr int kAmxChunkLines = kAmxPairs * 2 * kPairCols * 2 / 64;  // cache lines of the 3 B tiles a step reads
 
 struct TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -172,7 +179,7 @@ void tiles_amx(const uint16_t* x, int64_t rows, int64_t pairs, const uint16_t* w
         const uint16_t* wp = wt + p * 2 * kPairCols;
         if (m0 == 0) {  // 8 KiB ahead, as above; the next blocks find the tile in the cache
           const char* ahead = reinterpret_cast<const char*>(wp + kPrefetch * kCols);
-          for (int line = 0; line < 48; line++) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+          for (int line = 0; line < kAmxChunkLines; line++) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
         }
         _tile_loadd(3, xm + 2 * p, x_stride);
         _tile_loadd(4, wp, w_stride);
@@ -186,10 +193,7 @@ void tiles_amx(const uint16_t* x, int64_t rows, int64_t pairs, const uint16_t* w
       _tile_stored(1, sums + 16, 4 * kPairCols);
       _tile_stored(2, sums + 32, 4 * kPairCols);
       for (int64_t m = 0; m < std::min<int64_t>(block, rows - m0); m++)
-        for (int64_t c = 0; c < cols; c++) {
-          const float sum = sums[m * kPairCols + c];
-          out[(m0 + m) * n + t * kPairCols + c] = at::BFloat16(bt ? sum + bt[c] : sum);
-        }
+        store_row(sums + m * kPairCols, bt, out + (m0 + m) * n + t * kPairCols, cols);
     }
   }
   _tile_release();

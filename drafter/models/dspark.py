@@ -373,7 +373,7 @@ class DSpark(DraftVocab, DraftModel):
         backbone = self.vocab_logits(hidden).float()  # U for the whole block: one LM-head product
         if self.markov_head is None:  # DFlash: no sequential dependency, one sampling call
             draft, probs = sample(backbone, temperature, generator)
-            return Proposal(tokens=self.to_target_ids(draft)[None], probs=self.proposal_probs(probs[None], temperature))
+            return Proposal(tokens=self.to_target_ids(draft)[None], probs=self.proposal_probs([probs], temperature))
         tokens, probs, confs = [], [], []
         prev = anchor
         for k in range(gamma):  # the Markov head is sequential: x_k feeds slot k+1
@@ -386,7 +386,7 @@ class DSpark(DraftVocab, DraftModel):
             probs.append(p)
         return Proposal(
             tokens=torch.stack(tokens, 1),
-            probs=self.proposal_probs(torch.stack(probs, 1), temperature),
+            probs=self.proposal_probs(probs, temperature),
             confidences=torch.stack(confs, 1) if confs else None,
         )
 

@@ -251,7 +251,7 @@ class Eagle3(DraftVocab, DraftModel):
             token = self.to_target_ids(draft)
             tokens.append(token)
             probs.append(p)
-        return Proposal(tokens=torch.stack(tokens, 1), probs=self.proposal_probs(torch.stack(probs, 1), temperature),
+        return Proposal(tokens=torch.stack(tokens, 1), probs=self.proposal_probs(probs, temperature),
                         confidences=None)
 
     # ----- persistence ---------------------------------------------------------------------------

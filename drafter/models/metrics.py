@@ -12,18 +12,15 @@ GREEDY_BELOW = 1e-5  # temperatures at or below this draft the argmax
 
 def sample(
     logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [1, V] -> (token [1], the distribution it was drawn from [1, V], float32).
 
-    At temperature ~0 the distribution is the one-hot of the argmax, so lossless
-    verification degenerates to exact greedy matching.
+    At temperature ~0 the token is the argmax and the distribution (its one-hot) is None: lossless
+    verification then degenerates to exact greedy matching, which compares tokens only.
     """
-    logits = logits.float()
     if temperature <= GREEDY_BELOW:
-        token = logits.argmax(-1)
-        probs = torch.zeros_like(logits).scatter_(-1, token[:, None], 1.0)
-        return token, probs
-    probs = torch.softmax(logits / temperature, dim=-1)
+        return logits.argmax(-1), None
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
     token = torch.multinomial(probs, 1, generator=generator)[:, 0]
     return token, probs
 

@@ -108,10 +108,11 @@ class DraftVocab:
         out = probs.new_zeros(*probs.shape[:-1], self.heads.vocab_size)
         return out.index_copy_(-1, self.draft_ids, probs)
 
-    def proposal_probs(self, probs: torch.Tensor, temperature: float) -> torch.Tensor | None:
-        """A proposal's distributions [1, g, Vd] over the target vocabulary, or None when greedy:
-        verification then compares tokens, and a [g, V] one-hot would cost every round a fill."""
-        return None if temperature <= GREEDY_BELOW else self.to_target(probs)
+    def proposal_probs(self, probs: list[torch.Tensor | None], temperature: float) -> torch.Tensor | None:
+        """The drafted positions' distributions, in order ([k, Vd] each) -> the proposal's [1, g, V]
+        over the target vocabulary, or None when greedy (`sample` draws none): verification then
+        compares tokens, and a [g, V] one-hot would cost every round a fill."""
+        return None if temperature <= GREEDY_BELOW else self.to_target(torch.cat(probs)[None])
 
     def at_target_ids(self, values: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
         """values [N, Vd] over the draft vocabulary, read at target ids [N, k] (0 outside it)."""

@@ -129,6 +129,39 @@ def test_markov_bias(target, heads, head_type):
         torch.testing.assert_close(bias, (gate * w1) @ head.markov_w2.weight.T)
 
 
+def test_markov_bias_rows_are_remembered_while_w2_is_unchanged(target, heads, batch, monkeypatch):
+    """Drafting one token at a time keeps each previous token's bias row: the same bits as the
+    product, recomputed once W2 changes in place, never with gradients, at most MEMO_BYTES."""
+    import drafter.models.dspark as dspark
+
+    model = make(target, heads, "dspark")
+    head = model.markov_head
+    hidden = torch.randn(1, heads.hidden_size)
+    prev = torch.tensor([17])
+    with torch.no_grad():
+        first, _ = head(prev, hidden)
+        again, _ = head(prev, hidden)
+        assert torch.equal(first, head.markov_w1(prev) @ head.markov_w2.weight.T)
+        assert again.data_ptr() == first.data_ptr()  # the kept row
+        head.markov_w2.weight.add_(0.5)  # an optimizer step
+        updated, _ = head(prev, hidden)
+        assert torch.equal(updated, head.markov_w1(prev) @ head.markov_w2.weight.T) and not torch.equal(updated, first)
+    trained, _ = head(prev, hidden)
+    assert trained.requires_grad and trained.data_ptr() != updated.data_ptr()
+
+    state = model.init_state()
+    model.extend(state, batch.features[:1, :10], batch.input_ids[:1, :10])
+    anchors = batch.input_ids[0, 10:16]
+    monkeypatch.setattr(dspark, "MEMO_BYTES", 0)
+    head._memo_version = None
+    plain = [model.propose(state, a[None], 3, 0.0).tokens for a in anchors]
+    assert head._memo == {}
+    monkeypatch.setattr(dspark, "MEMO_BYTES", 3 * model.draft_vocab_size * 4)  # three float32 rows
+    for _ in range(2):  # rows computed, then read back
+        assert all(torch.equal(model.propose(state, a[None], 3, 0.0).tokens, p) for a, p in zip(anchors, plain))
+    assert len(head._memo) == 3
+
+
 @pytest.mark.parametrize("head_type", ["vanilla", "gated"])
 def test_markov_teacher_forced_equals_step_by_step(target, heads, batch, head_type):
     """Sampling left to right (propose) and one teacher-forced pass over the sampled

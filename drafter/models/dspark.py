@@ -132,6 +132,9 @@ class BlockLayout:
 
 
 # ----- heads ------------------------------------------------------------------------------
+MEMO_BYTES = 64 << 20  # Markov bias rows a drafter keeps at inference (4,096 rows of 8,192 bf16 logits)
+
+
 class MarkovHead(nn.Module):
     """Low-rank first-order bias B_k = W2(W1[x_{k-1}]) over the drafter's vocabulary.
 
@@ -153,7 +156,28 @@ class MarkovHead(nn.Module):
         used = emb
         if self.head_type == "gated":
             used = torch.sigmoid(self.gate_proj(torch.cat([hidden, emb.to(hidden.dtype)], -1))) * emb
+        elif self._memoizes(prev):
+            return self._remembered(int(prev), emb), emb
         return self.markov_w2(used), emb
+
+    def _memoizes(self, prev: torch.Tensor) -> bool:
+        # Drafting on a CPU, one token at a time: W2 (r x N, 4 MiB for SmolLM2) is read for a
+        # bias row of N values that depends on the previous token alone.
+        return prev.numel() == 1 and prev.device.type == "cpu" and not torch.is_grad_enabled()
+
+    def _remembered(self, token: int, emb: torch.Tensor) -> torch.Tensor:
+        """The bias row of `token`, computed by the same product the first time it is asked for
+        (the same bits), then kept while W2 is unchanged, up to MEMO_BYTES."""
+        weight = self.markov_w2.weight
+        version = (id(weight), weight._version)
+        if getattr(self, "_memo_version", None) != version:
+            self._memo, self._memo_version = {}, version
+        row = self._memo.get(token)
+        if row is None:
+            row = self.markov_w2(emb)
+            if (len(self._memo) + 1) * row.numel() * row.element_size() <= MEMO_BYTES:
+                self._memo[token] = row
+        return row.view(*emb.shape[:-1], row.shape[-1])
 
 
 class ConfidenceHead(nn.Module):

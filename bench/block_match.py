@@ -5,7 +5,8 @@
 
 `--arm NAME=DIR`: a `drafter train` output folder (its metrics.json and config.yaml);
 `--decoded NAME@BLOCK=EVAL`: a `drafter evaluate` output folder of that arm's drafter decoded
-drafting BLOCK tokens a round; `--pair X@3-Y@3`: the paired bootstrap of per-prompt tau, X minus
+drafting BLOCK tokens a round (`NAME@BLOCK/TAG=EVAL` for another decode of the same, e.g. with
+other engine code); `--pair X@3-Y@3`: the paired bootstrap of per-prompt tau, X minus
 Y, over the prompts both decoded. The training and decoding commands are the caller's (they
 take hours on a CPU and run in the background); this script only reads their outputs, so the
 table in `<name>.md` can be rebuilt from them.
@@ -72,7 +73,8 @@ def render(doc: dict) -> str:
               "accept@1/2/3 | lossless |", "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for d in doc["decoded"]:
         accepts = " / ".join(f"{d[f'accept_rate_at_{k}']:.3f}" for k in (1, 2, 3) if f"accept_rate_at_{k}" in d)
-        lines.append(f"| {d['arm']} | {d['block']} | {d['macro_tau']:.3f} | {d['tau_pooled']:.3f} | "
+        label = d["arm"] + (f" ({d['tag']})" if d.get("tag") else "")
+        lines.append(f"| {label} | {d['block']} | {d['macro_tau']:.3f} | {d['tau_pooled']:.3f} | "
                      f"{d['speedup']:.3f}x | {d['decode_speedup']:.3f}x | {d['round_cost_in_plain_steps']:.3f} | "
                      f"{accepts} | {'yes' if d['lossless_passed'] == 1 else 'no'} |")
     for p in doc["paired"]:
@@ -86,7 +88,8 @@ def render(doc: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arm", type=named, action="append", required=True, help="NAME=TRAIN_DIR")
-    parser.add_argument("--decoded", type=named, action="append", default=[], help="NAME@BLOCK=EVAL_DIR")
+    parser.add_argument("--decoded", type=named, action="append", default=[],
+                        help="NAME@BLOCK[/TAG]=EVAL_DIR (TAG tells apart two decodes of one arm and block)")
     parser.add_argument("--pair", action="append", default=[], help="X@BLOCK-Y@BLOCK: tau of X minus Y, per prompt")
     parser.add_argument("--title", default="Training the block that decoding uses (DSpark)")
     parser.add_argument("--description", default="")
@@ -97,10 +100,11 @@ def main() -> None:
     arms = [arm(name, path) for name, path in args.arm]
     runs = {}
     for key, path in args.decoded:
-        name, sep, block = key.partition("@")
+        name, sep, rest = key.partition("@")
+        block, _, tag = rest.partition("/")
         if not sep or not block.isdigit():
-            parser.error(f"--decoded expects NAME@BLOCK=EVAL_DIR, got {key!r}")
-        runs[key] = {"arm": name, "block": int(block), **decoded(path)}
+            parser.error(f"--decoded expects NAME@BLOCK[/TAG]=EVAL_DIR, got {key!r}")
+        runs[key] = {"arm": name, "block": int(block), **({"tag": tag} if tag else {}), **decoded(path)}
     paired = []
     for text in args.pair:
         a, sep, b = text.partition("-")

@@ -356,7 +356,8 @@ class SpecEngine:
         if self.scheduler is None:
             lengths = list(proposed)
         else:
-            lengths = self.scheduler.lengths(proposed, confs, overhead_s=self.overhead_s.get(len(rows), 0.0))
+            lengths = self.scheduler.lengths(proposed, confs, overhead_s=self.overhead_s.get(len(rows), 0.0),
+                                             greedy=self.greedy)
         if len(lengths) != len(rows) or any(not 0 <= n <= p for n, p in zip(lengths, proposed)):
             raise DecodingError(f"scheduler chose lengths {lengths} for drafts of {proposed}")
         width = max(lengths) + 1

@@ -16,7 +16,10 @@ Modes (config `scheduler.mode`):
   the paper's rule over padded widths. On CPUs a forward's cost is concave in its tokens
   (the first extra tokens cost the most, later ones less), and the paper's rule stops on
   that first steep step; the shared-width rule weighs whole width steps and measured
-  faster (bench/RESULTS.md).
+  faster (bench/RESULTS.md). Greedy decoding emits the target's argmax whatever is verified,
+  so there the early stop is not needed: padded, every width is weighed with every row's
+  survival and the fastest is taken (`any_width`); a step in the cost (the AMX tiles pad rows
+  to 16, so past a block boundary the next widths cost little more) no longer stops the search.
 
 SPS comes from a cost table profiled on this machine (`drafter profile`): target forward
 steps per second. The rest of an engine step (drafting, sampling, cache bookkeeping) does
@@ -79,7 +82,8 @@ def threshold_lengths(confidences: Sequence[torch.Tensor], threshold: float) -> 
 
 
 def prefix_lengths(
-    survival: Sequence[torch.Tensor], sps, shared_width: bool = False, overhead_s: float = 0.0, packed: bool = False
+    survival: Sequence[torch.Tensor], sps, shared_width: bool = False, overhead_s: float = 0.0, packed: bool = False,
+    any_width: bool = False,
 ) -> list[int]:
     """Algorithm 1. `survival[r]` = a_{r,1..g_r}; `sps(rows, width)` = forward steps per second;
     `overhead_s` = the rest of an engine step (drafting, sampling, cache bookkeeping), which
@@ -101,6 +105,10 @@ def prefix_lengths(
 
     `packed`: the engine verifies each request's own tokens only, so a forward costs what its
     token count N costs, read at width N / R (`shared_width` does not apply): the paper's rule.
+
+    `any_width` (padded only): which drafts are verified cannot change the output (greedy
+    decoding), so each width w is weighed with every row's first w - 1 drafts, and the one with
+    the highest expected throughput is taken.
     """
     rows = len(survival)
     a = [[float(x) for x in s] for s in survival]
@@ -108,6 +116,12 @@ def prefix_lengths(
 
     def step_rate(r: int, w: int) -> float:
         return 1.0 / (1.0 / sps(r, w) + overhead_s)
+
+    if any_width and not packed:
+        widest = max((len(s) for s in a), default=0) + 1
+        throughput = {w: (rows + sum(sum(s[: w - 1]) for s in a)) * step_rate(rows, w) for w in range(1, widest + 1)}
+        width = max(throughput, key=lambda w: (throughput[w], -w))  # the narrowest of equals
+        return [min(len(s), width - 1) for s in a]
 
     heap = [(-a[r][0], 0, r) for r in range(rows) if a[r] and a[r][0] > 0]
     heapq.heapify(heap)
@@ -312,9 +326,11 @@ class Scheduler:
         return apply_temperatures(conf, self.temperatures)
 
     def lengths(
-        self, proposed: Sequence[int], confidences: Sequence[torch.Tensor | None], overhead_s: float = 0.0
+        self, proposed: Sequence[int], confidences: Sequence[torch.Tensor | None], overhead_s: float = 0.0,
+        greedy: bool = False,
     ) -> list[int]:
-        """`overhead_s`: the engine's measured per-round time outside the target forward."""
+        """`overhead_s`: the engine's measured per-round time outside the target forward; `greedy`:
+        the engine decodes greedily (any drafts may be verified: `prefix_lengths`' any_width)."""
         if self.mode == "fixed":
             return list(proposed)
         for n, c in zip(proposed, confidences):
@@ -324,7 +340,7 @@ class Scheduler:
         if self.mode == "threshold":
             return threshold_lengths(confs, self.threshold)
         return prefix_lengths([prefix_survival(c) for c in confs], self.cost_table, self.shared_width, overhead_s,
-                              self.packed)
+                              self.packed, any_width=greedy)
 
 
 def find_calibration(drafter_dir: Path | None, calibration_dir: Path | None = None) -> Path | None:

@@ -150,7 +150,7 @@ class Ragged:
     def __init__(self):
         self.round = 0
 
-    def lengths(self, proposed, confidences, overhead_s=0.0):
+    def lengths(self, proposed, confidences, overhead_s=0.0, greedy=False):
         self.round += 1
         return [min(p, (self.round + i) % (p + 1)) for i, p in enumerate(proposed)]
 

@@ -82,13 +82,14 @@ def test_engine_measures_round_overhead(tiny_target):
     seen = []
 
     class Spy(Scheduler):
-        def lengths(self, proposed, confidences, overhead_s=0.0):
-            seen.append(overhead_s)
+        def lengths(self, proposed, confidences, overhead_s=0.0, greedy=False):
+            seen.append((overhead_s, greedy))
             return list(proposed)
 
     engine = SpecEngine(tiny_target, RandomDrafter(tiny_target.vocab_size), gamma=3, scheduler=Spy())
     engine.generate_batch([[5, 6, 7], [8, 9]], 6)
-    assert seen[0] == 0.0 and all(s > 0 for s in seen[1:]) and 2 in engine.overhead_s
+    assert seen[0][0] == 0.0 and all(s > 0 for s, _ in seen[1:]) and 2 in engine.overhead_s
+    assert all(greedy == engine.greedy for _, greedy in seen)  # the engine says how it decodes
 
 
 def test_both_rules_agree_for_one_request():
@@ -109,6 +110,30 @@ def test_algorithm1_stops_early_where_a_global_search_would_not(shared_width):
     cheap = table([1], [[1.0, 0.9, 0.85, 0.8, 0.75]])
     assert prefix_lengths([torch.tensor([0.95, 0.9, 0.85, 0.8])], cheap, shared_width) == [4]
     assert prefix_lengths([torch.tensor([0.0, 0.0])], cheap, shared_width) == [0]  # a = 0 is never a candidate
+    # Greedy decoding (any drafts may be verified): every width is weighed, width 5 is the fastest
+    # (4.5 x 0.40 = 1.80 against 1.55, 1.28, 0.98 and 1 for widths 4, 3, 2 and 1).
+    assert prefix_lengths([torch.tensor([0.95, 0.9, 0.85, 0.8])], sps, shared_width, any_width=True) == [4]
+    assert prefix_lengths([torch.tensor([0.0, 0.0])], cheap, shared_width, any_width=True) == [0]
+
+
+def test_greedy_width_scan_passes_a_step_in_the_cost():
+    """Four requests; widening past 4 costs a step (rows padded to the next tile block: 19.1 ->
+    16.2 forwards/s, measured on AMX), past it more width is nearly free. The stopping rule halts
+    at the step: (4 + 4 x 3.05) x 16.2 = 262 < (4 + 4 x 2.55) x 19.1 = 271. With greedy decoding
+    every width is weighed, and the whole block pays: (4 + 4 x 4.55) x 15.2 = 337."""
+    sps = table([4], [[22.9, 21.3, 20.3, 19.1, 16.2, 15.7, 15.3, 15.2]])
+    survival = [torch.tensor([0.9, 0.85, 0.8, 0.5, 0.5, 0.5, 0.5])] * 4
+    assert prefix_lengths(survival, sps, shared_width=True) == [3] * 4
+    assert prefix_lengths(survival, sps, shared_width=True, any_width=True) == [7] * 4
+
+    def merit(width, rows):  # expected tokens x forwards/s
+        return (4 + sum(float(s[: width - 1].sum()) for s in rows)) * sps(4, width)
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):  # the scan's width is the best of all widths, the fixed block's included
+        rows = [prefix_survival(torch.rand(7, generator=gen) ** 0.3) for _ in range(4)]
+        chosen = prefix_lengths(rows, sps, shared_width=True, any_width=True)[0] + 1
+        assert merit(chosen, rows) == max(merit(w, rows) for w in range(1, 9)) >= merit(8, rows)
 
 
 def test_threshold_and_temperatures():
@@ -225,8 +250,8 @@ def test_sampling_lossless_with_prefix_scheduler(shared_width, packed):
     sps = table([1, 2000], [line, line])
 
     class Untimed(Scheduler):  # decisions from the table alone, so the seeded test stays deterministic
-        def lengths(self, proposed, confidences, overhead_s=0.0):
-            return super().lengths(proposed, confidences, 0.0)
+        def lengths(self, proposed, confidences, overhead_s=0.0, greedy=False):
+            return super().lengths(proposed, confidences, 0.0, greedy)
 
     scheduler = Untimed("prefix", cost_table=sps, shared_width=shared_width, packed=packed)
     pvalue, totals = sample_pvalue(target, drafter, joint, scheduler=scheduler)

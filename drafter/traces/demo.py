@@ -85,17 +85,23 @@ def _turns(obj: Any) -> list[dict] | None:
     return messages
 
 
-def pick_conversations(n: int, rng: random.Random) -> list[list[dict]]:
-    """About n short conversations with the SHARES domain mix, streamed from the dump."""
+def pick_conversations(n: int, rng: random.Random, start: int = 0) -> list[list[dict]]:
+    """About n short conversations with the SHARES domain mix, streamed from the dump after its
+    first `start` usable ones (the draw stops once the quotas fill, so every seed reads from the
+    front of the dump and two seeds share most of their conversations: `start` reaches further)."""
     quota = {d: max(1, round(n * share)) for d, share in SHARES.items()}
     quota["chat"] += n - sum(quota.values())
     pools: dict[str, list[list[dict]]] = {d: [] for d in quota}
     extra: list[list[dict]] = []
+    usable = 0
     for rec in SourceReader(sharegpt_path(), max_line_bytes=50_000_000).records():
         if rec.error:  # the packaged dump ends mid-element: use what came before
             break
         messages = _turns(rec.obj)
-        if messages is None or rng.random() < 0.3:  # skip some so that seeds differ
+        if messages is None:
+            continue
+        usable += 1
+        if usable <= start or rng.random() < 0.3:  # skip some so that seeds differ
             continue
         domain = classify([m["content"] for m in messages if m["role"] == "user"])
         if len(pools[domain]) < quota[domain]:
@@ -108,7 +114,8 @@ def pick_conversations(n: int, rng: random.Random) -> list[list[dict]]:
     picked = [m for d in quota for m in pools[d]]
     picked += extra[: max(0, n - len(picked))]
     if len(picked) < n:
-        raise DemoDataError(f"only {len(picked)} usable conversations in {DATA_FILE}; ask for fewer")
+        raise DemoDataError(f"only {len(picked)} usable conversations in {DATA_FILE} after the first {start}; "
+                            "ask for fewer")
     rng.shuffle(picked)
     return picked[:n]
 
@@ -211,10 +218,10 @@ def _eval_prompt() -> str:
         return json.loads(f.readline())["turns"][0].split("\nPlease reason")[0]
 
 
-def demo_lines(n: int, seed: int) -> Iterator[tuple[str, bytes]]:
+def demo_lines(n: int, seed: int, start: int = 0) -> Iterator[tuple[str, bytes]]:
     """(kind, raw line) pairs: the good conversations plus the planted oddities, in order."""
     rng = random.Random(seed)
-    conversations = pick_conversations(n, rng)
+    conversations = pick_conversations(n, rng, start)
     when = datetime(2026, 11, 2, 8, 0, tzinfo=timezone.utc) + timedelta(days=rng.randint(0, 14))
     odd_every = max(10, n // 5)
     for i, messages in enumerate(conversations):
@@ -251,18 +258,22 @@ def demo_lines(n: int, seed: int) -> Iterator[tuple[str, bytes]]:
             yield "eval_prompt", json.dumps(log_line(contaminated, when, rng)).encode()
 
 
-def write_demo_logs(out: Path | str = Path("data/raw"), n: int = 300, seed: int = 0) -> dict[str, Any]:
-    """Write `out/chat-completions.jsonl`; returns a summary (path, lines, what was planted)."""
+def write_demo_logs(out: Path | str = Path("data/raw"), n: int = 300, seed: int = 0, start: int = 0) -> dict[str, Any]:
+    """Write `out/chat-completions.jsonl` from the dump's usable conversations after the first
+    `start`; returns a summary (path, lines, what was planted)."""
     if n < 1:
         raise DemoDataError("n must be at least 1")
+    if start < 0:
+        raise DemoDataError("start must be at least 0")
     out = Path(out)
     kinds: Counter = Counter()
     lines = []
-    for kind, raw in demo_lines(n, seed):
+    for kind, raw in demo_lines(n, seed, start):
         kinds[kind.split("+")[0]] += 1
         if "+" in kind:
             kinds[kind.split("+")[1]] += 1
         lines.append(raw)
     path = out / "chat-completions.jsonl"
     atomic_write_bytes(path, b"\n".join(lines) + b"\n")
-    return {"path": str(path), "lines": len(lines), "conversations": n, "seed": seed, "kinds": dict(sorted(kinds.items()))}
+    return {"path": str(path), "lines": len(lines), "conversations": n, "seed": seed, "start": start,
+            "kinds": dict(sorted(kinds.items()))}

@@ -54,7 +54,7 @@ def main() -> None:
     def one_pass(memo_bytes: int, clear: bool = True) -> tuple[float, list[list[int]]]:
         dspark.MEMO_BYTES = memo_bytes
         if clear:
-            model.markov_head._memo_version = None  # no rows kept
+            model.markov_head.forget()  # no rows kept
         start = time.process_time()
         drafts = [model.propose(state, a, args.gamma, 0.0).tokens.flatten().tolist() for a in anchors]
         return (time.process_time() - start) / len(anchors) * 1e3, drafts

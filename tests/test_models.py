@@ -153,7 +153,7 @@ def test_markov_bias_rows_are_remembered_while_w2_is_unchanged(target, heads, ba
     model.extend(state, batch.features[:1, :10], batch.input_ids[:1, :10])
     anchors = batch.input_ids[0, 10:16]
     monkeypatch.setattr(dspark, "MEMO_BYTES", 0)
-    head._memo_version = None
+    head.forget()
     plain = [model.propose(state, a[None], 3, 0.0).tokens for a in anchors]
     assert head._memo == {}
     monkeypatch.setattr(dspark, "MEMO_BYTES", 3 * model.draft_vocab_size * 4)  # three float32 rows

@@ -149,6 +149,12 @@ class MarkovHead(nn.Module):
         self.markov_w2 = nn.Linear(rank, out_vocab, bias=False)
         if head_type == "gated":  # a sigmoid gate over [h_k ; W1 x] scales W1 x
             self.gate_proj = nn.Linear(hidden_size + rank, rank)
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop the bias rows kept for drafting (`_remembered`)."""
+        self._memo: dict[int, torch.Tensor] = {}
+        self._memo_version: tuple[int, int] | None = None
 
     def forward(self, prev: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """prev [...] ids, hidden [..., H] -> (bias [..., V], W1[prev] [..., r])."""
@@ -170,8 +176,9 @@ class MarkovHead(nn.Module):
         (the same bits), then kept while W2 is unchanged, up to MEMO_BYTES."""
         weight = self.markov_w2.weight
         version = (id(weight), weight._version)
-        if getattr(self, "_memo_version", None) != version:
-            self._memo, self._memo_version = {}, version
+        if self._memo_version != version:
+            self.forget()
+            self._memo_version = version
         row = self._memo.get(token)
         if row is None:
             row = self.markov_w2(emb)

@@ -40,7 +40,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from drafter import fused
-from drafter.attention import PackedCache, Packing, packed_forward, supports_packing, verify_mask
+from drafter.attention import PackedCache, Packing, RoomyLayer, packed_forward, supports_packing, verify_mask
 from drafter.errors import DrafterError
 from drafter.models.base import DraftModel
 from drafter.models.metrics import GREEDY_BELOW
@@ -487,7 +487,7 @@ class SpecEngine:
     @staticmethod
     def _layers(cache):
         for layer in cache.layers:
-            if type(layer) is not DynamicLayer:
+            if type(layer) not in (DynamicLayer, RoomyLayer):
                 raise DecodingError(f"unsupported KV-cache layer {type(layer).__name__}")
             if layer.is_initialized and layer.keys.numel():
                 yield layer

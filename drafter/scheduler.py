@@ -19,7 +19,8 @@ Modes (config `scheduler.mode`):
   faster (bench/RESULTS.md). Greedy decoding emits the target's argmax whatever is verified,
   so there the early stop is not needed: padded, every width is weighed with every row's
   survival and the fastest is taken (`any_width`); a step in the cost (the AMX tiles pad rows
-  to 16, so past a block boundary the next widths cost little more) no longer stops the search.
+  to 16, so past a block boundary the next widths cost little more) no longer stops the search;
+  packed, every token budget is weighed with the drafts most likely to survive.
 
 SPS comes from a cost table profiled on this machine (`drafter profile`): target forward
 steps per second. The rest of an engine step (drafting, sampling, cache bookkeeping) does
@@ -106,9 +107,10 @@ def prefix_lengths(
     `packed`: the engine verifies each request's own tokens only, so a forward costs what its
     token count N costs, read at width N / R (`shared_width` does not apply): the paper's rule.
 
-    `any_width` (padded only): which drafts are verified cannot change the output (greedy
-    decoding), so each width w is weighed with every row's first w - 1 drafts, and the one with
-    the highest expected throughput is taken.
+    `any_width`: which drafts are verified cannot change the output (greedy decoding), so no
+    early stop is needed. Padded, each width w is weighed with every row's first w - 1 drafts;
+    packed, each token budget N with the N - R drafts of highest a (prefix-closed: a falls along
+    a row); the one with the highest expected throughput is taken.
     """
     rows = len(survival)
     a = [[float(x) for x in s] for s in survival]
@@ -122,6 +124,17 @@ def prefix_lengths(
         throughput = {w: (rows + sum(sum(s[: w - 1]) for s in a)) * step_rate(rows, w) for w in range(1, widest + 1)}
         width = max(throughput, key=lambda w: (throughput[w], -w))  # the narrowest of equals
         return [min(len(s), width - 1) for s in a]
+    if any_width:  # packed
+        order = sorted((-x, j, r) for r, s in enumerate(a) for j, x in enumerate(s))  # a desc, then along the row
+        tau, best, budget = float(rows), rows * step_rate(rows, 1), 0
+        for k, (neg_a, _, _) in enumerate(order, 1):
+            tau -= neg_a
+            theta = tau * step_rate(rows, (rows + k) / rows)
+            if theta > best:
+                best, budget = theta, k
+        for _, _, r in order[:budget]:
+            lengths[r] += 1
+        return lengths
 
     heap = [(-a[r][0], 0, r) for r in range(rows) if a[r] and a[r][0] > 0]
     heapq.heapify(heap)
@@ -260,7 +273,8 @@ def profile_target(
     time), then the table is made monotone in rows and width (`monotone_times`).
     """
     from tqdm import tqdm
-    from transformers import DynamicCache
+
+    from drafter.attention import PackedCache  # the engine's own cache: what it costs is part of a step
 
     gen = torch.Generator().manual_seed(0)
     widths = list(range(1, max_width + 1))
@@ -268,7 +282,7 @@ def profile_target(
     bar = tqdm(total=len(rows) * len(widths), desc="profiling SPS", disable=not progress)
     for r in rows:
         ids = torch.randint(target.vocab_size, (r, context), generator=gen).to(target.device)
-        cache = DynamicCache()
+        cache = PackedCache()
         target.capture(ids, past_key_values=cache, use_cache=True)
         blocks = [torch.randint(target.vocab_size, (r, w), generator=gen).to(target.device) for w in widths]
         line = [math.inf] * len(widths)

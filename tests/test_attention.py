@@ -304,3 +304,44 @@ def test_a_bf16_proposal_block_attends_through_the_kernel_like_sdpa(monkeypatch)
     sdpa = F.scaled_dot_product_attention(q[:, :, 0], k, v, scale=0.125, enable_gqa=True)
     monkeypatch.setattr("drafter.models.layers.kernel_takes", lambda *a: False)
     assert torch.equal(block_attention(q, k_ctx, v_ctx, k_blk, v_blk, None, 0.125)[:, :, 0], sdpa)
+
+
+def test_roomy_layer_holds_what_concatenation_holds_and_writes_in_place():
+    """The engine's cache operations (update, crop, dropping leading columns, shifting a row in
+    place, selecting rows) on a RoomyLayer and on transformers' DynamicLayer give the same keys
+    and values; steps that fit write into the same buffer (no copy of the cache)."""
+    from transformers.cache_utils import DynamicLayer
+
+    from drafter.attention import RoomyLayer
+
+    gen = torch.Generator().manual_seed(0)
+    roomy, plain = RoomyLayer(), DynamicLayer()
+
+    def step(width, rows=4):
+        k, v = torch.randn(rows, 2, width, 8, generator=gen), torch.randn(rows, 2, width, 8, generator=gen)
+        got, want = roomy.update(k, v), plain.update(k, v)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        assert roomy.keys.stride(-1) == 1 and roomy.keys.stride(-2) == 8  # each head's S x D block contiguous
+
+    step(30)
+    buffer = roomy._buffers[0].data_ptr()
+    for width in (5, 3, 8, 1):
+        step(width)
+        for layer in (roomy, plain):
+            layer.crop(-2)
+    assert roomy._buffers[0].data_ptr() == buffer  # every step fit: written in place
+    for layer in (roomy, plain):  # the engine's _trim and _realign
+        layer.keys, layer.values = layer.keys[:, :, 3:], layer.values[:, :, 3:]
+        for t in (layer.keys, layer.values):
+            t[1, :, 2:] = t[1, :, :-2].clone()
+    step(4)
+    assert roomy._buffers[0].data_ptr() == buffer
+    for _ in range(40):  # past the room: a new buffer, the cached slots copied over
+        step(7)
+    assert roomy._buffers[0].data_ptr() != buffer
+    for layer in (roomy, plain):
+        layer.batch_select_indices(torch.tensor([0, 2, 3]))
+    step(6, rows=3)
+    step(2, rows=3)
+    assert roomy.get_seq_length() == plain.get_seq_length()

@@ -274,3 +274,35 @@ def test_peeking_confidence_breaks_losslessness():
     drafter.propose = peeking
     pvalue, _ = sample_pvalue(target, drafter, joint, scheduler=Scheduler("threshold", threshold=0.3))
     assert pvalue < ALPHA
+
+
+def test_greedy_packed_scan_takes_the_best_token_budget():
+    """Packed and greedy: every budget of N tokens is weighed with the N - R drafts of highest a,
+    so the choice is the best prefix-closed set of that kind, past any step in the cost."""
+    sps = table([2], [[20.0, 17.0, 16.5, 16.2, 12.0, 11.9, 11.8, 11.7]])
+    survival = [prefix_survival(torch.tensor([0.9, 0.9, 0.9, 0.9, 0.9, 0.9])),
+                prefix_survival(torch.tensor([0.5, 0.9, 0.9, 0.9, 0.9, 0.9]))]
+    # the stopping rule halts at the first step (N = 3: (2 + 0.9) x 17 = 49.3 > 40; N = 4 pays too)
+    greedy = prefix_lengths(survival, sps, packed=True, any_width=True)
+    assert greedy[0] >= greedy[1] and sum(greedy) >= sum(prefix_lengths(survival, sps, packed=True))
+
+    def merit(lengths):  # expected tokens x forwards/s at the packed width
+        tau = 2 + sum(float(s[:n].sum()) for s, n in zip(survival, lengths))
+        return tau * sps(2, (2 + sum(lengths)) / 2)
+
+    every = [(i, j) for i in range(7) for j in range(7)]
+    assert merit(greedy) == pytest.approx(max(merit(ij) for ij in every if _top_set(survival, ij)))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        rows = [prefix_survival(torch.rand(6, generator=gen) ** 0.3) for _ in range(2)]
+        survival[:] = rows
+        chosen = prefix_lengths(rows, sps, packed=True, any_width=True)
+        assert merit(chosen) == pytest.approx(max(merit(ij) for ij in every if _top_set(rows, ij)))
+        assert merit(chosen) >= merit([6, 6]) - 1e-9 and merit(chosen) >= merit([0, 0]) - 1e-9
+
+
+def _top_set(rows, lengths) -> bool:
+    """Whether the chosen drafts are the highest-a ones (no left-out draft beats a chosen one)."""
+    chosen = [float(x) for s, n in zip(rows, lengths) for x in s[:n]]
+    left = [float(x) for s, n in zip(rows, lengths) for x in s[n:]]
+    return not chosen or not left or min(chosen) >= max(left)

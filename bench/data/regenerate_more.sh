@@ -8,6 +8,8 @@
 # Resumable: OUT/.partial/ holds the conversations done so far (with the same inputs and code the
 # run key matches and regenerate continues from them; a different key starts afresh).
 # WORK: scratch for the logs and the ingested data. LIMIT: train conversations to regenerate.
+# DEST and SAMPLE_SEED answer the same prompts again into bench/data/DEST with another sampling seed:
+#   SEED=11 N=4000 OUT=regenerated2 LIMIT=2814 DEST=resampled2 SAMPLE_SEED=43 bench/data/regenerate_more.sh
 set -e
 cd "$(dirname "$0")/../.."
 : "${SEED:?SEED=<demo-logs seed>}" "${OUT:?OUT=<folder under bench/data>}"
@@ -48,4 +50,4 @@ for split in ("train", "holdout"):
 PY
 fi
 $PY -m drafter regenerate -c bench/learning_curve.yaml -s regenerate.limit=${LIMIT:-1500} \
-  --in $INGESTED-new --out bench/data/$OUT
+  ${SAMPLE_SEED:+-s run.seed=$SAMPLE_SEED} --in $INGESTED-new --out bench/data/${DEST:-$OUT}

@@ -462,17 +462,19 @@ class SpecEngine:
             junk = junk - common
         if int(junk.max()):
             # Shift row r right by junk[r] in place: one contiguous copy per row and head block
-            # (a gather over the whole cache cost ~9x more: 148 ms a round at R = 16); the
-            # first junk[r] slots keep stale values and become padding.
+            # (a gather over the whole cache cost ~9x more: 148 ms a round at R = 16), of its
+            # slots from its first real one (its left padding is masked wherever it is); the
+            # slots it vacates keep stale values and become padding.
             length = mask.shape[1]
-            shifts = [(r, j) for r, j in enumerate(junk.tolist()) if j]
-            for r, j in shifts:
+            lead = (mask.cumsum(1) == 0).sum(1).tolist()  # leading padding of each row
+            shifts = [(r, j, lead[r]) for r, j in enumerate(junk.tolist()) if j]
+            for r, j, _ in shifts:
                 mask[r, j:] = mask[r, : length - j].clone()
                 mask[r, :j] = 0
             for layer in self._layers(cache):
                 for t in (layer.keys, layer.values):
-                    for r, j in shifts:
-                        t[r, :, j:] = t[r, :, : length - j].clone()
+                    for r, j, first in shifts:
+                        t[r, :, first + j :] = t[r, :, first : length - j].clone()
         return self._trim(cache, mask)
 
     def _trim(self, cache, mask: torch.Tensor) -> torch.Tensor:

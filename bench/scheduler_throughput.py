@@ -1,6 +1,7 @@
 """Throughput of confidence-scheduled verification: fixed block vs threshold vs Algorithm 1
-(the paper's rule with packed verification, and the shared-width rule with padded
-verification; drafter/scheduler.py, drafter/attention.py).
+(packed verification, and padded verification with the shared-width rule; drafter/scheduler.py,
+drafter/attention.py). Decoding here is greedy, so both weigh every choice instead of stopping
+early (`prefix_lengths(any_width=True)`): packed, every token budget; padded, every width.
 
 For each concurrency R in {1, 2, 4, 8, 16}, R prompts are decoded together by the engine
 (one batched target verification per round) under each policy, in one process and one
@@ -102,7 +103,7 @@ def main() -> None:
     policies = {  # label: scheduler (the engine verifies packed or padded as its rule assumes)
         "fixed": None,
         f"threshold {args.threshold}": Scheduler("threshold", args.threshold, temps),
-        "alg. 1, packed (paper's rule)": Scheduler("prefix", temperatures=temps, cost_table=table),
+        "alg. 1, packed": Scheduler("prefix", temperatures=temps, cost_table=table),
         ALG1: Scheduler("prefix", temperatures=temps, cost_table=table, packed=False),
     }
     results = []

@@ -466,7 +466,7 @@ class SpecEngine:
             # slots from its first real one (its left padding is masked wherever it is); the
             # slots it vacates keep stale values and become padding.
             length = mask.shape[1]
-            lead = (mask.cumsum(1) == 0).sum(1).tolist()  # leading padding of each row
+            lead = self._leading_padding(mask).tolist()
             shifts = [(r, j, lead[r]) for r, j in enumerate(junk.tolist()) if j]
             for r, j, _ in shifts:
                 mask[r, j:] = mask[r, : length - j].clone()
@@ -479,12 +479,17 @@ class SpecEngine:
 
     def _trim(self, cache, mask: torch.Tensor) -> torch.Tensor:
         """Remove leading columns that are padding in every row."""
-        lead = int((mask.cumsum(1) == 0).sum(1).min())
+        lead = int(self._leading_padding(mask).min())
         if lead:
             for layer in self._layers(cache):
                 layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
             mask = mask[:, lead:]
         return mask
+
+    @staticmethod
+    def _leading_padding(mask: torch.Tensor) -> torch.Tensor:
+        """[rows]: the padding slots before each row's first real one."""
+        return (mask.cumsum(1) == 0).sum(1)
 
     @staticmethod
     def _layers(cache):

@@ -286,19 +286,18 @@ def test_greedy_packed_scan_takes_the_best_token_budget():
     greedy = prefix_lengths(survival, sps, packed=True, any_width=True)
     assert greedy[0] >= greedy[1] and sum(greedy) >= sum(prefix_lengths(survival, sps, packed=True))
 
-    def merit(lengths):  # expected tokens x forwards/s at the packed width
-        tau = 2 + sum(float(s[:n].sum()) for s, n in zip(survival, lengths))
+    def merit(lengths, rows):  # expected tokens x forwards/s at the packed width
+        tau = 2 + sum(float(s[:n].sum()) for s, n in zip(rows, lengths))
         return tau * sps(2, (2 + sum(lengths)) / 2)
 
     every = [(i, j) for i in range(7) for j in range(7)]
-    assert merit(greedy) == pytest.approx(max(merit(ij) for ij in every if _top_set(survival, ij)))
+    assert merit(greedy, survival) == pytest.approx(max(merit(ij, survival) for ij in every if _top_set(survival, ij)))
     gen = torch.Generator().manual_seed(0)
     for _ in range(30):
         rows = [prefix_survival(torch.rand(6, generator=gen) ** 0.3) for _ in range(2)]
-        survival[:] = rows
         chosen = prefix_lengths(rows, sps, packed=True, any_width=True)
-        assert merit(chosen) == pytest.approx(max(merit(ij) for ij in every if _top_set(rows, ij)))
-        assert merit(chosen) >= merit([6, 6]) - 1e-9 and merit(chosen) >= merit([0, 0]) - 1e-9
+        assert merit(chosen, rows) == pytest.approx(max(merit(ij, rows) for ij in every if _top_set(rows, ij)))
+        assert merit(chosen, rows) >= merit([6, 6], rows) - 1e-9 and merit(chosen, rows) >= merit([0, 0], rows) - 1e-9
 
 
 def _top_set(rows, lengths) -> bool:

@@ -139,6 +139,15 @@ def run_ingest(log: Path, out: Path, config: Path, workers: int, overrides: list
             "manifest": manifest, "command": " ".join(cmd).replace(sys.executable, "python")}
 
 
+def output_digests(out: Path) -> dict[str, str]:
+    """SHA-256 of every file the ingest published (datasets, quarantine, dropped, validation)."""
+    import hashlib
+
+    names = ["train", "holdout", "quarantine.jsonl", "dropped.jsonl", "validation.json"]
+    files = sorted(f for n in names for f in ([out / n] if (out / n).is_file() else (out / n).glob("*.arrow")))
+    return {str(f.relative_to(out)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lines", type=int, default=1_000_000)
@@ -159,7 +168,7 @@ def main() -> None:
         out = args.work / f"ingested-w{spec}"
         run = run_ingest(log, out, args.config, workers, ["ingest.workers_read_files=false"] * spec.endswith("r"))
         m = run["manifest"]
-        kept[spec] = (m["counts"]["totals"], m["outputs"])
+        kept[spec] = (m["counts"]["totals"], output_digests(out))
         runs.append({
             "workers": workers, "reads": reads, "lines": args.lines, "wall_s": run["wall_s"], "cpu_s": run["cpu_s"],
             "lines_per_s": round(args.lines / run["wall_s"], 1), "mb_per_s": round(gen["bytes"] / 1e6 / run["wall_s"], 2),

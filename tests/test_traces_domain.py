@@ -100,3 +100,36 @@ def test_classify_text_remembers_only_the_sample():
     # Text past the sample never changes the tag (it is all the cache keys on).
     assert classify_text(chat + " " * SAMPLE_CHARS + code * 30) == classify_text(chat)
     assert _classify_sample.cache_info().hits >= 1
+
+
+EDGE_CASES = [
+    "WRITE A PYTHON FUNCTION that sorts", "Fix The Bug in my code", "x =\x1c5", "for\x1f(i=0;", "a\r\nb;\r\n",
+    "end with {\nnext", "if (a < b) {", "What Is -3 plus 4?", "$x^2$ and \\frac{1}{2}", "5 %", "a->b", "obj.method(",
+    "tabs\tand\x0bvertical\x0cfeeds 3\t+\t4", "_snake(", "Sample Input\n1 2", "", "no signs at all here",
+]
+
+
+def test_one_hyperscan_pass_finds_what_each_pattern_finds():
+    """ASCII samples are scanned once by Hyperscan for every pattern; each pattern must be found
+    exactly where `re` finds it (code and maths signs in the text, the task and word-problem
+    patterns in its lowercased form), on real prompts and answers and on edge cases."""
+    pytest.importorskip("hyperscan")
+    from drafter.traces.demo import sharegpt_path
+    from drafter.traces.domain import SAMPLE_CHARS, SCANNED, TASK_ID, _scan
+    from drafter.traces.sources import SourceReader
+
+    texts = [p for name in ("gsm8k", "math500", "humaneval", "mbpp", "livecodebench", "mt-bench") for p in first_turns(name)]
+    for rec in SourceReader(sharegpt_path(), max_line_bytes=50_000_000).records():
+        texts += [str(t.get("value", "")) for t in (rec.obj or {}).get("conversations", [])]
+        if len(texts) > 6000:
+            break
+    scanned = 0
+    for text in [t[:SAMPLE_CHARS] for t in texts] + EDGE_CASES:
+        found = _scan(text)
+        if not text.isascii() or any(c in text for c in "\x1c\x1d\x1e\x1f"):
+            assert found is None  # searched with `re`
+            continue
+        want = {i for i, rx in enumerate(SCANNED) if rx.search(text if i < TASK_ID else text.lower())}
+        assert found == want, text
+        scanned += 1
+    assert scanned > 5000

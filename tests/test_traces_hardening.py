@@ -339,7 +339,7 @@ def test_pending_bytes_bound_flushes_early_and_changes_nothing(tmp_path, monkeyp
 def test_rows_waiting_for_validation_are_bounded_by_bytes(tmp_path, monkeypatch):
     """Kept rows wait for Great Expectations in chunks of validate_rows, or fewer once their
     text passes max_pending_bytes: long conversations cannot pile up 20,000 at a time."""
-    from drafter.traces.validate import Validator
+    from drafter.traces.validate import FRAME_COLUMNS, Validator
 
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -348,7 +348,7 @@ def test_rows_waiting_for_validation_are_bounded_by_bytes(tmp_path, monkeypatch)
     validate = Validator.validate
 
     def spy(self, rows):
-        chunks.append([r["num_bytes"] for r in rows])
+        chunks.append([r[FRAME_COLUMNS.index("num_bytes")] for r in rows])
         return validate(self, rows)
 
     monkeypatch.setattr(Validator, "validate", spy)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import struct
 import unicodedata
 from operator import itemgetter
 from pathlib import Path
@@ -63,10 +64,16 @@ def shingles(normalized: str) -> list[bytes]:
 MINHASH_SEED = 1  # part of the index's params: another seed hashes prompts into other buckets
 
 
+def signature_bytes(normalized: list[str], num_perm: int) -> list[bytes]:
+    """Each prompt's MinHash signature of its word shingles: num_perm little-endian uint32."""
+    matrix = rensa.RMinHash.digest_matrix_from_token_byte_sets([shingles(n) for n in normalized], num_perm, MINHASH_SEED)
+    pack = struct.Struct(f"<{num_perm}I").pack  # (rensa hands out lists of ints: packed without numpy, ~3x faster)
+    return [pack(*row) for row in matrix.to_rows()]
+
+
 def signatures(normalized: list[str], num_perm: int) -> np.ndarray:
     """[prompts, num_perm] uint32 MinHash signatures of the prompts' word shingles."""
-    matrix = rensa.RMinHash.digest_matrix_from_token_byte_sets([shingles(n) for n in normalized], num_perm, MINHASH_SEED)
-    return np.asarray(matrix.to_rows(), dtype=np.uint32).reshape(len(normalized), num_perm)
+    return np.frombuffer(b"".join(signature_bytes(normalized, num_perm)), dtype="<u4").reshape(len(normalized), num_perm)
 
 
 def _key(tag: int, data: bytes) -> int:
@@ -84,13 +91,11 @@ def prompt_keys(normalized: list[str], num_perm: int, bands: int, rows: int) -> 
     """(exact key, band keys) of each `normalize`d prompt: all that the index needs of it."""
     if not normalized:
         return []
-    sigs = signatures(normalized, num_perm)
-    width = sigs.itemsize * rows
+    width = 4 * rows
     spans = [(1 + i, i * width, (i + 1) * width) for i in range(bands)]
     h, shift = xxhash.xxh64_intdigest, 1 << 63  # = _key, inlined: 1 + bands keys a prompt
     out = []
-    for text, sig in zip(normalized, sigs):
-        hv = sig.tobytes()
+    for text, hv in zip(normalized, signature_bytes(normalized, num_perm)):
         out.append((h(text.encode(), seed=0) - shift, tuple([h(hv[a:b], seed=tag) - shift for tag, a, b in spans])))
     return out
 

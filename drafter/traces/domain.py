@@ -17,6 +17,11 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+try:
+    import hyperscan
+except ImportError:  # no wheel for this platform: every pattern is searched with `re`
+    hyperscan = None
+
 SAMPLE_CHARS = 1000  # the opening says what a prompt is about; keeps the cost bounded
 
 # Signs worth 3 points each (counted once per pattern).
@@ -111,6 +116,41 @@ def _signs(signs: list[re.Pattern], needs: dict[int, str], text: str) -> int:
     return n
 
 
+# Every pattern, found in one Hyperscan pass over an ASCII text: the code signs, the maths signs,
+# then the two searched in the lowercased text (caseless on the text: the same for ASCII).
+SCANNED = [*CODE_SIGNS, *MATH_SIGNS, CODE_TASK, WORD_PROBLEM]
+CODE_IDS = frozenset(range(len(CODE_SIGNS)))
+MATH_IDS = frozenset(range(len(CODE_SIGNS), len(CODE_SIGNS) + len(MATH_SIGNS)))
+TASK_ID, PROBLEM_ID = len(SCANNED) - 2, len(SCANNED) - 1
+# Python's \s also holds these separators; Hyperscan's (ASCII) does not: such texts use `re`.
+SEPARATORS = re.compile(r"[\x1c-\x1f]")
+
+
+@lru_cache(maxsize=1)
+def _database():
+    """The Hyperscan database of `SCANNED` (ASCII semantics: \\b and \\w as Python's on ASCII)."""
+    flags = []
+    for i, rx in enumerate(SCANNED):
+        f = hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_UTF8
+        f |= hyperscan.HS_FLAG_MULTILINE if rx.flags & re.M else 0
+        f |= hyperscan.HS_FLAG_CASELESS if i >= TASK_ID else 0
+        flags.append(f)
+    db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+    db.compile(expressions=[rx.pattern.encode() for rx in SCANNED], ids=list(range(len(SCANNED))),
+               elements=len(SCANNED), flags=flags)
+    return db
+
+
+def _scan(text: str) -> set[int] | None:
+    """Ids of the `SCANNED` patterns found in an ASCII text (~4 us for 1,000 characters, against
+    ~50 us for the patterns one by one); None for other texts, searched with `re`."""
+    if hyperscan is None or not text.isascii() or SEPARATORS.search(text):
+        return None
+    found: set[int] = set()
+    _database().scan(text.encode(), match_event_handler=lambda i, *_: found.add(i))
+    return found
+
+
 def _numbers(lower: str, wordset: set[str] | None = None) -> int:
     """min(3, number of `NUMBER` matches) of a lowercased text (`wordset`: its `WORD`s, if known).
 
@@ -147,13 +187,19 @@ def scores(text: str, lower: str | None = None, words: list[str] | None = None) 
     lower = text.lower() if lower is None else lower
     words = WORD.findall(lower) if words is None else words
     wordset = set(words)
-    task = bool((wordset & TASK_VERBS and CODE_TASK.search(lower))
+    found = _scan(text)
+    if found is None:
+        code_signs, math_signs = _signs(CODE_SIGNS, CODE_NEEDS, text), _signs(MATH_SIGNS, MATH_NEEDS, text)
+    else:
+        code_signs, math_signs = len(found & CODE_IDS), len(found & MATH_IDS)
+    task = bool((wordset & TASK_VERBS and (TASK_ID in found if found is not None else CODE_TASK.search(lower)))
                 or any(f"in {lang}" in lower for lang in wordset & LANGUAGES))
-    code = 3.0 * _signs(CODE_SIGNS, CODE_NEEDS, text) + (6.0 if task else 0.0)
+    code = 3.0 * code_signs + (6.0 if task else 0.0)
     code += min(sum(map(CODE_WORDS.__contains__, words)), 6) + 3.0 * min(len(wordset & TECH_WORDS), 2)
-    math = 3.0 * _signs(MATH_SIGNS, MATH_NEEDS, text)
+    math = 3.0 * math_signs
     numbers = _numbers(lower, wordset)  # only "none" and "3 or more" matter
-    if wordset & QUESTION_WORDS and numbers and WORD_PROBLEM.search(lower):
+    if wordset & QUESTION_WORDS and numbers and (PROBLEM_ID in found if found is not None
+                                                  else WORD_PROBLEM.search(lower)):
         math += 6.0
     math += 2.0 if numbers >= 3 else 0.0
     math += 0.75 * min(sum(map(MATH_WORDS.__contains__, words)), 6)

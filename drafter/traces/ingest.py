@@ -76,7 +76,10 @@ class JsonlWriter:
         self.count = 0
 
     def write(self, obj: dict) -> None:
-        self.f.write(orjson.dumps(obj) + b"\n")
+        self.write_line(orjson.dumps(obj) + b"\n")
+
+    def write_line(self, line: bytes) -> None:
+        self.f.write(line)
         self.count += 1
 
     def close(self) -> None:
@@ -330,16 +333,8 @@ class IngestRun:
         if not self.to_validate:
             return
         chunk, self.to_validate, self.to_validate_bytes = self.to_validate, [], 0
-        frame_rows = [{
-            **{k: kept.row[k] for k in ("id", "source", "line", "timestamp", "model", "tenant", "route", "domain")},
-            "roles": " ".join(m["role"] for m in kept.row["messages"]),
-            "n_messages": len(kept.row["messages"]),
-            "num_tokens": kept.num_tokens,
-            "num_bytes": kept.num_bytes,
-            "text": "\n".join(m["content"] for m in kept.row["messages"]),
-        } for kept in chunk]
         with self.timer("validate"):
-            result = self.validator.validate(frame_rows)
+            result = self.validator.validate([kept.checked for kept in chunk])
         if result.batch_failures:
             raise _Stop(result.batch_failures)
         for i, kept in enumerate(chunk):
@@ -348,14 +343,14 @@ class IngestRun:
                 self.dedup.forget(kept.id)
                 # The row was redacted, yet it may hold what no_secret_left flagged: the excerpt masks it.
                 entry = {"source": kept.source, "line": kept.line, "offset": kept.offset, "sha256": kept.sha256,
-                         "id": kept.id, **self.excerpt(b"", obj=kept.row)}
+                         "id": kept.id, **self.excerpt(b"", obj=orjson.loads(kept.row))}
                 self.write_quarantine(entry, "validation", ", ".join(failed), stage="validate")
                 self.ledger.quarantined["validation:" + failed[0]] += 1
                 self.ledger.conversations["quarantined"] += 1
                 continue
-            self.staged[kept.split].write(kept.row)
+            self.staged[kept.split].write_line(kept.row)
             self.ledger.conversations[kept.split] += 1
-            self.ledger.domains[kept.row["domain"]] += 1
+            self.ledger.domains[kept.domain] += 1
         self.dedup.settle()
 
     def close(self) -> None:

@@ -32,6 +32,7 @@ from drafter.traces.formats import NotAConversation, Parsed
 from drafter.traces.redact import Redactor, has_leftover, mask_leftovers
 from drafter.traces.schema import ROLES, conversation_row, record_id
 from drafter.traces.sources import LineRange, RawRecord, range_records
+from drafter.traces.validate import frame_values
 
 # Bytes of a bad record read beyond the excerpt kept, so that a secret across the excerpt's
 # end is seen whole by redaction (the excerpt is cut after redacting, never before).
@@ -105,7 +106,9 @@ class Ledger:
 
 @dataclass
 class Kept:
-    """A conversation left for deduplication: its dedup keys and the row it becomes if kept."""
+    """A conversation left for deduplication: its dedup keys and the row it becomes if kept
+    (serialised where it was prepared: a batch comes back from a worker as bytes and flat
+    tuples, cheap to pickle, and the staged file takes the row as it is)."""
 
     id: str
     source: str
@@ -116,8 +119,10 @@ class Kept:
     num_bytes: int
     exact: int  # dedup key of the normalised prompt
     bands: tuple[int, ...]  # dedup keys of its LSH bands
-    row: dict
+    domain: str
     split: str
+    row: bytes  # the dataset row, one JSON line
+    checked: tuple  # what Great Expectations checks of the row (`validate.frame_values`)
 
 
 @dataclass
@@ -466,7 +471,8 @@ class Preparer:
             tenant=p.tenant, route=p.route, domain=classify(users), messages=p.messages,
         )
         return Kept(cand.id, cand.source, cand.line, cand.offset, cand.sha256, cand.num_tokens, cand.num_bytes,
-                    exact, bands, row, split_of(cand.users[0], self.icfg.holdout_fraction, self.cfg.run.seed))
+                    exact, bands, row["domain"], split_of(cand.users[0], self.icfg.holdout_fraction, self.cfg.run.seed),
+                    orjson.dumps(row) + b"\n", frame_values(row, cand.num_tokens, cand.num_bytes))
 
 
 # ----- on a worker -------------------------------------------------------------------------------

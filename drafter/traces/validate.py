@@ -31,6 +31,14 @@ FRAME_COLUMNS = ["id", "source", "line", "timestamp", "model", "tenant", "route"
                  "roles", "n_messages", "num_tokens", "num_bytes", "text"]
 
 
+def frame_values(row: dict, num_tokens: int | None, num_bytes: int) -> tuple:
+    """A dataset row's values in `FRAME_COLUMNS` order."""
+    messages = row["messages"]
+    return (row["id"], row["source"], row["line"], row["timestamp"], row["model"], row["tenant"], row["route"],
+            row["domain"], " ".join(m["role"] for m in messages), len(messages), num_tokens, num_bytes,
+            "\n".join(m["content"] for m in messages))
+
+
 class ValidationFailed(DrafterError, RuntimeError):
     """A batch-level expectation failed: the stage stops and publishes nothing."""
 
@@ -98,7 +106,8 @@ class Validator:
         self.suite = context.suites.add(suite)
         self.batch_definition = batch
 
-    def validate(self, rows: list[dict]) -> ChunkResult:
+    def validate(self, rows: list[tuple]) -> ChunkResult:
+        """Rows are `frame_values` tuples."""
         import pandas as pd
 
         frame = pd.DataFrame(rows, columns=FRAME_COLUMNS)

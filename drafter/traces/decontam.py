@@ -16,14 +16,17 @@ only the others are scanned window by window.
 from __future__ import annotations
 
 import json
-from collections import Counter
+from array import array
 from functools import lru_cache
 from pathlib import Path
+
+import numpy as np
 
 from drafter.errors import DrafterError
 from drafter.traces.dedup import normalize
 
 BOILERPLATE_PROMPTS = 5  # an n-gram in this many evaluation prompts or more is boilerplate
+PROBE_BITS = 1 << 25  # 4 MiB of Bloom filter for the probes (the bundled sets have 450k)
 
 
 class EvalSetError(DrafterError, ValueError):
@@ -64,15 +67,16 @@ def read_prompts(path: Path) -> list[str]:
 
 
 class EvalIndex:
+    """The n-grams of the evaluation prompts (a sorted array of hashes) and a bit filter of their
+    k-gram probes: ~10 MB for the bundled sets, where Python sets and dicts took ~90 MB a process."""
+
     def __init__(self, paths: list[Path], n: int = 13) -> None:
         self.n = n
         self.files = eval_files(paths)
         self.names = [p.stem for p in self.files]
         self.k = (n + 1) // 2
         self.stride = n - self.k + 1  # every window of n words holds a k-gram starting at a multiple of this
-        owner: dict[int, int] = {}
-        df: Counter = Counter()
-        self.probes: set[int] = set()  # k-grams of the evaluation n-grams (a superset: boilerplate's too)
+        keys, owners, probes = array("q"), array("h"), array("q")  # each prompt's distinct n-grams, in reading order
         self.short: dict[str, int] = {}
         self.prompts = 0
         for idx, path in enumerate(self.files):
@@ -84,16 +88,27 @@ class EvalIndex:
                         self.short.setdefault(" ".join(words), idx)
                     continue
                 grams = {hash(tuple(words[i : i + n])) for i in range(len(words) - n + 1)}
-                df.update(grams)
-                self.probes.update(hash(tuple(words[i : i + self.k])) for i in range(len(words) - self.k + 1))
-                for g in grams:
-                    owner.setdefault(g, idx)
-        self.grams = {g: idx for g, idx in owner.items() if df[g] < BOILERPLATE_PROMPTS}
-        self.boilerplate = len(owner) - len(self.grams)
+                keys.extend(grams)
+                owners.extend([idx] * len(grams))
+                probes.extend(hash(tuple(words[i : i + self.k])) for i in range(len(words) - self.k + 1))
+        keys, owners = np.frombuffer(keys, dtype=np.int64), np.frombuffer(owners, dtype=np.int16)
+        order = np.argsort(keys, kind="stable")  # equal keys stay in reading order: the first file owns one
+        unique, first, holders = np.unique(keys[order], return_index=True, return_counts=True)
+        kept = holders < BOILERPLATE_PROMPTS  # prompts holding each n-gram
+        self.gram_keys, self.gram_owners = unique[kept], owners[order][first[kept]]
+        self.boilerplate = len(unique) - int(kept.sum())
+        # The probes (k-grams of every n-gram, boilerplate's too) as a Bloom filter, two bits each
+        # (the low and the high half of the hash): a text none of whose probes has both bits set
+        # holds no evaluation n-gram; one that has them (~0.4% of texts without) is scanned.
+        probes = np.frombuffer(probes, dtype=np.int64)
+        bits = np.zeros(PROBE_BITS // 8, dtype=np.uint8)
+        for where in (probes & (PROBE_BITS - 1), probes >> 32 & (PROBE_BITS - 1)):
+            np.bitwise_or.at(bits, where >> 3, (1 << (where & 7)).astype(np.uint8))
+        self.probe_bits = bits.tobytes()
 
     def match(self, texts: list[str]) -> str | None:
         """Name of the first evaluation set one of the texts (`normalize`d) overlaps, else None."""
-        n, k, probes = self.n, self.k, self.probes
+        n, k, bits, mask = self.n, self.k, self.probe_bits, PROBE_BITS - 1
         for text in texts:
             words = text.split()
             if len(words) < n:
@@ -101,13 +116,25 @@ class EvalIndex:
                 if hit is not None:
                     return self.names[hit]
                 continue
-            if not any(hash(tuple(words[p : p + k])) in probes for p in range(0, len(words) - k + 1, self.stride)):
+            # (the filter read inline: a call per probe would cost more than the lookup)
+            if not any(bits[(lo := (h := hash(tuple(words[p : p + k]))) & mask) >> 3] >> (lo & 7) & 1
+                       and bits[(hi := h >> 32 & mask) >> 3] >> (hi & 7) & 1
+                       for p in range(0, len(words) - k + 1, self.stride)):
                 continue
-            for i in range(len(words) - n + 1):
-                hit = self.grams.get(hash(tuple(words[i : i + n])))
-                if hit is not None:
-                    return self.names[hit]
+            windows = [hash(tuple(words[i : i + n])) for i in range(len(words) - n + 1)]
+            where = np.flatnonzero(_holds(self.gram_keys, windows))
+            if len(where):
+                return self.names[self.gram_owners[np.searchsorted(self.gram_keys, windows[where[0]])]]
         return None
+
+
+def _holds(sorted_keys: np.ndarray, keys: list[int]) -> np.ndarray:
+    """Which of the keys are in the sorted array."""
+    keys = np.asarray(keys, dtype=np.int64)
+    if not len(sorted_keys):
+        return np.zeros(len(keys), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[at] == keys
 
 
 def eval_index(paths: list[Path], n: int) -> EvalIndex:

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import rensa
 import xxhash
-from datasketch import MinHashLSH
 
 from drafter.errors import DrafterError
 
@@ -82,7 +81,10 @@ def _key(tag: int, data: bytes) -> int:
 
 
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows): datasketch's optimum for the threshold (fewest false positives and negatives)."""
+    """(bands, rows): datasketch's optimum for the threshold (fewest false positives and negatives).
+    (datasketch brings scipy, ~60 MB: imported here only, in the process that owns the index.)"""
+    from datasketch import MinHashLSH
+
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     return lsh.b, lsh.r
 

@@ -91,21 +91,24 @@ class DaskPool:
     or the cluster at `address`. At most `window` batches are in flight (bounded memory)."""
 
     def __init__(self, workers: int, address: str | None = None, read_files: bool | None = None) -> None:
+        import dask
         from distributed import Client, LocalCluster
 
         self.cluster = None
         if address:
             self.client = Client(address)
         else:
-            self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                        dashboard_address=None, silence_logs=logging.WARNING)
+            # (no statistical profiler in the workers: it samples every thread 100 times a second)
+            with dask.config.set({"distributed.worker.profile.enabled": False}):
+                self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                            dashboard_address=None, silence_logs=logging.WARNING)
             self.client = Client(self.cluster)
         self.workers = len(self.client.scheduler_info().get("workers", {})) or workers
         self.window = 2 * self.workers
         self.read_files = (not address) if read_files is None else read_files  # LineRanges, not records
 
-    def submit(self, cfg: Config, records: list[RawRecord] | LineRange, fmt: str | None):
-        return self.client.submit(prepare_remote, cfg, records, fmt, pure=False)
+    def submit(self, cfg: Config, records: list[RawRecord] | LineRange, fmt: str | None, lsh: tuple[int, int]):
+        return self.client.submit(prepare_remote, cfg, records, fmt, lsh, pure=False)
 
     def close(self) -> None:
         self.client.close()
@@ -120,7 +123,6 @@ class IngestRun:
     def __init__(self, cfg: Config, out_dir: Path, work: Path, pool: DaskPool | None = None) -> None:
         self.cfg, self.icfg, self.out_dir, self.work = cfg, cfg.ingest, out_dir, work
         self.ledger = Ledger()
-        self.local = Preparer(cfg)  # batches prepared here, and the quarantine entries written here
         self.redactions: Counter = Counter()  # of the batches committed
         self.timer = Timer()
         self.pool = pool
@@ -128,6 +130,8 @@ class IngestRun:
         if (out_dir / "index.sqlite").is_file():
             shutil.copyfile(out_dir / "index.sqlite", work / "index.sqlite")
         self.dedup = Deduper(work / "index.sqlite", self.icfg.near_dup_threshold, self.icfg.num_perm)
+        self.lsh = (self.dedup.bands, self.dedup.rows)  # the index's LSH shape, for every preparer
+        self.local = Preparer(cfg, self.lsh)  # batches prepared here, and the quarantine entries written here
         self.quarantine = JsonlWriter(work / "quarantine.new.jsonl")
         self.dropped = JsonlWriter(work / "dropped.new.jsonl")
         self.staged = {s: JsonlWriter(work / f"{s}.new.jsonl") for s in ("train", "holdout")}
@@ -208,7 +212,7 @@ class IngestRun:
                 if isinstance(rec, LineRange):
                     self.ledger.records["read"] += rec.lines
                     bar.update(rec.lines)
-                    self.inflight.append(self.pool.submit(self.cfg, rec, fmt))
+                    self.inflight.append(self.pool.submit(self.cfg, rec, fmt, self.lsh))
                     self.commit_ready(self.pool.window)
                     continue
                 bar.update()
@@ -236,7 +240,7 @@ class IngestRun:
             join = self.join_batch_output if fmt == "openai-batch-input" else None
             self.inflight.append(self.local.prepare(records, fmt, join=join, store=self.store_batch_output))
         else:
-            self.inflight.append(self.pool.submit(self.cfg, records, fmt))
+            self.inflight.append(self.pool.submit(self.cfg, records, fmt, self.lsh))
         self.commit_ready(self.pool.window if self.pool is not None else 0)
 
     def commit_ready(self, keep: int = 0) -> None:

@@ -207,11 +207,12 @@ class Preparer:
     """Turns batches of raw records into `Batch`es (see the module docstring). Holds only
     read-only helpers (tokenizer, evaluation index, redaction patterns), loaded on first use."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, lsh: tuple[int, int] | None = None) -> None:
         self.cfg, self.icfg = cfg, cfg.ingest
         self.redactor = Redactor(phone_regions=tuple(self.icfg.phone_regions))
         self.timer = Timer()
-        self.bands, self.rows = lsh_params(self.icfg.near_dup_threshold, self.icfg.num_perm)
+        # (bands, rows) of the dedup index: given by the ingesting process to its workers
+        self.bands, self.rows = lsh or lsh_params(self.icfg.near_dup_threshold, self.icfg.num_perm)
         self.out = Batch()
         self._tokenizer = None
         self._eval = None
@@ -479,13 +480,14 @@ class Preparer:
 _PREPARERS: dict[str, Preparer] = {}
 
 
-def prepare_remote(cfg: Config, records: list[RawRecord] | LineRange, fmt: str | None) -> Batch:
+def prepare_remote(cfg: Config, records: list[RawRecord] | LineRange, fmt: str | None,
+                   lsh: tuple[int, int]) -> Batch:
     """`Preparer.prepare` in a worker process, its helpers loaded once per config; a
     `LineRange` is read here, from the file (the worker sees the ingesting process's files)."""
-    key = cfg.hash()
+    key = f"{cfg.hash()}:{lsh}"
     if key not in _PREPARERS:
         _PREPARERS.clear()
-        _PREPARERS[key] = Preparer(cfg)
+        _PREPARERS[key] = Preparer(cfg, lsh)
     if not isinstance(records, LineRange):
         return _PREPARERS[key].prepare(records, fmt)
     started = time.perf_counter()

@@ -107,7 +107,8 @@ def test_shingles_and_keys_are_the_plain_definitions():
     from drafter.traces.dedup import SHINGLE, _key, lsh_params, prompt_keys
 
     rng = random.Random(2)
-    prompts = ["", "one", "one two", "one two three", "one two three four", *(normalize(prose(rng, n)) for n in (5, 40, 200))]
+    prompts = ["", "one", "one two", "one two three", "one two three four", *(normalize(prose(rng, n)) for n in (5, 40, 200)),
+               normalize("Ça coûte 3 € — très cher,\u2003naïve café\x1cø 東京 の 天気")]
     for p in prompts:
         words = p.split()
         plain = ([" ".join(words).encode()] if words else [b""]) if len(words) <= SHINGLE else \

@@ -109,7 +109,7 @@ EDGE_CASES = [
 ]
 
 
-def test_one_hyperscan_pass_finds_what_each_pattern_finds():
+def test_one_hyperscan_pass_finds_what_each_pattern_finds(monkeypatch):
     """ASCII samples are scanned once by Hyperscan for every pattern; each pattern must be found
     exactly where `re` finds it (code and maths signs in the text, the task and word-problem
     patterns in its lowercased form), on real prompts and answers and on edge cases."""
@@ -133,3 +133,21 @@ def test_one_hyperscan_pass_finds_what_each_pattern_finds():
         assert found == want, text
         scanned += 1
     assert scanned > 5000
+    # and the scores are those of searching each pattern with `re`
+    from drafter.traces import domain
+
+    fast = [domain.scores(t[:SAMPLE_CHARS]) for t in texts]
+    monkeypatch.setattr(domain, "hyperscan", None)
+    assert fast == [domain.scores(t[:SAMPLE_CHARS]) for t in texts]
+    assert sum(code >= 6 for code, _, _ in fast) > 100 and sum(task for _, _, task in fast) > 50
+
+
+@pytest.mark.parametrize("text, code", [
+    ("python java sql html css bash json", 6 + 6),  # programming words: 1 each, at most 6; tech words: 3 each, at most 6
+    ("python python python code", 4 + 3),  # repeats count
+    ("help me with my code please, in python", 6 + 2 + 3),  # "in <language>" asks for a program
+])
+def test_code_score_of_words(text, code):
+    from drafter.traces.domain import scores
+
+    assert scores(text)[0] == code

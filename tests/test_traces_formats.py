@@ -325,3 +325,14 @@ def test_meta_reads_its_places_in_order(obj, meta, response, request):
                                       meta.get("route"), obj.get("model_group"))),
     }
     assert _meta(obj, request, response) == want
+
+
+def test_record_id_from_a_known_sha256_is_the_same():
+    import hashlib
+
+    from drafter.traces.schema import record_id
+
+    raw = b'{"messages": [{"role": "user", "content": "hi"}]}'
+    digest = hashlib.sha256(raw).hexdigest()
+    assert record_id(raw, "", digest) == record_id(raw) == digest[:16]
+    assert record_id(raw, "span-2", digest) == record_id(raw, "span-2") != record_id(raw)

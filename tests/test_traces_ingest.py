@@ -315,7 +315,7 @@ def test_batch_level_failure_stops_and_publishes_nothing(cfg, tmp_path, monkeypa
     with (raw / "a.jsonl").open("a") as f:
         f.write("\n".join(chat_line(prompt(50 + i)) for i in range(5)) + "\n")
     # a bug that gives every conversation the same id: the unique-id expectation stops the stage
-    monkeypatch.setattr("drafter.traces.prepare.record_id", lambda raw, sub="": "0" * 16)
+    monkeypatch.setattr("drafter.traces.prepare.record_id", lambda *args: "0" * 16)
     with pytest.raises(ValidationFailed, match="unique_ids"):
         ingest(cfg, [raw], out)
     report = (out / "validation.failed.md").read_text()

@@ -53,11 +53,12 @@ def normalize(text: str) -> str:
 
 
 def shingles(normalized: str) -> list[bytes]:
-    words = normalized.split()
+    # (a `normalize`d text is words of \w characters and single spaces: split once encoded, and the
+    # shifted word lists zipped: the same shingles, joined without a Python loop)
+    words = normalized.encode().split()
     if len(words) <= SHINGLE:
-        return [" ".join(words).encode()] if words else [b""]
-    # (the shifted word lists zipped: the same shingles, joined and encoded without a Python loop)
-    return list(map(str.encode, map(" ".join, zip(*(words[i:] for i in range(SHINGLE))))))
+        return [b" ".join(words)]
+    return list(map(b" ".join, zip(*(words[i:] for i in range(SHINGLE)))))
 
 
 MINHASH_SEED = 1  # part of the index's params: another seed hashes prompts into other buckets

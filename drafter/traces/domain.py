@@ -118,10 +118,13 @@ def _signs(signs: list[re.Pattern], needs: dict[int, str], text: str) -> int:
 
 # Every pattern, found in one Hyperscan pass over an ASCII text: the code signs, the maths signs,
 # then the two searched in the lowercased text (caseless on the text: the same for ASCII).
-SCANNED = [*CODE_SIGNS, *MATH_SIGNS, CODE_TASK, WORD_PROBLEM]
+# and "in <language>" for each language.
+IN_LANGUAGE = {lang: re.compile(re.escape(f"in {lang}")) for lang in sorted(LANGUAGES)}
+SCANNED = [*CODE_SIGNS, *MATH_SIGNS, CODE_TASK, WORD_PROBLEM, *IN_LANGUAGE.values()]
 CODE_IDS = frozenset(range(len(CODE_SIGNS)))
 MATH_IDS = frozenset(range(len(CODE_SIGNS), len(CODE_SIGNS) + len(MATH_SIGNS)))
-TASK_ID, PROBLEM_ID = len(SCANNED) - 2, len(SCANNED) - 1
+TASK_ID, PROBLEM_ID = len(CODE_SIGNS) + len(MATH_SIGNS), len(CODE_SIGNS) + len(MATH_SIGNS) + 1
+LANGUAGE_IDS = {lang: PROBLEM_ID + 1 + i for i, lang in enumerate(IN_LANGUAGE)}
 # Python's \s also holds these separators; Hyperscan's (ASCII) does not: such texts use `re`.
 SEPARATORS = re.compile(r"[\x1c-\x1f]")
 
@@ -192,10 +195,15 @@ def scores(text: str, lower: str | None = None, words: list[str] | None = None) 
         code_signs, math_signs = _signs(CODE_SIGNS, CODE_NEEDS, text), _signs(MATH_SIGNS, MATH_NEEDS, text)
     else:
         code_signs, math_signs = len(found & CODE_IDS), len(found & MATH_IDS)
-    task = bool((wordset & TASK_VERBS and (TASK_ID in found if found is not None else CODE_TASK.search(lower)))
-                or any(f"in {lang}" in lower for lang in wordset & LANGUAGES))
-    code = 3.0 * code_signs + (6.0 if task else 0.0)
-    code += min(sum(map(CODE_WORDS.__contains__, words)), 6) + 3.0 * min(len(wordset & TECH_WORDS), 2)
+    if found is None:
+        task = bool((wordset & TASK_VERBS and CODE_TASK.search(lower))
+                    or any(f"in {lang}" in lower for lang in wordset & LANGUAGES))
+    else:
+        task = bool((wordset & TASK_VERBS and TASK_ID in found)
+                    or any(LANGUAGE_IDS[lang] in found for lang in wordset & LANGUAGES))
+    code_words = wordset & CODE_WORDS  # counted with repeats, up to 6
+    code = 3.0 * code_signs + (6.0 if task else 0.0) + 3.0 * min(len(wordset & TECH_WORDS), 2)
+    code += 6 if len(code_words) >= 6 else min(sum(map(code_words.__contains__, words)), 6) if code_words else 0
     math = 3.0 * math_signs
     numbers = _numbers(lower, wordset)  # only "none" and "3 or more" matter
     if wordset & QUESTION_WORDS and numbers and (PROBLEM_ID in found if found is not None

@@ -254,7 +254,7 @@ class Preparer:
                         if join is not None:
                             join(item)
                         self.ledger.conversations["parsed"] += 1
-                        cands.append(Candidate(record_id(rec.data, item.sub), rec.source, rec.line, item,
+                        cands.append(Candidate(record_id(rec.data, item.sub, digest), rec.source, rec.line, item,
                                                offset=rec.offset, sha256=digest))
             self.conversations(cands)
             return self.out

@@ -73,8 +73,11 @@ def conversation_row(*, id: str, source: str, line: int, timestamp: str | None =
                         route=route, domain=domain, messages=messages).row()
 
 
-def record_id(raw: bytes | str, sub: str = "") -> str:
-    """Stable id of a conversation: a hash of the raw record (plus its index inside it)."""
+def record_id(raw: bytes | str, sub: str = "", sha256: str | None = None) -> str:
+    """Stable id of a conversation: a hash of the raw record (plus its index inside it).
+    `sha256`: the record's SHA-256 (hex), if known already."""
+    if sha256 and not sub:
+        return sha256[:16]
     data = raw.encode() if isinstance(raw, str) else raw
     h = hashlib.sha256(data)
     if sub:

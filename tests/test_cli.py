@@ -80,7 +80,7 @@ def test_validation_failure_exits_5(tmp_path, monkeypatch):
     raw.mkdir()
     (raw / "a.jsonl").write_text("\n".join(chat_line(prompt(i)) for i in range(5)) + "\n")
     # a bug that gives every conversation the same id: the unique-id expectation stops the stage
-    monkeypatch.setattr("drafter.traces.prepare.record_id", lambda raw, sub="": "0" * 16)
+    monkeypatch.setattr("drafter.traces.prepare.record_id", lambda *args: "0" * 16)
     monkeypatch.setattr(sys, "argv", ["drafter", "ingest", str(raw), "--out", str(tmp_path / "out"),
                                       "-c", str(ROOT / "configs" / "tiny.yaml")])
     with pytest.raises(SystemExit) as exit_:

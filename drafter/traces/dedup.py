@@ -71,11 +71,6 @@ def signature_bytes(normalized: list[str], num_perm: int) -> list[bytes]:
     return [pack(*row) for row in matrix.to_rows()]
 
 
-def signatures(normalized: list[str], num_perm: int) -> np.ndarray:
-    """[prompts, num_perm] uint32 MinHash signatures of the prompts' word shingles."""
-    return np.frombuffer(b"".join(signature_bytes(normalized, num_perm)), dtype="<u4").reshape(len(normalized), num_perm)
-
-
 def _key(tag: int, data: bytes) -> int:
     """A signed 64-bit key (SQLite INTEGER) for an exact hash (tag 0) or an LSH band (tag 1 + band)."""
     return xxhash.xxh64_intdigest(data, seed=tag) - (1 << 63)

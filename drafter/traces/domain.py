@@ -117,8 +117,8 @@ def _signs(signs: list[re.Pattern], needs: dict[int, str], text: str) -> int:
 
 
 # Every pattern, found in one Hyperscan pass over an ASCII text: the code signs, the maths signs,
-# then the two searched in the lowercased text (caseless on the text: the same for ASCII).
-# and "in <language>" for each language.
+# then those searched in the lowercased text (caseless on the text: the same for ASCII): the
+# code task, the word problem and "in <language>" for each language.
 IN_LANGUAGE = {lang: re.compile(re.escape(f"in {lang}")) for lang in sorted(LANGUAGES)}
 SCANNED = [*CODE_SIGNS, *MATH_SIGNS, CODE_TASK, WORD_PROBLEM, *IN_LANGUAGE.values()]
 CODE_IDS = frozenset(range(len(CODE_SIGNS)))
@@ -191,14 +191,12 @@ def scores(text: str, lower: str | None = None, words: list[str] | None = None) 
     words = WORD.findall(lower) if words is None else words
     wordset = set(words)
     found = _scan(text)
-    if found is None:
+    if found is None:  # each pattern searched with `re`, only where it can matter
         code_signs, math_signs = _signs(CODE_SIGNS, CODE_NEEDS, text), _signs(MATH_SIGNS, MATH_NEEDS, text)
-    else:
-        code_signs, math_signs = len(found & CODE_IDS), len(found & MATH_IDS)
-    if found is None:
         task = bool((wordset & TASK_VERBS and CODE_TASK.search(lower))
                     or any(f"in {lang}" in lower for lang in wordset & LANGUAGES))
     else:
+        code_signs, math_signs = len(found & CODE_IDS), len(found & MATH_IDS)
         task = bool((wordset & TASK_VERBS and TASK_ID in found)
                     or any(LANGUAGE_IDS[lang] in found for lang in wordset & LANGUAGES))
     code_words = wordset & CODE_WORDS  # counted with repeats, up to 6

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from drafter.traces.formats import (
@@ -217,6 +217,13 @@ FORMATS = ["openai-chat-log", "openai-messages", "openai-batch-input", "sharegpt
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(obj=st.one_of(json_values, shaped), fmt=st.sampled_from(FORMATS))
+@example(obj={"messages": [{"tool_calls": 1}]}, fmt="openai-chat-log")  # found by this test in CI: a TypeError
+@example(obj={"resourceSpans": [{"scopeSpans": 1}]}, fmt="otlp")  # and its kin, found by reading the parser
+@example(obj={"resourceSpans": [{"scopeSpans": [{"spans": 5}]}]}, fmt="otlp")
+@example(obj={"resourceSpans": [{"scopeSpans": [{"spans": [{"events": 3}]}]}]}, fmt="otlp")
+@example(obj={"resourceSpans": [{"scopeSpans": [{"spans": [{"attributes": [
+    {"key": "gen_ai.prompt", "value": {"arrayValue": 3}}, {"key": "gen_ai.x", "value": {"kvlistValue": 3}}]}]}]}]},
+    fmt="otlp")
 def test_fuzz_parse_never_crashes(obj, fmt):
     """Any JSON value either parses into well-typed conversations or raises NotAConversation."""
     try:

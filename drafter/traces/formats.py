@@ -165,8 +165,11 @@ def openai_message(msg: Any, flags: set[str]) -> dict:
         raise NotAConversation("not_a_conversation", f"message of type {type(msg).__name__}")
     role = norm_role(msg.get("role"))
     text = content_text(msg.get("content"), flags)
+    tool_calls = msg.get("tool_calls") or []
+    if not isinstance(tool_calls, list):
+        raise NotAConversation("not_a_conversation", f"tool_calls of type {type(tool_calls).__name__}")
     calls = []
-    for call in msg.get("tool_calls") or []:
+    for call in tool_calls:
         if isinstance(call, dict):
             fn = call.get("function") if isinstance(call.get("function"), dict) else call
             calls.append(render_tool_call(fn.get("name"), fn.get("arguments")))
@@ -189,6 +192,12 @@ def _get(obj: Any, *path: str) -> Any:
             return None
         obj = obj.get(key)
     return obj
+
+
+def _items(value: Any) -> list:
+    """A field that should be a list, or [] when it is missing or of another type (skipped, as
+    other malformed parts of a record are)."""
+    return value if isinstance(value, list) else []
 
 
 def _first(*values: Any) -> Any:
@@ -325,9 +334,9 @@ def any_value(value: Any) -> Any:
     if "boolValue" in value:
         return value["boolValue"]
     if "arrayValue" in value:
-        return [any_value(v) for v in (value["arrayValue"] or {}).get("values", [])]
+        return [any_value(v) for v in _items(_get(value, "arrayValue", "values"))]
     if "kvlistValue" in value:
-        return attributes((value["kvlistValue"] or {}).get("values", []))
+        return attributes(_get(value, "kvlistValue", "values"))
     if "bytesValue" in value:
         return value["bytesValue"]
     return None
@@ -453,12 +462,12 @@ def parse_otlp(obj: dict) -> list[Parsed]:
         if not isinstance(rs, dict):
             continue
         resource = attributes(_get(rs, "resource", "attributes"))
-        for ss in rs.get("scopeSpans") or rs.get("instrumentationLibrarySpans") or []:
-            for span in (ss.get("spans") if isinstance(ss, dict) else None) or []:
+        for ss in _items(rs.get("scopeSpans") or rs.get("instrumentationLibrarySpans")):
+            for span in _items(_get(ss, "spans")):
                 if not isinstance(span, dict):
                     continue
                 attrs = attributes(span.get("attributes"))
-                events = [e for e in span.get("events") or [] if isinstance(e, dict)]
+                events = [e for e in _items(span.get("events")) if isinstance(e, dict)]
                 if not (any(k.startswith("gen_ai.") for k in attrs)
                         or any(str(e.get("name", "")).startswith("gen_ai.") for e in events)):
                     continue  # not a GenAI span (HTTP, DB, ...)

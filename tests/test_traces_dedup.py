@@ -53,43 +53,67 @@ def test_signatures_are_a_deterministic_batch():
     assert len(set(sigs)) == 5
 
 
+def _run_batches(path, monkeypatch, filter_bits=1 << 27, flush_keys=None):
+    """Three batches (one prompt forgotten after the first) and a later run: the verdicts, the
+    index's rows and its file."""
+    import sqlite3
+
+    import drafter.traces.dedup as dedup_mod
+
+    rng = random.Random(1)
+    base = [prose(rng) for _ in range(40)]
+    batches = [base[:20], base[20:] + [base[3].upper(), base[25] + " extra words here"], base[5:15] + [prose(rng)]]
+    monkeypatch.setattr(dedup_mod, "FILTER_BITS", filter_bits)
+    if flush_keys is not None:
+        monkeypatch.setattr(dedup_mod, "FLUSH_KEYS", flush_keys)
+    verdicts, d = [], Deduper(path, 0.85, 128)
+    for b, prompts in enumerate(batches):
+        ids = [f"b{b}p{i}" for i in range(len(prompts))]
+        verdicts.append(d.check(ids, d.keys([normalize(p) for p in prompts])))
+        if b == 0:
+            d.forget("b0p7")  # forgotten: its prompt is new again in batch 2
+        d.settle()
+    d.close()
+    again = Deduper(path, 0.85, 128)  # keys of the earlier run, loaded into the filter
+    verdicts.append(again.check(["later1", "later2"], again.keys([normalize(base[30]), normalize(base[7])])))
+    again.close()
+    with sqlite3.connect(path) as db:
+        rows = [db.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in ("prompts", "seen")]
+    return verdicts, rows, path.read_bytes()
+
+
+def _check_verdicts(verdicts):
+    assert verdicts[1][-2] == ("exact", "b0p3") and verdicts[1][-1] == ("near", "b1p5")
+    assert verdicts[2][2] is None and verdicts[2][0] == ("exact", "b0p5")  # b0p7 was forgotten
+    assert verdicts[3] == [("exact", "b1p10"), ("exact", "b2p2")]
+
+
 @pytest.mark.parametrize("bits", [8, 1 << 27])
 def test_key_filter_never_hides_a_key(tmp_path, monkeypatch, bits):
     # The filter only spares lookups: with 8 bits (every key collides) and with the default,
     # the verdicts and the index file are those of looking every key up.
     import drafter.traces.dedup as dedup_mod
 
-    rng = random.Random(1)
-    base = [prose(rng) for _ in range(40)]
-    batches = [base[:20], base[20:] + [base[3].upper(), base[25] + " extra words here"], base[5:15] + [prose(rng)]]
-
-    def run(path, filter_bits):
-        monkeypatch.setattr(dedup_mod, "FILTER_BITS", filter_bits)
-        verdicts, d = [], Deduper(path, 0.85, 128)
-        for b, prompts in enumerate(batches):
-            ids = [f"b{b}p{i}" for i in range(len(prompts))]
-            verdicts.append(d.check(ids, d.keys([normalize(p) for p in prompts])))
-            if b == 0:
-                d.forget("b0p7")  # forgotten: its prompt is new again in batch 2
-            d.settle()
-        d.close()
-        again = Deduper(path, 0.85, 128)  # keys of the earlier run, loaded into the filter
-        verdicts.append(again.check(["later1", "later2"], again.keys([normalize(base[30]), normalize(base[7])])))
-        again.close()
-        return verdicts, path.read_bytes()
-
     class Always(dedup_mod.KeyFilter):
         def may_hold(self, keys):
             return super().may_hold(keys) | True
 
-    got = run(tmp_path / "a.sqlite", bits)
+    got = _run_batches(tmp_path / "a.sqlite", monkeypatch, bits)
     monkeypatch.setattr(dedup_mod, "KeyFilter", Always)
-    want = run(tmp_path / "b.sqlite", 1 << 27)
+    want = _run_batches(tmp_path / "b.sqlite", monkeypatch)
     assert got == want
-    verdicts = got[0]
-    assert verdicts[1][-2] == ("exact", "b0p3") and verdicts[1][-1] == ("near", "b1p5")
-    assert verdicts[2][2] is None and verdicts[2][0] == ("exact", "b0p5")  # b0p7 was forgotten
-    assert verdicts[3] == [("exact", "b1p10"), ("exact", "b2p2")]
+    _check_verdicts(got[0])
+
+
+def test_rows_waiting_in_memory_answer_like_written_ones(tmp_path, monkeypatch):
+    # FLUSH_KEYS=1 writes every batch at once (the forgotten prompt is deleted from SQLite);
+    # the default keeps all of them in memory until close (it is dropped there).
+    written = _run_batches(tmp_path / "a.sqlite", monkeypatch, flush_keys=1)
+    waiting = _run_batches(tmp_path / "b.sqlite", monkeypatch)
+    assert written[:2] == waiting[:2]
+    _check_verdicts(written[0])
+    prompts, seen = written[1]
+    assert "b0p7" not in {ref for _, ref in prompts} and len(seen) == 9 * len(prompts)
 
 
 def test_key_filter_answers():

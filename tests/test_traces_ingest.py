@@ -1,6 +1,8 @@
 """The ingest stage end to end on tiny targets: accounting, idempotence, increments, bad input, validation."""
 
+import gc
 import gzip
+import threading
 import json
 import os
 from pathlib import Path
@@ -220,7 +222,9 @@ def test_rerun_changes_nothing_and_increments_read_only_new_lines(cfg, tmp_path)
     log = raw / "app.jsonl"
     log.write_text("\n".join(chat_line(prompt(i)) for i in range(30)) + "\n")
     out = tmp_path / "out"
+    thresholds = gc.get_threshold()
     first = ingest(cfg, [raw], out)
+    assert gc.get_threshold() == thresholds  # the collector's thresholds are the caller's again
     before = sha256_tree(out)
     again = ingest(cfg, [raw], out)
     assert again.changed is False and again.counts["records"]["read"] == 0
@@ -238,6 +242,28 @@ def test_rerun_changes_nothing_and_increments_read_only_new_lines(cfg, tmp_path)
     assert third.counts["totals"]["train"] + third.counts["totals"]["holdout"] == kept + 1
     marks = json.loads((out / "watermarks.json").read_text())["files"]
     assert marks[str(log.resolve())]["records"] == 32
+
+
+def test_fewer_collections_holds_while_any_thread_is_inside():
+    from drafter.traces.prepare import FewerCollections
+
+    fewer, before = FewerCollections(), gc.get_threshold()
+    inside, leave = threading.Event(), threading.Event()
+
+    def other():
+        with fewer:
+            inside.set()
+            leave.wait(10)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    inside.wait(10)
+    with fewer:  # entered second, left first: the thresholds stay raised for the other thread
+        assert gc.get_threshold() == FewerCollections.THRESHOLDS
+    assert gc.get_threshold() == FewerCollections.THRESHOLDS
+    leave.set()
+    thread.join()
+    assert gc.get_threshold() == before
 
 
 def test_split_is_deterministic_and_keeps_conversation_prefixes_together(cfg, tmp_path):

@@ -57,7 +57,7 @@ from drafter.reports import Manifest
 from drafter.traces import formats
 from drafter.traces.dedup import Deduper
 from drafter.traces.formats import NotAConversation, Parsed
-from drafter.traces.prepare import EXCERPT_MARGIN, Batch, Kept, Ledger, Preparer, prepare_remote
+from drafter.traces.prepare import EXCERPT_MARGIN, Batch, Kept, Ledger, Preparer, fewer_collections, prepare_remote
 from drafter.traces.schema import COLUMNS
 from drafter.traces.sources import LineRange, RawRecord, SourceReader, Watermark, discover, head_hash
 from drafter.traces.validate import Validator, ValidationFailed, markdown
@@ -450,7 +450,7 @@ def ingest(cfg: Config, inputs: list[Path] | None = None, out_dir: Path | None =
     out_dir = Path(out_dir or cfg.data_dir / "ingested")
     check_replaceable(out_dir, force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out_dir.parent / f".{out_dir.name}.lock")):
+    with FileLock(str(out_dir.parent / f".{out_dir.name}.lock")), fewer_collections:
         return _ingest_locked(cfg, inputs, out_dir, started, force)
 
 

@@ -14,8 +14,10 @@ that owns the dedup index commits batches in the order they were read
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import re
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field, fields
@@ -476,6 +478,40 @@ class Preparer:
                     orjson.dumps(row) + b"\n", frame_values(row, cand.num_tokens, cand.num_bytes))
 
 
+class FewerCollections:
+    """CPython's cycle collector tuned for a stream of short-lived containers while any user
+    is inside (a worker of a shared cluster may run several threads), then restored.
+
+    At the default thresholds (700, 10, 10) an ingest ran a full collection every few seconds,
+    each rescanning every object the loaded libraries hold (Great Expectations, pandas, the
+    tokenizer): 5.3 of 41 s at 300k lines, 30 full collections. A young collection every 50,000
+    allocations and a full one after 100 middle ones free the same cycles, later: 0.7 s, the
+    same peak memory."""
+
+    THRESHOLDS = (50_000, 20, 100)
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.depth = 0
+        self.saved = gc.get_threshold()
+
+    def __enter__(self) -> None:
+        with self.lock:
+            if self.depth == 0:
+                self.saved = gc.get_threshold()
+                gc.set_threshold(*self.THRESHOLDS)
+            self.depth += 1
+
+    def __exit__(self, *exc) -> None:
+        with self.lock:
+            self.depth -= 1
+            if self.depth == 0:
+                gc.set_threshold(*self.saved)
+
+
+fewer_collections = FewerCollections()
+
+
 # ----- on a worker -------------------------------------------------------------------------------
 _PREPARERS: dict[str, Preparer] = {}
 
@@ -484,15 +520,16 @@ def prepare_remote(cfg: Config, records: list[RawRecord] | LineRange, fmt: str |
                    lsh: tuple[int, int]) -> Batch:
     """`Preparer.prepare` in a worker process, its helpers loaded once per config; a
     `LineRange` is read here, from the file (the worker sees the ingesting process's files)."""
-    key = f"{cfg.hash()}:{lsh}"
-    if key not in _PREPARERS:
-        _PREPARERS.clear()
-        _PREPARERS[key] = Preparer(cfg, lsh)
-    if not isinstance(records, LineRange):
-        return _PREPARERS[key].prepare(records, fmt)
-    started = time.perf_counter()
-    records = range_records(records, cfg.ingest.max_line_bytes, cfg.ingest.quarantine_keep_bytes + EXCERPT_MARGIN)
-    read_s = time.perf_counter() - started
-    batch = _PREPARERS[key].prepare(records, fmt)
-    batch.durations["read_range"] = round(read_s, 4)
-    return batch
+    with fewer_collections:
+        key = f"{cfg.hash()}:{lsh}"
+        if key not in _PREPARERS:
+            _PREPARERS.clear()
+            _PREPARERS[key] = Preparer(cfg, lsh)
+        if not isinstance(records, LineRange):
+            return _PREPARERS[key].prepare(records, fmt)
+        started = time.perf_counter()
+        records = range_records(records, cfg.ingest.max_line_bytes, cfg.ingest.quarantine_keep_bytes + EXCERPT_MARGIN)
+        read_s = time.perf_counter() - started
+        batch = _PREPARERS[key].prepare(records, fmt)
+        batch.durations["read_range"] = round(read_s, 4)
+        return batch

@@ -357,3 +357,24 @@ def test_rows_waiting_for_validation_are_bounded_by_bytes(tmp_path, monkeypatch)
     kept = m.counts["totals"]["train"] + m.counts["totals"]["holdout"]
     assert kept == 60 and sum(len(c) for c in chunks) == 60 and len(chunks) > 3
     assert all(sum(c[:-1]) < bound for c in chunks)  # a chunk closes as soon as it reaches the bound
+
+
+def test_chunks_are_validated_without_gx_fingerprinting_them(monkeypatch):
+    """GX's batch fingerprint (an MD5 over every value) is skipped while a chunk is validated,
+    and GX's own threshold is as it was afterwards; the verdicts are GX's all the same."""
+    from great_expectations.execution_engine import pandas_execution_engine as engine
+
+    from drafter.traces.validate import Validator
+
+    def no_fingerprint(df):
+        raise AssertionError("the chunk was fingerprinted")
+
+    monkeypatch.setattr(engine, "hash_pandas_dataframe", no_fingerprint)
+    threshold = engine.HASH_THRESHOLD
+    rows = [(f"{i:016x}", "app.jsonl", i + 1, "2026-01-01T00:00:00Z", None, None, None, "chat",
+             "user assistant", 2, None, 40, "hello\nhi there") for i in range(31)]
+    rows[30] = ("not-an-id", *rows[30][1:])
+    validator = Validator(min_tokens=1, max_tokens=100)
+    result = validator.validate(rows)
+    assert result.bad_rows == {30: ["id_format"]} and result.batch_failures == []
+    assert engine.HASH_THRESHOLD == threshold

@@ -373,6 +373,22 @@ def tiny_tokenizer_size():
     return size
 
 
+def test_a_batch_pickles_with_its_kept_rows_as_they_were():
+    import pickle
+
+    from drafter.traces.prepare import Batch, Kept
+
+    kept = [Kept(f"{i:016x}", "app.jsonl", i + 1, 100 * i, "ab" * 32, None if i % 2 else 40, 300 + i, -i,
+                 (i, -i), "chat", "train" if i % 3 else "holdout", b'{"id": %d}\n' % i, (f"{i:016x}", i + 1, "x"))
+            for i in range(5)]
+    batch = Batch(quarantine=[{"line": 9, "reason": "malformed_json"}], dropped=[{"id": "a", "outcome": "filtered"}],
+                  kept=kept, durations={"finish": 0.5})
+    batch.ledger.records["read"] = 7
+    again = pickle.loads(pickle.dumps(batch))
+    assert again == batch and again.kept[3].bands == (3, -3) and isinstance(again.kept[0], Kept)
+    assert pickle.loads(pickle.dumps(Batch())) == Batch()
+
+
 def test_two_dask_workers_give_the_same_output_as_one_process(tmp_path):
     """Batches prepared on a 2-process Dask LocalCluster and committed in read order: the same
     kept conversations, splits, quarantine, dropped entries and counts, byte for byte."""

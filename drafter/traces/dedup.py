@@ -41,7 +41,7 @@ FILTER_BITS = 1 << 27
 LOOKUP_SQL = ("SELECT seen.key, prompts.ref FROM seen JOIN prompts ON prompts.id = seen.prompt "
               f"WHERE seen.key IN ({','.join('?' * LOOKUP)})")
 SHINGLE = 3  # words per shingle
-FLUSH_KEYS = 1 << 18  # keys held in memory (~25 MB) before they are written in one sorted run
+FLUSH_KEYS = 1 << 18  # keys held in memory (~31 MiB with their prompts) before one sorted run is written
 
 
 # ASCII text, lowercased with every non-word character made a space: the words `WORD` finds.

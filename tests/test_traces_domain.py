@@ -1,6 +1,7 @@
 """The domain classifier against labelled prompts: the bundled evaluation sets and hand-labelled examples."""
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -106,6 +107,10 @@ EDGE_CASES = [
     "WRITE A PYTHON FUNCTION that sorts", "Fix The Bug in my code", "x =\x1c5", "for\x1f(i=0;", "a\r\nb;\r\n",
     "end with {\nnext", "if (a < b) {", "What Is -3 plus 4?", "$x^2$ and \\frac{1}{2}", "5 %", "a->b", "obj.method(",
     "tabs\tand\x0bvertical\x0cfeeds 3\t+\t4", "_snake(", "Sample Input\n1 2", "", "no signs at all here",
+    # word boundaries of the counted words: `WORD` runs of [a-z+#] that start with a letter
+    "c++ and c# and c+++ and c##", "#include <x>", "a#python ++python python# Python PYTHON", "python\n",
+    "python python\npython", "x1python2y", "sum_total find_all", "half-half", "two", "I", "a b", "a1b", "+ #",
+    "c++c++ c#c#", "what's 2+2", "in python, in rust;",
 ]
 
 
@@ -115,7 +120,8 @@ def test_one_hyperscan_pass_finds_what_each_pattern_finds(monkeypatch):
     patterns in its lowercased form), on real prompts and answers and on edge cases."""
     pytest.importorskip("hyperscan")
     from drafter.traces.demo import sharegpt_path
-    from drafter.traces.domain import SAMPLE_CHARS, SCANNED, TASK_ID, _scan
+    from drafter.traces.domain import (COUNTED, COUNTED_WORDS, SAMPLE_CHARS, SCANNED, TASK_ID, TWO_WORDS_ID, WORD,
+                                       WORD_BASE, _scan)
     from drafter.traces.sources import SourceReader
 
     texts = [p for name in ("gsm8k", "math500", "humaneval", "mbpp", "livecodebench", "mt-bench") for p in first_turns(name)]
@@ -130,15 +136,23 @@ def test_one_hyperscan_pass_finds_what_each_pattern_finds(monkeypatch):
             assert found is None  # searched with `re`
             continue
         want = {i for i, rx in enumerate(SCANNED) if rx.search(text if i < TASK_ID else text.lower())}
-        assert found == want, text
+        assert {i for i in found if i < WORD_BASE} == want, text
+        # every occurrence of a counted word, and "two words", as `WORD` finds them
+        words = WORD.findall(text.lower())
+        assert (Counter(COUNTED_WORDS[i - WORD_BASE] for i in found if WORD_BASE <= i < TWO_WORDS_ID)
+                == Counter(w for w in words if w in COUNTED)), text
+        assert (TWO_WORDS_ID in found) == (len(words) >= 2), text
         scanned += 1
     assert scanned > 5000
     # and the scores are those of searching each pattern with `re`
     from drafter.traces import domain
 
-    fast = [domain.scores(t[:SAMPLE_CHARS]) for t in texts]
+    samples = [t[:SAMPLE_CHARS] for t in texts] + EDGE_CASES
+    fast = [domain.scores(t) for t in samples]
+    tags = [domain._classify_sample.__wrapped__(t) for t in samples]
     monkeypatch.setattr(domain, "hyperscan", None)
-    assert fast == [domain.scores(t[:SAMPLE_CHARS]) for t in texts]
+    assert fast == [domain.scores(t) for t in samples]
+    assert tags == [domain._classify_sample.__wrapped__(t) for t in samples]
     assert sum(code >= 6 for code, _, _ in fast) > 100 and sum(task for _, _, task in fast) > 50
 
 

@@ -127,35 +127,61 @@ TASK_ID, PROBLEM_ID = len(CODE_SIGNS) + len(MATH_SIGNS), len(CODE_SIGNS) + len(M
 LANGUAGE_IDS = {lang: PROBLEM_ID + 1 + i for i, lang in enumerate(IN_LANGUAGE)}
 # Python's \s also holds these separators; Hyperscan's (ASCII) does not: such texts use `re`.
 SEPARATORS = re.compile(r"[\x1c-\x1f]")
+# The words the scores look at, found in the same pass, once per occurrence, as whole `WORD`s of
+# the lowercased text: not next to another [a-z+#] character, after any "+" or "#" that starts
+# the run (a `WORD` starts with a letter). Then one pattern for "at least two `WORD`s".
+COUNTED = frozenset(CODE_WORDS | TECH_WORDS | MATH_WORDS | QUESTION_WORDS | TASK_VERBS | LANGUAGES | NUMBER_WORDS)
+COUNTED_WORDS = sorted(COUNTED)
+WORD_BASE = len(SCANNED)  # id of COUNTED_WORDS[0]
+TWO_WORDS_ID = WORD_BASE + len(COUNTED_WORDS)
+WORD_PATTERNS = [r"(?:^|[^a-z+#])[+#]*" + re.escape(w) + r"(?:[^a-z+#]|\z)" for w in COUNTED_WORDS]
+# (a letter, later a character that ends its run, later another letter: two runs that start with one)
+TWO_WORDS = r"[a-z].*[^a-z+#].*[a-z]"
 
 
 @lru_cache(maxsize=1)
 def _database():
-    """The Hyperscan database of `SCANNED` (ASCII semantics: \\b and \\w as Python's on ASCII)."""
+    """The Hyperscan database of `SCANNED` (ASCII semantics: \\b and \\w as Python's on ASCII),
+    the counted words and `TWO_WORDS` (caseless on the text: the lowercased text's matches)."""
     flags = []
     for i, rx in enumerate(SCANNED):
         f = hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_UTF8
         f |= hyperscan.HS_FLAG_MULTILINE if rx.flags & re.M else 0
         f |= hyperscan.HS_FLAG_CASELESS if i >= TASK_ID else 0
         flags.append(f)
+    flags += [hyperscan.HS_FLAG_CASELESS] * len(WORD_PATTERNS)  # every occurrence reported
+    flags.append(hyperscan.HS_FLAG_CASELESS | hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_DOTALL)
+    expressions = [rx.pattern.encode() for rx in SCANNED] + [w.encode() for w in WORD_PATTERNS] + [TWO_WORDS.encode()]
     db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-    db.compile(expressions=[rx.pattern.encode() for rx in SCANNED], ids=list(range(len(SCANNED))),
-               elements=len(SCANNED), flags=flags)
+    db.compile(expressions=expressions, ids=list(range(len(expressions))), elements=len(expressions), flags=flags)
     return db
 
 
-def _scan(text: str) -> set[int] | None:
-    """Ids of the `SCANNED` patterns found in an ASCII text (~4 us for 1,000 characters, against
-    ~50 us for the patterns one by one); None for other texts, searched with `re`."""
+def _scan(text: str) -> list[int] | None:
+    """In an ASCII text, the ids of the `SCANNED` patterns found (each once), of the counted
+    words (`WORD_BASE + i`, once per occurrence) and `TWO_WORDS_ID`: ~4 us for 1,000 characters,
+    against ~50 us for the patterns one by one. None for other texts, searched with `re`."""
     if hyperscan is None or not text.isascii() or SEPARATORS.search(text):
         return None
-    found: set[int] = set()
-    _database().scan(text.encode(), match_event_handler=lambda i, *_: found.add(i))
-    return found
+    hits: list[int] = []
+    _database().scan(text.encode(), match_event_handler=lambda i, *_: hits.append(i))
+    return hits
+
+
+def _scan_words(text: str, lower: str) -> tuple[set[int] | None, list[str], bool]:
+    """(the `SCANNED` ids found or None for `re`, the counted words once per occurrence, whether
+    the text has two `WORD`s) of a text and its lowercased form."""
+    hits = _scan(text)
+    if hits is None:
+        words = WORD.findall(lower)
+        return None, [w for w in words if w in COUNTED], len(words) >= 2
+    counted = [COUNTED_WORDS[i - WORD_BASE] for i in hits if WORD_BASE <= i < TWO_WORDS_ID]
+    return set(hits), counted, TWO_WORDS_ID in hits
 
 
 def _numbers(lower: str, wordset: set[str] | None = None) -> int:
-    """min(3, number of `NUMBER` matches) of a lowercased text (`wordset`: its `WORD`s, if known).
+    """min(3, number of `NUMBER` matches) of a lowercased text (`wordset`: its `WORD`s, or those
+    of them in `COUNTED`, if known).
 
     The matches are the maximal digit runs and the number words standing alone (between word
     boundaries), which never overlap, so they are counted apart. Each search runs only when it
@@ -185,12 +211,12 @@ def _is_word(ch: str) -> bool:
     return ch.isalnum() or ch == "_"
 
 
-def scores(text: str, lower: str | None = None, words: list[str] | None = None) -> tuple[float, float, bool]:
-    """(code score, math score, asks for a program) of a text (`lower` and its `WORD`s, if known)."""
+def scores(text: str, lower: str | None = None,
+           scanned: tuple[set[int] | None, list[str], bool] | None = None) -> tuple[float, float, bool]:
+    """(code score, math score, asks for a program) of a text (`lower` and its `_scan_words`, if known)."""
     lower = text.lower() if lower is None else lower
-    words = WORD.findall(lower) if words is None else words
-    wordset = set(words)
-    found = _scan(text)
+    found, counted, _ = _scan_words(text, lower) if scanned is None else scanned
+    wordset = set(counted)  # (only counted words are looked up below)
     if found is None:  # each pattern searched with `re`, only where it can matter
         code_signs, math_signs = _signs(CODE_SIGNS, CODE_NEEDS, text), _signs(MATH_SIGNS, MATH_NEEDS, text)
         task = bool((wordset & TASK_VERBS and CODE_TASK.search(lower))
@@ -199,16 +225,15 @@ def scores(text: str, lower: str | None = None, words: list[str] | None = None) 
         code_signs, math_signs = len(found & CODE_IDS), len(found & MATH_IDS)
         task = bool((wordset & TASK_VERBS and TASK_ID in found)
                     or any(LANGUAGE_IDS[lang] in found for lang in wordset & LANGUAGES))
-    code_words = wordset & CODE_WORDS  # counted with repeats, up to 6
     code = 3.0 * code_signs + (6.0 if task else 0.0) + 3.0 * min(len(wordset & TECH_WORDS), 2)
-    code += 6 if len(code_words) >= 6 else min(sum(map(code_words.__contains__, words)), 6) if code_words else 0
+    code += min(sum(map(CODE_WORDS.__contains__, counted)), 6)  # counted with repeats, up to 6
     math = 3.0 * math_signs
     numbers = _numbers(lower, wordset)  # only "none" and "3 or more" matter
     if wordset & QUESTION_WORDS and numbers and (PROBLEM_ID in found if found is not None
                                                   else WORD_PROBLEM.search(lower)):
         math += 6.0
     math += 2.0 if numbers >= 3 else 0.0
-    math += 0.75 * min(sum(map(MATH_WORDS.__contains__, words)), 6)
+    math += 0.75 * min(sum(map(MATH_WORDS.__contains__, counted)), 6)
     return code, math, task
 
 
@@ -227,10 +252,10 @@ def _classify_sample(sample: str) -> str:
     if non_latin > 0.25 * len(sample.strip()):
         return "other"
     lower = sample.lower()
-    words = WORD.findall(lower)
-    if len(words) < 2 and non_latin < 2:
+    scanned = _scan_words(sample, lower)
+    if not scanned[2] and non_latin < 2:  # fewer than two words
         return "other"
-    code, math, task = scores(sample, lower, words)
+    code, math, task = scores(sample, lower, scanned)
     if code >= 6 and (code >= math or task):
         return "code"
     if math >= 6:

@@ -64,25 +64,30 @@ def _grouped_attention(query, key, value, mask, scaling=None):
     return torch.matmul(probs.view(batch, kv, group * length, total), value).view(batch, heads, length, dim)
 
 
-def _short_attention(query, key, value, mask, scaling=None):
+def _short_attention(query, key, value, mask, scaling=None, tokens=None):
     """`_grouped_attention`'s result, from `csrc/short_attention.cpp` where it runs
     (`kernel_takes`): one pass over each KV head's cached keys and values, 16 keys' scores at a
     time with `vdpbf16ps`, the same roundings (scores and probabilities to bf16, softmax in
     float32 with torch's own exp); sums in another order, so equal to the bit on ~99.8% of
     outputs and within one bf16 step elsewhere. A query's result does not depend on how many
-    other tokens or rows are verified with it, so decoding stays lossless."""
+    other tokens or rows are verified with it, so decoding stays lossless.
+
+    `tokens` [B] (or None: all T): row b's real queries are its first tokens[b]; the kernel
+    computes only those (a packed verification's rows differ in length), and the other slots'
+    outputs are whatever the path leaves there: callers read the real ones only."""
     if not kernel_takes(query, key, value, mask):
         return _grouped_attention(query, key, value, mask, scaling)
-    return kernel_attention(query, key, value, mask, scaling)
+    return kernel_attention(query, key, value, mask, scaling, tokens)
 
 
-def kernel_attention(query, key, value, mask, scaling=None):
+def kernel_attention(query, key, value, mask, scaling=None, tokens=None):
     """The short-query kernel on what `kernel_takes` accepts: query [B, h, T, d], key/value
-    [B, kv, S, d], mask bool [B or 1, 1, T, >= S] (True: attend) or None (causal, the queries last)."""
+    [B, kv, S, d], mask bool [B or 1, 1, T, >= S] (True: attend) or None (causal, the queries
+    last); `tokens` int64 [B] or None (see `_short_attention`)."""
     if mask is not None:
         mask = mask[:, 0, :, : key.shape[2]].expand(query.shape[0], query.shape[2], key.shape[2])
     return torch.ops.drafter_attention.attend(query * (scaling if scaling is not None else query.shape[-1] ** -0.5),
-                                              key, value, mask)
+                                              key, value, mask, tokens)
 
 
 def kernel_takes(query, key, value, mask) -> bool:
@@ -147,6 +152,7 @@ class Packing:
     index: torch.Tensor  # [N] flat slots, rows in order, each row's tokens contiguous
     rows: int
     width: int
+    tokens: torch.Tensor | None = None  # [rows] tokens a row holds, when they are its first slots
 
     @classmethod
     def of(cls, lengths: Sequence[int], device: torch.device | str = "cpu", left_padded: bool = False) -> Packing:
@@ -155,7 +161,7 @@ class Packing:
         width = max(lengths)
         index = torch.cat([r * width + (width - n if left_padded else 0) + torch.arange(n)
                            for r, n in enumerate(lengths)]).to(device)
-        return cls(index, len(lengths), width)
+        return cls(index, len(lengths), width, None if left_padded else torch.tensor(lengths, dtype=torch.long))
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """[1, heads, N, d] -> [rows, heads, width, d], zeros where a row has no token."""
@@ -225,6 +231,24 @@ class RoomyLayer(DynamicLayer):
         super().reset()
 
 
+def shift_rows(tensors: Sequence[torch.Tensor], shifts: Sequence[tuple[int, int, int]]) -> None:
+    """In every [B, H, S, D] tensor, for each (row r, shift j, first slot f): row r's slots
+    [f, S - j) move right by j, in place. On a CPU with the kernels built, one memmove per row and
+    head (`csrc/fused_ops.cpp`; at 16 rows after ~400 tokens a third of the copies' time, which
+    went through a temporary); elsewhere slice copies."""
+    if not shifts:
+        return
+    if few_rows.available() and all(t.device.type == "cpu" and t.stride(-1) == 1 and t.stride(-2) == t.shape[-1]
+                                    for t in tensors):
+        rows, js, firsts = (list(x) for x in zip(*shifts))
+        torch.ops.drafter_fused.shift_slots(list(tensors), rows, js, firsts)
+        return
+    for t in tensors:
+        length = t.shape[2]
+        for r, j, first in shifts:
+            t[r, :, first + j :] = t[r, :, first : length - j].clone()
+
+
 class PackedCache(DynamicCache):
     """A DynamicCache of `RoomyLayer`s that, while `packing` is set, takes a packed block's
     keys/values and stores them as the per-row block a padded forward would have stored."""
@@ -250,8 +274,8 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     if packing is None:
         raise RuntimeError(f"{PACKED_ATTENTION} attention needs the packing of its batch")
     q = packing.unpack(query)  # [rows, heads, width, d]
-    if _short_query(q):
-        out = _short_attention(q, key, value, attention_mask, scaling)
+    if _short_query(q):  # only each row's own queries: the kernel skips the slots past them
+        out = _short_attention(q, key, value, attention_mask, scaling, packing.tokens)
     else:
         out = F.scaled_dot_product_attention(
             q, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=q.shape[1] != key.shape[1]

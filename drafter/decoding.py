@@ -40,7 +40,8 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from drafter import fused
-from drafter.attention import PackedCache, Packing, RoomyLayer, packed_forward, supports_packing, verify_mask
+from drafter.attention import (PackedCache, Packing, RoomyLayer, packed_forward, shift_rows, supports_packing,
+                               verify_mask)
 from drafter.errors import DrafterError
 from drafter.models.base import DraftModel
 from drafter.models.metrics import GREEDY_BELOW
@@ -461,8 +462,8 @@ class SpecEngine:
             mask = mask[:, : mask.shape[1] - common]
             junk = junk - common
         if int(junk.max()):
-            # Shift row r right by junk[r] in place: one contiguous copy per row and head block
-            # (a gather over the whole cache cost ~9x more: 148 ms a round at R = 16), of its
+            # Shift row r right by junk[r] in place (`shift_rows`: one memmove per row and head;
+            # a gather over the whole cache cost ~9x more: 148 ms a round at R = 16), of its
             # slots from its first real one (its left padding is masked wherever it is); the
             # slots it vacates keep stale values and become padding.
             length = mask.shape[1]
@@ -471,10 +472,7 @@ class SpecEngine:
             for r, j, _ in shifts:
                 mask[r, j:] = mask[r, : length - j].clone()
                 mask[r, :j] = 0
-            for layer in self._layers(cache):
-                for t in (layer.keys, layer.values):
-                    for r, j, first in shifts:
-                        t[r, :, first + j :] = t[r, :, first : length - j].clone()
+            shift_rows([t for layer in self._layers(cache) for t in (layer.keys, layer.values)], shifts)
         return self._trim(cache, mask)
 
     def _trim(self, cache, mask: torch.Tensor) -> torch.Tensor:

@@ -260,6 +260,27 @@ def test_a_query_gets_the_same_bits_alone_as_in_a_verified_block_or_a_batch():
             assert torch.equal(alone[0, :, 0], block[row, :, t])
 
 
+
+@needs_kernel
+@pytest.mark.parametrize("masked", [False, True])
+def test_rows_of_their_own_lengths_get_the_bits_of_the_whole_block(masked):
+    """Packed verification: the kernel computes only each row's first tokens[b] queries (none for
+    a row of 0), and those are the whole block's outputs to the bit."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(5, 9, 8, 64, generator=g).bfloat16()
+    k, v = (torch.randn(5, 3, 300, 64, generator=g).bfloat16() for _ in range(2))
+    mask = None
+    if masked:
+        mask = torch.ones(5, 1, 8, 300, dtype=torch.bool).tril(300 - 8)
+        mask[1, ..., :40] = False  # a left-padded row
+    tokens = torch.tensor([8, 3, 1, 0, 5])
+    whole = att._short_attention(q, k, v, mask)
+    rows = att._short_attention(q, k, v, mask, tokens=tokens)
+    for b, n in enumerate(tokens.tolist()):
+        assert torch.equal(rows[b, :, :n], whole[b, :, :n])
+    with pytest.raises(RuntimeError, match="between 0 and T"):
+        att._short_attention(q, k, v, mask, tokens=torch.tensor([9, 1, 1, 1, 1]))
+
 @needs_kernel
 def test_the_kernel_leaves_what_it_does_not_take_to_the_matrix_path():
     q, k, v = random_attention(1, 4, 2, 3, 30, torch.bfloat16)  # head size 16
@@ -345,3 +366,26 @@ def test_roomy_layer_holds_what_concatenation_holds_and_writes_in_place():
     step(6, rows=3)
     step(2, rows=3)
     assert roomy.get_seq_length() == plain.get_seq_length()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_row_shifts_move_each_rows_slots_as_slice_copies_do(monkeypatch, dtype):
+    """`shift_rows` (a memmove per row and head where the kernels are built) leaves the cache's
+    views exactly as the slice copies through a temporary do, and the buffer past them untouched."""
+    g = torch.Generator().manual_seed(5)
+    buffers = [torch.randn(4, 3, 40, 64, generator=g).to(dtype) for _ in range(2)]
+    shifts = [(0, 3, 0), (2, 1, 17), (3, 7, 5)]
+    views = [b[:, :, :31] for b in buffers]
+    want = [b.clone() for b in buffers]
+    for t in (w[:, :, :31] for w in want):
+        for r, j, first in shifts:
+            t[r, :, first + j :] = t[r, :, first : 31 - j].clone()
+    att.shift_rows(views, shifts)
+    for b, w in zip(buffers, want):
+        assert torch.equal(b, w)
+    monkeypatch.setattr(few_rows, "available", lambda: False)  # the slice path gives the same
+    again = [b.clone() for b in buffers]
+    att.shift_rows([a[:, :, :31] for a in again], shifts)
+    att.shift_rows(views, shifts)
+    for a, b in zip(again, buffers):
+        assert torch.equal(a, b)

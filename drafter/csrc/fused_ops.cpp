@@ -1,5 +1,5 @@
 // The elementwise work of a bf16 decoder layer in one pass each: RMSNorm, the gated MLP's
-// silu(gate) * up and the rotary embedding. Decoding steps and verifications run them over a
+// silu(gate) * up and the rotary embedding; and the KV cache's row shifts in place. Decoding steps and verifications run them over a
 // handful of rows, where torch's chain of small ops (8 for a norm, 2 for the gate, 6 for each
 // rotary embedding) costs more in dispatch than in arithmetic. Each keeps the roundings of the
 // code it stands in for (drafter/fused.py). Registered as torch.ops.drafter_fused; built with
@@ -10,6 +10,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstring>
 
 extern "C" __m512 Sleef_expf16_u10(__m512);  // torch's own exp (libtorch_cpu), as its silu uses
 
@@ -129,10 +130,33 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   return out;
 }
 
+// In each [B, H, S, D] tensor (each head's S x D slots contiguous), row rows[i]'s slots
+// [firsts[i], S - shifts[i]) move right by shifts[i]: the engine realigns a batch's KV cache this
+// way after its rows reject different numbers of drafts. One memmove per row and head (the ranges
+// overlap), instead of a copy into a temporary and back for each.
+void shift_slots(at::TensorList tensors, at::IntArrayRef rows, at::IntArrayRef shifts, at::IntArrayRef firsts) {
+  TORCH_CHECK(rows.size() == shifts.size() && rows.size() == firsts.size(), "shift_slots: one shift and first per row");
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1 && t.stride(2) == t.size(3),
+                "shift_slots: [B, H, S, D] tensors, each head's S x D slots contiguous");
+    const int64_t S = t.size(2), item = t.element_size(), slot = t.size(3) * item;
+    char* base = static_cast<char*>(t.data_ptr());
+    for (size_t i = 0; i < rows.size(); i++) {
+      const int64_t r = rows[i], j = shifts[i], f = firsts[i];
+      TORCH_CHECK(r >= 0 && r < t.size(0) && j >= 0 && f >= 0 && f + j <= S, "shift_slots: a shift beyond the row's slots");
+      for (int64_t h = 0; h < t.size(1); h++) {
+        char* head = base + (r * t.stride(0) + h * t.stride(1)) * item;
+        std::memmove(head + (f + j) * slot, head + f * slot, (S - j - f) * slot);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(drafter_fused, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", rms_norm);
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor", silu_mul);
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor", rope);
+  m.def("shift_slots(Tensor(a!)[] tensors, int[] rows, int[] shifts, int[] firsts) -> ()", shift_slots);
 }

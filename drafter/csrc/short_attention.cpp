@@ -102,13 +102,14 @@ TARGET inline __mmask16 allowed(const bool* mask, int64_t mask_t, int64_t mask_s
   return bits;
 }
 
-// One KV head of one row: `queries` bf16 query vectors (the group's heads x T tokens, scaled)
-// against `length` cached keys whose rows lie `dim` = 32 * VECS apart. Rounds where the
+// One KV head of one row: the group's heads x `active` first of its T = `tokens` query tokens
+// (bf16, scaled; laid out heads x T) against `length` cached keys whose rows lie `dim` = 32 * VECS
+// apart; the other tokens' outputs are left unset. Rounds where the
 // matrix-product path does: scores to bf16, softmax in float32, probabilities to bf16, the output
 // to bf16. Each block of 16 keys is transposed once (pairs of the 16 keys side by side) and then
 // shared by every query: 16 scores a `vdpbf16ps` chain, no horizontal sums.
 template <int VECS>
-TARGET void head(const uint16_t* q, int64_t queries, int64_t tokens, const uint16_t* k, const uint16_t* v,
+TARGET void head(const uint16_t* q, int64_t group, int64_t tokens, int64_t active, const uint16_t* k, const uint16_t* v,
                  int64_t length, const bool* mask, int64_t mask_t, int64_t mask_s, float* scores, uint16_t* probs,
                  uint16_t* vpairs, at::BFloat16* out, int64_t out_head, int64_t out_token) {
   constexpr int64_t dim = 32 * VECS;
@@ -117,6 +118,7 @@ TARGET void head(const uint16_t* q, int64_t queries, int64_t tokens, const uint1
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const __m512 ninf = _mm512_set1_ps(neg_inf);
   const uint32_t* q32 = reinterpret_cast<const uint32_t*>(q);
+  const int64_t queries = group * active;  // query a: head a / active, token a % active
   // scores, masked keys at -inf
   alignas(64) __m512bh kt[16 * VECS];
   for (int64_t s0 = 0; s0 < length; s0 += 16) {
@@ -131,7 +133,7 @@ TARGET void head(const uint16_t* q, int64_t queries, int64_t tokens, const uint1
     for (int64_t q0 = 0; q0 < queries; q0 += QG) {
       const int64_t g = std::min<int64_t>(QG, queries - q0);
       const uint32_t* qs[QG];
-      for (int64_t i = 0; i < g; i++) qs[i] = q32 + (q0 + i) * (dim / 2);
+      for (int64_t i = 0; i < g; i++) qs[i] = q32 + ((q0 + i) / active * tokens + (q0 + i) % active) * (dim / 2);
       __m512 acc[QG];
       switch (g) {
         case 8: block_scores<VECS, 8>(qs, kt, acc); break;
@@ -144,7 +146,7 @@ TARGET void head(const uint16_t* q, int64_t queries, int64_t tokens, const uint1
         default: block_scores<VECS, 1>(qs, kt, acc);
       }
       for (int64_t i = 0; i < g; i++) {
-        const __mmask16 ok = allowed(mask, mask_t, mask_s, (q0 + i) % tokens, tokens, s0, length);
+        const __mmask16 ok = allowed(mask, mask_t, mask_s, (q0 + i) % active, tokens, s0, length);
         _mm512_storeu_ps(scores + (q0 + i) * padded + s0, _mm512_mask_blend_ps(ok, ninf, round_bf16(acc[i])));
       }
     }
@@ -192,22 +194,24 @@ TARGET void head(const uint16_t* q, int64_t queries, int64_t tokens, const uint1
     at::BFloat16* os[OG];
     for (int64_t i = 0; i < g; i++) {
       ps[i] = reinterpret_cast<const uint32_t*>(probs + (q0 + i) * even);
-      os[i] = out + ((q0 + i) / tokens) * out_head + ((q0 + i) % tokens) * out_token;
+      os[i] = out + ((q0 + i) / active) * out_head + ((q0 + i) % active) * out_token;
     }
     if (g == OG) block_output<VECS, OG>(ps, vpairs, even / 2, dim, os);
     else for (int64_t i = 0; i < g; i++) block_output<VECS, 1>(ps + i, vpairs, even / 2, dim, os + i);
   }
 }
 
-using HeadFn = void (*)(const uint16_t*, int64_t, int64_t, const uint16_t*, const uint16_t*, int64_t, const bool*,
+using HeadFn = void (*)(const uint16_t*, int64_t, int64_t, int64_t, const uint16_t*, const uint16_t*, int64_t, const bool*,
                         int64_t, int64_t, float*, uint16_t*, uint16_t*, at::BFloat16*, int64_t, int64_t);
 constexpr HeadFn HEADS[8] = {head<1>, head<2>, head<3>, head<4>, head<5>, head<6>, head<7>, head<8>};
 
 // query [B, H, T, D] bf16, already scaled; key, value [B, KV, S, D] bf16, D a multiple of 32 up to
 // 256, each head's S x D rows contiguous (any batch and head strides, the same for both); mask
-// bool [B, T, S] (true: attend; any strides) or none (causal, the queries last). -> [B, H, T, D].
+// bool [B, T, S] (true: attend; any strides) or none (causal, the queries last); tokens int64 [B]
+// or none: row b's queries are its first tokens[b] (packed verification: rows of different
+// lengths), the others' outputs are left unset. -> [B, H, T, D].
 at::Tensor attend(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                  const std::optional<at::Tensor>& mask) {
+                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& tokens_of) {
   TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4, "attend: 4-D query, key and value");
   TORCH_CHECK(query.scalar_type() == at::kBFloat16 && key.scalar_type() == at::kBFloat16 &&
               value.scalar_type() == at::kBFloat16, "attend: bf16 query, key and value");
@@ -226,6 +230,15 @@ at::Tensor attend(const at::Tensor& query, const at::Tensor& key, const at::Tens
     mp = m.data_ptr<bool>();
     mask_b = m.stride(0), mask_t = m.stride(1), mask_s = m.stride(2);
   }
+  std::vector<int64_t> active(batch, tokens);
+  if (tokens_of.has_value()) {
+    const at::Tensor t = tokens_of->to(at::kLong).contiguous();
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == batch, "attend: tokens [B]");
+    for (int64_t b = 0; b < batch; b++) {
+      active[b] = t.data_ptr<int64_t>()[b];
+      TORCH_CHECK(active[b] >= 0 && active[b] <= tokens, "attend: a row's tokens between 0 and T");
+    }
+  }
   const int64_t group = heads / kv, queries = group * tokens;
   const at::Tensor q = query.contiguous();
   auto out = at::empty({batch, heads, tokens, dim}, query.options());
@@ -239,7 +252,8 @@ at::Tensor attend(const at::Tensor& query, const at::Tensor& key, const at::Tens
     std::vector<uint16_t> probs(queries * even + 16), vpairs(even * dim);
     for (int64_t i = begin; i < end; i++) {
       const int64_t b = i / kv, h = i % kv;
-      HEADS[dim / 32 - 1](qp + (b * heads + h * group) * tokens * dim, queries, tokens, kp + b * key.stride(0) + h * key.stride(1),
+      if (active[b] == 0) continue;
+      HEADS[dim / 32 - 1](qp + (b * heads + h * group) * tokens * dim, group, tokens, active[b], kp + b * key.stride(0) + h * key.stride(1),
            vp + b * value.stride(0) + h * value.stride(1), length, mp ? mp + b * mask_b : nullptr, mask_t, mask_s,
            scores.data(), probs.data(), vpairs.data(), op + (b * heads + h * group) * tokens * dim, tokens * dim, dim);
     }
@@ -250,5 +264,5 @@ at::Tensor attend(const at::Tensor& query, const at::Tensor& key, const at::Tens
 }  // namespace
 
 TORCH_LIBRARY(drafter_attention, m) {
-  m.def("attend(Tensor query, Tensor key, Tensor value, Tensor? mask) -> Tensor", attend);
+  m.def("attend(Tensor query, Tensor key, Tensor value, Tensor? mask, Tensor? tokens=None) -> Tensor", attend);
 }

@@ -6,7 +6,8 @@ stands in for (`attention._grouped_attention`), side by side, on one layer's sha
 
 Shapes: one row of 1, 4 or 8 query tokens (a decoding step, verifications) with the causal
 default and with an explicit mask, and 8 or 16 rows of one token / 4 rows of 4 (batches) with a
-padding mask. Best of five runs of --reps calls each, wall clock. Writes
+padding mask; and 16 rows of 1-8 tokens packed in slots 8 wide, with and without each row's token
+count. Best of five runs of --reps calls each, wall clock. Writes
 bench/results/short_attention.{json,md}.
 """
 
@@ -21,6 +22,7 @@ from _common import RESULTS, apply_threads, command, machine, write_results
 SHAPES = [(1, 1, False), (1, 4, False), (1, 8, False), (1, 4, True), (1, 8, True), (8, 1, True), (16, 1, True),
           (4, 4, True)]  # rows, query tokens, explicit mask
 CACHED = 260
+PACKED_TOKENS = [8, 1, 5, 3, 8, 2, 4, 6, 1, 7, 3, 5, 2, 8, 4, 6]  # a packed verification's rows (73 tokens)
 
 
 def best_us(fn, reps: int) -> float:
@@ -62,12 +64,24 @@ def main() -> None:
         matrix = best_us(lambda: _grouped_attention(q, k, v, None if mask is None else mask[:, None], 1.0), args.reps)
         table.append({"rows": rows, "query_tokens": tokens, "mask": masked, "cached": CACHED,
                       "matrix_us": round(matrix, 1), "kernel_us": round(kernel, 1), "speedup": round(matrix / kernel, 2)})
-    doc = {"command": command(), "rows": table, "machine": machine(torch_threads=args.threads)}
+    # Packed verification: 16 rows of their own lengths (1-8 tokens) in slots 8 wide; the kernel
+    # given each row's token count against computing every slot (what it did before it took them).
+    tokens = torch.tensor(PACKED_TOKENS)
+    q = (torch.randn(16, 9, 8, 64, generator=g) * 0.125).bfloat16()
+    k, v = (torch.randn(16, 3, CACHED, 64, generator=g).bfloat16() for _ in range(2))
+    mask = torch.ones(16, 8, CACHED, dtype=torch.bool).tril(CACHED - 8)
+    every = best_us(lambda: torch.ops.drafter_attention.attend(q, k, v, mask), args.reps)
+    own = best_us(lambda: torch.ops.drafter_attention.attend(q, k, v, mask, tokens), args.reps)
+    packed = {"rows": 16, "slots": 8, "tokens": int(tokens.sum()), "every_slot_us": round(every, 1),
+              "own_tokens_us": round(own, 1), "speedup": round(every / own, 2)}
+    doc = {"command": command(), "rows": table, "packed": packed, "machine": machine(torch_threads=args.threads)}
     md = ["# Short-query attention kernel against the matrix products (one SmolLM2 layer)", "",
           f"Command: `{doc['command']}`; best of 5 x {args.reps} calls, wall clock.", "",
           "| rows x query tokens | mask | matrix products us | kernel us | speedup |", "|---|---|---:|---:|---:|",
           *[f"| {r['rows']} x {r['query_tokens']} | {'padding' if r['mask'] else 'causal'} | {r['matrix_us']} | "
-            f"{r['kernel_us']} | {r['speedup']}x |" for r in table], ""]
+            f"{r['kernel_us']} | {r['speedup']}x |" for r in table], "",
+          f"Packed verification, 16 rows of 1-8 tokens ({packed['tokens']} in all) in slots 8 wide: every slot "
+          f"{packed['every_slot_us']} us, each row's own tokens {packed['own_tokens_us']} us ({packed['speedup']}x).", ""]
     for line in md[4:]:
         print(line)
     write_results(args.out, "short_attention", doc, "\n".join(md))

@@ -30,6 +30,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from drafter.models import register
+from drafter.models.metrics import GREEDY_BELOW
 from drafter.models.base import DraftModel, Proposal
 
 
@@ -210,17 +211,19 @@ class ScriptedDrafter(DraftModel):
         tokens, probs = [], []
         for k in range(gamma):
             planned = answer[offset + k] if offset + k < len(answer) else 0
-            p = torch.full((self.vocab_size,), float(q[k]) / self.vocab_size)
-            p[planned] += 1 - float(q[k])
+            if temperature > GREEDY_BELOW:  # greedy decoding reads no probabilities (a real drafter gives none)
+                p = torch.full((self.vocab_size,), float(q[k]) / self.vocab_size)
+                p[planned] += 1 - float(q[k])
+                probs.append(p)
             # A draw from p without a pass over the vocabulary (cheap enough to leave the
             # engine's own costs in the engine benchmark): uniform with probability q, else planned.
             random_token = float(torch.rand((), generator=generator)) < float(q[k])
             tokens.append(int(torch.randint(self.vocab_size, (), generator=generator)) if random_token else planned)
-            probs.append(p)
         conf = ((1 - q) + q / self.vocab_size).clamp(1e-6, 1 - 1e-6)
         if self.overconfidence != 1.0 or self.shift:
             conf = torch.sigmoid(self.overconfidence * torch.logit(conf) + self.shift)
-        return Proposal(tokens=torch.tensor([tokens]), probs=torch.stack(probs)[None], confidences=conf[None])
+        return Proposal(tokens=torch.tensor([tokens]), probs=torch.stack(probs)[None] if probs else None,
+                        confidences=conf[None])
 
 
 class RecordingDrafter(DraftModel):

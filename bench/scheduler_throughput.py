@@ -114,18 +114,22 @@ def main() -> None:
     for rows in args.rows:
         batch = prompts[:rows]
         runs: dict[str, list[dict]] = {label: [] for label in policies}
-        for _ in range(args.repeats):  # policies in turn, so that a slow spell does not fall on one
+        for rep in range(args.repeats):  # policies in turn, so that a slow spell does not fall on one
             for label, scheduler in policies.items():
                 engine = SpecEngine(target, drafter, gamma=gamma, scheduler=scheduler, seed=0, clock=clock)
                 engine.generate_batch(batch[:1], 4)  # warm-up, not measured
-                torch.manual_seed(0)  # the synthetic drafter's corruptions start from the same draws
+                torch.manual_seed(0)
+                if not args.drafter:
+                    # Every policy of a repeat meets the same draft at each position of each answer (the
+                    # repeats draw anew), from the same scripts (earlier runs' resyncs would steer it).
+                    drafter.scripts, drafter.draws_seed = dict(scripts), rep
                 runs[label].append(measure(engine.generate_batch(batch, args.max_new_tokens)))
         for label, measured in runs.items():
-            median = sorted(measured, key=lambda m: m["decode_tokens_per_s"])[len(measured) // 2]
-            results.append({"rows": rows, "policy": label, **median,
+            results.append({"rows": rows, "policy": label, **pooled(measured, rows),
                             "decode_tokens_per_s_runs": [m["decode_tokens_per_s"] for m in measured]})
-            print(f"R={rows:>2} {label:<30} {median['decode_tokens_per_s']:7.1f} decode tok/s  tau {median['tau']:.2f}  "
-                  f"verified/round {median['verified_per_round']:.2f}", file=sys.stderr, flush=True)
+            line = results[-1]
+            print(f"R={rows:>2} {label:<30} {line['decode_tokens_per_s']:7.1f} decode tok/s  tau {line['tau']:.2f}  "
+                  f"verified/round {line['verified_per_round']:.2f}", file=sys.stderr, flush=True)
 
     bounds = {}
     if not args.drafter:  # the synthetic drafter's confidences are its true rates: what any scheduler could reach
@@ -191,6 +195,24 @@ def headroom(table, rows: int, gamma: int, error: tuple[float, float], overhead_
             **{name: tokens[name] / time_s[name] / fixed for name in ("padded", "packed", "clairvoyant")}}
 
 
+def pooled(measured: list[dict], rows: int) -> dict:
+    """The repeats of one policy as one run: tokens and seconds summed (their draws differ, so
+    each repeat counts by its length, not as one vote), round phases averaged."""
+    rounds = sum(m["rounds"] for m in measured)
+    verified = sum(m["verified_per_round"] * m["rounds"] for m in measured)
+    return {
+        "tokens": sum(m["tokens"] for m in measured), "seconds": sum(m["seconds"] for m in measured),
+        "prefill_seconds": sum(m["prefill_seconds"] for m in measured),
+        "decode_tokens_per_s": sum(m["tokens"] - rows for m in measured)
+        / sum(m["seconds"] - m["prefill_seconds"] for m in measured),
+        "tau": sum(m["tau"] * m["rounds"] for m in measured) / rounds, "rounds": rounds,
+        "verified_per_round": verified / rounds,
+        "acceptance_rate": sum(m["acceptance_rate"] * m["verified_per_round"] * m["rounds"] for m in measured)
+        / max(verified, 1),
+        "round_ms": {phase: sum(m["round_ms"][phase] for m in measured) / len(measured) for phase in measured[0]["round_ms"]},
+    }
+
+
 def measure(gens) -> dict:
     """One batch's figures: decode-phase tokens/s after the batched prefill (the same work for
     every policy), tau, drafts verified per round."""
@@ -222,7 +244,8 @@ def render(out: dict) -> str:
         f"Command: `{out['command']}`",
         "",
         "Decode-phase throughput: generated (accepted) tokens per second over all R concurrent requests, after the "
-        f"batched prefill (the same work for every policy), the median of {out.get('repeats', 1)} run(s) taken in turn; "
+        f"batched prefill (the same work for every policy), {out.get('repeats', 1)} run(s) taken in turn and pooled "
+        "(each policy of a run meets the same draft at every position; the runs draw anew); "
         "in brackets tau and drafts verified per round:",
         "",
         "| R | " + " | ".join(policies) + " | alg. 1 / fixed | alg. 1 / threshold |",

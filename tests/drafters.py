@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import copy
 import json
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -166,7 +168,12 @@ class ScriptedDrafter(DraftModel):
     uniform random one with probability q_k ~ Beta(a, b) drawn per position before the
     token. The confidence is 1 - q_k (mixed with the chance a random token is right), so
     it depends on the drafted prefix only, as a confidence head's does; the probabilities
-    are the exact mixture each token is drawn from, so the engine stays lossless."""
+    are the exact mixture each token is drawn from, so the engine stays lossless.
+
+    `draws_seed` (greedy benchmarks): q_k, the corruption coin and the random token of each
+    position of a request's answer are fixed in advance from (seed, prompt, position), not drawn
+    in call order. Policies that verify different drafts then face the same draft at every
+    position, so comparing them is not comparing two runs of luck (common random numbers)."""
 
     algorithm = "test-scripted"
 
@@ -178,15 +185,29 @@ class ScriptedDrafter(DraftModel):
         overconfidence: float = 1.0,
         shift: float = 0.0,
         resync: Callable[[list[int]], list[int]] | None = None,
+        draws_seed: int | None = None,
     ):
         super().__init__({}, heads=None)
         self.scripts, self.vocab_size = dict(scripts), vocab_size
         # When the emitted text leaves the script (in bf16 a verification block and a single
         # token can round a near-tie apart), `resync(ids)` gives the continuation from there.
         self.resync = resync
-        self.error = torch.distributions.Beta(*error)
+        self.error, self.error_params = torch.distributions.Beta(*error), error
         # A deliberately mis-calibrated head: sigmoid(overconfidence * logit(c) + shift).
         self.overconfidence, self.shift = overconfidence, shift
+        self.prompts, self.draws_seed = list(self.scripts), draws_seed
+
+    def _fixed_draws(self, state, ids: list[int], gamma: int) -> tuple[torch.Tensor, list[float], list[int]]:
+        """(q, coins, random tokens) of the next gamma positions after the prompt, fixed per request."""
+        if "draws" not in state:
+            prompt = max((p for p in self.prompts if tuple(ids[: len(p)]) == p), key=len, default=())
+            rng = np.random.default_rng([self.draws_seed, zlib.crc32(repr(prompt).encode())])
+            n = 1 << 14
+            state["draws"] = (len(prompt), torch.from_numpy(rng.beta(*self.error_params, n)).float(),
+                              rng.random(n).tolist(), rng.integers(self.vocab_size, size=n).tolist())
+        start, q, coins, toks = state["draws"]
+        at = len(ids) - start
+        return q[at : at + gamma], coins[at : at + gamma], toks[at : at + gamma]
 
     def init_state(self):
         return {"ids": []}
@@ -206,8 +227,10 @@ class ScriptedDrafter(DraftModel):
         return answer, offset
 
     def propose(self, state, anchor, gamma, temperature, generator=None) -> Proposal:
-        answer, offset = self._script(state["ids"] + [int(anchor.reshape(-1)[0])])
-        q = self.error.sample((gamma,))  # before any token: the confidence cannot see it
+        ids = state["ids"] + [int(anchor.reshape(-1)[0])]
+        answer, offset = self._script(ids)
+        fixed = self._fixed_draws(state, ids, gamma) if self.draws_seed is not None else None
+        q = fixed[0] if fixed else self.error.sample((gamma,))  # before any token: the confidence cannot see it
         tokens, probs = [], []
         for k in range(gamma):
             planned = answer[offset + k] if offset + k < len(answer) else 0
@@ -217,6 +240,9 @@ class ScriptedDrafter(DraftModel):
                 probs.append(p)
             # A draw from p without a pass over the vocabulary (cheap enough to leave the
             # engine's own costs in the engine benchmark): uniform with probability q, else planned.
+            if fixed:
+                tokens.append(fixed[2][k] if fixed[1][k] < float(q[k]) else planned)
+                continue
             random_token = float(torch.rand((), generator=generator)) < float(q[k])
             tokens.append(int(torch.randint(self.vocab_size, (), generator=generator)) if random_token else planned)
         conf = ((1 - q) + q / self.vocab_size).clamp(1e-6, 1 - 1e-6)

@@ -116,6 +116,24 @@ def test_oracle_drafter_accepts_every_token(lively):
     assert gen.tau == 6.0 and gen.finish_reason == "length"
 
 
+def test_scripted_drafter_with_fixed_draws_drafts_each_position_alike_whatever_came_before():
+    """The scheduler benchmark's common random numbers: with `draws_seed`, the draft at a
+    position of a request does not depend on which rounds came before (with it, on the call order)."""
+    prompt, script = (5, 6, 7), list(range(100, 140))
+
+    def draft(at: int, gamma: int, seed: int = 3, calls_before: int = 0) -> list[int]:
+        drafter = ScriptedDrafter({prompt: script}, 1000, error=(1.0, 1.0), draws_seed=seed)
+        for _ in range(calls_before):  # another request's rounds in between
+            drafter.propose({"ids": [9, 9]}, torch.tensor([9]), 4, 0.0)
+        state = {"ids": [*prompt, *script[: at - 1]]}
+        return drafter.propose(state, torch.tensor([script[at - 1]]), gamma, 0.0).tokens[0].tolist()
+
+    whole = draft(1, 8)
+    assert whole != script[1:9]  # a quarter to three quarters of positions corrupted: some are
+    assert draft(3, 4) == whole[2:6] and draft(3, 4, calls_before=5) == whole[2:6]
+    assert draft(1, 8, seed=4) != whole
+
+
 def test_scripted_drafter_resyncs_where_the_output_leaves_its_script(lively):
     """The engine benchmark's synthetic drafters: a script that is wrong from its third token
     on is rejected there once; resync gives the target's own continuation from that point,

@@ -1,9 +1,9 @@
 // The elementwise work of a bf16 decoder layer in one pass each: RMSNorm, the gated MLP's
-// silu(gate) * up and the rotary embedding; and the KV cache's row shifts in place. Decoding steps and verifications run them over a
-// handful of rows, where torch's chain of small ops (8 for a norm, 2 for the gate, 6 for each
-// rotary embedding) costs more in dispatch than in arithmetic. Each keeps the roundings of the
-// code it stands in for (drafter/fused.py). Registered as torch.ops.drafter_fused; built with
-// few_rows_linear.cpp.
+// silu(gate) * up and the rotary embedding; and the KV cache's row shifts in place. Decoding
+// steps and verifications run them over a handful of rows, where torch's chain of small ops (8
+// for a norm, 2 for the gate, 6 for each rotary embedding) costs more in dispatch than in
+// arithmetic. Each keeps the roundings of the code it stands in for (drafter/fused.py).
+// Registered as torch.ops.drafter_fused; built with few_rows_linear.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -20,7 +20,8 @@ longest. Prompts of different lengths are always prefilled packed. Either way th
 block per row, as wide as the longest; afterwards each row keeps its anchor and accepted
 drafts: the row shifts right past its rejected slots, and the slots it vacates on the left
 become padding. So the cache is always "padding, then the request's confirmed tokens", which is exact for
-sliding-window attention too. With one request this is a plain crop.
+sliding-window attention too. With one request this is a plain crop. The drafter is asked for
+every row's block in one call (`DraftModel.propose_batch`; DSpark and DFlash draft them in one pass).
 
 Every generation carries `breakdown`: its batch's round time by phase (PHASES), read by the
 evaluation report and `bench/engine_speedup.py`.
@@ -315,11 +316,13 @@ class SpecEngine:
             row_layers = [feats.layers[i : i + 1, width - n :] for i, n in enumerate(lengths)]
         prefill_end = self.clock()
         tokens = self._draw(logits)
+        if self.drafter is not None:
+            for r in reqs:
+                r.state = self.drafter.init_state()
+            self.drafter.extend_batch([r.state for r in reqs], row_layers,
+                                      [ids[i : i + 1, width - n :] for i, n in enumerate(lengths)])
         for i, r in enumerate(reqs):
             r.gen.prefill_seconds = prefill_end - start
-            if self.drafter is not None:
-                r.state = self.drafter.init_state()
-                self.drafter.extend(r.state, row_layers[i], ids[i : i + 1, width - lengths[i] :])
             r.anchor, r.position = tokens[i], lengths[i]
             self._emit(r, [tokens[i]], max_new, on_tokens)
             if r.done:
@@ -331,17 +334,24 @@ class SpecEngine:
         drafts: list[torch.Tensor] = []
         probs: list[torch.Tensor | None] = []
         confs: list[torch.Tensor | None] = []
-        for r in rows:
-            remaining = max_new - len(r.gen.tokens)
-            g = max(0, min(self.gamma, remaining - 1, self.max_positions - 1 - r.position))
+        gammas = [max(0, min(self.gamma, max_new - len(r.gen.tokens) - 1, self.max_positions - 1 - r.position))
+                  for r in rows]
+        drafting = [r for r, g in zip(rows, gammas) if g]
+        if drafting:
+            with self._phases("draft"):  # every row's block in one call (one pass where the drafter can)
+                proposals = self.drafter.propose_batch(
+                    [r.state for r in drafting], torch.tensor([r.anchor for r in drafting], device=self.device),
+                    [g for g in gammas if g], self.temperature, self.generator)
+            if len(proposals) != len(drafting):
+                raise DecodingError(f"drafter made {len(proposals)} proposals for {len(drafting)} requests")
+            proposals = iter(proposals)
+        for r, g in zip(rows, gammas):
             if g == 0:
                 drafts.append(torch.empty(0, dtype=torch.long, device=self.device))
                 probs.append(None)
                 confs.append(None)
                 continue
-            with self._phases("draft"):
-                prop = self.drafter.propose(r.state, torch.tensor([r.anchor], device=self.device), g, self.temperature,
-                                            self.generator)
+            prop = next(proposals)
             tokens = prop.tokens.reshape(-1).to(self.device)
             if not 1 <= tokens.numel() <= g:
                 raise DecodingError(f"drafter proposed {tokens.numel()} tokens when asked for {g}")
@@ -404,6 +414,7 @@ class SpecEngine:
         elif self.drafter is None:
             with self._phases("accept"):  # plain decoding: every row's next token in one draw
                 drawn = self._draw(logits[:, 0])
+        extending = []  # (state, features, ids) of the rows the drafter extends
         for i, r in enumerate(rows):
             n_ver = lengths[i]
             draft = drafts[i][:n_ver]
@@ -427,9 +438,11 @@ class SpecEngine:
                 r.t_end = self.clock()
                 continue
             if self.drafter is not None:
-                with self._phases("extend"):
-                    self.drafter.extend(r.state, row_layers[i][:, : n + 1], block[i : i + 1, : n + 1])
+                extending.append((r.state, row_layers[i][:, : n + 1], block[i : i + 1, : n + 1]))
             r.anchor, r.position = nxt, r.position + n + 1
+        if extending:
+            with self._phases("extend"):  # every row's confirmed positions in one call
+                self.drafter.extend_batch(*(list(x) for x in zip(*extending)))
         return width
 
     def _emit(self, r: _Request, tokens: list[int], max_new: int, on_tokens) -> None:

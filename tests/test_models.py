@@ -305,6 +305,41 @@ def test_propose_matches_training_forward(target, heads, batch, algo):
 
 
 @pytest.mark.parametrize("algo", ALGOS)
+def test_rows_drafted_together_get_the_proposals_they_get_alone(target, heads, batch, algo):
+    """`extend_batch` gives each row the state `extend` gives it alone; `propose_batch` over rows
+    of different context lengths (padded, masked) and different gammas: greedy, each row's tokens
+    and confidences are its own `propose`'s; sampled, its distributions are too wherever they do
+    not depend on the row's own earlier draws."""
+    model = make(target, heads, algo)
+    lengths, gammas = [5, 13, 9], [3, 2, 3]
+    states, joint = [], [model.init_state() for _ in lengths]
+    for i, n in enumerate(lengths):
+        states.append(model.init_state())
+        model.extend(states[-1], batch.features[i : i + 1, :n], batch.input_ids[i : i + 1, :n])
+    # extended together (each row its own positions), in two steps: the states are the rows' own
+    for cut in ([2, 6, 1], lengths):
+        model.extend_batch(joint, [batch.features[i : i + 1, s.length : c] for i, (s, c) in enumerate(zip(joint, cut))],
+                           [batch.input_ids[i : i + 1, s.length : c] for i, (s, c) in enumerate(zip(joint, cut))])
+    for alone, together in zip(states, joint):
+        assert together.length == alone.length
+        for name in ("k", "v"):
+            torch.testing.assert_close(getattr(together, name), getattr(alone, name), rtol=1e-4, atol=1e-5)
+    anchors = torch.stack([batch.input_ids[i, n] for i, n in enumerate(lengths)])
+    together = model.propose_batch(states, anchors, gammas, 0.0)
+    for state, anchor, g, prop in zip(states, anchors, gammas, together):
+        alone = model.propose(state, anchor.reshape(1), g, 0.0)
+        assert prop.tokens.shape == (1, g) and torch.equal(prop.tokens, alone.tokens) and prop.probs is None
+        if alone.confidences is not None:
+            torch.testing.assert_close(prop.confidences, alone.confidences, rtol=1e-4, atol=1e-6)
+    together = model.propose_batch(states, anchors, gammas, 1.0, torch.Generator().manual_seed(1))
+    for state, anchor, g, prop in zip(states, anchors, gammas, together):
+        alone = model.propose(state, anchor.reshape(1), g, 1.0, torch.Generator().manual_seed(1))
+        same = g if algo == "dflash" else 1  # DSpark's Markov head and EAGLE-3 read their own draws
+        torch.testing.assert_close(prop.probs[:, :same], alone.probs[:, :same], rtol=1e-4, atol=1e-6)
+        assert bool((prop.probs[0].gather(1, prop.tokens[0][:, None]) > 0).all())
+
+
+@pytest.mark.parametrize("algo", ALGOS)
 def test_export_load_round_trip(target, heads, batch, algo, tmp_path):
     model = make(target, heads, algo)
     with torch.no_grad():  # make the weights distinct from a fresh init

@@ -15,6 +15,7 @@ Conventions (positions are 0-based token positions in the sequence):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -156,6 +157,13 @@ class DraftModel(nn.Module):
         """Append confirmed positions: features [1, t, n, H] and their token ids [1, t]."""
         raise NotImplementedError
 
+    def extend_batch(self, states: Sequence[Any], features: Sequence[torch.Tensor],
+                     input_ids: Sequence[torch.Tensor]) -> None:
+        """`extend` for several sequences (each its own t). Here one at a time; a drafter that can
+        extends them in one pass (the engine's batches call this)."""
+        for state, f, ids in zip(states, features, input_ids):
+            self.extend(state, f, ids)
+
     def propose(
         self,
         state: Any,
@@ -166,6 +174,18 @@ class DraftModel(nn.Module):
     ) -> Proposal:
         """Draft `gamma` tokens after `anchor` ([1] long) without changing `state`."""
         raise NotImplementedError
+
+    def propose_batch(
+        self,
+        states: Sequence[Any],
+        anchors: torch.Tensor,
+        gammas: Sequence[int],
+        temperature: float,
+        generator: torch.Generator | None = None,
+    ) -> list[Proposal]:
+        """`propose` for several sequences (anchors [b]), one Proposal each. Here one at a time;
+        a drafter that can drafts them in one pass (the engine's batches call this)."""
+        return [self.propose(s, a.reshape(1), g, temperature, generator) for s, a, g in zip(states, anchors, gammas)]
 
     # --- persistence -----------------------------------------------------------
     def export(self, out_dir: Path) -> Path:

@@ -27,6 +27,7 @@ Deviations, and why:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -271,7 +272,8 @@ class DSpark(DraftVocab, DraftModel):
         block_ids: torch.Tensor,  # [b, A, S]
         positions: torch.Tensor,  # [b, A, S]
         ctx_kv: list[tuple[torch.Tensor, torch.Tensor]],
-        ctx_visible: torch.Tensor | None,  # [b, A, T]; None: one block that sees all its context
+        ctx_visible: torch.Tensor | None,  # [b, A, T]; None: one block a row that sees all its context
+        ctx_valid: torch.Tensor | None = None,  # [b, T], with ctx_visible None: each row's real slots
     ) -> torch.Tensor:
         """Run the blocks through the layers -> final-normed hidden states [b, A, S, H]."""
         x = self.heads.embed_tokens(block_ids).to(self.fc.weight.dtype)
@@ -280,7 +282,7 @@ class DSpark(DraftVocab, DraftModel):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
             k_blk, v_blk = attn.kv(h, cos, sin)
-            out = block_attention(attn.q(h, cos, sin), k_ctx, v_ctx, k_blk, v_blk, ctx_visible, attn.scale)
+            out = block_attention(attn.q(h, cos, sin), k_ctx, v_ctx, k_blk, v_blk, ctx_visible, attn.scale, ctx_valid)
             x = layer.feed_forward(x + attn.out(out))
         return self.norm(x)
 
@@ -377,13 +379,23 @@ class DSpark(DraftVocab, DraftModel):
 
     @torch.no_grad()
     def extend(self, state: BlockState, features: torch.Tensor, input_ids: torch.Tensor) -> None:
-        t = features.shape[1]
-        positions = torch.arange(state.length, state.length + t, device=self.fc.weight.device)[None]
-        ctx = self.context(features.to(self.fc.weight))  # its dtype and device
-        for i, (k, v) in enumerate(self.context_kv(ctx, positions)):
-            state.k[i] = torch.cat([state.k[i], k], dim=2)
-            state.v[i] = torch.cat([state.v[i], v], dim=2)
-        state.length += t
+        self.extend_batch([state], [features], [input_ids])
+
+    @torch.no_grad()
+    def extend_batch(self, states: Sequence[BlockState], features: Sequence[torch.Tensor],
+                     input_ids: Sequence[torch.Tensor]) -> None:
+        """Every row's new positions as one sequence: the context projection and each layer's
+        keys/values are per position (each at its row's own position), so one pass serves all."""
+        device = self.fc.weight.device
+        counts = [f.shape[1] for f in features]
+        positions = torch.cat([torch.arange(s.length, s.length + t, device=device) for s, t in zip(states, counts)])
+        ctx = self.context(torch.cat(list(features), 1).to(self.fc.weight))  # its dtype and device
+        for i, (k, v) in enumerate(self.context_kv(ctx, positions[None])):
+            for state, k_new, v_new in zip(states, k.split(counts, 2), v.split(counts, 2)):
+                state.k[i] = torch.cat([state.k[i], k_new], dim=2)
+                state.v[i] = torch.cat([state.v[i], v_new], dim=2)
+        for state, t in zip(states, counts):
+            state.length += t
 
     @torch.no_grad()
     def propose(
@@ -394,32 +406,78 @@ class DSpark(DraftVocab, DraftModel):
         temperature: float,
         generator: torch.Generator | None = None,
     ) -> Proposal:
+        return self.propose_batch([state], anchor.reshape(1), [gamma], temperature, generator)[0]
+
+    @torch.no_grad()
+    def propose_batch(
+        self,
+        states: Sequence[BlockState],
+        anchors: torch.Tensor,
+        gammas: Sequence[int],
+        temperature: float,
+        generator: torch.Generator | None = None,
+    ) -> list[Proposal]:
+        """Every row's block in one pass: the contexts padded to the longest (`stacked_context`),
+        one block forward and one LM-head product for all rows, then the Markov head's sequential
+        steps across rows at once. A row's proposal is the one `propose` makes alone, up to the
+        rounding of batched products."""
         S = self.config.block_size
-        if not 1 <= gamma <= S:
-            raise ValueError(f"gamma must be in 1..{S} (the block size), got {gamma}")
+        if not all(1 <= g <= S for g in gammas):
+            raise ValueError(f"gamma must be in 1..{S} (the block size), got {list(gammas)}")
         device = self.fc.weight.device
-        anchor = anchor.reshape(1).to(device)
-        positions = (state.length + torch.arange(S, device=device))[None, None]
-        hidden = self.block_hidden(self.block_ids(anchor[None]), positions, list(zip(state.k, state.v)), None)[0, 0, :gamma]
-        backbone = self.vocab_logits(hidden).float()  # U for the whole block: one LM-head product
+        anchors = anchors.reshape(len(states)).to(device)
+        lengths = torch.tensor([s.length for s in states], device=device)
+        ctx_kv, ctx_valid = self.stacked_context(states)
+        positions = (lengths[:, None] + torch.arange(S, device=device))[:, None]  # [b, 1, S]
+        width = max(gammas)
+        hidden = self.block_hidden(self.block_ids(anchors[:, None]), positions, ctx_kv, None, ctx_valid)[:, 0, :width]
+        backbone = self.vocab_logits(hidden).float()  # U for every block: one LM-head product
         if self.markov_head is None:  # DFlash: no sequential dependency, one sampling call
-            draft, probs = sample(backbone, temperature, generator)
-            return Proposal(tokens=self.to_target_ids(draft)[None], probs=self.proposal_probs([probs], temperature))
-        tokens, probs, confs = [], [], []
-        prev = anchor
-        for k in range(gamma):  # the Markov head is sequential: x_k feeds slot k+1
-            logits, prev_emb = self.draft_logits(hidden[k : k + 1], prev, backbone[k : k + 1])
-            draft, p = sample(logits, temperature, generator)
-            if self.confidence_head is not None:
-                confs.append(torch.sigmoid(self.confidence_logit(hidden[k : k + 1], prev_emb).float()))
-            prev = self.to_target_ids(draft)
-            tokens.append(prev)
-            probs.append(p)
-        return Proposal(
-            tokens=torch.stack(tokens, 1),
-            probs=self.proposal_probs(probs, temperature),
-            confidences=torch.stack(confs, 1) if confs else None,
-        )
+            draft, probs = sample(backbone.flatten(0, 1), temperature, generator)
+            tokens = self.to_target_ids(draft).view(len(states), width)
+            steps = None if probs is None else list(probs.view(len(states), width, -1).unbind(1))
+            confs = None
+        else:
+            tokens, steps, confs = [], [], []
+            prev = anchors
+            for k in range(width):  # the Markov head is sequential: x_k feeds slot k+1
+                logits, prev_emb = self.draft_logits(hidden[:, k], prev, backbone[:, k])
+                draft, p = sample(logits, temperature, generator)
+                if self.confidence_head is not None:
+                    confs.append(torch.sigmoid(self.confidence_logit(hidden[:, k], prev_emb).float()))
+                prev = self.to_target_ids(draft)
+                tokens.append(prev)
+                steps.append(p)
+            tokens, confs = torch.stack(tokens, 1), (torch.stack(confs, 1) if confs else None)
+        drawn = None if steps is None or steps[0] is None else steps  # greedy: no distributions
+        return [
+            Proposal(
+                tokens=tokens[r : r + 1, :g],
+                probs=None if drawn is None else self.proposal_probs([s[r : r + 1] for s in drawn[:g]], temperature),
+                confidences=None if confs is None else confs[r : r + 1, :g],
+            )
+            for r, g in enumerate(gammas)
+        ]
+
+    def stacked_context(self, states: Sequence[BlockState]) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor | None]:
+        """Each layer's context keys/values of `states` as one batch [b, kv, T, d], right-padded to
+        the longest, and the rows' real slots [b, T] (None when no row is padded)."""
+        if len(states) == 1:
+            return list(zip(states[0].k, states[0].v)), None
+        longest = max(s.length for s in states)
+        stacked = []
+        for k, v in zip(zip(*(s.k for s in states)), zip(*(s.v for s in states))):
+            pair = []
+            for parts in (k, v):
+                out = parts[0].new_zeros(len(states), parts[0].shape[1], longest, parts[0].shape[3])
+                for r, part in enumerate(parts):
+                    out[r, :, : part.shape[2]] = part[0]
+                pair.append(out)
+            stacked.append(tuple(pair))
+        if all(s.length == longest for s in states):
+            return stacked, None
+        lengths = torch.tensor([s.length for s in states], device=self.fc.weight.device)
+        return stacked, torch.arange(longest, device=lengths.device)[None] < lengths[:, None]
 
     # ----- persistence ---------------------------------------------------------------------
     def speculators_fields(self) -> dict[str, Any]:

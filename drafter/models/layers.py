@@ -180,6 +180,7 @@ def block_attention(
     v_blk: torch.Tensor,
     ctx_visible: torch.Tensor | None,  # [b, A, T] bool: context keys each block may see; None: all
     scale: float,
+    ctx_valid: torch.Tensor | None = None,  # [b, T] bool, with ctx_visible None: rows' real context slots
 ) -> torch.Tensor:
     """Attention of each block over [its visible context ; its own block], in one softmax.
 
@@ -187,8 +188,8 @@ def block_attention(
     `BlockLayout.dense()`, without materialising the other blocks' columns
     (memory O(A*S*(T+S)) instead of O(A*S*(T+A*S))).
     """
-    if ctx_visible is None:  # inference: one block that sees all its context, one fused kernel
-        return _single_block_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale)
+    if ctx_visible is None:  # inference: one block a row that sees all its context, one fused kernel
+        return _single_block_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale, ctx_valid)
     kv = k_ctx.shape[1]
     qg = _grouped(q, kv).float()  # [b, kv, g, A, S, d]
     s_ctx = torch.einsum("bkgasd,bktd->bkgast", qg, k_ctx.float()) * scale
@@ -201,19 +202,24 @@ def block_attention(
     return out.flatten(1, 2).to(q.dtype)  # [b, h, A, S, d]
 
 
-def _single_block_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale: float) -> torch.Tensor:
-    """`block_attention` with A = 1 and every context key visible, in the weights' dtype: no
-    float32 copies of the context keys/values and no mask (SDPA accumulates in float32; bf16 on a
-    CPU with the short-query kernel, drafter/attention.py, takes that)."""
+def _single_block_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale: float, ctx_valid=None) -> torch.Tensor:
+    """`block_attention` with A = 1 and every context key visible (or, rows drafted together, each
+    row's real slots `ctx_valid` [b, T] of a padded context), in the weights' dtype: no float32
+    copies of the context keys/values (SDPA accumulates in float32; bf16 on a CPU with the
+    short-query kernel, drafter/attention.py, takes that)."""
     b, h, A, S, d = q.shape
     if A != 1:
         raise ValueError(f"an unmasked block attention takes one block per row, got {A}")
     k = torch.cat([k_ctx, k_blk[:, :, 0]], dim=2)
     v = torch.cat([v_ctx, v_blk[:, :, 0]], dim=2)
-    visible = torch.ones(1, 1, 1, 1, dtype=torch.bool).expand(b, 1, S, k.shape[2])  # the block sees itself whole
+    if ctx_valid is None:
+        visible = torch.ones(1, 1, 1, 1, dtype=torch.bool).expand(b, 1, S, k.shape[2])  # the block sees itself whole
+    else:
+        visible = F.pad(ctx_valid, (0, S), value=True)[:, None, None].expand(b, 1, S, k.shape[2])
     if q.device.type == "cpu" and kernel_takes(q[:, :, 0], k, v, visible):  # the target's short-query kernel
         return kernel_attention(q[:, :, 0], k, v, visible, scale)[:, :, None]
-    out = F.scaled_dot_product_attention(q[:, :, 0], k, v, scale=scale, enable_gqa=h != k.shape[1])
+    out = F.scaled_dot_product_attention(q[:, :, 0], k, v, attn_mask=None if ctx_valid is None else visible,
+                                         scale=scale, enable_gqa=h != k.shape[1])
     return out[:, :, None]  # [b, h, 1, S, d]
 
 

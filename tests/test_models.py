@@ -143,6 +143,8 @@ def test_markov_bias_rows_are_remembered_while_w2_is_unchanged(target, heads, ba
         again, _ = head(prev, hidden)
         assert torch.equal(first, head.markov_w1(prev) @ head.markov_w2.weight.T)
         assert again.data_ptr() == first.data_ptr()  # the kept row
+        rows, _ = head(torch.tensor([17, 23]), hidden.expand(2, -1))  # requests drafted together: one row each
+        assert torch.equal(rows[0], first[0]) and torch.equal(rows[1:], head.markov_w1(torch.tensor([23])) @ head.markov_w2.weight.T)
         head.markov_w2.weight.add_(0.5)  # an optimizer step
         updated, _ = head(prev, hidden)
         assert torch.equal(updated, head.markov_w1(prev) @ head.markov_w2.weight.T) and not torch.equal(updated, first)

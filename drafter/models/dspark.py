@@ -134,6 +134,7 @@ class BlockLayout:
 
 # ----- heads ------------------------------------------------------------------------------
 MEMO_BYTES = 64 << 20  # Markov bias rows a drafter keeps at inference (4,096 rows of 8,192 bf16 logits)
+MEMO_ROWS = 64  # drafting at most this many requests together reads the kept rows
 
 
 class MarkovHead(nn.Module):
@@ -164,28 +165,32 @@ class MarkovHead(nn.Module):
         if self.head_type == "gated":
             used = torch.sigmoid(self.gate_proj(torch.cat([hidden, emb.to(hidden.dtype)], -1))) * emb
         elif self._memoizes(prev):
-            return self._remembered(int(prev), emb), emb
+            return self._remembered(prev, emb), emb
         return self.markov_w2(used), emb
 
     def _memoizes(self, prev: torch.Tensor) -> bool:
-        # Drafting on a CPU, one token at a time: W2 (r x N, 4 MiB for SmolLM2) is read for a
-        # bias row of N values that depends on the previous token alone.
-        return prev.numel() == 1 and prev.device.type == "cpu" and not torch.is_grad_enabled()
+        # Drafting on a CPU, a token per request at a time: W2 (r x N, 4 MiB for SmolLM2) is read
+        # for bias rows of N values that depend on the previous token alone.
+        return prev.dim() <= 1 and prev.numel() <= MEMO_ROWS and prev.device.type == "cpu" and not torch.is_grad_enabled()
 
-    def _remembered(self, token: int, emb: torch.Tensor) -> torch.Tensor:
-        """The bias row of `token`, computed by the same product the first time it is asked for
-        (the same bits), then kept while W2 is unchanged, up to MEMO_BYTES."""
+    def _remembered(self, prev: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The bias rows of the tokens `prev`, each computed by the same one-row product the first
+        time it is asked for (the same bits whatever rows it is drafted with), then kept while W2 is
+        unchanged, up to MEMO_BYTES."""
         weight = self.markov_w2.weight
         version = (id(weight), weight._version)
         if self._memo_version != version:
             self.forget()
             self._memo_version = version
-        row = self._memo.get(token)
-        if row is None:
-            row = self.markov_w2(emb)
-            if (len(self._memo) + 1) * row.numel() * row.element_size() <= MEMO_BYTES:
-                self._memo[token] = row
-        return row.view(*emb.shape[:-1], row.shape[-1])
+        rows = []
+        for token, e in zip(prev.reshape(-1).tolist(), emb.reshape(-1, emb.shape[-1])):
+            row = self._memo.get(token)
+            if row is None:
+                row = self.markov_w2(e[None])
+                if (len(self._memo) + 1) * row.numel() * row.element_size() <= MEMO_BYTES:
+                    self._memo[token] = row
+            rows.append(row)
+        return (rows[0] if len(rows) == 1 else torch.cat(rows)).view(*emb.shape[:-1], rows[0].shape[-1])
 
 
 class ConfidenceHead(nn.Module):

@@ -3,15 +3,16 @@ request, against `propose_batch` and `extend_batch` (DSpark: every row's block i
 side by side on the same drafter, states and anchors.
 
     python bench/batched_drafting.py [--rows 1 2 4 8 16] [--accepted 3] [--reps 7] [--threads 1]
+                                     [-s drafter.algorithm=eagle3 --name batched_drafting_eagle3]
 
 The drafter is the default config's DSpark (`configs/smollm2-135m-dspark.yaml`, its draft
-vocabulary, bf16 weights packed as `drafter generate` loads them) with fresh weights: what a
-round costs does not depend on what was learnt. Each row's context is one of the scheduler
+vocabulary, bf16 weights packed as `drafter generate` loads them; `-s` for another) with fresh
+weights: what a round costs does not depend on what was learnt. Each row's context is one of the scheduler
 bench's prompts (the same seeded draw) plus half its answer, its features random. A round
 drafts the block (greedy) and extends each row by `--accepted` + 1 positions, as after a round
 that accepted that many drafts. Each way is timed `--reps` times in turn (process CPU time,
 fastest kept); the rows' greedy drafts are compared (the same tokens, or rounding apart).
-Writes bench/results/batched_drafting.{json,md}.
+Writes bench/results/<name>.{json,md} (default batched_drafting).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("-s", "--set", dest="overrides", action="append", default=[],
+                        help="section.key=value, e.g. drafter.algorithm=eagle3")
+    parser.add_argument("--name", default="batched_drafting", help="results file name")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     apply_threads(args)
@@ -46,7 +50,7 @@ def main() -> None:
     from drafter.target import load_target
 
     cfg = load_config(args.config, ["evaluate.datasets=[gsm8k,humaneval,mt-bench,mbpp]",
-                                    f"evaluate.samples_per_dataset={max(args.rows)}"])
+                                    f"evaluate.samples_per_dataset={max(args.rows)}", *args.overrides])
     target = load_target(cfg)
     prompts = [p.ids for p in load_prompts(cfg, target.tokenizer, None)[0]]
     random.Random(0).shuffle(prompts)  # the scheduler bench's draw
@@ -105,11 +109,11 @@ def main() -> None:
             print(f"R={rows:>2} draft {line['one by one']['draft_ms']:.1f} -> {line['batched']['draft_ms']:.1f} ms, extend "
                   f"{line['one by one']['extend_ms']:.1f} -> {line['batched']['extend_ms']:.1f} ms, same drafts {same}/{rows}",
                   flush=True)
-    out = {"command": command(), "target": target.info(), "drafter": f"{drafter.algorithm} (fresh weights, {cfg.drafter.num_layers} "
-           f"layers, draft vocabulary {cfg.drafter.draft_vocab_size}, {str(target.dtype).removeprefix('torch.')})",
+    out = {"command": command(), "target": target.info(), "drafter": f"{drafter.algorithm} (fresh weights, {len(drafter.layers)} "
+           f"layer(s), draft vocabulary {drafter.draft_vocab_size}, {str(target.dtype).removeprefix('torch.')})",
            "gamma": gamma, "accepted": args.accepted, "context_lengths": lengths, "reps": args.reps,
            "results": results, "machine": machine()}
-    write_results(args.out, "batched_drafting", out, render(out))
+    write_results(args.out, args.name, out, render(out))
 
 
 def render(out: dict) -> str:

@@ -21,7 +21,8 @@ block per row, as wide as the longest; afterwards each row keeps its anchor and 
 drafts: the row shifts right past its rejected slots, and the slots it vacates on the left
 become padding. So the cache is always "padding, then the request's confirmed tokens", which is exact for
 sliding-window attention too. With one request this is a plain crop. The drafter is asked for
-every row's block in one call (`DraftModel.propose_batch`; DSpark and DFlash draft them in one pass).
+every row's block in one call (`DraftModel.propose_batch`: EAGLE-3, DFlash and DSpark draft them in
+one pass), and extends every row's context in another (`extend_batch`).
 
 Every generation carries `breakdown`: its batch's round time by phase (PHASES), read by the
 evaluation report and `bench/engine_speedup.py`.

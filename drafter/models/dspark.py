@@ -38,7 +38,8 @@ from torch import nn
 
 from drafter.models import register, speculators_format as fmt
 from drafter.models.base import DraftModel, Proposal, TargetHeads, TrainBatch, TrainOutput
-from drafter.models.layers import DecoderLayer, RMSNorm, Rotary, block_attention, draft_layer_config, init_weights
+from drafter.models.layers import (DecoderLayer, RMSNorm, Rotary, block_attention, draft_layer_config, init_weights,
+                                   pad_rows)
 from drafter.models.metrics import (
     Generators, acceptance_from_l1, choose_positions, l1_to_target, per_position, sample, target_dist,
 )
@@ -464,25 +465,15 @@ class DSpark(DraftVocab, DraftModel):
             for r, g in enumerate(gammas)
         ]
 
-    def stacked_context(self, states: Sequence[BlockState]) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor | None]:
-        """Each layer's context keys/values of `states` as one batch [b, kv, T, d], right-padded to
-        the longest, and the rows' real slots [b, T] (None when no row is padded)."""
-        if len(states) == 1:
-            return list(zip(states[0].k, states[0].v)), None
-        longest = max(s.length for s in states)
-        stacked = []
+    @staticmethod
+    def stacked_context(states: Sequence[BlockState]) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor | None]:
+        """Each layer's context keys/values of `states` as one batch (`pad_rows`), and the rows'
+        real slots [b, T] (None when no row is padded)."""
+        stacked, valid = [], None
         for k, v in zip(zip(*(s.k for s in states)), zip(*(s.v for s in states))):
-            pair = []
-            for parts in (k, v):
-                out = parts[0].new_zeros(len(states), parts[0].shape[1], longest, parts[0].shape[3])
-                for r, part in enumerate(parts):
-                    out[r, :, : part.shape[2]] = part[0]
-                pair.append(out)
-            stacked.append(tuple(pair))
-        if all(s.length == longest for s in states):
-            return stacked, None
-        lengths = torch.tensor([s.length for s in states], device=self.fc.weight.device)
-        return stacked, torch.arange(longest, device=lengths.device)[None] < lengths[:, None]
+            (k, valid), (v, _) = pad_rows(k), pad_rows(v)
+            stacked.append((k, v))
+        return stacked, valid
 
     # ----- persistence ---------------------------------------------------------------------
     def speculators_fields(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ Deviations, and why:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,8 @@ from torch import nn
 
 from drafter.models import register, speculators_format as fmt
 from drafter.models.base import DraftModel, Proposal, TargetHeads, TrainBatch, TrainOutput
-from drafter.models.layers import DecoderLayer, RMSNorm, Rotary, draft_layer_config, init_weights, ttt_attention
+from drafter.models.layers import (DecoderLayer, RMSNorm, Rotary, draft_layer_config, init_weights, pad_rows,
+                                   ttt_attention)
 from drafter.models.metrics import (
     Generators, acceptance_from_l1, choose_positions, l1_to_target, per_position, sample, soft_cross_entropy, target_dist,
 )
@@ -206,20 +208,37 @@ class Eagle3(DraftVocab, DraftModel):
 
     @torch.no_grad()
     def extend(self, state: Eagle3State, features: torch.Tensor, input_ids: torch.Tensor) -> None:
+        self.extend_batch([state], [features], [input_ids])
+
+    @torch.no_grad()
+    def extend_batch(self, states: Sequence[Eagle3State], features: Sequence[torch.Tensor],
+                     input_ids: Sequence[torch.Tensor]) -> None:
+        """Every row's new positions as one sequence: the fused features, and each key from its
+        token and the feature before it, are per position (each at its row's own position)."""
         attn = self.layers[0].self_attn
-        fused = self.fc(features.to(self.fc.weight).flatten(-2))  # [1, t, H], its dtype and device
-        t = fused.shape[1]
-        positions = torch.arange(state.length, state.length + t, device=fused.device)
-        if state.last is None:  # position 0 has no previous feature: it gets no key
-            hidden, tokens, positions = fused[:, :-1], input_ids[:, 1:], positions[1:]
-        else:
-            hidden, tokens = torch.cat([state.last[:, None], fused[:, :-1]], 1), input_ids
-        if tokens.shape[1]:
-            cos, sin = self.rotary(positions[None], fused.dtype)
-            k, v = attn.kv(self._inputs(self._embed(tokens.to(fused.device)), hidden), cos, sin)
-            state.k, state.v = torch.cat([state.k, k], 2), torch.cat([state.v, v], 2)
-        state.last = fused[:, -1]
-        state.length += t
+        counts = [f.shape[1] for f in features]
+        fused = self.fc(torch.cat(list(features), 1).to(self.fc.weight).flatten(-2))[0]  # [N, H], its dtype and device
+        rows = fused.split(counts)
+        hidden, tokens, positions = [], [], []
+        for state, row, ids in zip(states, rows, input_ids):
+            at = torch.arange(state.length, state.length + row.shape[0], device=fused.device)
+            if state.last is None:  # position 0 has no previous feature: it gets no key
+                h, ids, at = row[:-1], ids[:, 1:], at[1:]
+            else:
+                h = torch.cat([state.last, row[:-1]])
+            hidden.append(h)
+            tokens.append(ids[0])
+            positions.append(at)
+        keys = [t.numel() for t in tokens]
+        if sum(keys):
+            cos, sin = self.rotary(torch.cat(positions)[None], fused.dtype)
+            inputs = self._inputs(self._embed(torch.cat(tokens)[None].to(fused.device)), torch.cat(hidden)[None])
+            k, v = attn.kv(inputs, cos, sin)
+            for state, k_new, v_new in zip(states, k.split(keys, 2), v.split(keys, 2)):
+                state.k, state.v = torch.cat([state.k, k_new], 2), torch.cat([state.v, v_new], 2)
+        for state, row in zip(states, rows):
+            state.last = row[-1:].clone()  # [1, H], not a view that keeps the batch alive
+            state.length += row.shape[0]
 
     @torch.no_grad()
     def propose(
@@ -230,29 +249,46 @@ class Eagle3(DraftVocab, DraftModel):
         temperature: float,
         generator: torch.Generator | None = None,
     ) -> Proposal:
-        if state.last is None:
+        return self.propose_batch([state], anchor.reshape(1), [gamma], temperature, generator)[0]
+
+    @torch.no_grad()
+    def propose_batch(
+        self,
+        states: Sequence[Eagle3State],
+        anchors: torch.Tensor,
+        gammas: Sequence[int],
+        temperature: float,
+        generator: torch.Generator | None = None,
+    ) -> list[Proposal]:
+        """Chain drafting for every row at once: the confirmed keys padded to the longest row's
+        (`pad_rows`, the padding masked), each step's token, key and value for all rows together."""
+        if any(s.last is None for s in states):
             raise ValueError("EAGLE-3 drafts after at least one confirmed position (call extend first)")
-        if gamma < 1:
-            raise ValueError(f"gamma must be >= 1, got {gamma}")
+        if any(g < 1 for g in gammas):
+            raise ValueError(f"gamma must be >= 1, got {list(gammas)}")
         layer = self.layers[0]
         attn = layer.self_attn
-        k, v = state.k, state.v  # local copies grow; the confirmed state is untouched
-        hidden = state.last[:, None]
-        token = anchor.reshape(1).to(hidden.device)
+        (k, valid), (v, _) = pad_rows([s.k for s in states]), pad_rows([s.v for s in states])  # new tensors grow
+        hidden = torch.cat([s.last for s in states])[:, None]  # [b, 1, H]
+        token = anchors.reshape(len(states)).to(hidden.device)
+        lengths = torch.tensor([s.length for s in states], device=hidden.device)
         tokens, probs = [], []
-        for i in range(gamma):
-            cos, sin = self.rotary(torch.tensor([[state.length + i]], device=hidden.device), hidden.dtype)
-            x2 = self._inputs(self._embed(token[None]), hidden)
+        for i in range(max(gammas)):
+            cos, sin = self.rotary((lengths + i)[:, None], hidden.dtype)
+            x2 = self._inputs(self._embed(token[:, None]), hidden)
             k_new, v_new = attn.kv(x2, cos, sin)
             k, v = torch.cat([k, k_new], 2), torch.cat([v, v_new], 2)
-            out = ttt_attention(attn.q(x2, cos, sin), k, v, None, [], [], attn.scale)
+            valid = None if valid is None else F.pad(valid, (0, 1), value=True)
+            out = ttt_attention(attn.q(x2, cos, sin), k, v, None if valid is None else valid[:, None], [], [], attn.scale)
             hidden = layer.feed_forward(hidden + attn.out(out))
             draft, p = sample(self.vocab_logits(self.norm(hidden))[:, 0], temperature, generator)
             token = self.to_target_ids(draft)
             tokens.append(token)
             probs.append(p)
-        return Proposal(tokens=torch.stack(tokens, 1), probs=self.proposal_probs(probs, temperature),
-                        confidences=None)
+        tokens = torch.stack(tokens, 1)
+        return [Proposal(tokens=tokens[r : r + 1, :g], confidences=None,
+                         probs=None if probs[0] is None else self.proposal_probs([p[r : r + 1] for p in probs[:g]], temperature))
+                for r, g in enumerate(gammas)]
 
     # ----- persistence ---------------------------------------------------------------------------
     def export(self, out_dir: Path) -> Path:

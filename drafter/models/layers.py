@@ -14,6 +14,7 @@ algorithms; the two patterns live here as plain functions:
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -221,6 +222,22 @@ def _single_block_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale: float, ctx_val
     out = F.scaled_dot_product_attention(q[:, :, 0], k, v, attn_mask=None if ctx_valid is None else visible,
                                          scale=scale, enable_gqa=h != k.shape[1])
     return out[:, :, None]  # [b, h, 1, S, d]
+
+
+def pad_rows(parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Requests drafted together: their [1, heads, L_r, d] keys (or values) as one batch
+    [b, heads, max L, d], each padded on the right, and the rows' real slots [b, max L] (None
+    when no row is padded)."""
+    if len(parts) == 1:
+        return parts[0], None
+    lengths = [p.shape[2] for p in parts]
+    longest = max(lengths)
+    out = parts[0].new_zeros(len(parts), parts[0].shape[1], longest, parts[0].shape[3])
+    for r, part in enumerate(parts):
+        out[r, :, : part.shape[2]] = part[0]
+    if min(lengths) == longest:
+        return out, None
+    return out, torch.arange(longest, device=out.device)[None] < torch.tensor(lengths, device=out.device)[:, None]
 
 
 def ttt_attention(

@@ -175,22 +175,23 @@ class MarkovHead(nn.Module):
         return prev.dim() <= 1 and prev.numel() <= MEMO_ROWS and prev.device.type == "cpu" and not torch.is_grad_enabled()
 
     def _remembered(self, prev: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """The bias rows of the tokens `prev`, each computed by the same one-row product the first
-        time it is asked for (the same bits whatever rows it is drafted with), then kept while W2 is
-        unchanged, up to MEMO_BYTES."""
+        """The bias rows of the tokens `prev`: those not kept yet from one product, then kept while
+        W2 is unchanged, up to MEMO_BYTES; a kept row is read back as it was computed."""
         weight = self.markov_w2.weight
         version = (id(weight), weight._version)
         if self._memo_version != version:
             self.forget()
             self._memo_version = version
-        rows = []
-        for token, e in zip(prev.reshape(-1).tolist(), emb.reshape(-1, emb.shape[-1])):
-            row = self._memo.get(token)
-            if row is None:
-                row = self.markov_w2(e[None])
+        tokens, flat = prev.reshape(-1).tolist(), emb.reshape(-1, emb.shape[-1])
+        missing = [i for i, t in enumerate(tokens) if t not in self._memo]
+        found = {}
+        if missing:
+            computed = self.markov_w2(flat[missing])
+            for j, i in enumerate(missing):
+                found[i] = row = computed[j : j + 1]
                 if (len(self._memo) + 1) * row.numel() * row.element_size() <= MEMO_BYTES:
-                    self._memo[token] = row
-            rows.append(row)
+                    self._memo.setdefault(tokens[i], row)
+        rows = [found[i] if i in found else self._memo[t] for i, t in enumerate(tokens)]
         return (rows[0] if len(rows) == 1 else torch.cat(rows)).view(*emb.shape[:-1], rows[0].shape[-1])
 
 

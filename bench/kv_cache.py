@@ -91,7 +91,7 @@ def row_shifts(target, context: int, reps: int, gen) -> dict:
     `shift_rows`, in turn on copies of the same cache."""
     import torch
 
-    from drafter.attention import PackedCache, shift_rows
+    from drafter.attention import PackedCache, shift_rows, shift_rows_by_slices
 
     cache = PackedCache()
     with torch.inference_mode():
@@ -99,12 +99,7 @@ def row_shifts(target, context: int, reps: int, gen) -> dict:
     tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
     shifts = [(r, 1 + r % 7, (r * 23) % (context // 2)) for r in range(16)]  # (row, rejected, first real slot)
 
-    def slices(ts):
-        for t in ts:
-            for r, j, first in shifts:
-                t[r, :, first + j :] = t[r, :, first : t.shape[2] - j].clone()
-
-    ways = {"slices": slices, "shift_rows": lambda ts: shift_rows(ts, shifts)}
+    ways = {"slices": lambda ts: shift_rows_by_slices(ts, shifts), "shift_rows": lambda ts: shift_rows(ts, shifts)}
     copies = {name: [t.clone() for t in tensors] for name in ways}
     best = {}
     for rep in range(reps + 1):

@@ -243,6 +243,11 @@ def shift_rows(tensors: Sequence[torch.Tensor], shifts: Sequence[tuple[int, int,
         rows, js, firsts = (list(x) for x in zip(*shifts))
         torch.ops.drafter_fused.shift_slots(list(tensors), rows, js, firsts)
         return
+    shift_rows_by_slices(tensors, shifts)
+
+
+def shift_rows_by_slices(tensors: Sequence[torch.Tensor], shifts: Sequence[tuple[int, int, int]]) -> None:
+    """`shift_rows` by slice copies through a temporary (any device or layout)."""
     for t in tensors:
         length = t.shape[2]
         for r, j, first in shifts:

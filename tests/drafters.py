@@ -32,8 +32,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from drafter.models import register
-from drafter.models.metrics import GREEDY_BELOW
 from drafter.models.base import DraftModel, Proposal
+from drafter.models.metrics import GREEDY_BELOW
 
 
 def _draw(logits: torch.Tensor, temperature: float, generator) -> tuple[int, torch.Tensor]:

@@ -260,7 +260,6 @@ def test_a_query_gets_the_same_bits_alone_as_in_a_verified_block_or_a_batch():
             assert torch.equal(alone[0, :, 0], block[row, :, t])
 
 
-
 @needs_kernel
 @pytest.mark.parametrize("masked", [False, True])
 def test_rows_of_their_own_lengths_get_the_bits_of_the_whole_block(masked):
@@ -280,6 +279,7 @@ def test_rows_of_their_own_lengths_get_the_bits_of_the_whole_block(masked):
         assert torch.equal(rows[b, :, :n], whole[b, :, :n])
     with pytest.raises(RuntimeError, match="between 0 and T"):
         att._short_attention(q, k, v, mask, tokens=torch.tensor([9, 1, 1, 1, 1]))
+
 
 @needs_kernel
 def test_the_kernel_leaves_what_it_does_not_take_to_the_matrix_path():

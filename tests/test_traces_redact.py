@@ -1,6 +1,7 @@
 """Redaction: recall on a labelled set, no false positives on ordinary code and prose."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,29 @@ def test_the_one_pass_prefilter_selects_what_the_hints_select(text):
     """The Hyperscan pass switches on the same detectors (and phone hints) as testing each
     hint and gate in Python, Unicode digits and spaces included: nothing is skipped."""
     assert redact._active(text) == redact._active_python(text)
+
+
+# Token prefixes (and near misses), random-looking runs and separators: the case-sensitive
+# token detectors' own material.
+TOKEN_PIECES = ["glpat-", "gldt-", "glft-", "glsoat-", "glrt-", "GR1348941", "glcbt-", "a0_", "glimt-", "glptt-",
+                "glagent-", "gloas-", "gl", "pat-", "AKIA", "ASIA", "ghp_", "gho_", "github_pat_", "sk-", "sk-ant-",
+                "xoxb-", "SG.", "pypi-", "sq0csp-", "eyJ", "aB3dE5gH7jK9mN1pQ3", "ZYXWVUTSRQPONMLK", "0123456789",
+                "-", "_", ".", " ", "=", "\n", "English", "single"]
+CASE_SENSITIVE = [d for d in redact.DETECTORS if d.hints and not d.pattern.flags & re.IGNORECASE]
+
+
+@given(st.lists(st.sampled_from(TOKEN_PIECES), max_size=40).map("".join))
+@example("CI token glpat-VtM_4cgPhUcJnfcck55y")
+@example("glagent-" + "a" * 50)
+@settings(max_examples=400, deadline=None)
+def test_every_finding_holds_a_hint_of_its_detector(text):
+    """A detector runs only on texts holding one of its hints: each of its matches must hold
+    one, or a secret would pass unredacted (GitLab's hints are its prefixes with their dash,
+    not "gl", which English words hold)."""
+    for det in CASE_SENSITIVE:
+        for m in det.pattern.finditer(text):
+            assert any(h in m.group() for h in det.hints), (det.kind, m.group())
+    assert not any(redact.DETECTORS[i].kind == "gitlab_token" for i in redact._active("English glory, single angle"))
 
 
 @pytest.mark.skipif(redact.hyperscan is None, reason="no Hyperscan on this platform")

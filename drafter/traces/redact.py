@@ -187,7 +187,9 @@ DETECTORS: list[Detector] = [
     Detector("aws_secret_key", AWSKeyDetector.denylist[1], ("aws", "AWS", "Aws"), group=1),
     Detector("github_token", re.compile(r"github_pat_[A-Za-z0-9_]{50,}"), ("github_pat_",)),
     *_ds(GitHubTokenDetector, "github_token", ("ghp_", "gho_", "ghu_", "ghs_", "ghr_")),
-    *_ds(GitLabTokenDetector, "gitlab_token", ("gl", "GR1348941")),
+    # (every GitLab prefix with its dash: "gl" alone is in "English" and "single")
+    *_ds(GitLabTokenDetector, "gitlab_token", ("glpat-", "gldt-", "glft-", "glsoat-", "glrt-", "GR1348941", "glcbt-",
+                                               "glimt-", "glptt-", "glagent-", "gloas-")),
     *_ds(SlackDetector, "slack_token", ("xox", "XOX", "hooks.slack.com")),
     *_ds(StripeDetector, "stripe_key", ("k_live_",)),
     *_ds(SendGridDetector, "sendgrid_key", ("SG.",)),

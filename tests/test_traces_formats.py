@@ -1,6 +1,7 @@
 """Log formats -> conversations, including property-based fuzzing of the parsers."""
 
 import json
+from datetime import datetime, timezone
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -195,6 +196,25 @@ def test_detect_and_reasons():
 ])
 def test_iso_time(value, expected):
     assert iso_time(value) == expected
+
+
+@given(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)), st.sampled_from(
+    ["{}Z", "{}z", "{} ", "{}+00:00", "{}-05:00", "{}.5Z"]), st.integers(0, 19), st.sampled_from("0-:T Z9x\u0663"))
+@example(datetime(2024, 2, 29, 23, 59, 59), "{}Z", 19, "Z")
+@example(datetime(2024, 2, 3, 4, 5, 6), "2024-W05-6T04:05:06Z", 0, "2")  # (a week date, read as 2024-02-03)
+@example(datetime(2024, 2, 3, 4, 5, 6), "2024-02-03T040506.1Z", 0, "2")  # (basic time)
+def test_iso_time_of_second_precision_utc_strings_takes_the_general_path_result(when, template, at, char):
+    """The "YYYY-MM-DDTHH:MM:SSZ" shortcut returns what the general parse returns, for that
+    shape, its near misses (one character replaced) and other offsets."""
+    text = template.format(when.replace(microsecond=0).isoformat())
+    for value in (text, text[:at] + char + text[at + 1 :]):
+        try:
+            general = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+            general = general.astimezone(timezone.utc).isoformat().replace("+00:00", "Z") \
+                if general.tzinfo is not None else general.isoformat()
+        except ValueError:
+            general = None
+        assert iso_time(value) == general, value
 
 
 # ----- fuzzing ----------------------------------------------------------------------------------------------

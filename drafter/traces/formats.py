@@ -81,6 +81,14 @@ def iso_time(value: Any) -> str | None:
     """ISO 8601 (UTC) from an ISO string or a Unix time in s, ms, us or ns."""
     if value is None or isinstance(value, bool):
         return None
+    if isinstance(value, str) and len(value) == 20 and value[19] == "Z" and value[10] == "T":
+        # The shape most logs write ("2024-02-03T04:05:06Z") is its own ISO form once it parses
+        # as one: a third of the time of the general path below.
+        try:
+            if datetime.fromisoformat(value[:19]).isoformat() == value[:19]:
+                return value
+        except ValueError:
+            pass
     if isinstance(value, str) and UNIX_TIME.fullmatch(value.strip()):
         value = float(value)
     if isinstance(value, (int, float)):

@@ -408,3 +408,27 @@ def test_two_dask_workers_give_the_same_output_as_one_process(tmp_path):
     rows, files, counts = outputs[1]
     assert counts["conversations"]["duplicate"] >= 80 and len(rows["train"]) + len(rows["holdout"]) > 40
     assert counts["records"]["quarantined"] > 5
+
+
+@pytest.mark.parametrize("thread_fails", [False, True])
+def test_great_expectations_loads_in_the_background_or_again_where_first_needed(cfg, tmp_path, monkeypatch, thread_fails):
+    """With a pool, the validator is built in a thread while the first batches run; if that
+    fails, it is built again (and its error raised) where it is first needed, never lost."""
+    from drafter.traces import ingest as ingest_module
+
+    built, real = [], ingest_module.Validator
+
+    def validator(*args, **kwargs):
+        built.append(threading.current_thread().name)
+        if thread_fails and len(built) == 1:
+            raise RuntimeError("Great Expectations failed to load")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "Validator", validator)
+    (tmp_path / "work").mkdir()
+    run = ingest_module.IngestRun(cfg, tmp_path / "out", tmp_path / "work")
+    run.load_validator_in_background()
+    first = run.validator
+    assert isinstance(first, real) and run.validator is first
+    assert built == ["load-great-expectations", "MainThread"] if thread_fails else ["load-great-expectations"]
+    run.close()

@@ -39,6 +39,7 @@ import gc
 import json
 import logging
 import shutil
+import threading
 import time
 from collections import Counter, deque
 from pathlib import Path
@@ -141,15 +142,36 @@ class IngestRun:
         self.to_validate_bytes = 0  # text bytes of the rows in to_validate
         self.files: dict[str, dict[str, Any]] = {}
         self._validator: Validator | None = None
+        self._loader: threading.Thread | None = None
+        self._loaded: Validator | None = None  # by the loader thread
         self._batch_out = None
 
     @property
     def validator(self) -> Validator:
+        if self._loader is not None:
+            self._loader.join()
+            self._loader = None
         if self._validator is None:
-            with self.timer("load_great_expectations"):
-                self._validator = Validator(self.icfg.min_tokens, self.icfg.max_tokens, self.icfg.max_invalid_fraction,
-                                            max_bytes=self.icfg.max_tokens * self.local.size.longest)
+            self._validator = self._loaded or self._load_validator()  # (loaded again here if the thread failed)
         return self._validator
+
+    def _load_validator(self) -> Validator:
+        with self.timer("load_great_expectations"):
+            return Validator(self.icfg.min_tokens, self.icfg.max_tokens, self.icfg.max_invalid_fraction,
+                             max_bytes=self.icfg.max_tokens * self.local.size.longest)
+
+    def load_validator_in_background(self) -> None:
+        """Great Expectations loaded (~2.5 s) in a thread while the first batches are read and
+        prepared on the pool: loaded at the first validation, it would stop the reading, and
+        the workers would wait for batches meanwhile."""
+        def load() -> None:
+            try:
+                self._loaded = self._load_validator()
+            except Exception:  # loaded again, and its error raised, where it is first needed
+                log.debug("loading Great Expectations in the background failed", exc_info=True)
+
+        self._loader = threading.Thread(target=load, name="load-great-expectations", daemon=True)
+        self._loader.start()
 
     def redaction_counts(self) -> Counter:
         return self.redactions + self.local.redactor.totals  # batches + what was redacted here
@@ -360,6 +382,8 @@ class IngestRun:
         self.dedup.settle()
 
     def close(self) -> None:
+        if self._loader is not None:  # (a failed run: the thread is let finish before anything is removed)
+            self._loader.join()
         self.dedup.close()
         for w in (self.quarantine, self.dropped, *self.staged.values()):
             w.close()
@@ -472,6 +496,8 @@ def _ingest_locked(cfg: Config, inputs: list[Path], out_dir: Path, started: floa
     if cfg.ingest.workers > 1 or cfg.ingest.scheduler_address:
         pool = DaskPool(cfg.ingest.workers, cfg.ingest.scheduler_address, cfg.ingest.workers_read_files)
     run = IngestRun(cfg, out_dir, work, pool)
+    if pool is not None:
+        run.load_validator_in_background()
     new_marks = dict(marks)
     plan = []
     for path in files:

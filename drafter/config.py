@@ -125,9 +125,7 @@ class IngestConfig(Section):
     max_line_bytes: int = Field(8_000_000, ge=1024)  # longer lines are quarantined, never held whole
     quarantine_keep_bytes: int = Field(65_536, ge=256)  # bytes of a bad record's redacted excerpt in quarantine.jsonl
     sniff_records: int = Field(20, ge=1)  # records read to detect a file's format
-    # records per batch (prepared as one unit, here or on a worker; on a pool each batch costs
-    # ~10 ms of Dask bookkeeping between the processes: 4,096 spends 9% less CPU than 1,024)
-    batch_size: int = Field(4096, ge=1)
+    batch_size: int = Field(1024, ge=1)  # records per batch (prepared as one unit, here or on a worker)
     max_pending_bytes: int = Field(128 << 20, ge=1)  # raw bytes of a batch: past it the batch runs early
     workers: int = Field(1, ge=1)  # > 1: batches are prepared on a Dask LocalCluster of this many processes
     scheduler_address: str | None = None  # a running Dask scheduler (tcp://host:8786) to prepare batches on

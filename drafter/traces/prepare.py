@@ -529,20 +529,24 @@ fewer_collections = FewerCollections()
 _PREPARERS: dict[str, Preparer] = {}
 
 
-def prepare_remote(cfg: Config, records: list[RawRecord] | LineRange, fmt: str | None,
-                   lsh: tuple[int, int]) -> Batch:
-    """`Preparer.prepare` in a worker process, its helpers loaded once per config; a
-    `LineRange` is read here, from the file (the worker sees the ingesting process's files)."""
+def prepare_remote(cfg: Config, records: list[RawRecord] | list[LineRange], fmt: str | None,
+                   lsh: tuple[int, int]) -> Batch | list[Batch]:
+    """`Preparer.prepare` in a worker process, its helpers loaded once per config. Records make
+    one batch; each `LineRange` of a list is read here, from the file (the worker sees the
+    ingesting process's files), and makes its own batch."""
     with fewer_collections:
         key = f"{cfg.hash()}:{lsh}"
         if key not in _PREPARERS:
             _PREPARERS.clear()
             _PREPARERS[key] = Preparer(cfg, lsh)
-        if not isinstance(records, LineRange):
-            return _PREPARERS[key].prepare(records, fmt)
-        started = time.perf_counter()
-        records = range_records(records, cfg.ingest.max_line_bytes, cfg.ingest.quarantine_keep_bytes + EXCERPT_MARGIN)
-        read_s = time.perf_counter() - started
-        batch = _PREPARERS[key].prepare(records, fmt)
-        batch.durations["read_range"] = round(read_s, 4)
-        return batch
+        preparer = _PREPARERS[key]
+        if not records or not isinstance(records[0], LineRange):
+            return preparer.prepare(records, fmt)
+        batches = []
+        for rng in records:
+            started = time.perf_counter()
+            shard = range_records(rng, cfg.ingest.max_line_bytes, cfg.ingest.quarantine_keep_bytes + EXCERPT_MARGIN)
+            read_s = time.perf_counter() - started
+            batches.append(preparer.prepare(shard, fmt))
+            batches[-1].durations["read_range"] = round(read_s, 4)
+        return batches

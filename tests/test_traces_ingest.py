@@ -315,6 +315,34 @@ def test_unreadable_file_is_named_and_the_rest_ingests(cfg, tmp_path):
     assert manifest.counts["totals"]["train"] + manifest.counts["totals"]["holdout"] == 5
 
 
+@pytest.mark.parametrize("workers, read", [(1, 26), (2, 28)])
+def test_what_was_read_before_a_read_error_is_ingested(tmp_path, monkeypatch, workers, read):
+    """A file whose reading fails part way: the lines read (and counted) before the error are
+    prepared and committed, also those still waiting for a batch or a pool task, and the error
+    is reported; the accounting adds up."""
+    from drafter.traces import sources
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.jsonl").write_text("\n".join(chat_line(prompt(i)) for i in range(40)) + "\n")
+    records = sources.SourceReader.records
+
+    def failing(self, ranges=None):  # (the format sniff reads 20 records: it gets them all)
+        lines = 0
+        for rec in records(self, ranges):
+            if lines >= 26:
+                raise OSError(5, "Input/output error")
+            lines += rec.lines if isinstance(rec, sources.LineRange) else 1
+            yield rec
+
+    monkeypatch.setattr(sources.SourceReader, "records", failing)
+    overrides = [f"ingest.workers={workers}", "ingest.batch_size=4"]  # ranges of 4 lines, 4 a task
+    m = ingest(load_config(ROOT / "configs" / "tiny.yaml", overrides), [raw], tmp_path / "out")
+    assert m.errors == [{"path": str(raw / "a.jsonl"), "error": "cannot read: Input/output error"}]
+    assert m.counts["records"]["read"] == read
+    assert m.counts["totals"]["train"] + m.counts["totals"]["holdout"] == read
+
+
 def test_row_level_failures_go_to_quarantine(cfg, tmp_path):
     """A token that looks like a JWT but is not one passes redaction; the validation suite's
     secret check still catches it and quarantines that row only."""

@@ -195,3 +195,23 @@ class DraftModel(nn.Module):
     @classmethod
     def load(cls, path: Path, heads: TargetHeads) -> DraftModel:
         raise NotImplementedError
+
+
+class BatchedDraftModel(DraftModel):
+    """A drafter whose batched calls are its implementation: one request is a batch of one, so
+    there is one drafting path (DSpark, DFlash, EAGLE-3)."""
+
+    @torch.no_grad()
+    def extend(self, state: Any, features: torch.Tensor, input_ids: torch.Tensor) -> None:
+        self.extend_batch([state], [features], [input_ids])
+
+    @torch.no_grad()
+    def propose(
+        self,
+        state: Any,
+        anchor: torch.Tensor,
+        gamma: int,
+        temperature: float,
+        generator: torch.Generator | None = None,
+    ) -> Proposal:
+        return self.propose_batch([state], anchor.reshape(1), [gamma], temperature, generator)[0]

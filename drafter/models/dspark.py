@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from drafter.models import register, speculators_format as fmt
-from drafter.models.base import DraftModel, Proposal, TargetHeads, TrainBatch, TrainOutput
+from drafter.models.base import BatchedDraftModel, Proposal, TargetHeads, TrainBatch, TrainOutput
 from drafter.models.layers import (DecoderLayer, RMSNorm, Rotary, block_attention, draft_layer_config, init_weights,
                                    pad_rows)
 from drafter.models.metrics import (
@@ -216,7 +216,7 @@ class BlockState:
 
 
 @register
-class DSpark(DraftVocab, DraftModel):
+class DSpark(DraftVocab, BatchedDraftModel):
     algorithm = "dspark"
     architecture = "DSparkSpeculator"
 
@@ -385,10 +385,6 @@ class DSpark(DraftVocab, DraftModel):
         return BlockState(k=[empty() for _ in self.layers], v=[empty() for _ in self.layers])
 
     @torch.no_grad()
-    def extend(self, state: BlockState, features: torch.Tensor, input_ids: torch.Tensor) -> None:
-        self.extend_batch([state], [features], [input_ids])
-
-    @torch.no_grad()
     def extend_batch(self, states: Sequence[BlockState], features: Sequence[torch.Tensor],
                      input_ids: Sequence[torch.Tensor]) -> None:
         """Every row's new positions as one sequence: the context projection and each layer's
@@ -403,17 +399,6 @@ class DSpark(DraftVocab, DraftModel):
                 state.v[i] = torch.cat([state.v[i], v_new], dim=2)
         for state, t in zip(states, counts):
             state.length += t
-
-    @torch.no_grad()
-    def propose(
-        self,
-        state: BlockState,
-        anchor: torch.Tensor,
-        gamma: int,
-        temperature: float,
-        generator: torch.Generator | None = None,
-    ) -> Proposal:
-        return self.propose_batch([state], anchor.reshape(1), [gamma], temperature, generator)[0]
 
     @torch.no_grad()
     def propose_batch(

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from drafter.models import register, speculators_format as fmt
-from drafter.models.base import DraftModel, Proposal, TargetHeads, TrainBatch, TrainOutput
+from drafter.models.base import BatchedDraftModel, Proposal, TargetHeads, TrainBatch, TrainOutput
 from drafter.models.layers import (DecoderLayer, RMSNorm, Rotary, draft_layer_config, init_weights, pad_rows,
                                    ttt_attention)
 from drafter.models.metrics import (
@@ -68,7 +68,7 @@ class Eagle3State:
 
 
 @register
-class Eagle3(DraftVocab, DraftModel):
+class Eagle3(DraftVocab, BatchedDraftModel):
     algorithm = "eagle3"
     architecture = "Eagle3Speculator"
 
@@ -207,10 +207,6 @@ class Eagle3(DraftVocab, DraftModel):
         return Eagle3State(k=empty, v=empty.clone())
 
     @torch.no_grad()
-    def extend(self, state: Eagle3State, features: torch.Tensor, input_ids: torch.Tensor) -> None:
-        self.extend_batch([state], [features], [input_ids])
-
-    @torch.no_grad()
     def extend_batch(self, states: Sequence[Eagle3State], features: Sequence[torch.Tensor],
                      input_ids: Sequence[torch.Tensor]) -> None:
         """Every row's new positions as one sequence: the fused features, and each key from its
@@ -239,17 +235,6 @@ class Eagle3(DraftVocab, DraftModel):
         for state, row in zip(states, rows):
             state.last = row[-1:].clone()  # [1, H], not a view that keeps the batch alive
             state.length += row.shape[0]
-
-    @torch.no_grad()
-    def propose(
-        self,
-        state: Eagle3State,
-        anchor: torch.Tensor,
-        gamma: int,
-        temperature: float,
-        generator: torch.Generator | None = None,
-    ) -> Proposal:
-        return self.propose_batch([state], anchor.reshape(1), [gamma], temperature, generator)[0]
 
     @torch.no_grad()
     def propose_batch(

@@ -127,7 +127,7 @@ class IngestConfig(Section):
     sniff_records: int = Field(20, ge=1)  # records read to detect a file's format
     batch_size: int = Field(1024, ge=1)  # records per batch (prepared as one unit, here or on a worker)
     max_pending_bytes: int = Field(128 << 20, ge=1)  # raw bytes of a batch: past it the batch runs early
-    workers: int = Field(1, ge=1)  # > 1: batches are prepared on a Dask LocalCluster of this many processes
+    workers: int = Field(1, ge=1)  # > 1: batches are prepared on a DaskTaskRunner's LocalCluster of this many processes
     scheduler_address: str | None = None  # a running Dask scheduler (tcp://host:8786) to prepare batches on
     # Workers read their own byte ranges of plain files (the ingesting process only hashes and
     # counts them). None: on the LocalCluster (same files); true for a cluster at scheduler_address

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from drafter.config import BUNDLED_EVAL_DIR, load_config
 from drafter.manifest import check_accounting, read_manifest, sha256_tree
+from drafter.reports import Manifest, parse
 from drafter.traces.ingest import ingest
 from drafter.traces.validate import ValidationFailed
 
@@ -417,25 +418,95 @@ def test_a_batch_pickles_with_its_kept_rows_as_they_were():
     assert pickle.loads(pickle.dumps(Batch())) == Batch()
 
 
-def test_two_dask_workers_give_the_same_output_as_one_process(tmp_path):
-    """Batches prepared on a 2-process Dask LocalCluster and committed in read order: the same
-    kept conversations, splits, quarantine, dropped entries and counts, byte for byte."""
-    raw = tmp_path / "raw"
+def many_repeats(raw: Path) -> None:
     write_mixed(raw)
     with (raw / "more.jsonl").open("w") as f:  # repeats across batches: dedup must see them in read order
         f.write("\n".join(chat_line(prompt(i % 40)) for i in range(120)) + "\n")
+
+
+def ingested(out: Path, m) -> tuple:
+    rows = {split: [dict(r) for r in load_from_disk(str(out / split))] for split in ("train", "holdout")}
+    files = {name: (out / name).read_bytes() for name in ("quarantine.jsonl", "dropped.jsonl")}
+    return rows, files, m.counts
+
+
+def test_two_dask_workers_give_the_same_output_as_one_process(tmp_path, monkeypatch):
+    """Batches prepared on a 2-process Dask LocalCluster (a prefect-dask DaskTaskRunner's, left
+    when the run ends) and committed in read order: the same kept conversations, splits,
+    quarantine, dropped entries and counts, byte for byte."""
+    from flows import ingest as ingest_flows
+
+    runners = []
+
+    def task_runner(icfg):
+        runners.append(real(icfg))
+        return runners[-1]
+
+    real = ingest_flows.task_runner
+    monkeypatch.setattr(ingest_flows, "task_runner", task_runner)
+    raw = tmp_path / "raw"
+    many_repeats(raw)
     outputs = {}
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
         m = ingest(load_config(ROOT / "configs" / "tiny.yaml", [f"ingest.workers={workers}", "ingest.batch_size=16"]), [raw], out)
-        rows = {split: [dict(r) for r in load_from_disk(str(out / split))] for split in ("train", "holdout")}
-        files = {name: (out / name).read_bytes() for name in ("quarantine.jsonl", "dropped.jsonl")}
-        outputs[workers] = (rows, files, m.counts)
+        outputs[workers] = ingested(out, m)
         assert ("read_range" in m.durations_s) == (workers == 2)  # the workers read their own byte ranges
     assert outputs[2] == outputs[1]
     rows, files, counts = outputs[1]
     assert counts["conversations"]["duplicate"] >= 80 and len(rows["train"]) + len(rows["holdout"]) > 40
     assert counts["records"]["quarantined"] > 5
+    (runner,) = runners  # one DaskTaskRunner, for the run with two workers, with no flow run around it
+    assert runner.cluster_kwargs["n_workers"] == 2 and runner._cluster.status.name == "closed" and not runner._started
+
+
+def test_a_running_dask_cluster_prepares_the_batches_and_keeps_running(tmp_path):
+    """`ingest.scheduler_address`: the task runner connects to the cluster there (records are
+    sent, as its workers may not see the files), gives the same output, and leaves it running."""
+    from distributed import Client, LocalCluster
+
+    raw = tmp_path / "raw"
+    many_repeats(raw)
+    one = ingest(load_config(ROOT / "configs" / "tiny.yaml", ["ingest.batch_size=16"]), [raw], tmp_path / "one")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"ingest.scheduler_address={cluster.scheduler_address}",
+                                                           "ingest.batch_size=16"])
+        m = ingest(cfg, [raw], tmp_path / "remote")
+        assert ingested(tmp_path / "remote", m) == ingested(tmp_path / "one", one)
+        assert "read_range" not in m.durations_s  # records were sent, not byte ranges
+        assert "prepare_remote" in cluster.scheduler.task_prefixes  # ... to the cluster's worker
+        with Client(cluster) as client:  # still there for the next run
+            assert client.submit(sum, [1, 2]).result() == 3
+
+
+def test_in_a_prefect_run_parallel_ingest_is_the_drafter_ingest_subflow_on_a_dask_task_runner(store, tmp_path, monkeypatch):
+    """Called from a task of a flow (the retrain flow's ingest stage), ingest with two workers
+    runs as the `drafter-ingest` subflow on a DaskTaskRunner, with the same output as one process."""
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    raw = tmp_path / "raw"
+    many_repeats(raw)
+    configs = {w: load_config(ROOT / "configs" / "tiny.yaml", [f"ingest.workers={w}", "ingest.batch_size=16"]) for w in (1, 2)}
+
+    @task
+    def stage(out: Path) -> dict:
+        return ingest(configs[2], [raw], out).to_json()
+
+    @flow
+    def parent(out: Path) -> dict:
+        return stage(out)
+
+    manifest = parent(tmp_path / "w2")
+    one = ingest(configs[1], [raw], tmp_path / "w1")
+    assert ingested(tmp_path / "w2", parse(Manifest, manifest, "result")) == ingested(tmp_path / "w1", one)
+    assert "read_range" in manifest["durations_s"]  # prepared on the workers
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["drafter-ingest"])))
+    (run,) = [r for r in runs if r.parameters["out_dir"] == str(tmp_path / "w2")]
+    assert run.state.is_completed() and run.parent_task_run_id is not None
 
 
 @pytest.mark.parametrize("thread_fails", [False, True])

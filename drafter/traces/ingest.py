@@ -13,7 +13,8 @@ empty turns, no assistant turn) -> token length (target tokenizer) -> decontamin
 -> domain tag, split -> dedup -> Great Expectations -> write. Records are read here in
 batches of `ingest.batch_size`; each batch is prepared up to the dedup step
 (`drafter.traces.prepare`) in this process or, with `ingest.workers` > 1 or
-`ingest.scheduler_address`, on Dask workers, and batches are committed (dedup index,
+`ingest.scheduler_address`, on the Dask workers of a prefect-dask `DaskTaskRunner`
+(flows/ingest.py), and batches are committed (dedup index,
 validation, writes) in the order they were read: the output is the same wherever they ran.
 Workers that see the inputs (the LocalCluster; `ingest.workers_read_files`) are sent byte
 ranges of whole lines of plain files instead of records, a few batches' ranges a task: this
@@ -43,11 +44,11 @@ import threading
 import time
 from collections import Counter, deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
-from drafter.config import Config
+from drafter.config import Config, IngestConfig
 from drafter.manifest import (
     Timer,
     atomic_dir,
@@ -90,8 +91,8 @@ class JsonlWriter:
 
 
 class DaskPool:
-    """Batches prepared on Dask workers: a LocalCluster of `workers` single-threaded processes,
-    or the cluster at `address`. At most `window` tasks are in flight (bounded memory)."""
+    """Batches prepared on Dask workers, through the client of a prefect-dask `DaskTaskRunner`
+    (see flows/ingest.py). At most `window` tasks are in flight (bounded memory)."""
 
     # Byte ranges (one batch each) sent per task: a task costs Dask bookkeeping in this process
     # and in the worker (~4 ms each). 300,000 lines, two workers: 29.4-30.2 s with one range a task,
@@ -99,30 +100,21 @@ class DaskPool:
     # were as fast on the pool, but 2% slower in one process and 30 MiB larger.
     RANGES_PER_TASK = 4
 
-    def __init__(self, workers: int, address: str | None = None, read_files: bool | None = None) -> None:
-        import dask
-        from distributed import Client, LocalCluster
-
-        self.cluster = None
-        if address:
-            self.client = Client(address)
-        else:
-            # (no statistical profiler in the workers: it samples every thread 100 times a second)
-            with dask.config.set({"distributed.worker.profile.enabled": False}):
-                self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                            dashboard_address=None, silence_logs=logging.WARNING)
-            self.client = Client(self.cluster)
-        self.workers = len(self.client.scheduler_info().get("workers", {})) or workers
+    def __init__(self, client, icfg: IngestConfig, on_close: Callable[[], Any] | None = None) -> None:
+        self.client = client
+        self.workers = len(client.scheduler_info().get("workers", {})) or icfg.workers
         self.window = 2 * self.workers
-        self.read_files = (not address) if read_files is None else read_files  # LineRanges, not records
+        # Workers that see the inputs are sent LineRanges, not records: by default those of a
+        # LocalCluster, not those of a cluster elsewhere.
+        self.read_files = not icfg.scheduler_address if icfg.workers_read_files is None else icfg.workers_read_files
+        self.on_close = on_close  # stops the cluster started for this run
 
     def submit(self, cfg: Config, records: list[RawRecord] | list[LineRange], fmt: str | None, lsh: tuple[int, int]):
         return self.client.submit(prepare_remote, cfg, records, fmt, lsh, pure=False)
 
     def close(self) -> None:
-        self.client.close()
-        if self.cluster is not None:
-            self.cluster.close()
+        if self.on_close is not None:
+            self.on_close()
 
 
 class IngestRun:
@@ -411,7 +403,7 @@ class IngestRun:
         self.dedup.close()
         for w in (self.quarantine, self.dropped, *self.staged.values()):
             w.close()
-        if self.pool is not None:
+        if self.pool is not None:  # (before the datasets are written: the workers' memory is freed)
             self.pool.close()
 
 
@@ -495,6 +487,11 @@ def ingest(cfg: Config, inputs: list[Path] | None = None, out_dir: Path | None =
     """
     from filelock import FileLock
 
+    if cfg.ingest.workers > 1 or cfg.ingest.scheduler_address:
+        from flows.ingest import needs_subflow, run_ingest_flow
+
+        if needs_subflow():  # in a Prefect run: as the drafter-ingest subflow, on its DaskTaskRunner
+            return run_ingest_flow(cfg, inputs, out_dir, force)
     started = time.time()
     inputs = [Path(p) for p in (inputs or cfg.ingest.inputs)]
     out_dir = Path(out_dir or cfg.data_dir / "ingested")
@@ -518,7 +515,9 @@ def _ingest_locked(cfg: Config, inputs: list[Path], out_dir: Path, started: floa
     work.mkdir(parents=True)
     pool = None
     if cfg.ingest.workers > 1 or cfg.ingest.scheduler_address:
-        pool = DaskPool(cfg.ingest.workers, cfg.ingest.scheduler_address, cfg.ingest.workers_read_files)
+        from flows.ingest import dask_pool
+
+        pool = dask_pool(cfg.ingest)
     run = IngestRun(cfg, out_dir, work, pool)
     if pool is not None:
         run.load_validator_in_background()

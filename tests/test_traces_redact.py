@@ -99,7 +99,8 @@ def test_secret_patterns_catch_what_redaction_removes():
 
 PIECES = ["0", "1", "4", "9", " ", "-", ".", ":", "(", ")", "+", "@", "/", "_", "=", "a", "F", "x",
           "\x1c", "\x85", "\u00a0", "\u2003", "\u0663", "\uff13", "\u212a", "é", "\n", "\t",
-          "key", "KEY", "oken", "sk-", "sk-ant-", "eyJ", "://", "AKIA", "ghp_", "xox", "earer", "gl", "PRIVATE KEY"]
+          "key", "KEY", "kEy", "\u017f", "oken", "sk-", "sk-ant-", "eyJ", "://", "AKIA", "ghp_", "xox", "XoX", "earer",
+          "bEaReR", "aWs", "gl", "PRIVATE KEY"]
 
 
 @given(st.lists(st.sampled_from(PIECES), max_size=60).map("".join))
@@ -135,6 +136,39 @@ def test_every_finding_holds_a_hint_of_its_detector(text):
         for m in det.pattern.finditer(text):
             assert any(h in m.group() for h in det.hints), (det.kind, m.group())
     assert not any(redact.DETECTORS[i].kind == "gitlab_token" for i in redact._active("English glory, single angle"))
+
+
+CASELESS = [d for d in redact.DETECTORS if d.hints and d.pattern.flags & re.IGNORECASE]
+
+
+def cased(word: str, mask: int) -> str:
+    """`word` with the letters of `mask`'s set bits upper-cased, and k and s as Python's re also
+    folds them (the Kelvin sign, the long s) where the next bit is set too."""
+    out = []
+    for i, ch in enumerate(word):
+        if mask >> i & 1:
+            ch = {"k": "\u212a", "s": "\u017f"}.get(ch, ch) if mask >> (i + 1) & 1 else ch.upper()
+        out.append(ch)
+    return "".join(out)
+
+
+@given(st.sampled_from(["api_key", "secret", "access_token", "password", "passwd", "bearer", "aws_secret_key",
+                        "xoxb-", "hooks.slack.com/services/"]), st.integers(0, 2**16 - 1))
+@example("api_key", 0b0110000)  # api_kEy
+@example("password", 0b1100)  # pa + long s
+@settings(max_examples=300, deadline=None)
+def test_case_insensitive_detectors_run_on_every_casing_of_their_hints(word, mask):
+    """A case-insensitive detector is gated by its hints without case, the way its pattern
+    matches: `api_kEy: ...` is redacted like `api_key: ...` (its hints were case-sensitive)."""
+    text = cased(word, mask)
+    active = redact._active(text)
+    assert active == redact._active_python(text)
+    for i, det in enumerate(redact.DETECTORS):
+        if det in CASELESS and any(h in word for h in det.hints):
+            assert i in active, (det.kind, text)
+    if word == "api_key":
+        value = "Zx8Qw3Rt7Yp2Lm9N"
+        assert value not in Redactor().redact(f"{text}: {value}")[0]
 
 
 @pytest.mark.skipif(redact.hyperscan is None, reason="no Hyperscan on this platform")

@@ -9,7 +9,7 @@
    broken lines.
 2. For each worker count, runs `python -m drafter ingest LOG --out DIR --workers N` in a
    child process (real target tokenizer, bundled evaluation sets, Great Expectations; N > 1
-   prepares batches on a Dask LocalCluster whose workers read their own byte ranges of the
+   prepares batches on the LocalCluster of a prefect-dask DaskTaskRunner, whose workers read their own byte ranges of the
    log; `Nr`: records read here and sent to the workers, `ingest.workers_read_files=false`), polling the resident memory of the whole
    process tree (the ingest and its Dask workers) once a second, and the CPU time of that tree.
 3. Writes bench/results/ingest.json and bench/results/ingest.md: per run lines/s, peak RSS

@@ -52,7 +52,10 @@ def _main_options(
 ) -> None:
     """Keep speculative-decoding drafters matched to the traffic a target model serves."""
     level = logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
-    logging.getLogger().setLevel(level)
+    root = logging.getLogger()
+    root.setLevel(level)
+    for handler in root.handlers:  # (libraries that set their own loggers' levels, as distributed and
+        handler.setLevel(level)    # Great Expectations do to INFO, print through it too)
     for name in ("drafter", "flows", "monitoring"):
         logging.getLogger(name).setLevel(level)
 

@@ -22,6 +22,27 @@ def test_version_and_verbosity():
     assert logging.getLogger("drafter").level == logging.WARNING
 
 
+def test_libraries_info_lines_show_with_verbose_only():
+    """distributed and Great Expectations set their own loggers to INFO (a Dask cluster's start
+    is ~30 lines): the root handler's level keeps them out of a plain run; -v shows them."""
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    library = logging.getLogger("distributed.scheduler.test")
+    library.setLevel(logging.INFO)
+    try:
+        for flags in (["params", "--help"], ["-v", "params", "--help"]):
+            CliRunner().invoke(app, flags)
+            library.info("State start")
+            library.warning("a worker died")
+        assert seen == ["a worker died", "State start", "a worker died"]
+    finally:
+        root.removeHandler(handler)
+        CliRunner().invoke(app, ["params", "--help"])
+
+
 def test_help_lists_every_command_in_pipeline_order():
     text = CliRunner().invoke(app, ["--help"], terminal_width=200).stdout
     names = [n for names in HELP_PANELS.values() for n in names]

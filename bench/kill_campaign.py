@@ -3,6 +3,7 @@ run that was never interrupted.
 
     python bench/kill_campaign.py [--kills 20] [--seed 0] [--conversations 80]
                                   [--stages ingest,regenerate,build-cache,train,registry]
+                                  [--ingest-set ingest.workers=2 ...]
                                   [--work /tmp/drafter-kill-campaign] [--force]
 
 Stages: ingest, regenerate, build-cache, train (each the real `python -m drafter` CLI on the
@@ -205,10 +206,10 @@ class Stage:
     variants: tuple[str, ...] = ("",)  # rounds take them in turn; each has its own reference run
 
 
-def ingest_stage(work: Path, logs: Path, base: Path) -> Stage:
+def ingest_stage(work: Path, logs: Path, base: Path, sets: tuple[str, ...] = ()) -> Stage:
     def command(rd: Path) -> list[str]:
         return [PY, "-m", "drafter", "ingest", str(logs), "--out", str(rd / "out"), "-c", str(TINY),
-                "-s", f"run.data_dir={work / 'data'}"]
+                "-s", f"run.data_dir={work / 'data'}", *[a for kv in sets for a in ("-s", kv)]]
 
     def fresh(rd: Path, variant: str) -> None:
         _plain_fresh(rd, variant)
@@ -666,13 +667,13 @@ def campaign(stage: Stage, work: Path, env: dict[str, str], kills: int, seed: in
 
 
 def build_stages(work: Path, env: dict[str, str], conversations: int, seed: int, steps: int,
-                 checkpoint_every: int, names: list[str], log: Path) -> dict[str, Stage]:
+                 checkpoint_every: int, names: list[str], log: Path, ingest_sets: tuple[str, ...] = ()) -> dict[str, Stage]:
     """The stages asked for, each fed by the previous stage's reference output."""
     # The MLflow store first: its creation (seconds of migrations) must not lengthen a reference run.
     rc, _ = run_to_end([PY, "-c", "from drafter import registry; registry.ensure_store()"], env, log, 600)
     assert rc == 0, tail(log)
     inputs = prepare_inputs(work, conversations, seed, env, log)
-    ingest = ingest_stage(work, inputs["logs"], inputs["base"])
+    ingest = ingest_stage(work, inputs["logs"], inputs["base"], ingest_sets)
     stages = {"ingest": ingest}
     wanted = set(names)
     needs = {"regenerate": 1, "build-cache": 2, "train": 3}
@@ -751,6 +752,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-steps", type=int, default=60)
     parser.add_argument("--checkpoint-every", type=int, default=4)
     parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--ingest-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for the killed ingest runs and their reference, e.g. ingest.workers=2")
     parser.add_argument("--work", type=Path, default=Path("/tmp/drafter-kill-campaign"))
     parser.add_argument("--out", type=Path, default=RESULTS / "kill_campaign.json")
     parser.add_argument("--force", action="store_true",
@@ -774,12 +777,13 @@ def main(argv: list[str] | None = None) -> None:
     doc |= {"command": command.strip(), "seed": args.seed, "kills_per_stage": args.kills,
             "inputs": {"conversations": args.conversations, "config": "configs/tiny.yaml",
                        "train_steps": args.train_steps, "checkpoint_every": args.checkpoint_every,
+                       "ingest_set": args.ingest_set,
                        "registry_decisions": [list(d) for d in DECISIONS]},
             "machine": doc.get("machine") or machine(), "code": code_state(), "notes": NOTES}
     doc.setdefault("stages", {})
     todo = [n for n in names if args.force or n not in doc["stages"]]
     stages = build_stages(work, env, args.conversations, args.seed, args.train_steps, args.checkpoint_every, todo,
-                          work / "inputs.log") if todo else {}
+                          work / "inputs.log", tuple(args.ingest_set)) if todo else {}
     for name in todo:
         doc["stages"][name] = campaign(stages[name], work, env, args.kills, args.seed,
                                        log=lambda line: print(line, flush=True)) | {

@@ -6,11 +6,11 @@ of `ingest.workers` single-threaded processes, or the running cluster at
 `ingest.scheduler_address`.
 
 - In a Prefect run (the retrain flow's ingest stage), ingest runs as the `drafter-ingest`
-  subflow with that task runner: one flow run in the Prefect UI, with its logs and its
-  manifest as the result.
+  subflow with that task runner: a flow run of its own in the Prefect UI, under the stage's
+  task, with the manifest as its result.
 - Outside one (`drafter ingest --workers N`, library calls), the same task runner is entered
-  here, without a flow run: no Prefect API server is started for a command-line ingest (one
-  costs ~5 s and ~250 MiB beside a run that needs neither).
+  here, without a flow run: a command-line ingest starts no temporary Prefect API server (as a
+  flow run it took 5-11 s and ~350 MiB more, bench/RESULTS.md).
 
 Either way the batches go through the runner's own Dask client as plain Dask tasks, a few
 batches each (~4 ms of bookkeeping a task), not as Prefect task runs: the workers never talk

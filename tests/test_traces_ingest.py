@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from drafter.config import BUNDLED_EVAL_DIR, load_config
-from drafter.manifest import check_accounting, read_manifest, sha256_tree
+from drafter.manifest import OutputDirError, check_accounting, read_manifest, sha256_tree
 from drafter.reports import Manifest, parse
 from drafter.traces.ingest import ingest
 from drafter.traces.validate import ValidationFailed
@@ -507,6 +507,11 @@ def test_in_a_prefect_run_parallel_ingest_is_the_drafter_ingest_subflow_on_a_das
         runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["drafter-ingest"])))
     (run,) = [r for r in runs if r.parameters["out_dir"] == str(tmp_path / "w2")]
     assert run.state.is_completed() and run.parent_task_run_id is not None
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not drafter's")
+    with pytest.raises(OutputDirError, match="not written by drafter"):  # the stage's own error, through the subflow
+        parent(foreign)
 
 
 @pytest.mark.parametrize("thread_fails", [False, True])

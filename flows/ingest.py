@@ -36,9 +36,11 @@ from drafter.traces.ingest import DaskPool
 def task_runner(icfg: IngestConfig) -> DaskTaskRunner:
     if icfg.scheduler_address:
         return DaskTaskRunner(address=icfg.scheduler_address)
+    # (the scheduler's HTTP endpoints on a free port: with None they still take 8787, and a second
+    # ingest at the same time warned that it was in use)
     return DaskTaskRunner(cluster_kwargs={
         "n_workers": icfg.workers, "threads_per_worker": 1, "processes": True,
-        "dashboard_address": None, "silence_logs": logging.WARNING,
+        "dashboard_address": ":0", "silence_logs": logging.WARNING,
     })
 
 

@@ -138,6 +138,12 @@ class IngestConfig(Section):
     validate_rows: int = Field(20_000, ge=1)  # rows per Great Expectations batch (bounds memory; ~0.4 s a call)
     max_invalid_fraction: float = Field(0.05, ge=0, lt=1)  # row-level failures allowed per batch
 
+    @property
+    def on_dask(self) -> bool:
+        """Batches are prepared on Dask workers (a LocalCluster of `workers`, or the cluster at
+        `scheduler_address`), not in the ingesting process."""
+        return self.workers > 1 or bool(self.scheduler_address)
+
     @model_validator(mode="after")
     def _bounds(self) -> IngestConfig:
         if self.min_tokens >= self.max_tokens:

@@ -487,7 +487,7 @@ def ingest(cfg: Config, inputs: list[Path] | None = None, out_dir: Path | None =
     """
     from filelock import FileLock
 
-    if cfg.ingest.workers > 1 or cfg.ingest.scheduler_address:
+    if cfg.ingest.on_dask:
         from flows.ingest import needs_subflow, run_ingest_flow
 
         if needs_subflow():  # in a Prefect run: as the drafter-ingest subflow, on its DaskTaskRunner
@@ -514,7 +514,7 @@ def _ingest_locked(cfg: Config, inputs: list[Path], out_dir: Path, started: floa
     shutil.rmtree(work, ignore_errors=True)  # what a killed run left: redone from the watermarks
     work.mkdir(parents=True)
     pool = None
-    if cfg.ingest.workers > 1 or cfg.ingest.scheduler_address:
+    if cfg.ingest.on_dask:
         from flows.ingest import dask_pool
 
         pool = dask_pool(cfg.ingest)

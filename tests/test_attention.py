@@ -346,7 +346,8 @@ def test_roomy_layer_holds_what_concatenation_holds_and_writes_in_place():
         assert roomy.keys.stride(-1) == 1 and roomy.keys.stride(-2) == 8  # each head's S x D block contiguous
 
     step(30)
-    buffer = roomy._buffers[0].data_ptr()
+    first = roomy._buffers[0]  # held, so a later buffer cannot be allocated at its address
+    buffer = first.data_ptr()
     for width in (5, 3, 8, 1):
         step(width)
         for layer in (roomy, plain):
@@ -360,7 +361,7 @@ def test_roomy_layer_holds_what_concatenation_holds_and_writes_in_place():
     assert roomy._buffers[0].data_ptr() == buffer
     for _ in range(40):  # past the room: a new buffer, the cached slots copied over
         step(7)
-    assert roomy._buffers[0].data_ptr() != buffer
+    assert roomy._buffers[0].data_ptr() != buffer and roomy._buffers[0] is not first
     for layer in (roomy, plain):
         layer.batch_select_indices(torch.tensor([0, 2, 3]))
     step(6, rows=3)

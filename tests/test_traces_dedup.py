@@ -116,6 +116,46 @@ def test_rows_waiting_in_memory_answer_like_written_ones(tmp_path, monkeypatch):
     assert "b0p7" not in {ref for _, ref in prompts} and len(seen) == 9 * len(prompts)
 
 
+@pytest.mark.parametrize("flush_keys", [1, 300, 1 << 18])
+def test_verdicts_and_rows_are_those_of_a_dict_of_every_kept_key(tmp_path, monkeypatch, flush_keys):
+    # Thirty batches of repeated, extended and new prompts, a fifth of the kept ones forgotten:
+    # the index (new keys in sorted runs merged as they grow, written every `flush_keys` keys)
+    # answers like a plain dict of the keys of every prompt kept and not forgotten, and holds
+    # exactly those keys once written.
+    import sqlite3
+
+    import drafter.traces.dedup as dedup_mod
+
+    monkeypatch.setattr(dedup_mod, "FLUSH_KEYS", flush_keys)
+    rng = random.Random(7)
+    pool = [prose(rng, 30) for _ in range(60)]
+    d, owner, seen = Deduper(tmp_path / "i.sqlite"), {}, set()  # owner: key -> id of the prompt holding it
+    for b in range(30):
+        prompts = [rng.choice(pool) + ("" if rng.random() < 0.6 else " " + prose(rng, rng.choice([2, 30])))
+                   for _ in range(rng.randint(1, 20))]
+        ids = [f"b{b}p{i}" for i in range(len(prompts))]
+        keys = d.keys([normalize(p) for p in prompts])
+        want = []
+        for cid, (exact, bands) in zip(ids, keys):
+            near = [owner[k] for k in bands if k in owner]
+            want.append(("exact", owner[exact]) if exact in owner else ("near", near[0]) if near else None)
+            if want[-1] is None:
+                owner.update(dict.fromkeys((exact, *bands), cid))
+        assert d.check(ids, keys) == want
+        seen.update(v and v[0] for v in want)
+        for cid, verdict in zip(ids, want):
+            if verdict is None and rng.random() < 0.2:
+                d.forget(cid)
+                owner = {k: v for k, v in owner.items() if v != cid}
+        d.settle()
+    assert seen == {"exact", "near", None}
+    d.close()
+    with sqlite3.connect(tmp_path / "i.sqlite") as db:
+        rows = dict(db.execute("SELECT seen.key, prompts.ref FROM seen JOIN prompts ON prompts.id = seen.prompt"))
+        assert db.execute("SELECT COUNT(*) FROM prompts").fetchone()[0] == len(set(owner.values()))
+    assert rows == owner
+
+
 def test_key_filter_answers():
     from drafter.traces.dedup import KeyFilter
 

@@ -10,8 +10,9 @@ conversation seen is kept; later ones are counted as duplicates of it.
 The index lives in SQLite: one row per kept prompt (its id) and one narrow row per exact hash
 and per LSH band of it (the key and the prompt's row number), so memory stays flat however
 many prompts were ingested, and later runs see what earlier runs kept. New rows wait in memory
-and are written in large sorted runs: random keys inserted a batch at a time would each touch
-another B-tree page (two thirds of the ingest's dedup time at a million lines).
+(numpy arrays: 16 bytes a key) and are written in large sorted runs: random keys inserted a
+batch at a time would each touch another B-tree page (two thirds of the ingest's dedup time at
+a million lines).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ FILTER_BITS = 1 << 27
 LOOKUP_SQL = ("SELECT seen.key, prompts.ref FROM seen JOIN prompts ON prompts.id = seen.prompt "
               f"WHERE seen.key IN ({','.join('?' * LOOKUP)})")
 SHINGLE = 3  # words per shingle
-FLUSH_KEYS = 1 << 18  # keys held in memory (~31 MiB with their prompts) before one sorted run is written
+FLUSH_KEYS = 1 << 18  # keys held in memory (4 MiB with their prompt rows) before they are written
 
 
 # ASCII text, lowercased with every non-word character made a space: the words `WORD` finds.
@@ -154,8 +155,12 @@ class Deduper:
                                   "threshold and num_perm, this drafter's MinHash): "
                                   "ingest into a fresh --out folder")
         self._added: dict[str, tuple[int, tuple[int, ...]]] = {}  # kept since the last settle(): may still be forgotten
-        self._pending: dict[int, int] = {}  # key -> prompt row, not written yet
-        self._pending_prompts: dict[int, str] = {}  # prompt row -> id, not written yet
+        # Not written yet: the keys of kept prompts, as sorted runs of (keys, prompt rows) (merged
+        # as they grow: a few runs to search), and prompt row -> id. A forgotten prompt leaves the
+        # latter; its keys are skipped, and left out when their run is merged or written.
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_prompts: dict[int, str] = {}
+        self._forgotten: set[int] = set()  # prompt rows
         self._next_id = self.db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM prompts").fetchone()[0]
         # Most keys of a batch are new: the filter spares their lookups (the index file is written
         # exactly as before: only SELECTs are skipped). Keys of earlier runs are loaded once.
@@ -186,48 +191,76 @@ class Deduper:
         self._lookup({b for exact, bands in keys if exact not in known for b in bands}, known)
         out: list[tuple[str, str] | None] = []
         added: list[int] = []
-        pending = self._pending
+        added_rows: list[int] = []
         for cid, (exact, bands) in zip(ids, keys):
             if exact in known:
                 out.append(("exact", known[exact]))
                 continue
-            near = next((known[b] for b in bands if b in known), None)
-            if near is not None:
-                out.append(("near", near))
-                continue
-            pid, self._next_id = self._next_id, self._next_id + 1
-            self._pending_prompts[pid] = cid
-            for k in (exact, *bands):  # (all new: none of them was known)
-                known[k] = cid
-                pending[k] = pid
-                added.append(k)
-            self._added[cid] = (pid, (exact, *bands))
-            out.append(None)
-        self._filter.add(np.fromiter(added, dtype=np.int64, count=len(added)))
-        if len(self._pending) >= FLUSH_KEYS:
+            for band in bands:
+                if band in known:
+                    out.append(("near", known[band]))
+                    break
+            else:  # kept: its keys are all new (none of them was known)
+                pid, self._next_id = self._next_id, self._next_id + 1
+                self._pending_prompts[pid] = cid
+                new = (exact, *bands)
+                for k in new:
+                    known[k] = cid
+                added += new
+                added_rows += [pid] * len(new)
+                self._added[cid] = (pid, new)
+                out.append(None)
+        if added:
+            keys_new = np.array(added, dtype=np.int64)
+            self._filter.add(keys_new)
+            self._add_run(keys_new, np.array(added_rows, dtype=np.int64))
+        if sum(len(k) for k, _ in self._runs) >= FLUSH_KEYS:
             self._flush()
         return out
+
+    def _add_run(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        """A sorted run of new keys, merged with the last ones while they are no larger (a binary
+        counter: each key is merged ~log2(runs) times, and at most ~log2 runs are searched)."""
+        order = np.argsort(keys)
+        keys, rows = keys[order], rows[order]
+        while self._runs and len(self._runs[-1][0]) <= len(keys):
+            keys, rows = self._merged([self._runs.pop(), (keys, rows)])
+        self._runs.append((keys, rows))
+
+    def _merged(self, runs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted runs as one, without the keys of forgotten prompts (a key a forgotten prompt
+        held may be held again by a later one: one live row per key)."""
+        keys, rows = (np.concatenate(arrays) for arrays in zip(*runs))
+        if self._forgotten:
+            live = ~np.isin(rows, np.fromiter(self._forgotten, dtype=np.int64, count=len(self._forgotten)))
+            keys, rows = keys[live], rows[live]
+        order = np.argsort(keys, kind="stable")  # (sorted runs: a merge)
+        return keys[order], rows[order]
 
     def _flush(self) -> None:
         """The rows waiting in memory written in key order: each B-tree page is visited once."""
         self.db.executemany("INSERT INTO prompts VALUES (?, ?)", self._pending_prompts.items())
-        n = len(self._pending)
-        keys = np.fromiter(self._pending.keys(), dtype=np.int64, count=n)
-        order = np.argsort(keys)
-        pids = np.fromiter(self._pending.values(), dtype=np.int64, count=n)[order]
-        self.db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", zip(keys[order].tolist(), pids.tolist()))
-        self._pending.clear()
+        if self._runs:
+            keys, rows = self._merged(self._runs)
+            self.db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", zip(keys.tolist(), rows.tolist()))
+        self._runs.clear()
         self._pending_prompts.clear()
+        self._forgotten.clear()
 
     def _lookup(self, wanted: set[int], known: dict[int, str]) -> None:
         """known[key] = ref for the wanted keys in the index (those the filter may hold)."""
         if not wanted:
             return
         arr = np.fromiter(wanted, dtype=np.int64, count=len(wanted))
-        wanted = arr[self._filter.may_hold(arr)].tolist()
-        if self._pending:
-            pending, prompts = self._pending, self._pending_prompts
-            known.update((k, prompts[pending[k]]) for k in wanted if k in pending)
+        arr = arr[self._filter.may_hold(arr)]
+        prompts = self._pending_prompts
+        for keys, rows in self._runs:
+            at = np.minimum(np.searchsorted(keys, arr), len(keys) - 1)
+            hit = keys[at] == arr
+            for k, pid in zip(arr[hit].tolist(), rows[at[hit]].tolist()):
+                if pid in prompts:  # (not forgotten)
+                    known[k] = prompts[pid]
+        wanted = arr.tolist()
         for i in range(0, len(wanted), LOOKUP):
             chunk = wanted[i : i + LOOKUP]
             chunk += chunk[-1:] * (LOOKUP - len(chunk))  # one statement shape: prepared once, cached once
@@ -239,9 +272,7 @@ class Deduper:
             return
         pid, keys = self._added.pop(cid)
         if self._pending_prompts.pop(pid, None) is not None:  # not written yet
-            for k in keys:
-                if self._pending.get(k) == pid:
-                    del self._pending[k]
+            self._forgotten.add(pid)
             return
         self.db.executemany("DELETE FROM seen WHERE key = ? AND prompt = ?", [(k, pid) for k in keys])
         self.db.execute("DELETE FROM prompts WHERE id = ?", (pid,))

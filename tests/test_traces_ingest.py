@@ -17,6 +17,7 @@ from drafter.config import BUNDLED_EVAL_DIR, load_config
 from drafter.manifest import OutputDirError, check_accounting, read_manifest, sha256_tree
 from drafter.reports import Manifest, parse
 from drafter.traces.ingest import ingest
+from drafter.traces.prepare import Preparer
 from drafter.traces.validate import ValidationFailed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -444,6 +445,9 @@ def test_two_dask_workers_give_the_same_output_as_one_process(tmp_path, monkeypa
 
     real = ingest_flows.task_runner
     monkeypatch.setattr(ingest_flows, "task_runner", task_runner)
+    preparers = []  # of this process (the workers' are in theirs)
+    real_drop = Preparer.drop_tokenizer
+    monkeypatch.setattr(Preparer, "drop_tokenizer", lambda self: preparers.append(self) or real_drop(self))
     raw = tmp_path / "raw"
     many_repeats(raw)
     outputs = {}
@@ -452,6 +456,9 @@ def test_two_dask_workers_give_the_same_output_as_one_process(tmp_path, monkeypa
         m = ingest(load_config(ROOT / "configs" / "tiny.yaml", [f"ingest.workers={workers}", "ingest.batch_size=16"]), [raw], out)
         outputs[workers] = ingested(out, m)
         assert ("read_range" in m.durations_s) == (workers == 2)  # the workers read their own byte ranges
+        # The ingesting process lets the tokenizer go once it knows the longest token when the
+        # workers tokenize the batches (it loads it again for the batch API files it prepares).
+        assert len(preparers) == workers - 1
     assert outputs[2] == outputs[1]
     rows, files, counts = outputs[1]
     assert counts["conversations"]["duplicate"] >= 80 and len(rows["train"]) + len(rows["holdout"]) > 40

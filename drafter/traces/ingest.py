@@ -156,8 +156,11 @@ class IngestRun:
 
     def _load_validator(self) -> Validator:
         with self.timer("load_great_expectations"):
+            longest = self.local.size.longest
+            if self.pool is not None:  # batches are tokenized on the workers: the tokenizer let go here
+                self.local.drop_tokenizer()
             return Validator(self.icfg.min_tokens, self.icfg.max_tokens, self.icfg.max_invalid_fraction,
-                             max_bytes=self.icfg.max_tokens * self.local.size.longest)
+                             max_bytes=self.icfg.max_tokens * longest)
 
     def load_validator_in_background(self) -> None:
         """Great Expectations loaded (~2.5 s) in a thread while the first batches are read and

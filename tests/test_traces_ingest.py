@@ -467,6 +467,50 @@ def test_two_dask_workers_give_the_same_output_as_one_process(tmp_path, monkeypa
     assert runner.cluster_kwargs["n_workers"] == 2 and runner._cluster.status.name == "closed" and not runner._started
 
 
+def test_threads_sharing_a_preparer_make_the_batches_of_one_thread(cfg):
+    """A Dask worker's threads share one Preparer per config: batches prepared at the same time
+    are those prepared one after another (kept rows, quarantine, dropped entries, counts)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from drafter.traces.sources import RawRecord
+
+    lines = [chat_line(prompt(i % 30) + (f" {SECRETS[i % 4]}" if i % 7 == 0 else "")).encode() for i in range(200)]
+    lines[13::40] = [b'{"request": {"messages": [{"role": "user", "cont'] * len(lines[13::40])
+    records = [RawRecord("log.jsonl", i + 1, line, len(line)) for i, line in enumerate(lines)]
+    chunks = [records[i : i + 10] for i in range(0, len(records), 10)]
+
+    def made(batch):
+        return ([k.row for k in batch.kept], batch.quarantine, batch.dropped, batch.ledger.counts(), batch.redactions)
+
+    alone = Preparer(cfg)
+    want = [made(alone.prepare(chunk, "openai-chat-log")) for chunk in chunks]
+    shared = Preparer(cfg)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda chunk: made(shared.prepare(chunk, "openai-chat-log")), chunks * 3))
+    assert got == want * 3
+    assert sum(len(w[1]) for w in want) == 5 and sum(w[4]["email"] for w in want) > 0
+
+
+def test_ingest_in_a_task_on_a_dask_worker_prepares_on_its_own_workers(tmp_path):
+    """A flow's tasks may run on Dask workers: ingest there, with two workers of its own, gives
+    the output of one process (in the worker's fresh process the validator's loader thread and
+    the batch API file prepared there both load the tokenizer first: loaded once, not twice at a time)."""
+    from distributed import Client, LocalCluster
+
+    raw = tmp_path / "raw"
+    many_repeats(raw)
+    tiny = str(ROOT / "configs" / "tiny.yaml")
+    one = ingest(load_config(tiny, ["ingest.batch_size=16"]), [raw], tmp_path / "one")
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        client.submit(_ingest_with_two_workers, tiny, str(raw), str(tmp_path / "in-task"), retries=0).result()
+    assert ingested(tmp_path / "in-task", read_manifest(tmp_path / "in-task")) == ingested(tmp_path / "one", one)
+
+
+def _ingest_with_two_workers(config: str, raw: str, out: str) -> None:
+    ingest(load_config(config, ["ingest.workers=2", "ingest.batch_size=16"]), [Path(raw)], Path(out))
+
+
 def test_a_running_dask_cluster_prepares_the_batches_and_keeps_running(tmp_path):
     """`ingest.scheduler_address`: the task runner connects to the cluster there (records are
     sent, as its workers may not see the files), gives the same output, and leaves it running."""

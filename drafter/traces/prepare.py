@@ -220,7 +220,14 @@ class TokenSize:
 
 class Preparer:
     """Turns batches of raw records into `Batch`es (see the module docstring). Holds only
-    read-only helpers (tokenizer, evaluation index, redaction patterns), loaded on first use."""
+    read-only helpers (tokenizer, evaluation index, redaction patterns), loaded on first use.
+
+    One batch at a time in a process, whatever the threads (a Dask worker runs several; the
+    ingesting process loads its validator in one): the batch being made is a Preparer's state,
+    the Hyperscan databases' scratch space is shared and single-threaded, and transformers
+    imported from two threads at once fails. Each helper is loaded once."""
+
+    lock = threading.RLock()  # (the process's)
 
     def __init__(self, cfg: Config, lsh: tuple[int, int] | None = None) -> None:
         self.cfg, self.icfg = cfg, cfg.ingest
@@ -243,6 +250,11 @@ class Preparer:
                 store: Callable[[RawRecord, Any], None] | None = None) -> Batch:
         """The batch these records make. `join` completes a batch input with its stored output;
         `store` keeps a batch output line until its input comes (both run where the pairs are)."""
+        with self.lock:
+            return self._prepare(records, fmt, join, store)
+
+    def _prepare(self, records: list[RawRecord], fmt: str | None, join: Callable[[Parsed], None] | None,
+                 store: Callable[[RawRecord, Any], None] | None) -> Batch:
         self.out, saved = Batch(), self.redactor.totals
         self.redactor.totals, self.timer.durations = self.out.redactions, self.out.durations
         try:
@@ -304,20 +316,24 @@ class Preparer:
     def size(self) -> TokenSize:
         """Token-count bounds of the target tokenizer (decodes its whole vocabulary once)."""
         if self._size is None:
-            self._size = TokenSize(self.tokenizer)
+            with self.lock:
+                if self._size is None:
+                    self._size = TokenSize(self.tokenizer)
         return self._size
 
     def drop_tokenizer(self) -> None:
         """The tokenizer and its size bounds let go (loaded again if needed): ~37 MiB for SmolLM2's."""
-        self._tokenizer = self._size = None
+        with self.lock:
+            self._tokenizer = self._size = None
 
     @property
     def tokenizer(self):
         if self._tokenizer is None:
             from drafter.target_files import load_fast_tokenizer
 
-            with self.timer("load_tokenizer"):
-                self._tokenizer = load_fast_tokenizer(self.cfg)
+            with self.lock, self.timer("load_tokenizer"):
+                if self._tokenizer is None:
+                    self._tokenizer = load_fast_tokenizer(self.cfg)
         return self._tokenizer
 
     @property
@@ -325,8 +341,9 @@ class Preparer:
         if self._eval is None:
             from drafter.traces.decontam import eval_index
 
-            with self.timer("load_eval_sets"):
-                self._eval = eval_index(list(self.icfg.eval_sets), self.icfg.ngram)
+            with self.lock, self.timer("load_eval_sets"):
+                if self._eval is None:
+                    self._eval = eval_index(list(self.icfg.eval_sets), self.icfg.ngram)
         return self._eval
 
     # ----- quarantine / dropped ---------------------------------------------------------------

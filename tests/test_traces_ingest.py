@@ -513,13 +513,14 @@ def _ingest_with_two_workers(config: str, raw: str, out: str) -> None:
 
 def test_a_running_dask_cluster_prepares_the_batches_and_keeps_running(tmp_path):
     """`ingest.scheduler_address`: the task runner connects to the cluster there (records are
-    sent, as its workers may not see the files), gives the same output, and leaves it running."""
+    sent, as its workers may not see the files), gives the same output, and leaves it running.
+    Its worker runs two threads: two batches at once in one process."""
     from distributed import Client, LocalCluster
 
     raw = tmp_path / "raw"
     many_repeats(raw)
     one = ingest(load_config(ROOT / "configs" / "tiny.yaml", ["ingest.batch_size=16"]), [raw], tmp_path / "one")
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
         cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"ingest.scheduler_address={cluster.scheduler_address}",
                                                            "ingest.batch_size=16"])
         m = ingest(cfg, [raw], tmp_path / "remote")

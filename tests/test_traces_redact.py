@@ -189,3 +189,25 @@ def test_prefilter_database_is_stored_and_checked(tmp_path, monkeypatch):
     assert len(compiled) == 2 and len(stored.read_bytes()) > 5000
     for db in (first, again, third):
         assert [redact._scan(db, t) for t in texts] == [redact._active_python(t) for t in texts]
+
+
+@pytest.mark.skipif(redact.hyperscan is None, reason="no Hyperscan wheel here")
+def test_threads_scanning_at_once_find_what_one_thread_finds():
+    """Redaction and domain tags from four threads at once (a Dask worker's threads; the ingesting
+    process beside a worker running in it): each thread scans with its own Hyperscan scratch
+    space, and finds what one thread finds (one shared scratch raised ScratchInUseError)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from drafter.traces import domain
+
+    texts = [f"key AKIAQ7XK3MZ4PL2N8RTW, mail ana{i}@gmail.com; def f_{i}(x): return x == {i} and 3 + {i} = {i + 3}. " * 5
+             for i in range(3000)]
+    redactor = Redactor()
+
+    def scanned(text):
+        return redactor.redact(text)[0], domain._scan(text[: domain.SAMPLE_CHARS])
+
+    want = [scanned(t) for t in texts]
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(scanned, texts)) == want
+    assert all("[EMAIL]" in r and hits for r, hits in want)

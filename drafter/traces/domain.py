@@ -22,6 +22,8 @@ try:
 except ImportError:  # no wheel for this platform: every pattern is searched with `re`
     hyperscan = None
 
+from drafter.traces.hs_scan import Scanner
+
 SAMPLE_CHARS = 1000  # the opening says what a prompt is about; keeps the cost bounded
 
 # Signs worth 3 points each (counted once per pattern).
@@ -156,7 +158,7 @@ def _database():
     expressions = [rx.pattern.encode() for rx in SCANNED] + [w.encode() for w in WORD_PATTERNS] + [TWO_WORDS.encode()]
     db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
     db.compile(expressions=expressions, ids=list(range(len(expressions))), elements=len(expressions), flags=flags)
-    return db
+    return Scanner(db)
 
 
 def _scan(text: str) -> list[int] | None:
@@ -167,7 +169,7 @@ def _scan(text: str) -> list[int] | None:
     if hyperscan is None or not text.isascii() or SEPARATORS.search(text):
         return None
     hits: list[int] = []
-    _database().scan(text.encode(), match_event_handler=lambda i, *_: hits.append(i))
+    _database().scan(text.encode(), lambda i, *_: hits.append(i))
     return hits
 
 

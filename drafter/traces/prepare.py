@@ -224,8 +224,8 @@ class Preparer:
 
     One batch at a time in a process, whatever the threads (a Dask worker runs several; the
     ingesting process loads its validator in one): the batch being made is a Preparer's state,
-    the Hyperscan databases' scratch space is shared and single-threaded, and transformers
-    imported from two threads at once fails. Each helper is loaded once."""
+    and transformers imported from two threads at once fails. Each helper is loaded once.
+    (Redaction and domain tags scan from any thread: `hs_scan.Scanner`.)"""
 
     lock = threading.RLock()  # (the process's)
 

@@ -49,6 +49,8 @@ from detect_secrets.plugins.slack import SlackDetector
 from detect_secrets.plugins.square_oauth import SquareOAuthDetector
 from detect_secrets.plugins.stripe import StripeDetector
 
+from drafter.traces.hs_scan import Scanner
+
 
 @dataclass(frozen=True)
 class Detector:
@@ -341,8 +343,7 @@ def _stored_database():
     key = hashlib.sha256(json.dumps([patterns, flags, hyperscan.__version__, hyperscan.HS_MODE_BLOCK]).encode())
     path = state_paths().root / "hyperscan" / f"redact-prefilter-{key.hexdigest()[:20]}.db"
     try:
-        db = hyperscan.loadb(path.read_bytes(), hyperscan.HS_MODE_BLOCK)
-        db.scratch = hyperscan.Scratch(db)
+        db = Scanner(hyperscan.loadb(path.read_bytes(), hyperscan.HS_MODE_BLOCK))
         if all(_scan(db, t) == _active_python(t) for t in PROBES):
             return db
     except (OSError, hyperscan.error):
@@ -356,12 +357,12 @@ def _stored_database():
         os.replace(tmp, path)  # atomic: workers storing it at once each write a whole file
     except OSError:
         pass  # a read-only home: compiled on every run
-    return db
+    return Scanner(db)
 
 
-def _scan(db, text: str) -> set[int]:
+def _scan(db: Scanner, text: str) -> set[int]:
     found: set[int] = set()
-    db.scan(text.encode("utf-8", "surrogatepass"), match_event_handler=_on_match, context=found)
+    db.scan(text.encode("utf-8", "surrogatepass"), _on_match, found)
     return found
 
 

@@ -217,10 +217,10 @@ def ingest_stage(work: Path, logs: Path, base: Path, sets: tuple[str, ...] = ())
             shutil.copytree(base, rd / "out")
 
     def progress(rd: Path) -> dict:
-        staged = rd / ".out.work" / "train.new.jsonl"
+        staged = rd / ".out.work" / "train.new.arrow"
         return {"published": (rd / "out" / "manifest.json").is_file(),
                 "run_in_progress": (rd / ".out.work").is_dir(),
-                "staged_train_rows": len(staged.read_bytes().splitlines()) if staged.is_file() else 0,
+                "staged_train_bytes": staged.stat().st_size if staged.is_file() else 0,
                 "swap_cut": (rd / ".out.old").exists()}
 
     def compare(ref: Path, got: Path) -> dict:

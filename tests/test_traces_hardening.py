@@ -339,7 +339,7 @@ def test_pending_bytes_bound_flushes_early_and_changes_nothing(tmp_path, monkeyp
 def test_rows_waiting_for_validation_are_bounded_by_bytes(tmp_path, monkeypatch):
     """Kept rows wait for Great Expectations in chunks of validate_rows, or fewer once their
     text passes max_pending_bytes: long conversations cannot pile up 20,000 at a time."""
-    from drafter.traces.validate import FRAME_COLUMNS, Validator
+    from drafter.traces.validate import Validator
 
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -347,9 +347,9 @@ def test_rows_waiting_for_validation_are_bounded_by_bytes(tmp_path, monkeypatch)
     chunks: list[list[int]] = []
     validate = Validator.validate
 
-    def spy(self, rows):
-        chunks.append([r[FRAME_COLUMNS.index("num_bytes")] for r in rows])
-        return validate(self, rows)
+    def spy(self, frame):
+        chunks.append(frame["num_bytes"].tolist())
+        return validate(self, frame)
 
     monkeypatch.setattr(Validator, "validate", spy)
     bound = 1500
@@ -364,7 +364,9 @@ def test_chunks_are_validated_without_gx_fingerprinting_them(monkeypatch):
     and GX's own threshold is as it was afterwards; the verdicts are GX's all the same."""
     from great_expectations.execution_engine import pandas_execution_engine as engine
 
-    from drafter.traces.validate import Validator
+    import pandas as pd
+
+    from drafter.traces.validate import FRAME_COLUMNS, Validator
 
     def no_fingerprint(df):
         raise AssertionError("the chunk was fingerprinted")
@@ -375,6 +377,6 @@ def test_chunks_are_validated_without_gx_fingerprinting_them(monkeypatch):
              "user assistant", 2, None, 40, "hello\nhi there") for i in range(31)]
     rows[30] = ("not-an-id", *rows[30][1:])
     validator = Validator(min_tokens=1, max_tokens=100)
-    result = validator.validate(rows)
+    result = validator.validate(pd.DataFrame(rows, columns=FRAME_COLUMNS))
     assert result.bad_rows == {30: ["id_format"]} and result.batch_failures == []
     assert engine.HASH_THRESHOLD == threshold

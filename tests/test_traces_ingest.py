@@ -5,6 +5,7 @@ import gzip
 import threading
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -268,6 +269,52 @@ def test_fewer_collections_holds_while_any_thread_is_inside():
     assert gc.get_threshold() == before
 
 
+def test_published_rows_are_the_rows_as_parsed_timestamps_included(cfg, tmp_path):
+    """The datasets hold the rows exactly as they were made: ISO 8601 timestamps stay strings
+    with their 'T', fraction and 'Z' (a JSON reader left to infer types would turn them into
+    Arrow timestamps and write them back as '2026-11-20 10:00:00')."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    stamps = ["2026-11-20T10:00:00Z", 1763632800250, None, "2026-11-20T12:00:00+02:00"]
+    (raw / "chats.jsonl").write_text("\n".join(chat_line(prompt(i) + ' \u00e9t\u00e9 "quoted"', timestamp=t)
+                                               for i, t in enumerate(stamps)) + "\n")
+    ingest(cfg, [raw], tmp_path / "out")
+    rows = [r for split in ("train", "holdout") for r in load_from_disk(str(tmp_path / "out" / split))]
+    assert sorted(r["line"] for r in rows) == [1, 2, 3, 4]
+    got = {r["line"]: r["timestamp"] for r in rows}
+    # (a missing timestamp is looked for in the response's `created`)
+    assert got == {1: "2026-11-20T10:00:00Z", 2: "2025-11-20T10:00:00.250000Z", 3: "2025-11-20T10:00:00Z",
+                   4: "2026-11-20T10:00:00Z"}
+    assert all(r["messages"][0]["content"].endswith(' \u00e9t\u00e9 "quoted"') for r in rows)
+
+
+def test_an_empty_split_loads_and_the_next_run_adds_to_it(cfg, tmp_path):
+    """A run whose conversations all land in train publishes a holdout of 0 rows that loads,
+    and the next run adds to it; one saved before with no data file at all (what save_to_disk
+    writes for 0 rows by default, which does not load) is taken as empty."""
+    from datasets import Dataset
+
+    from drafter.traces.schema import COLUMNS, features
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    log = raw / "chats.jsonl"
+    log.write_text(chat_line(prompt(0)) + "\n")
+    out = tmp_path / "out"
+    m = ingest(cfg, [raw], out)
+    assert m.counts["totals"] == {"train": 1, "holdout": 0, "quarantine": 0, "dropped": 0}
+    assert len(load_from_disk(str(out / "holdout"))) == 0
+    empty = Dataset.from_dict({c: [] for c in COLUMNS}, features=features())
+    shutil.rmtree(out / "holdout")
+    empty.save_to_disk(str(out / "holdout"))
+    assert not list((out / "holdout").glob("*.arrow"))
+    with log.open("a") as f:
+        f.write(chat_line(prompt(1)) + "\n")
+    m = ingest(cfg, [raw], out)
+    assert m.counts["totals"]["train"] + m.counts["totals"]["holdout"] == 2
+    assert sum(len(load_from_disk(str(out / s))) for s in ("train", "holdout")) == 2
+
+
 def test_split_is_deterministic_and_keeps_conversation_prefixes_together(cfg, tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -409,7 +456,7 @@ def test_a_batch_pickles_with_its_kept_rows_as_they_were():
     from drafter.traces.prepare import Batch, Kept
 
     kept = [Kept(f"{i:016x}", "app.jsonl", i + 1, 100 * i, "ab" * 32, None if i % 2 else 40, 300 + i, -i,
-                 (i, -i), "chat", "train" if i % 3 else "holdout", b'{"id": %d}\n' % i, (f"{i:016x}", i + 1, "x"))
+                 (i, -i), "chat", "train" if i % 3 else "holdout", b'{"id": %d}\n' % i)
             for i in range(5)]
     batch = Batch(quarantine=[{"line": 9, "reason": "malformed_json"}], dropped=[{"id": "a", "outcome": "filtered"}],
                   kept=kept, durations={"finish": 0.5})
@@ -417,6 +464,38 @@ def test_a_batch_pickles_with_its_kept_rows_as_they_were():
     again = pickle.loads(pickle.dumps(batch))
     assert again == batch and again.kept[3].bands == (3, -3) and isinstance(again.kept[0], Kept)
     assert pickle.loads(pickle.dumps(Batch())) == Batch()
+
+
+def test_the_checked_frame_is_made_from_the_rows_as_python_would():
+    """What Great Expectations checks (made by Arrow from the serialised rows) holds each row's
+    fields, its roles joined by spaces, its message count and its contents joined by newlines,
+    and the token counts as given (None where the size settled the bounds)."""
+    import orjson
+    import pandas as pd
+
+    from drafter.traces.schema import conversation_row, rows_table
+    from drafter.traces.validate import FRAME_COLUMNS, rows_frame
+
+    rows = [conversation_row(id=f"{i:016x}", source=f"logs/{i}.jsonl", line=i + 1, domain=d,
+                             timestamp=None if i % 2 else "2026-01-01T00:00:00Z", tenant="acme" if i else None,
+                             messages=[{"role": r, "content": c} for r, c in msgs])
+            for i, (d, msgs) in enumerate([
+                ("chat", [("user", "hi"), ("assistant", "hello")]),
+                ("code", [("system", "be brief"), ("user", 'é "q"\nline'), ("assistant", ""), ("user", "x"),
+                          ("assistant", "\u4e2d\u6587 \U0001F600")]),
+                ("math", [("user", "2+2?"), ("assistant", "<tool_call>{}</tool_call>"), ("tool", "4"),
+                          ("assistant", "4")]),
+            ])]
+    tokens, sizes = [None, 17, 3], [7, 40, 12]
+    frame = rows_frame(rows_table([orjson.dumps(r) + b"\n" for r in rows]), tokens, sizes)
+    expected = pd.DataFrame([
+        (r["id"], r["source"], r["line"], r["timestamp"], r["model"], r["tenant"], r["route"], r["domain"],
+         " ".join(m["role"] for m in r["messages"]), len(r["messages"]), t, b,
+         "\n".join(m["content"] for m in r["messages"])) for r, t, b in zip(rows, tokens, sizes)], columns=FRAME_COLUMNS)
+    assert list(frame.columns) == FRAME_COLUMNS
+    assert frame.astype(object).where(frame.notna(), None).values.tolist() == \
+        expected.astype(object).where(expected.notna(), None).values.tolist()
+    assert frame["num_tokens"].tolist() == [None, 17, 3] and frame["n_messages"].dtype == "int64"
 
 
 def many_repeats(raw: Path) -> None:

@@ -62,9 +62,9 @@ from drafter.traces import formats
 from drafter.traces.dedup import Deduper
 from drafter.traces.formats import NotAConversation, Parsed
 from drafter.traces.prepare import EXCERPT_MARGIN, Batch, Kept, Ledger, Preparer, fewer_collections, prepare_remote
-from drafter.traces.schema import COLUMNS
+from drafter.traces.schema import COLUMNS, rows_table
 from drafter.traces.sources import LineRange, RawRecord, SourceReader, Watermark, discover, head_hash
-from drafter.traces.validate import Validator, ValidationFailed, markdown
+from drafter.traces.validate import Validator, ValidationFailed, markdown, rows_frame
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +80,37 @@ class JsonlWriter:
         self.count = 0
 
     def write(self, obj: dict) -> None:
-        self.write_line(orjson.dumps(obj) + b"\n")
-
-    def write_line(self, line: bytes) -> None:
-        self.f.write(line)
+        self.f.write(orjson.dumps(obj) + b"\n")
         self.count += 1
 
     def close(self) -> None:
         self.f.close()
+
+
+class StagedRows:
+    """The rows of one split that passed validation, appended as Arrow record batches to a stream
+    file (the datasets' schema) chunk by chunk: the dataset is made from it at the end without
+    parsing anything again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.writer = None  # opened at the first rows
+
+    def write(self, table) -> None:
+        if not len(table):
+            return
+        if self.writer is None:
+            import pyarrow as pa
+
+            from drafter.traces.schema import features
+
+            # (the schema with the features in its metadata: `Dataset.from_file` reads them back)
+            self.writer = pa.ipc.new_stream(str(self.path), features().arrow_schema)
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 class DaskPool:
@@ -136,7 +159,7 @@ class IngestRun:
         self.local = Preparer(cfg, self.lsh)  # batches prepared here, and the quarantine entries written here
         self.quarantine = JsonlWriter(work / "quarantine.new.jsonl")
         self.dropped = JsonlWriter(work / "dropped.new.jsonl")
-        self.staged = {s: JsonlWriter(work / f"{s}.new.jsonl") for s in ("train", "holdout")}
+        self.staged = {s: StagedRows(work / f"{s}.new.arrow") for s in ("train", "holdout")}
         self.to_validate: list[Kept] = []
         self.to_validate_bytes = 0  # text bytes of the rows in to_validate
         self.files: dict[str, dict[str, Any]] = {}
@@ -381,9 +404,11 @@ class IngestRun:
             return
         chunk, self.to_validate, self.to_validate_bytes = self.to_validate, [], 0
         with self.timer("validate"):
-            result = self.validator.validate([kept.checked for kept in chunk])
+            table = rows_table([kept.row for kept in chunk])
+            result = self.validator.validate(rows_frame(table, [k.num_tokens for k in chunk], [k.num_bytes for k in chunk]))
         if result.batch_failures:
             raise _Stop(result.batch_failures)
+        splits = []  # of each row of the chunk; None: quarantined
         for i, kept in enumerate(chunk):
             failed = result.bad_rows.get(i)
             if failed:
@@ -394,10 +419,14 @@ class IngestRun:
                 self.write_quarantine(entry, "validation", ", ".join(failed), stage="validate")
                 self.ledger.quarantined["validation:" + failed[0]] += 1
                 self.ledger.conversations["quarantined"] += 1
+                splits.append(None)
                 continue
-            self.staged[kept.split].write_line(kept.row)
+            splits.append(kept.split)
             self.ledger.conversations[kept.split] += 1
             self.ledger.domains[kept.domain] += 1
+        with self.timer("stage_rows"):
+            for split, staged in self.staged.items():
+                staged.write(table.filter([s == split for s in splits]))
         self.dedup.settle()
 
     def close(self) -> None:
@@ -417,25 +446,24 @@ class _Stop(Exception):
 
 
 # ----- datasets ----------------------------------------------------------------------------------
-def build_split(old: Path, staged: Path, dest: Path, cache: Path) -> int:
-    """old dataset (if any) + staged rows -> dest, written with save_to_disk."""
+def build_split(old: Path, staged: Path, dest: Path) -> int:
+    """old dataset (if any) + staged rows (a `StagedRows` file) -> dest, written with save_to_disk."""
     from datasets import Dataset, concatenate_datasets, load_from_disk
 
     from drafter.traces.schema import features
 
     feats = features()
     parts = []
-    if (old / "dataset_info.json").is_file():
+    if any(old.glob("*.arrow")):  # (an empty split saved without num_shards=1 has no data file: it does not load)
         parts.append(load_from_disk(str(old)))
-    if staged.is_file() and staged.stat().st_size:
-        # Arrow's JSON reader (C++, in blocks): several times faster than a Python generator.
-        parts.append(Dataset.from_json(str(staged), features=feats, cache_dir=str(cache)))
+    if staged.is_file():
+        parts.append(Dataset.from_file(str(staged)))  # memory-mapped; its features are in its schema
     if not parts:
         ds = Dataset.from_dict({c: [] for c in COLUMNS}, features=feats)
     else:
         ds = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    ds.save_to_disk(str(dest))
     n = len(ds)
+    ds.save_to_disk(str(dest), num_shards=1 if n == 0 else None)  # (0 rows: one empty file, or it would not load)
     del ds, parts
     return n
 
@@ -574,7 +602,7 @@ def _ingest_locked(cfg: Config, inputs: list[Path], out_dir: Path, started: floa
     release_memory()
     with run.timer("write_datasets"), atomic_dir(out_dir, force=force) as tmp:
         totals = {
-            split: build_split(out_dir / split, work / f"{split}.new.jsonl", tmp / split, work / "cache")
+            split: build_split(out_dir / split, work / f"{split}.new.arrow", tmp / split)
             for split in ("train", "holdout")
         }
         totals["quarantine"] = _append(out_dir / "quarantine.jsonl", work / "quarantine.new.jsonl", tmp / "quarantine.jsonl")

@@ -35,7 +35,6 @@ from drafter.traces.formats import NotAConversation, Parsed
 from drafter.traces.redact import Redactor, has_leftover, mask_leftovers
 from drafter.traces.schema import ROLES, conversation_row, record_id
 from drafter.traces.sources import LineRange, RawRecord, range_records
-from drafter.traces.validate import frame_values
 
 # Bytes of a bad record read beyond the excerpt kept, so that a secret across the excerpt's
 # end is seen whole by redaction (the excerpt is cut after redacting, never before).
@@ -111,7 +110,7 @@ class Ledger:
 class Kept:
     """A conversation left for deduplication: its dedup keys and the row it becomes if kept
     (serialised where it was prepared: a batch comes back from a worker as bytes and flat
-    tuples, cheap to pickle, and the staged file takes the row as it is)."""
+    values, cheap to pickle; Great Expectations and the staged rows read it with Arrow)."""
 
     id: str
     source: str
@@ -125,7 +124,6 @@ class Kept:
     domain: str
     split: str
     row: bytes  # the dataset row, one JSON line
-    checked: tuple  # what Great Expectations checks of the row (`validate.frame_values`)
 
 
 KEPT_FIELDS = tuple(f.name for f in fields(Kept))
@@ -509,7 +507,7 @@ class Preparer:
         )
         return Kept(cand.id, cand.source, cand.line, cand.offset, cand.sha256, cand.num_tokens, cand.num_bytes,
                     exact, bands, row["domain"], split_of(cand.users[0], self.icfg.holdout_fraction, self.cfg.run.seed),
-                    orjson.dumps(row) + b"\n", frame_values(row, cand.num_tokens, cand.num_bytes))
+                    orjson.dumps(row) + b"\n")
 
 
 class FewerCollections:

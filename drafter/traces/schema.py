@@ -85,6 +85,21 @@ def record_id(raw: bytes | str, sub: str = "", sha256: str | None = None) -> str
     return h.hexdigest()[:16]
 
 
+def rows_table(lines: list[bytes]):
+    """Dataset rows (JSON lines as `Conversation.row()` writes them) as an Arrow table of the
+    datasets' schema, parsed by Arrow's JSON reader (C++): a field of another name or type is an error."""
+    import pyarrow as pa
+    from pyarrow import json as paj
+
+    data = b"".join(lines)
+    return paj.read_json(
+        pa.py_buffer(data),
+        # one block (a block must hold a whole row) on this thread: the workers have the other cores
+        read_options=paj.ReadOptions(use_threads=False, block_size=max(len(data), 1 << 16)),
+        parse_options=paj.ParseOptions(explicit_schema=features().arrow_schema, unexpected_field_behavior="error"),
+    )
+
+
 def features():
     """Hugging Face `datasets` features of the train/holdout datasets."""
     from datasets import Features, List, Value

@@ -32,12 +32,27 @@ FRAME_COLUMNS = ["id", "source", "line", "timestamp", "model", "tenant", "route"
                  "roles", "n_messages", "num_tokens", "num_bytes", "text"]
 
 
-def frame_values(row: dict, num_tokens: int | None, num_bytes: int) -> tuple:
-    """A dataset row's values in `FRAME_COLUMNS` order."""
-    messages = row["messages"]
-    return (row["id"], row["source"], row["line"], row["timestamp"], row["model"], row["tenant"], row["route"],
-            row["domain"], " ".join(m["role"] for m in messages), len(messages), num_tokens, num_bytes,
-            "\n".join(m["content"] for m in messages))
+def rows_frame(table, num_tokens: list[int | None], num_bytes: list[int]):
+    """What Great Expectations checks of dataset rows (a `schema.rows_table`), in `FRAME_COLUMNS`
+    order: their fields, roles joined by spaces, message count, token and byte counts, and text
+    (the contents joined by newlines), made by Arrow from the parsed rows."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    messages = table.column("messages").combine_chunks()
+
+    def joined(name: str, sep: str):
+        return pc.binary_join(pa.ListArray.from_arrays(messages.offsets, messages.values.field(name)), sep)
+
+    columns = {name: table.column(name) for name in FRAME_COLUMNS[:8]}
+    columns.update(roles=joined("role", " "), n_messages=pc.list_value_length(messages).cast(pa.int64()),
+                   num_tokens=pa.nulls(len(table), pa.int64()), num_bytes=pa.array(num_bytes, pa.int64()),
+                   text=joined("content", "\n"))
+    frame = pa.table(columns).to_pandas()
+    # (in its place: ints, and None where the size alone settled the bounds; Arrow would make them floats)
+    frame["num_tokens"] = pd.Series(num_tokens, dtype=object)
+    return frame
 
 
 @contextlib.contextmanager
@@ -124,11 +139,8 @@ class Validator:
         self.suite = context.suites.add(suite)
         self.batch_definition = batch
 
-    def validate(self, rows: list[tuple]) -> ChunkResult:
-        """Rows are `frame_values` tuples."""
-        import pandas as pd
-
-        frame = pd.DataFrame(rows, columns=FRAME_COLUMNS)
+    def validate(self, frame) -> ChunkResult:
+        """`frame`: a pandas DataFrame of `FRAME_COLUMNS` (`rows_frame`)."""
         with warnings.catch_warnings(), unfingerprinted():
             warnings.simplefilter("ignore")
             # batch.validate (not a ValidationDefinition run): results are not kept in the

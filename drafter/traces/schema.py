@@ -85,9 +85,27 @@ def record_id(raw: bytes | str, sub: str = "", sha256: str | None = None) -> str
     return h.hexdigest()[:16]
 
 
+def row_schema():
+    """The Arrow schema of the train/holdout datasets (pyarrow alone: the ingesting process
+    parses rows with it without importing `datasets`)."""
+    import pyarrow as pa
+
+    text = pa.string()
+    return pa.schema([("id", text), ("source", text), ("line", pa.int64()), ("timestamp", text), ("model", text),
+                      ("tenant", text), ("route", text), ("domain", text),
+                      ("messages", pa.list_(pa.struct([("role", text), ("content", text)])))])
+
+
+def features():
+    """Hugging Face `datasets` features of the train/holdout datasets (`row_schema`'s)."""
+    from datasets import Features
+
+    return Features.from_arrow_schema(row_schema())
+
+
 def rows_table(lines: list[bytes]):
-    """Dataset rows (JSON lines as `Conversation.row()` writes them) as an Arrow table of the
-    datasets' schema, parsed by Arrow's JSON reader (C++): a field of another name or type is an error."""
+    """Dataset rows (JSON lines as `Conversation.row()` writes them) as an Arrow table of
+    `row_schema`, parsed by Arrow's JSON reader (C++): a field of another name or type is an error."""
     import pyarrow as pa
     from pyarrow import json as paj
 
@@ -96,25 +114,5 @@ def rows_table(lines: list[bytes]):
         pa.py_buffer(data),
         # one block (a block must hold a whole row) on this thread: the workers have the other cores
         read_options=paj.ReadOptions(use_threads=False, block_size=max(len(data), 1 << 16)),
-        parse_options=paj.ParseOptions(explicit_schema=features().arrow_schema, unexpected_field_behavior="error"),
-    )
-
-
-def features():
-    """Hugging Face `datasets` features of the train/holdout datasets."""
-    from datasets import Features, List, Value
-
-    text = Value("string")
-    return Features(
-        {
-            "id": text,
-            "source": text,
-            "line": Value("int64"),
-            "timestamp": text,
-            "model": text,
-            "tenant": text,
-            "route": text,
-            "domain": text,
-            "messages": List({"role": text, "content": text}),
-        }
+        parse_options=paj.ParseOptions(explicit_schema=row_schema(), unexpected_field_behavior="error"),
     )

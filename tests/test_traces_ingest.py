@@ -498,6 +498,25 @@ def test_the_checked_frame_is_made_from_the_rows_as_python_would():
     assert frame["num_tokens"].tolist() == [None, 17, 3] and frame["n_messages"].dtype == "int64"
 
 
+def test_arrow_allocates_from_malloc_during_ingest_only(cfg, tmp_path, monkeypatch):
+    """Arrow's buffers come from glibc's malloc while ingest runs (its default pool kept freed
+    validation chunks), and the default pool is the process's own again afterwards."""
+    import pyarrow as pa
+
+    from drafter.traces.validate import Validator
+
+    before = pa.default_memory_pool().backend_name
+    seen = []
+    validate = Validator.validate
+    monkeypatch.setattr(Validator, "validate", lambda self, frame: seen.append(pa.default_memory_pool().backend_name)
+                        or validate(self, frame))
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "chats.jsonl").write_text("\n".join(chat_line(prompt(i)) for i in range(5)) + "\n")
+    ingest(cfg, [raw], tmp_path / "out")
+    assert seen == ["system"] and before != "system" and pa.default_memory_pool().backend_name == before
+
+
 def many_repeats(raw: Path) -> None:
     write_mixed(raw)
     with (raw / "more.jsonl").open("w") as f:  # repeats across batches: dedup must see them in read order

@@ -247,6 +247,36 @@ def test_rerun_changes_nothing_and_increments_read_only_new_lines(cfg, tmp_path)
     assert marks[str(log.resolve())]["records"] == 32
 
 
+def test_an_incremental_run_links_the_published_rows_and_adds_its_own(cfg, tmp_path):
+    """A later run does not rewrite the rows already published: the new version's split holds
+    the same data files (hard links: the same inodes) and then a file of its own rows, and loads
+    as the earlier rows followed by the new ones; a run with no new row adds no file."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    log = raw / "app.jsonl"
+    log.write_text("\n".join(chat_line(prompt(i)) for i in range(30)) + "\n")
+    out = tmp_path / "out"
+    ingest(cfg, [raw], out)
+    first = {split: [r["id"] for r in load_from_disk(str(out / split))] for split in ("train", "holdout")}
+    inodes = {p.name: p.stat().st_ino for p in (out / "train").glob("*.arrow")}
+    assert len(inodes) == 1
+    with log.open("a") as f:
+        f.write("\n".join(chat_line(prompt(i)) for i in range(100, 110)) + "\n")
+    m = ingest(cfg, [raw], out)
+    files = sorted((out / "train").glob("*.arrow"))
+    assert {p.name: p.stat().st_ino for p in files if p.name in inodes} == inodes
+    assert len(files) == 2 and not (tmp_path / ".out.old").exists()
+    rows = {split: [r["id"] for r in load_from_disk(str(out / split))] for split in ("train", "holdout")}
+    for split in ("train", "holdout"):
+        assert rows[split][: len(first[split])] == first[split]
+    assert len(rows["train"]) + len(rows["holdout"]) == 40 == m.counts["totals"]["train"] + m.counts["totals"]["holdout"]
+    with log.open("a") as f:  # repeats only: nothing new to add
+        f.write("\n".join(chat_line(prompt(i)) for i in range(100, 103)) + "\n")
+    ingest(cfg, [raw], out)
+    assert sorted(p.name for p in (out / "train").glob("*.arrow")) == [p.name for p in files]
+    assert [r["id"] for r in load_from_disk(str(out / "train"))] == rows["train"]
+
+
 def test_fewer_collections_holds_while_any_thread_is_inside():
     from drafter.traces.prepare import FewerCollections
 

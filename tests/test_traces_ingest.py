@@ -316,6 +316,12 @@ def test_published_rows_are_the_rows_as_parsed_timestamps_included(cfg, tmp_path
     assert got == {1: "2026-11-20T10:00:00Z", 2: "2025-11-20T10:00:00.250000Z", 3: "2025-11-20T10:00:00Z",
                    4: "2026-11-20T10:00:00Z"}
     assert all(r["messages"][0]["content"].endswith(' \u00e9t\u00e9 "quoted"') for r in rows)
+    from datasets import Features, List, Value
+
+    text = Value("string")
+    expected = Features({"id": text, "source": text, "line": Value("int64"), "timestamp": text, "model": text,
+                         "tenant": text, "route": text, "domain": text, "messages": List({"role": text, "content": text})})
+    assert all(load_from_disk(str(tmp_path / "out" / split)).features == expected for split in ("train", "holdout"))
 
 
 def test_an_empty_split_loads_and_the_next_run_adds_to_it(cfg, tmp_path):

@@ -62,6 +62,7 @@ from drafter.manifest import (
     Timer,
     atomic_write_json,
     check_accounting,
+    link_or_copy,
     sha256_file,
     sha256_json,
     write_manifest,
@@ -166,17 +167,6 @@ def _shard_name(chunk: int) -> str:
     return f"shard-{chunk:06d}"
 
 
-def _link(src: Path, dst: Path) -> None:
-    """`dst` becomes `src`'s content: a hard link (no copy) where the filesystem allows it."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
 class ChunkStore:
     """Finished shards by chunk key (`<root>/chunks/`), so that another cache holding the same
     chunk of conversations at the same index links it instead of running the target again."""
@@ -188,8 +178,8 @@ class ChunkStore:
     def keep(self, shards: Path, chunk: int, records: list[dict]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         name, key = _shard_name(chunk), self.key_of(chunk, records)
-        _link(shards / f"{name}.safetensors", self.folder / f"{key}.safetensors")
-        _link(shards / f"{name}.json", self.folder / f"{key}.json")  # last: it marks the entry whole
+        link_or_copy(shards / f"{name}.safetensors", self.folder / f"{key}.safetensors")
+        link_or_copy(shards / f"{name}.json", self.folder / f"{key}.json")  # last: it marks the entry whole
 
     def restore(self, shards: Path, chunk: int, records: list[dict]) -> bool:
         """Link a stored shard for this chunk into `shards`; False when none is stored intact."""
@@ -198,8 +188,8 @@ class ChunkStore:
         if info is None or sha256_file(self.folder / f"{key}.safetensors") != info["sha256"]:
             return False
         name = _shard_name(chunk)
-        _link(self.folder / f"{key}.safetensors", shards / f"{name}.safetensors")
-        _link(self.folder / f"{key}.json", shards / f"{name}.json")
+        link_or_copy(self.folder / f"{key}.safetensors", shards / f"{name}.safetensors")
+        link_or_copy(self.folder / f"{key}.json", shards / f"{name}.json")
         return True
 
 

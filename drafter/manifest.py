@@ -142,6 +142,18 @@ def strict_json(obj: Any) -> Any:
     return obj
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` becomes `src`'s content: a hard link (no copy) where the filesystem allows it, else a
+    copy; either way `dst` appears whole (written beside it, then renamed)."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     text = json.dumps(strict_json(obj), indent=2, sort_keys=False, default=str, allow_nan=False)
     return atomic_write_text(path, text + "\n")

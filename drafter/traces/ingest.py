@@ -56,6 +56,7 @@ from drafter.manifest import (
     atomic_write_json,
     atomic_write_text,
     check_replaceable,
+    link_or_copy,
     write_manifest,
 )
 from drafter.reports import Manifest
@@ -477,7 +478,7 @@ def build_split(old: Path, staged: Path, dest: Path) -> int:
             entry["filename"] = f"data-{n:05d}.arrow"
             taken.add(entry["filename"])
         for name in earlier:
-            _link_or_copy(old / name, dest / name)
+            link_or_copy(old / name, dest / name)  # (published files are never written again)
         state["_data_files"] = [{"filename": name} for name in earlier] + state["_data_files"]
         atomic_write_json(dest / "state.json", state)
     return len(load_from_disk(str(dest)))  # (maps the files: reads their batches' headers, not the rows)
@@ -490,14 +491,6 @@ def _data_files(split: Path) -> list[str]:
     if not state.is_file():
         return []
     return [entry["filename"] for entry in json.loads(state.read_text())["_data_files"]]
-
-
-def _link_or_copy(src: Path, dest: Path) -> None:
-    """A hard link (the published files are never written again), or a copy where links fail."""
-    try:
-        dest.hardlink_to(src)
-    except OSError:
-        shutil.copyfile(src, dest)
 
 
 def _append(old: Path, new: Path, dest: Path) -> int:

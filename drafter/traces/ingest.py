@@ -79,11 +79,9 @@ class JsonlWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.f = path.open("ab")
-        self.count = 0
 
     def write(self, obj: dict) -> None:
         self.f.write(orjson.dumps(obj) + b"\n")
-        self.count += 1
 
     def close(self) -> None:
         self.f.close()
@@ -457,7 +455,9 @@ def build_split(old: Path, staged: Path, dest: Path) -> int:
 
     from drafter.traces.schema import features
 
-    earlier = _data_files(old)
+    previous = json.loads((old / "state.json").read_text()) if (old / "state.json").is_file() else None
+    # (an empty split saved with no data file, which does not load, lists none: taken as no rows)
+    earlier = [entry["filename"] for entry in previous["_data_files"]] if previous else []
     if staged.is_file() or not earlier:
         feats = features()
         new = Dataset.from_file(str(staged), info=DatasetInfo(features=feats)) if staged.is_file() \
@@ -468,7 +468,7 @@ def build_split(old: Path, staged: Path, dest: Path) -> int:
     else:  # nothing new: the earlier files alone
         dest.mkdir(parents=True)
         shutil.copyfile(old / "dataset_info.json", dest / "dataset_info.json")
-        state = {**json.loads((old / "state.json").read_text()), "_data_files": []}
+        state = {**previous, "_data_files": []}
     if earlier:
         taken, n = set(earlier), len(earlier)
         for entry in state["_data_files"]:  # this run's files, named after the earlier ones
@@ -482,15 +482,6 @@ def build_split(old: Path, staged: Path, dest: Path) -> int:
         state["_data_files"] = [{"filename": name} for name in earlier] + state["_data_files"]
         atomic_write_json(dest / "state.json", state)
     return len(load_from_disk(str(dest)))  # (maps the files: reads their batches' headers, not the rows)
-
-
-def _data_files(split: Path) -> list[str]:
-    """The data files of a published split, in order ([] for none, or for an empty split saved
-    with no data file, which does not load)."""
-    state = split / "state.json"
-    if not state.is_file():
-        return []
-    return [entry["filename"] for entry in json.loads(state.read_text())["_data_files"]]
 
 
 def _append(old: Path, new: Path, dest: Path) -> int:

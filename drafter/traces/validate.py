@@ -47,11 +47,10 @@ def rows_frame(table, num_tokens: list[int | None], num_bytes: list[int]):
 
     columns = {name: table.column(name) for name in FRAME_COLUMNS[:8]}
     columns.update(roles=joined("role", " "), n_messages=pc.list_value_length(messages).cast(pa.int64()),
-                   num_tokens=pa.nulls(len(table), pa.int64()), num_bytes=pa.array(num_bytes, pa.int64()),
-                   text=joined("content", "\n"))
+                   num_bytes=pa.array(num_bytes, pa.int64()), text=joined("content", "\n"))
     frame = pa.table(columns).to_pandas()
-    # (in its place: ints, and None where the size alone settled the bounds; Arrow would make them floats)
-    frame["num_tokens"] = pd.Series(num_tokens, dtype=object)
+    # ints, and None where the size alone settled the bounds (from Arrow they would be floats)
+    frame.insert(FRAME_COLUMNS.index("num_tokens"), "num_tokens", pd.Series(num_tokens, dtype=object))
     return frame
 
 

@@ -14,6 +14,7 @@ that owns the dedup index commits batches in the order they were read
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import re
@@ -310,14 +311,19 @@ class Preparer:
                 self.out.kept.append(self.finish(cand, exact, bands))
 
     # ----- helpers loaded on first use ----------------------------------------------------------
+    def _load(self, attr: str, load: Callable[[], Any], timer: str | None = None) -> Any:
+        """`self.<attr>`, made by `load` the first time: once, whatever the threads."""
+        with self.lock, (self.timer(timer) if timer else contextlib.nullcontext()):
+            value = getattr(self, attr)
+            if value is None:
+                value = load()
+                setattr(self, attr, value)
+        return value
+
     @property
     def size(self) -> TokenSize:
         """Token-count bounds of the target tokenizer (decodes its whole vocabulary once)."""
-        if self._size is None:
-            with self.lock:
-                if self._size is None:
-                    self._size = TokenSize(self.tokenizer)
-        return self._size
+        return self._size if self._size is not None else self._load("_size", lambda: TokenSize(self.tokenizer))
 
     def drop_tokenizer(self) -> None:
         """The tokenizer and its size bounds let go (loaded again if needed): ~37 MiB for SmolLM2's."""
@@ -326,23 +332,19 @@ class Preparer:
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            from drafter.target_files import load_fast_tokenizer
+        if self._tokenizer is not None:
+            return self._tokenizer
+        from drafter.target_files import load_fast_tokenizer
 
-            with self.lock, self.timer("load_tokenizer"):
-                if self._tokenizer is None:
-                    self._tokenizer = load_fast_tokenizer(self.cfg)
-        return self._tokenizer
+        return self._load("_tokenizer", lambda: load_fast_tokenizer(self.cfg), "load_tokenizer")
 
     @property
     def eval_index(self):
-        if self._eval is None:
-            from drafter.traces.decontam import eval_index
+        if self._eval is not None:
+            return self._eval
+        from drafter.traces.decontam import eval_index
 
-            with self.lock, self.timer("load_eval_sets"):
-                if self._eval is None:
-                    self._eval = eval_index(list(self.icfg.eval_sets), self.icfg.ngram)
-        return self._eval
+        return self._load("_eval", lambda: eval_index(list(self.icfg.eval_sets), self.icfg.ngram), "load_eval_sets")
 
     # ----- quarantine / dropped ---------------------------------------------------------------
     def redact_text(self, text: str) -> str:

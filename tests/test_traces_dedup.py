@@ -78,8 +78,8 @@ def _run_batches(path, monkeypatch, filter_bits=1 << 27, flush_keys=None):
     verdicts.append(again.check(["later1", "later2"], again.keys([normalize(base[30]), normalize(base[7])])))
     again.close()
     with sqlite3.connect(path) as db:
-        rows = [db.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in ("prompts", "seen")]
-    return verdicts, rows, path.read_bytes()
+        rows = [db.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in ("prompts", "seen", "meta")]
+    return verdicts, rows
 
 
 def _check_verdicts(verdicts):
@@ -91,7 +91,7 @@ def _check_verdicts(verdicts):
 @pytest.mark.parametrize("bits", [8, 1 << 27])
 def test_key_filter_never_hides_a_key(tmp_path, monkeypatch, bits):
     # The filter only spares lookups: with 8 bits (every key collides) and with the default,
-    # the verdicts and the index file are those of looking every key up.
+    # the verdicts and the index's rows are those of looking every key up.
     import drafter.traces.dedup as dedup_mod
 
     class Always(dedup_mod.KeyFilter):
@@ -110,9 +110,9 @@ def test_rows_waiting_in_memory_answer_like_written_ones(tmp_path, monkeypatch):
     # the default keeps all of them in memory until close (it is dropped there).
     written = _run_batches(tmp_path / "a.sqlite", monkeypatch, flush_keys=1)
     waiting = _run_batches(tmp_path / "b.sqlite", monkeypatch)
-    assert written[:2] == waiting[:2]
+    assert written == waiting
     _check_verdicts(written[0])
-    prompts, seen = written[1]
+    prompts, seen, _ = written[1]
     assert "b0p7" not in {ref for _, ref in prompts} and len(seen) == 9 * len(prompts)
 
 
@@ -154,6 +154,32 @@ def test_verdicts_and_rows_are_those_of_a_dict_of_every_kept_key(tmp_path, monke
         rows = dict(db.execute("SELECT seen.key, prompts.ref FROM seen JOIN prompts ON prompts.id = seen.prompt"))
         assert db.execute("SELECT COUNT(*) FROM prompts").fetchone()[0] == len(set(owner.values()))
     assert rows == owner
+
+
+def test_the_filter_is_read_from_a_closed_index_and_made_from_the_keys_of_one_left_open(tmp_path, monkeypatch):
+    # close() stores the filter in the file and the next open reads it (no key is added). An index
+    # written to and never closed has none: its filter is made from every key it holds, so the
+    # prompts kept by the run that did not close are still found.
+    import drafter.traces.dedup as dedup_mod
+
+    rng = random.Random(5)
+    prompts = [normalize(prose(rng)) for _ in range(40)]
+    first = Deduper(tmp_path / "i.sqlite")
+    assert first.check([f"a{i}" for i in range(20)], first.keys(prompts[:20])) == [None] * 20
+    first.close()
+    added, add = [], dedup_mod.KeyFilter.add
+    monkeypatch.setattr(dedup_mod.KeyFilter, "add", lambda self, keys: (added.append(len(keys)), add(self, keys)))
+    left_open = Deduper(tmp_path / "i.sqlite")
+    assert added == []  # read, not made
+    assert left_open.check(["b0", "b1"], left_open.keys([prompts[3], prompts[30]])) == [("exact", "a3"), None]
+    assert left_open.count() == 21  # (its rows written)
+    left_open.db.commit()
+    left_open.db.close()  # killed before close()
+    added.clear()
+    again = Deduper(tmp_path / "i.sqlite")
+    assert sum(added) == 21 * 9  # made from the keys held
+    assert again.check(["c0", "c1"], again.keys([prompts[30], prompts[5]])) == [("exact", "b1"), ("exact", "a5")]
+    again.close()
 
 
 def test_key_filter_answers():

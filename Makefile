@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-fast bench constraints clean-state browser
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt drafter/traces/_keys.c
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'

@@ -196,7 +196,7 @@ def test_key_filter_answers():
 
 def test_shingles_and_keys_are_the_plain_definitions():
     # shingles zips shifted word lists and prompt_keys inlines _key: the same as the plain loops.
-    from drafter.traces.dedup import SHINGLE, _key, lsh_params, prompt_keys
+    from drafter.traces.dedup import SHINGLE, _key, lsh_params, prompt_keys, prompt_keys_py
 
     rng = random.Random(2)
     prompts = ["", "one", "one two", "one two three", "one two three four", *(normalize(prose(rng, n)) for n in (5, 40, 200)),
@@ -214,6 +214,35 @@ def test_shingles_and_keys_are_the_plain_definitions():
     plain = [(_key(0, p.encode()), tuple(_key(1 + i, sig.tobytes()[i * width : (i + 1) * width]) for i in range(bands)))
              for p, sig in zip(prompts, sigs)]
     assert prompt_keys(prompts, 128, bands, rows) == plain
+    assert prompt_keys_py(prompts, 128, bands, rows) == plain
+
+
+def test_the_c_keys_are_those_of_python():
+    # _keys.c hashes the shingles as rensa hashes bytes (every length branch of its hash: 0-3, 4-7,
+    # 8-16 and longer), splits at ASCII whitespace as bytes.split does (runs of it, tabs, newlines:
+    # shingles are then copied, not sliced) and packs and hashes the bands as Python does.
+    from drafter.traces import dedup
+
+    assert dedup._keys is not None, "drafter/traces/_keys.c was not built (pip install -e . builds it)"
+    rng = random.Random(4)
+    words = ["a", "bc", "def", "ghij", "klmnopq", "rstuvwxyz", "x" * 17, "y" * 40, "ça", "東京", "naïve", "a_b", "42"]
+    spaces = [" ", " ", " ", "  ", "\t", "\n ", "\r\x0b\x0c"]
+    texts = ["", " ", "one", "one two", "one two three", "one two three four"]
+    texts += ["".join(rng.choice(words) + rng.choice(spaces) for _ in range(rng.randrange(0, 50))) for _ in range(400)]
+    texts += [normalize(t) for t in texts]
+    bands, rows = dedup.lsh_params(0.85, 128)
+    assert dedup.prompt_keys(texts, 128, bands, rows) == dedup.prompt_keys_py(texts, 128, bands, rows)
+    assert dedup.prompt_keys(texts, 64, 4, 16) == dedup.prompt_keys_py(texts, 64, 4, 16)  # other shapes
+    hashes, offsets = dedup._keys.shingle_hashes(texts, dedup.SHINGLE)
+    flat = np.frombuffer(hashes, dtype=np.uint64).tolist()
+    bounds = np.frombuffer(offsets, dtype=np.uint64).tolist()
+    assert [flat[a:b] for a, b in zip(bounds, bounds[1:])] == rensa.RMinHash.hash_token_sets([shingles(t) for t in texts])
+    with pytest.raises(TypeError):
+        dedup._keys.shingle_hashes([b"bytes"], 3)
+    with pytest.raises(ValueError, match="one signature per text"):
+        dedup._keys.keys(["a"], [], 8, 16)
+    with pytest.raises(ValueError, match="shorter"):
+        dedup._keys.keys(["a"], [[1] * 10], 8, 16)
 
 
 def test_an_index_of_the_earlier_layout_is_migrated_in_place(tmp_path):

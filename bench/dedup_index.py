@@ -36,10 +36,9 @@ def run(prompts: int, batch: int, duplicates: float, flush_keys: int, work: Path
             again = rng.random(batch) < duplicates
             keys[again] = seen[rng.integers(0, len(seen), size=int(again.sum()))]
         seen = np.concatenate([seen, keys[: batch // 10]])  # a sample of earlier prompts to repeat
-        rows = keys.tolist()
         ids = [f"{start + i:016x}" for i in range(batch)]
         began = time.perf_counter()
-        verdicts += index.check(ids, [(r[0], tuple(r[1:])) for r in rows])
+        verdicts += index.check(ids, keys)
         index.settle()
         seconds += time.perf_counter() - began
     began = time.perf_counter()

@@ -491,15 +491,19 @@ def test_a_batch_pickles_with_its_kept_rows_as_they_were():
 
     from drafter.traces.prepare import Batch, Kept
 
-    kept = [Kept(f"{i:016x}", "app.jsonl", i + 1, 100 * i, "ab" * 32, None if i % 2 else 40, 300 + i, -i,
-                 (i, -i), "chat", "train" if i % 3 else "holdout", b'{"id": %d}\n' % i)
+    import numpy as np
+
+    kept = [Kept(f"{i:016x}", "app.jsonl", i + 1, 100 * i, "ab" * 32, None if i % 2 else 40, 300 + i,
+                 "chat", "train" if i % 3 else "holdout", b'{"id": %d}\n' % i)
             for i in range(5)]
+    keys = np.arange(-15, 30, dtype=np.int64).reshape(5, 9)
     batch = Batch(quarantine=[{"line": 9, "reason": "malformed_json"}], dropped=[{"id": "a", "outcome": "filtered"}],
-                  kept=kept, durations={"finish": 0.5})
+                  kept=kept, keys=keys.tobytes(), durations={"finish": 0.5})
     batch.ledger.records["read"] = 7
     again = pickle.loads(pickle.dumps(batch))
-    assert again == batch and again.kept[3].bands == (3, -3) and isinstance(again.kept[0], Kept)
-    assert pickle.loads(pickle.dumps(Batch())) == Batch()
+    assert again == batch and isinstance(again.kept[0], Kept)
+    assert again.dedup_keys().tolist() == keys.tolist()  # a row of keys a kept row
+    assert pickle.loads(pickle.dumps(Batch())) == Batch() and Batch().dedup_keys().shape == (0, 0)
 
 
 def test_the_checked_frame_is_made_from_the_rows_as_python_would():

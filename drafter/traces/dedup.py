@@ -95,35 +95,35 @@ except ImportError:  # (the same keys in Python: `prompt_keys_py`)
     _keys = None
 
 
-def prompt_keys(normalized: list[str], num_perm: int, bands: int, rows: int) -> list[tuple[int, tuple[int, ...]]]:
-    """(exact key, band keys) of each `normalize`d prompt: all that the index needs of it.
+def prompt_keys(normalized: list[str], num_perm: int, bands: int, rows: int) -> np.ndarray:
+    """The keys of each `normalize`d prompt, all that the index needs of it: a row of int64 per
+    prompt, its exact key then its band keys.
 
     The keys of `prompt_keys_py`, with C for what costs there: the shingles are hashed as rensa
     hashes bytes tokens without making them (rensa takes the hashes), and the signatures' bands
     are packed and hashed in one call (~10 against ~18 us a prompt of ~30 words)."""
     if not normalized:
-        return []
+        return np.empty((0, 1 + bands), dtype=np.int64)
     if _keys is None:
         return prompt_keys_py(normalized, num_perm, bands, rows)
     hashes, offsets = _keys.shingle_hashes(normalized, SHINGLE)
     matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(
         np.frombuffer(hashes, dtype=np.uint64), np.frombuffer(offsets, dtype=np.uint64), num_perm, MINHASH_SEED)
-    flat = np.frombuffer(_keys.keys(normalized, matrix.to_rows(), bands, rows), dtype=np.int64)
-    return [(k[0], tuple(k[1:])) for k in flat.reshape(-1, 1 + bands).tolist()]
+    return np.frombuffer(_keys.keys(normalized, matrix.to_rows(), bands, rows), dtype=np.int64).reshape(-1, 1 + bands)
 
 
-def prompt_keys_py(normalized: list[str], num_perm: int, bands: int, rows: int) -> list[tuple[int, tuple[int, ...]]]:
+def prompt_keys_py(normalized: list[str], num_perm: int, bands: int, rows: int) -> np.ndarray:
     """`prompt_keys` in Python, as it is defined: each band key is `_key` of a slice of the prompt's
     `signature_bytes`, the exact key `_key(0, prompt)`."""
     if not normalized:
-        return []
+        return np.empty((0, 1 + bands), dtype=np.int64)
     width = 4 * rows
     spans = [(1 + i, i * width, (i + 1) * width) for i in range(bands)]
     h, shift = xxhash.xxh64_intdigest, 1 << 63  # = _key, inlined: 1 + bands keys a prompt
     out = []
     for text, hv in zip(normalized, signature_bytes(normalized, num_perm)):
-        out.append((h(text.encode(), seed=0) - shift, tuple([h(hv[a:b], seed=tag) - shift for tag, a, b in spans])))
-    return out
+        out.append([h(text.encode(), seed=0) - shift, *[h(hv[a:b], seed=tag) - shift for tag, a, b in spans]])
+    return np.array(out, dtype=np.int64)
 
 
 class KeyFilter:
@@ -179,7 +179,7 @@ class Deduper:
             raise DedupIndexError(f"dedup index was built with {row[0]}; this run hashes with {params} (the config's "
                                   "threshold and num_perm, this drafter's MinHash): "
                                   "ingest into a fresh --out folder")
-        self._added: dict[str, tuple[int, tuple[int, ...]]] = {}  # kept since the last settle(): may still be forgotten
+        self._added: dict[str, tuple[int, list[int]]] = {}  # kept since the last settle(): may still be forgotten
         # Not written yet: the keys of kept prompts, as sorted runs of (keys, prompt rows) (merged
         # as they grow: a few runs to search), and prompt row -> id. A forgotten prompt leaves the
         # latter; its keys are skipped, and left out when their run is merged or written.
@@ -224,36 +224,38 @@ class Deduper:
             ALTER TABLE seen_keys RENAME TO seen;
         """)
 
-    def keys(self, normalized: list[str]) -> list[tuple[int, tuple[int, ...]]]:
+    def keys(self, normalized: list[str]) -> np.ndarray:
         return prompt_keys(normalized, self.num_perm, self.bands, self.rows)
 
-    def check(self, ids: list[str], keys: list[tuple[int, tuple[int, ...]]]) -> list[tuple[str, str] | None]:
-        """In order: each prompt (its `prompt_keys`) is checked against the index and the
+    def check(self, ids: list[str], keys: np.ndarray) -> list[tuple[str, str] | None]:
+        """In order: each prompt (its row of `prompt_keys`) is checked against the index and the
         prompts kept before it."""
+        if len(ids) != len(keys):
+            raise ValueError(f"{len(ids)} ids for {len(keys)} rows of keys")
         known: dict[int, str] = {}  # key -> id of the prompt that holds it
+        rows = keys.tolist()
         # Exact keys first: the bands of a prompt whose exact key is in the index are never read.
-        self._lookup({exact for exact, _ in keys}, known)
-        self._lookup({b for exact, bands in keys if exact not in known for b in bands}, known)
+        self._lookup({row[0] for row in rows}, known)
+        self._lookup({b for row in rows if row[0] not in known for b in row[1:]}, known)
         out: list[tuple[str, str] | None] = []
         added: list[int] = []
         added_rows: list[int] = []
-        for cid, (exact, bands) in zip(ids, keys):
-            if exact in known:
-                out.append(("exact", known[exact]))
+        for cid, row in zip(ids, rows):
+            if row[0] in known:
+                out.append(("exact", known[row[0]]))
                 continue
-            for band in bands:
+            for band in row[1:]:
                 if band in known:
                     out.append(("near", known[band]))
                     break
             else:  # kept: its keys are all new (none of them was known)
                 pid, self._next_id = self._next_id, self._next_id + 1
                 self._pending_prompts[pid] = cid
-                new = (exact, *bands)
-                for k in new:
+                for k in row:
                     known[k] = cid
-                added += new
-                added_rows += [pid] * len(new)
-                self._added[cid] = (pid, new)
+                added += row
+                added_rows += [pid] * len(row)
+                self._added[cid] = (pid, row)
                 out.append(None)
         if added:
             keys_new = np.array(added, dtype=np.int64)

@@ -325,7 +325,7 @@ class IngestRun:
         for entry in batch.dropped:
             self.dropped.write(entry)
         with self.timer("dedup"):
-            verdicts = self.dedup.check([k.id for k in batch.kept], [(k.exact, k.bands) for k in batch.kept])
+            verdicts = self.dedup.check([k.id for k in batch.kept], batch.dedup_keys())
         for kept, verdict in zip(batch.kept, verdicts):
             if verdict is not None:
                 kind, original = verdict

@@ -125,7 +125,6 @@ class Kept(NamedTuple):
     row: bytes  # the dataset row, one JSON line
 
 
-
 @dataclass
 class Batch:
     """What a batch of records became, in record order."""

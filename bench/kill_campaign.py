@@ -779,7 +779,7 @@ def main(argv: list[str] | None = None) -> None:
                        "train_steps": args.train_steps, "checkpoint_every": args.checkpoint_every,
                        "ingest_set": args.ingest_set,
                        "registry_decisions": [list(d) for d in DECISIONS]},
-            "machine": doc.get("machine") or machine(), "code": code_state(), "notes": NOTES}
+            "machine": machine(), "code": code_state(), "notes": NOTES}  # (this run's: each stage keeps its own)
     doc.setdefault("stages", {})
     todo = [n for n in names if args.force or n not in doc["stages"]]
     stages = build_stages(work, env, args.conversations, args.seed, args.train_steps, args.checkpoint_every, todo,
@@ -787,7 +787,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in todo:
         doc["stages"][name] = campaign(stages[name], work, env, args.kills, args.seed,
                                        log=lambda line: print(line, flush=True)) | {
-            "command": command.strip(), "code": doc["code"]}  # stages may come from different runs
+            "command": command.strip(), "code": doc["code"], "machine": doc["machine"]}  # stages may come from different runs
         doc["stages"] = {n: doc["stages"][n] for n in STAGES if n in doc["stages"]}
         doc["wall_s"] = round(sum(s["wall_s"] for s in doc["stages"].values()), 1)
         args.out.parent.mkdir(parents=True, exist_ok=True)

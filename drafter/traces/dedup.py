@@ -102,9 +102,7 @@ def prompt_keys(normalized: list[str], num_perm: int, bands: int, rows: int) -> 
     The keys of `prompt_keys_py`, with C for what costs there: the shingles are hashed as rensa
     hashes bytes tokens without making them (rensa takes the hashes), and the signatures' bands
     are packed and hashed in one call (~10 against ~18 us a prompt of ~30 words)."""
-    if not normalized:
-        return np.empty((0, 1 + bands), dtype=np.int64)
-    if _keys is None:
+    if _keys is None or not normalized:
         return prompt_keys_py(normalized, num_perm, bands, rows)
     hashes, offsets = _keys.shingle_hashes(normalized, SHINGLE)
     matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(

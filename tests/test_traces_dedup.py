@@ -221,7 +221,8 @@ def test_shingles_and_keys_are_the_plain_definitions():
 def test_the_c_keys_are_those_of_python():
     # _keys.c hashes the shingles as rensa hashes bytes (every length branch of its hash: 0-3, 4-7,
     # 8-16 and longer), splits at ASCII whitespace as bytes.split does (runs of it, tabs, newlines:
-    # shingles are then copied, not sliced) and packs and hashes the bands as Python does.
+    # shingles are then copied, not sliced), makes rensa's R-MinHash signatures and packs and hashes
+    # the bands as Python does.
     from drafter.traces import dedup
 
     assert dedup._keys is not None, "drafter/traces/_keys.c was not built (pip install -e . builds it)"
@@ -229,21 +230,38 @@ def test_the_c_keys_are_those_of_python():
     words = ["a", "bc", "def", "ghij", "klmnopq", "rstuvwxyz", "x" * 17, "y" * 40, "ça", "東京", "naïve", "a_b", "42"]
     spaces = [" ", " ", " ", "  ", "\t", "\n ", "\r\x0b\x0c"]
     texts = ["", " ", "one", "one two", "one two three", "one two three four"]
-    texts += ["".join(rng.choice(words) + rng.choice(spaces) for _ in range(rng.randrange(0, 50))) for _ in range(400)]
+    texts += ["".join(rng.choice(words) + rng.choice(spaces) for _ in range(rng.randrange(0, 300))) for _ in range(400)]
     texts += [normalize(t) for t in texts]
     bands, rows = dedup.lsh_params(0.85, 128)
     assert dedup.prompt_keys(texts, 128, bands, rows).tolist() == dedup.prompt_keys_py(texts, 128, bands, rows).tolist()
     assert dedup.prompt_keys(texts, 64, 4, 16).tolist() == dedup.prompt_keys_py(texts, 64, 4, 16).tolist()  # other shapes
-    hashes, offsets = dedup._keys.shingle_hashes(texts, dedup.SHINGLE)
-    flat = np.frombuffer(hashes, dtype=np.uint64).tolist()
-    bounds = np.frombuffer(offsets, dtype=np.uint64).tolist()
-    assert [flat[a:b] for a, b in zip(bounds, bounds[1:])] == rensa.RMinHash.hash_token_sets([shingles(t) for t in texts])
+    # The signatures are rensa's: buckets filled or not by its three rounds (short and long texts,
+    # one of 70,000 shingles, where rensa takes its filtered path), bucket counts not a power of two.
+    texts.append(" ".join(map(str, range(70_000))))
+    for num_perm in (128, 100, 7, 1):
+        c = np.frombuffer(dedup._keys.signatures(texts, dedup.SHINGLE, num_perm, MINHASH_SEED), dtype=np.uint32)
+        matrix = rensa.RMinHash.digest_matrix_from_token_byte_sets([shingles(t) for t in texts], num_perm, MINHASH_SEED)
+        assert c.reshape(-1, num_perm).tolist() == matrix.to_rows()
     with pytest.raises(TypeError):
-        dedup._keys.shingle_hashes([b"bytes"], 3)
-    with pytest.raises(ValueError, match="one signature per text"):
-        dedup._keys.keys(["a"], [], 8, 16)
-    with pytest.raises(ValueError, match="shorter"):
-        dedup._keys.keys(["a"], [[1] * 10], 8, 16)
+        dedup._keys.keys([b"bytes"], 3, 128, 1, 8, 16)
+    with pytest.raises(ValueError, match="at most num_perm"):
+        dedup._keys.keys(["a"], 3, 64, 1, 8, 16)
+    with pytest.raises(ValueError, match="num_perm"):
+        dedup._keys.signatures(["a"], 3, 0, 1)
+
+
+def test_keys_are_made_in_python_under_another_rminhash(monkeypatch):
+    # The C signatures are those of one rensa algorithm version: under another, its keys would not
+    # be the ones the index's params name.
+    from drafter.traces import dedup
+
+    assert dedup._keys is not None
+    bands, rows = dedup.lsh_params(0.85, 128)
+    texts = ["one two three four", "five six"]
+    want = dedup.prompt_keys_py(texts, 128, bands, rows).tolist()
+    monkeypatch.setattr(dedup._keys, "RMINHASH_VERSION", rensa.RMinHash.ALGORITHM_VERSION + 1)
+    monkeypatch.setattr(dedup._keys, "keys", None)  # (would raise if called)
+    assert dedup.prompt_keys(texts, 128, bands, rows).tolist() == want
 
 
 def test_an_index_of_the_earlier_layout_is_migrated_in_place(tmp_path):

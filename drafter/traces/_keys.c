@@ -1,22 +1,22 @@
 /* The per-prompt arithmetic of the dedup keys (drafter/traces/dedup.py), in C.
 
    In Python, a prompt's keys cost ~18 us (~30 words), mostly in making objects: a bytes object for
-   each word shingle handed to rensa, then its signature as 128 ints, packed again into bytes and
-   sliced into 8 bands for xxhash. Here (~10 us, most of it rensa's signatures as Python ints):
+   each word shingle handed to rensa, its signature as 128 Python ints, packed again into bytes and
+   sliced into 8 bands for xxhash. Here no object is made for a prompt (~2 us):
 
-   shingle_hashes(texts, shingle) -> (hashes, offsets)
-       Each text's word shingles (as dedup.shingles makes them: its UTF-8 bytes split at ASCII
-       whitespace, `shingle` words joined by one space, or all of them when there are no more)
-       hashed as rensa hashes a bytes token. `hashes` is their uint64s, text after text;
-       `offsets` the uint64 start of each text's run and the end (len(texts) + 1 of them):
-       what RMinHash.digest_matrix_from_flat_token_hashes reads.
+   signatures(texts, shingle, num_perm, seed) -> bytes
+       Per text, rensa's R-MinHash signature (num_perm uint32, native order) of its word shingles:
+       its UTF-8 bytes split at ASCII whitespace, `shingle` words joined by one space (or all of
+       them when there are no more: dedup.shingles), each hashed as rensa hashes a bytes token.
 
-   keys(texts, signatures, bands, rows) -> bytes
+   keys(texts, shingle, num_perm, seed, bands, rows) -> bytes
        Per text, 1 + bands int64 (native order): the exact key, XXH64 of its UTF-8 bytes (seed 0),
-       then for each band b the XXH64 (seed 1 + b) of the signature's values b*rows ... as
+       then for each band b the XXH64 (seed 1 + b) of its signature's values b*rows ... as
        little-endian uint32, each minus 2**63 (signed, as SQLite keeps them).
 
-   Both are checked against the Python definitions (tests/test_traces_dedup.py). */
+   RMINHASH_VERSION: the rensa RMinHash.ALGORITHM_VERSION whose signatures these are (dedup.py
+   uses this module only under that version). Both functions are checked against rensa and the
+   Python definitions (tests/test_traces_dedup.py). */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -89,158 +89,212 @@ static uint64_t xxh64(const uint8_t *p, size_t n, uint64_t seed) {
     return h;
 }
 
-/* ----- shingle_hashes ------------------------------------------------------------------------------ */
+/* ----- rensa's R-MinHash, ALGORITHM_VERSION 2 (rensa 0.5: src/rminhash/bucket.rs) ---------------------
+   Each token's hash is thrown into one of num_perm buckets in each of three rounds, keeping per
+   bucket the least rank (the round in the top 2 bits, then 30 bits of the mixed hash): a bucket no
+   round reached takes the least of an affine permutation of the token's fallback hash, tagged with
+   rank 3. The permutations are rensa's: (a | 1, b) pairs drawn from Xoshiro256++ seeded by SplitMix64. */
+#define RMINHASH_VERSION 2
+#define MAX_PERM 1024
+static const uint64_t GOLDEN = 0x9E3779B97F4A7C15ULL, BUCKET_DOMAIN = 0x6a09e667f3bcc909ULL,
+                      ROUND_DOMAIN = 0x3c6ef372fe94f82bULL, FALLBACK_DOMAIN = 0xbb67ae8584caa73bULL;
+static const uint32_t FALLBACK = 3U << 30;
+
+static inline uint64_t splitmix64(uint64_t x) {
+    uint64_t z = x + GOLDEN;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+typedef struct { uint64_t a[MAX_PERM], b[MAX_PERM]; uint32_t n; } Perms;
+
+static void perms_init(Perms *p, uint32_t n, uint64_t seed) {
+    uint64_t s[4];
+    for (int i = 0; i < 4; i++) s[i] = splitmix64(seed + (uint64_t)i * GOLDEN);
+    for (uint32_t i = 0; i < 2 * n; i++) {
+        uint64_t out = rotl(s[0] + s[3], 23) + s[0], t = s[1] << 17;
+        s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3]; s[2] ^= t; s[3] = rotl(s[3], 45);
+        if (i % 2 == 0) p->a[i / 2] = out | 1; else p->b[i / 2] = out;
+    }
+    p->n = n;
+}
+
+static inline uint32_t bucket_of(uint64_t mixed, uint32_t count) {  /* Lemire's product, with rejection */
+    uint32_t threshold = (0U - count) % count;  /* (0 for a power of two) */
+    for (;;) {
+        uint64_t product = (uint64_t)(uint32_t)mixed * count;
+        if ((uint32_t)product >= threshold) return (uint32_t)(product >> 32);
+        mixed = splitmix64(mixed);
+    }
+}
+
+static void signature(const Perms *p, const uint64_t *hashes, size_t n, uint32_t *out) {
+    uint32_t count = p->n;
+    for (uint32_t i = 0; i < count; i++) out[i] = UINT32_MAX;
+    for (uint32_t round = 0; round < 3; round++) {
+        uint64_t seed = p->b[0] ^ BUCKET_DOMAIN ^ (round * ROUND_DOMAIN);
+        for (size_t t = 0; t < n; t++) {
+            uint64_t mixed = splitmix64(hashes[t] ^ seed);
+            uint32_t rank = (round << 30) | (uint32_t)(mixed >> 34), *v = out + bucket_of(mixed, count);
+            if (rank < *v) *v = rank;
+        }
+    }
+    /* Buckets no round reached: the least of a*h + b over the fallback hashes (bits 34..63 of the
+       wrapped sum: the same bits of rensa's 128-bit one). Every bucket a round reached ranks lower. */
+    uint64_t fallback[256];
+    for (size_t start = 0; start < n; start += 256) {
+        size_t m = n - start < 256 ? n - start : 256;
+        for (size_t t = 0; t < m; t++) fallback[t] = splitmix64(hashes[start + t] ^ p->a[0] ^ FALLBACK_DOMAIN);
+        for (uint32_t i = 0; i < count; i++) {
+            if (out[i] < FALLBACK) continue;
+            uint64_t a = p->a[i], b = p->b[i], least = UINT64_MAX;
+            for (size_t t = 0; t < m; t++) {
+                uint64_t x = a * fallback[t] + b;
+                least = x < least ? x : least;
+            }
+            uint32_t rank = FALLBACK | (uint32_t)(least >> 34);
+            if (rank < out[i]) out[i] = rank;
+        }
+    }
+}
+
+/* ----- a text's shingle hashes ------------------------------------------------------------------------ */
 static inline int is_space(uint8_t c) { return c == ' ' || (c >= '\t' && c <= '\r'); }  /* bytes.split() */
 
-/* A growable uint64 array. */
-typedef struct { uint64_t *v; size_t n, cap; } U64s;
+/* What one text needs, reused from text to text: word bounds, a shingle's bytes, its hashes. */
+typedef struct {
+    size_t *words, words_cap;  /* each word's start and end */
+    uint8_t *buf;
+    size_t buf_cap;
+    uint64_t *hashes;
+    size_t hashes_cap;
+} Scratch;
 
-static int push(U64s *a, uint64_t x) {
-    if (a->n == a->cap) {
-        size_t cap = a->cap ? 2 * a->cap : 4096;
-        uint64_t *v = PyMem_Realloc(a->v, cap * sizeof *v);
-        if (!v) { PyErr_NoMemory(); return -1; }
-        a->v = v;
-        a->cap = cap;
-    }
-    a->v[a->n++] = x;
+static void scratch_free(Scratch *s) {
+    PyMem_Free(s->words);
+    PyMem_Free(s->buf);
+    PyMem_Free(s->hashes);
+}
+
+static int grow(void **p, size_t *cap, size_t want, size_t size) {
+    if (want <= *cap) return 0;
+    size_t c = *cap ? *cap : 256;
+    while (c < want) c *= 2;
+    void *q = PyMem_Realloc(*p, c * size);
+    if (!q) { PyErr_NoMemory(); return -1; }
+    *p = q;
+    *cap = c;
     return 0;
 }
 
-static PyObject *shingle_hashes(PyObject *self, PyObject *args) {
-    PyObject *texts, *seq;
-    Py_ssize_t shingle;
-    if (!PyArg_ParseTuple(args, "On", &texts, &shingle)) return NULL;
-    if (shingle < 1) { PyErr_SetString(PyExc_ValueError, "shingle must be at least 1"); return NULL; }
-    if (!(seq = PySequence_Fast(texts, "texts must be a sequence of str"))) return NULL;
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
-    U64s hashes = {0}, offsets = {0};
-    size_t *starts = NULL, *ends = NULL, words_cap = 0;  /* word bounds of one text */
-    uint8_t *buf = NULL;
-    size_t buf_cap = 0;
-    PyObject *result = NULL;
-    if (push(&offsets, 0) < 0) goto done;
-    for (Py_ssize_t t = 0; t < count; t++) {
-        PyObject *item = PySequence_Fast_GET_ITEM(seq, t);
-        Py_ssize_t len;
-        const uint8_t *s = (const uint8_t *)PyUnicode_AsUTF8AndSize(item, &len);
-        if (!s) goto done;
-        size_t nw = 0;
-        for (Py_ssize_t i = 0; i < len;) {
-            while (i < len && is_space(s[i])) i++;
-            if (i == len) break;
-            if (nw == words_cap) {
-                words_cap = words_cap ? 2 * words_cap : 256;
-                size_t *a = PyMem_Realloc(starts, words_cap * sizeof *a), *b;
-                if (!a) { PyErr_NoMemory(); goto done; }
-                starts = a;
-                if (!(b = PyMem_Realloc(ends, words_cap * sizeof *b))) { PyErr_NoMemory(); goto done; }
-                ends = b;
-            }
-            starts[nw] = (size_t)i;
-            while (i < len && !is_space(s[i])) i++;
-            ends[nw++] = (size_t)i;
-        }
-        size_t width = nw <= (size_t)shingle ? nw : (size_t)shingle;  /* words a shingle */
-        size_t runs = nw <= (size_t)shingle ? 1 : nw - (size_t)shingle + 1;
-        for (size_t r = 0; r < runs; r++) {
-            /* the shingle's words joined by one space: a slice of the text when they already are */
-            size_t a = width ? starts[r] : 0, z = width ? ends[r + width - 1] : 0, n = 0;
-            int single = 1;
-            for (size_t w = r; w + 1 < r + width; w++) single &= starts[w + 1] - ends[w] == 1 && s[ends[w]] == ' ';
-            const uint8_t *token = s + a;
-            if (single) {
-                n = z - a;
-            } else {
-                if (z - a > buf_cap) {
-                    uint8_t *nb = PyMem_Realloc(buf, z - a);
-                    if (!nb) { PyErr_NoMemory(); goto done; }
-                    buf = nb;
-                    buf_cap = z - a;
-                }
-                for (size_t w = r; w < r + width; w++) {
-                    if (w > r) buf[n++] = ' ';
-                    memcpy(buf + n, s + starts[w], ends[w] - starts[w]);
-                    n += ends[w] - starts[w];
-                }
-                token = buf;
-            }
-            if (push(&hashes, token_hash(token, n)) < 0) goto done;
-        }
-        if (push(&offsets, hashes.n) < 0) goto done;
+/* The text's shingles hashed as rensa hashes bytes tokens, into s->hashes: how many (-1: error). */
+#define START(w) s->words[2 * (w)]
+#define END(w) s->words[2 * (w) + 1]
+static Py_ssize_t shingle_hashes(Scratch *s, const uint8_t *text, Py_ssize_t len, size_t shingle) {
+    size_t nw = 0;
+    for (Py_ssize_t i = 0; i < len;) {
+        while (i < len && is_space(text[i])) i++;
+        if (i == len) break;
+        if (grow((void **)&s->words, &s->words_cap, 2 * nw + 2, sizeof(size_t)) < 0) return -1;
+        START(nw) = (size_t)i;
+        while (i < len && !is_space(text[i])) i++;
+        END(nw++) = (size_t)i;
     }
-    result = Py_BuildValue("(y#y#)", (const char *)hashes.v, (Py_ssize_t)(hashes.n * 8),
-                           (const char *)offsets.v, (Py_ssize_t)(offsets.n * 8));
-done:
-    PyMem_Free(hashes.v);
-    PyMem_Free(offsets.v);
-    PyMem_Free(starts);
-    PyMem_Free(ends);
-    PyMem_Free(buf);
-    Py_DECREF(seq);
-    return result;
+    size_t width = nw <= shingle ? nw : shingle;  /* words a shingle */
+    size_t runs = nw <= shingle ? 1 : nw - shingle + 1;
+    if (grow((void **)&s->hashes, &s->hashes_cap, runs, sizeof(uint64_t)) < 0) return -1;
+    for (size_t r = 0; r < runs; r++) {
+        /* the shingle's words joined by one space: a slice of the text when they already are */
+        size_t a = width ? START(r) : 0, z = width ? END(r + width - 1) : 0, n = 0;
+        int single = 1;
+        for (size_t w = r; w + 1 < r + width; w++) single &= START(w + 1) - END(w) == 1 && text[END(w)] == ' ';
+        const uint8_t *token = text + a;
+        if (single) {
+            n = z - a;
+        } else {
+            if (grow((void **)&s->buf, &s->buf_cap, z - a, 1) < 0) return -1;
+            for (size_t w = r; w < r + width; w++) {
+                if (w > r) s->buf[n++] = ' ';
+                memcpy(s->buf + n, text + START(w), END(w) - START(w));
+                n += END(w) - START(w);
+            }
+            token = s->buf;
+        }
+        s->hashes[r] = token_hash(token, n);
+    }
+    return (Py_ssize_t)runs;
 }
+#undef START
+#undef END
 
-/* ----- keys ------------------------------------------------------------------------------------------ */
-static PyObject *keys(PyObject *self, PyObject *args) {
-    PyObject *texts, *signatures, *tseq = NULL, *sseq = NULL, *out = NULL;
-    Py_ssize_t bands, rows;
-    if (!PyArg_ParseTuple(args, "OOnn", &texts, &signatures, &bands, &rows)) return NULL;
-    if (bands < 1 || rows < 1) { PyErr_SetString(PyExc_ValueError, "bands and rows must be at least 1"); return NULL; }
-    if (!(tseq = PySequence_Fast(texts, "texts must be a sequence of str"))) goto done;
-    if (!(sseq = PySequence_Fast(signatures, "signatures must be a sequence of lists of int"))) goto done;
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(tseq);
-    if (PySequence_Fast_GET_SIZE(sseq) != count) {
-        PyErr_SetString(PyExc_ValueError, "one signature per text");
-        goto done;
+/* ----- signatures and keys ---------------------------------------------------------------------------- */
+/* Each text's signature into sigs (or, where keys is set, its keys): the work of both functions. */
+static PyObject *run(PyObject *texts, Py_ssize_t shingle, Py_ssize_t num_perm, unsigned long long seed,
+                     Py_ssize_t bands, Py_ssize_t rows) {
+    if (shingle < 1) { PyErr_SetString(PyExc_ValueError, "shingle must be at least 1"); return NULL; }
+    if (num_perm < 1 || num_perm > MAX_PERM) { PyErr_SetString(PyExc_ValueError, "num_perm must be 1 ... 1024"); return NULL; }
+    if (bands && (bands < 1 || rows < 1 || bands * rows > num_perm)) {
+        PyErr_SetString(PyExc_ValueError, "bands and rows must be at least 1, bands * rows at most num_perm");
+        return NULL;
     }
-    if (!(out = PyBytes_FromStringAndSize(NULL, count * (1 + bands) * 8))) goto done;
-    int64_t *dst = (int64_t *)PyBytes_AS_STRING(out);
-    uint32_t packed[1024];
-    if (bands * rows > 1024) { PyErr_SetString(PyExc_ValueError, "at most 1024 values a signature"); goto fail; }
+    PyObject *seq = PySequence_Fast(texts, "texts must be a sequence of str"), *out = NULL;
+    if (!seq) return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq), width = bands ? 1 + bands : num_perm;
+    Perms *perms = PyMem_Malloc(sizeof *perms);
+    Scratch scratch = {0};
+    uint32_t sig[MAX_PERM];
+    if (!perms) { PyErr_NoMemory(); goto done; }
+    perms_init(perms, (uint32_t)num_perm, (uint64_t)seed);
+    if (!(out = PyBytes_FromStringAndSize(NULL, count * width * (bands ? 8 : 4)))) goto done;
+    int64_t *keys = (int64_t *)PyBytes_AS_STRING(out);
+    uint32_t *sigs = (uint32_t *)PyBytes_AS_STRING(out);
     for (Py_ssize_t t = 0; t < count; t++) {
-        Py_ssize_t len;
-        const char *s = PyUnicode_AsUTF8AndSize(PySequence_Fast_GET_ITEM(tseq, t), &len);
-        if (!s) goto fail;
-        *dst++ = (int64_t)(xxh64((const uint8_t *)s, (size_t)len, 0) - (1ULL << 63));
-        PyObject *sig = PySequence_Fast(PySequence_Fast_GET_ITEM(sseq, t), "a signature must be a list of int");
-        if (!sig) goto fail;
-        if (PySequence_Fast_GET_SIZE(sig) < bands * rows) {
-            Py_DECREF(sig);
-            PyErr_SetString(PyExc_ValueError, "a signature shorter than bands * rows");
-            goto fail;
-        }
-        for (Py_ssize_t i = 0; i < bands * rows; i++) {
-            unsigned long v = PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(sig, i));
-            if (v == (unsigned long)-1 && PyErr_Occurred()) { Py_DECREF(sig); goto fail; }
-            if (v > 0xffffffffUL) {
-                Py_DECREF(sig);
-                PyErr_SetString(PyExc_OverflowError, "a signature value past uint32");
-                goto fail;
-            }
-            uint32_t u = (uint32_t)v;
-            packed[i] = u;  /* (little-endian in memory, as struct.pack("<I")) */
-        }
-        Py_DECREF(sig);
-        for (Py_ssize_t b = 0; b < bands; b++)
-            *dst++ = (int64_t)(xxh64((const uint8_t *)(packed + b * rows), (size_t)rows * 4, (uint64_t)(1 + b))
-                               - (1ULL << 63));
+        Py_ssize_t len, n;
+        const uint8_t *s = (const uint8_t *)PyUnicode_AsUTF8AndSize(PySequence_Fast_GET_ITEM(seq, t), &len);
+        if (!s || (n = shingle_hashes(&scratch, s, len, (size_t)shingle)) < 0) { Py_CLEAR(out); goto done; }
+        uint32_t *dst = bands ? sig : sigs + t * num_perm;
+        signature(perms, scratch.hashes, (size_t)n, dst);
+        if (!bands) continue;
+        *keys++ = (int64_t)(xxh64(s, (size_t)len, 0) - (1ULL << 63));
+        for (Py_ssize_t b = 0; b < bands; b++)  /* (the values lie little-endian in memory: struct.pack("<I")) */
+            *keys++ = (int64_t)(xxh64((const uint8_t *)(sig + b * rows), (size_t)rows * 4, (uint64_t)(1 + b))
+                                - (1ULL << 63));
     }
-    goto done;
-fail:
-    Py_CLEAR(out);
 done:
-    Py_XDECREF(tseq);
-    Py_XDECREF(sseq);
+    PyMem_Free(perms);
+    scratch_free(&scratch);
+    Py_DECREF(seq);
     return out;
 }
 
+static PyObject *signatures(PyObject *self, PyObject *args) {
+    PyObject *texts;
+    Py_ssize_t shingle, num_perm;
+    unsigned long long seed;
+    if (!PyArg_ParseTuple(args, "OnnK", &texts, &shingle, &num_perm, &seed)) return NULL;
+    return run(texts, shingle, num_perm, seed, 0, 0);
+}
+
+static PyObject *keys(PyObject *self, PyObject *args) {
+    PyObject *texts;
+    Py_ssize_t shingle, num_perm, bands, rows;
+    unsigned long long seed;
+    if (!PyArg_ParseTuple(args, "OnnKnn", &texts, &shingle, &num_perm, &seed, &bands, &rows)) return NULL;
+    if (bands < 1) { PyErr_SetString(PyExc_ValueError, "bands and rows must be at least 1, bands * rows at most num_perm"); return NULL; }
+    return run(texts, shingle, num_perm, seed, bands, rows);
+}
+
 static PyMethodDef methods[] = {
-    {"shingle_hashes", shingle_hashes, METH_VARARGS, "(texts, shingle) -> (uint64 hashes, uint64 offsets) as bytes"},
-    {"keys", keys, METH_VARARGS, "(texts, signatures, bands, rows) -> int64 keys as bytes, 1 + bands a text"},
+    {"signatures", signatures, METH_VARARGS, "(texts, shingle, num_perm, seed) -> uint32 signatures as bytes"},
+    {"keys", keys, METH_VARARGS, "(texts, shingle, num_perm, seed, bands, rows) -> int64 keys as bytes, 1 + bands a text"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_keys", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__keys(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__keys(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "RMINHASH_VERSION", RMINHASH_VERSION) < 0) Py_CLEAR(m);
+    return m;
+}

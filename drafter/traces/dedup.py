@@ -99,15 +99,12 @@ def prompt_keys(normalized: list[str], num_perm: int, bands: int, rows: int) -> 
     """The keys of each `normalize`d prompt, all that the index needs of it: a row of int64 per
     prompt, its exact key then its band keys.
 
-    The keys of `prompt_keys_py`, with C for what costs there: the shingles are hashed as rensa
-    hashes bytes tokens without making them (rensa takes the hashes), and the signatures' bands
-    are packed and hashed in one call (~10 against ~18 us a prompt of ~30 words)."""
-    if _keys is None or not normalized:
+    The keys of `prompt_keys_py`, made in C where it was built for this rensa's R-MinHash: no
+    Python object a prompt (~2 against ~18 us a prompt of ~30 words)."""
+    if _keys is None or _keys.RMINHASH_VERSION != rensa.RMinHash.ALGORITHM_VERSION:
         return prompt_keys_py(normalized, num_perm, bands, rows)
-    hashes, offsets = _keys.shingle_hashes(normalized, SHINGLE)
-    matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(
-        np.frombuffer(hashes, dtype=np.uint64), np.frombuffer(offsets, dtype=np.uint64), num_perm, MINHASH_SEED)
-    return np.frombuffer(_keys.keys(normalized, matrix.to_rows(), bands, rows), dtype=np.int64).reshape(-1, 1 + bands)
+    keys = _keys.keys(normalized, SHINGLE, num_perm, MINHASH_SEED, bands, rows)
+    return np.frombuffer(keys, dtype=np.int64).reshape(-1, 1 + bands)
 
 
 def prompt_keys_py(normalized: list[str], num_perm: int, bands: int, rows: int) -> np.ndarray:

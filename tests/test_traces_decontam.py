@@ -72,13 +72,16 @@ def test_overlap_short_prompts_boilerplate_and_order(sets):
     assert got == [reference(files, c) for c in conversations]
 
 
-@pytest.mark.parametrize("bits", [8, None])
-def test_agrees_with_brute_force_on_random_texts(sets, monkeypatch, bits):
+@pytest.mark.parametrize("bits,compiled", [(8, True), (None, True), (None, False)])
+def test_agrees_with_brute_force_on_random_texts(sets, monkeypatch, bits, compiled):
     # The probe filter only spares scans: with 8 bits (every probe passes) the answers are the same.
+    # So are those of the Python keys and probes (where _keys.c was not built).
     import drafter.traces.decontam as decontam
 
     if bits:
         monkeypatch.setattr(decontam, "PROBE_BITS", bits)
+    if not compiled:
+        monkeypatch.setattr(decontam, "_keys", None)
     folder, files = sets
     index = EvalIndex([folder])
     rng = random.Random(1)
@@ -110,3 +113,29 @@ def test_an_overlap_is_found_at_every_offset_whatever_n(sets, n):
             gram = words[start : start + n]
             assert index.match([" ".join(filler + gram + ["omega"])]) == "math", (lead, start)
             assert index.match([" ".join(filler + gram[1:] + ["zzz"])]) == reference(files, [" ".join(filler + gram[1:] + ["zzz"])], n)
+
+
+def test_the_c_grams_and_probes_are_those_of_python(sets):
+    # _keys.c splits at ASCII whitespace as bytes.split does (runs of it, tabs, newlines: grams are
+    # then copied, not sliced), keys the grams and probes the filter as the Python definitions do.
+    from drafter.traces import decontam
+
+    assert decontam._keys is not None, "drafter/traces/_keys.c was not built (pip install -e . builds it)"
+    rng = random.Random(5)
+    spaces = [" ", " ", " ", "  ", "\t", "\n ", "\r\x0b\x0c"]
+    vocab = [*WORDS, "ça", "東京", "x" * 40, "a_b", "42"]
+    texts = ["", " ", "one", *("".join(rng.choice(vocab) + rng.choice(spaces) for _ in range(rng.randrange(0, 60)))
+                              for _ in range(300))]
+    texts += [normalize(t) for t in texts]
+    for width, stride in [(13, 1), (7, 7), (1, 1), (3, 2)]:
+        c, py = decontam.gram_keys(texts, width, stride), decontam.gram_keys_py(texts, width, stride)
+        assert c[0].tolist() == py[0].tolist() and c[1].tolist() == py[1].tolist()
+    folder, files = sets
+    index = EvalIndex([folder])
+    # the evaluation prompts' own words (probes that hit), the texts above (most of which miss)
+    texts += [" ".join(sentence(rng, 3).split() + normalize(p).split()[:20]) for ps in files.values() for p in ps]
+    codes = decontam._keys.probe(texts, index.n, index.k, index.stride, index.probe_bits)
+    assert codes == decontam.probe_py(texts, index.n, index.k, index.stride, index.probe_bits)
+    assert set(codes) == {0, 1, 2}
+    with pytest.raises(ValueError, match="power of two"):
+        decontam._keys.probe(texts, 13, 7, 7, b"abc")

@@ -188,10 +188,11 @@ static int grow(void **p, size_t *cap, size_t want, size_t size) {
     return 0;
 }
 
-/* The text's shingles hashed as rensa hashes bytes tokens, into s->hashes: how many (-1: error). */
 #define START(w) s->words[2 * (w)]
 #define END(w) s->words[2 * (w) + 1]
-static Py_ssize_t shingle_hashes(Scratch *s, const uint8_t *text, Py_ssize_t len, size_t shingle) {
+/* The text's words (split at ASCII whitespace, as bytes.split), their bounds into s->words: how
+   many (-1: error). */
+static Py_ssize_t split_words(Scratch *s, const uint8_t *text, Py_ssize_t len) {
     size_t nw = 0;
     for (Py_ssize_t i = 0; i < len;) {
         while (i < len && is_space(text[i])) i++;
@@ -201,32 +202,46 @@ static Py_ssize_t shingle_hashes(Scratch *s, const uint8_t *text, Py_ssize_t len
         while (i < len && !is_space(text[i])) i++;
         END(nw++) = (size_t)i;
     }
-    size_t width = nw <= shingle ? nw : shingle;  /* words a shingle */
-    size_t runs = nw <= shingle ? 1 : nw - shingle + 1;
+    return (Py_ssize_t)nw;
+}
+
+/* Words r ... r + width - 1 of the split text joined by one space: a slice of the text when they
+   already are, else copied into s->buf (NULL: error). */
+static const uint8_t *joined(Scratch *s, const uint8_t *text, size_t r, size_t width, size_t *n) {
+    size_t a = width ? START(r) : 0, z = width ? END(r + width - 1) : 0;
+    int single = 1;
+    for (size_t w = r; w + 1 < r + width; w++) single &= START(w + 1) - END(w) == 1 && text[END(w)] == ' ';
+    if (single) {
+        *n = z - a;
+        return text + a;
+    }
+    if (grow((void **)&s->buf, &s->buf_cap, z - a, 1) < 0) return NULL;
+    *n = 0;
+    for (size_t w = r; w < r + width; w++) {
+        if (w > r) s->buf[(*n)++] = ' ';
+        memcpy(s->buf + *n, text + START(w), END(w) - START(w));
+        *n += END(w) - START(w);
+    }
+    return s->buf;
+}
+#undef START
+#undef END
+
+/* The text's shingles (dedup.shingles: `shingle` words, or all of them when there are no more)
+   hashed as rensa hashes bytes tokens, into s->hashes: how many (-1: error). */
+static Py_ssize_t shingle_hashes(Scratch *s, const uint8_t *text, Py_ssize_t len, size_t shingle) {
+    Py_ssize_t nw = split_words(s, text, len);
+    if (nw < 0) return -1;
+    size_t width = (size_t)nw <= shingle ? (size_t)nw : shingle;  /* words a shingle */
+    size_t runs = (size_t)nw <= shingle ? 1 : (size_t)nw - shingle + 1, n;
     if (grow((void **)&s->hashes, &s->hashes_cap, runs, sizeof(uint64_t)) < 0) return -1;
     for (size_t r = 0; r < runs; r++) {
-        /* the shingle's words joined by one space: a slice of the text when they already are */
-        size_t a = width ? START(r) : 0, z = width ? END(r + width - 1) : 0, n = 0;
-        int single = 1;
-        for (size_t w = r; w + 1 < r + width; w++) single &= START(w + 1) - END(w) == 1 && text[END(w)] == ' ';
-        const uint8_t *token = text + a;
-        if (single) {
-            n = z - a;
-        } else {
-            if (grow((void **)&s->buf, &s->buf_cap, z - a, 1) < 0) return -1;
-            for (size_t w = r; w < r + width; w++) {
-                if (w > r) s->buf[n++] = ' ';
-                memcpy(s->buf + n, text + START(w), END(w) - START(w));
-                n += END(w) - START(w);
-            }
-            token = s->buf;
-        }
+        const uint8_t *token = joined(s, text, r, width, &n);
+        if (!token) return -1;
         s->hashes[r] = token_hash(token, n);
     }
     return (Py_ssize_t)runs;
 }
-#undef START
-#undef END
 
 /* ----- signatures and keys ---------------------------------------------------------------------------- */
 /* Each text's signature into sigs (or, where keys is set, its keys): the work of both functions. */
@@ -285,9 +300,88 @@ static PyObject *keys(PyObject *self, PyObject *args) {
     return run(texts, shingle, num_perm, seed, bands, rows);
 }
 
+/* ----- decontamination: word n-gram keys and probes (drafter/traces/decontam.py) ---------------------- */
+static inline int64_t gram_key(const uint8_t *p, size_t n) { return (int64_t)(xxh64(p, n, 0) - (1ULL << 63)); }
+
+/* Each text's `width`-word grams starting at every `stride`-th word (none in a text of fewer
+   words): the keys, text after text, and the start of each text's run and the end. */
+static PyObject *grams(PyObject *self, PyObject *args) {
+    PyObject *texts, *seq, *result = NULL;
+    Py_ssize_t width, stride;
+    if (!PyArg_ParseTuple(args, "Onn", &texts, &width, &stride)) return NULL;
+    if (width < 1 || stride < 1) { PyErr_SetString(PyExc_ValueError, "width and stride must be at least 1"); return NULL; }
+    if (!(seq = PySequence_Fast(texts, "texts must be a sequence of str"))) return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    Scratch scratch = {0};
+    int64_t *keys = NULL, *offsets = PyMem_Malloc((size_t)(count + 1) * sizeof *offsets);
+    size_t nkeys = 0, cap = 0, n;
+    if (!offsets) { PyErr_NoMemory(); goto done; }
+    offsets[0] = 0;
+    for (Py_ssize_t t = 0; t < count; t++) {
+        Py_ssize_t len, nw;
+        const uint8_t *s = (const uint8_t *)PyUnicode_AsUTF8AndSize(PySequence_Fast_GET_ITEM(seq, t), &len);
+        if (!s || (nw = split_words(&scratch, s, len)) < 0) goto done;
+        for (Py_ssize_t r = 0; r + width <= nw; r += stride) {
+            const uint8_t *g = joined(&scratch, s, (size_t)r, (size_t)width, &n);
+            if (!g || grow((void **)&keys, &cap, nkeys + 1, sizeof *keys) < 0) goto done;
+            keys[nkeys++] = gram_key(g, n);
+        }
+        offsets[t + 1] = (int64_t)nkeys;
+    }
+    result = Py_BuildValue("(y#y#)", (const char *)keys, (Py_ssize_t)(nkeys * 8), (const char *)offsets,
+                           (Py_ssize_t)((count + 1) * 8));
+done:
+    PyMem_Free(keys);
+    PyMem_Free(offsets);
+    scratch_free(&scratch);
+    Py_DECREF(seq);
+    return result;
+}
+
+/* Per text one byte: 1 when it has fewer than n words, 2 when one of its k-gram probes (every
+   stride-th word) has both bits in the filter (its key's low bits and those from bit 32), else 0. */
+static PyObject *probe(PyObject *self, PyObject *args) {
+    PyObject *texts, *seq, *out = NULL;
+    Py_ssize_t n, k, stride;
+    Py_buffer bits;
+    if (!PyArg_ParseTuple(args, "Onnny*", &texts, &n, &k, &stride, &bits)) return NULL;
+    uint64_t nbits = (uint64_t)bits.len * 8, mask = nbits - 1;
+    const uint8_t *filter = bits.buf;
+    Scratch scratch = {0};
+    if (k < 1 || stride < 1 || n < k || nbits == 0 || (nbits & mask)) {
+        PyErr_SetString(PyExc_ValueError, "1 <= k <= n, stride >= 1 and a filter of a power of two bits");
+        PyBuffer_Release(&bits);
+        return NULL;
+    }
+    if (!(seq = PySequence_Fast(texts, "texts must be a sequence of str"))) { PyBuffer_Release(&bits); return NULL; }
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    if (!(out = PyBytes_FromStringAndSize(NULL, count))) goto done;
+    uint8_t *code = (uint8_t *)PyBytes_AS_STRING(out);
+    for (Py_ssize_t t = 0; t < count; t++) {
+        Py_ssize_t len, nw;
+        size_t glen;
+        const uint8_t *s = (const uint8_t *)PyUnicode_AsUTF8AndSize(PySequence_Fast_GET_ITEM(seq, t), &len);
+        if (!s || (nw = split_words(&scratch, s, len)) < 0) { Py_CLEAR(out); goto done; }
+        code[t] = nw < n;
+        for (Py_ssize_t r = 0; !code[t] && r + k <= nw; r += stride) {
+            const uint8_t *g = joined(&scratch, s, (size_t)r, (size_t)k, &glen);
+            if (!g) { Py_CLEAR(out); goto done; }
+            uint64_t key = (uint64_t)gram_key(g, glen), lo = key & mask, hi = (key >> 32) & mask;
+            if ((filter[lo >> 3] >> (lo & 7) & 1) && (filter[hi >> 3] >> (hi & 7) & 1)) code[t] = 2;
+        }
+    }
+done:
+    scratch_free(&scratch);
+    Py_DECREF(seq);
+    PyBuffer_Release(&bits);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"signatures", signatures, METH_VARARGS, "(texts, shingle, num_perm, seed) -> uint32 signatures as bytes"},
     {"keys", keys, METH_VARARGS, "(texts, shingle, num_perm, seed, bands, rows) -> int64 keys as bytes, 1 + bands a text"},
+    {"grams", grams, METH_VARARGS, "(texts, width, stride) -> (int64 gram keys, int64 offsets) as bytes"},
+    {"probe", probe, METH_VARARGS, "(texts, n, k, stride, filter bits) -> a byte a text: 0 clean, 1 short, 2 scan"},
     {NULL, NULL, 0, NULL},
 };
 

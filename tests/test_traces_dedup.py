@@ -250,6 +250,21 @@ def test_the_c_keys_are_those_of_python():
         dedup._keys.signatures(["a"], 3, 0, 1)
 
 
+def test_the_c_normalize_is_that_of_python():
+    # Every ASCII character, words at the ends, texts longer than the C stack buffer.
+    from drafter.traces import dedup
+
+    assert dedup._keys is not None
+    rng = random.Random(6)
+    alphabet = [chr(i) for i in range(128)]
+    texts = ["", " ", "_", "Hello, World!  x_y\tZ9 ", "a " * 3000, "".join(alphabet) * 40]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 300))) for _ in range(500)]
+    for text in texts:
+        assert dedup.normalize(text) == " ".join(text.translate(dedup.ASCII_WORDS).split())
+    with pytest.raises(TypeError):
+        dedup._keys.normalize_ascii("café")
+
+
 def test_keys_are_made_in_python_under_another_rminhash(monkeypatch):
     # The C signatures are those of one rensa algorithm version: under another, its keys would not
     # be the ones the index's params name.

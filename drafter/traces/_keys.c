@@ -300,6 +300,36 @@ static PyObject *keys(PyObject *self, PyObject *args) {
     return run(texts, shingle, num_perm, seed, bands, rows);
 }
 
+/* ----- normalize_ascii -------------------------------------------------------------------------------- */
+/* dedup.normalize of an ASCII str: letters lowercased, digits and "_" kept, any other character a
+   space; the words joined by one space (" ".join(text.translate(ASCII_WORDS).split())). */
+static PyObject *normalize_ascii(PyObject *self, PyObject *text) {
+    if (!PyUnicode_Check(text) || !PyUnicode_IS_ASCII(text)) {
+        PyErr_SetString(PyExc_TypeError, "an ASCII str");
+        return NULL;
+    }
+    Py_ssize_t len = PyUnicode_GET_LENGTH(text), n = 0;
+    const uint8_t *s = PyUnicode_1BYTE_DATA(text);
+    uint8_t small[4096], *buf = len <= (Py_ssize_t)sizeof small ? small : PyMem_Malloc((size_t)len);
+    if (!buf) return PyErr_NoMemory();
+    int gap = 0;  /* a non-word character since the last word character */
+    for (Py_ssize_t i = 0; i < len; i++) {
+        uint8_t c = s[i];
+        int upper = c >= 'A' && c <= 'Z';
+        if (upper || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_') {
+            if (gap && n) buf[n++] = ' ';
+            gap = 0;
+            buf[n++] = upper ? c + 32 : c;
+        } else {
+            gap = 1;
+        }
+    }
+    PyObject *out = PyUnicode_New(n, 127);
+    if (out) memcpy(PyUnicode_1BYTE_DATA(out), buf, (size_t)n);
+    if (buf != small) PyMem_Free(buf);
+    return out;
+}
+
 /* ----- decontamination: word n-gram keys and probes (drafter/traces/decontam.py) ---------------------- */
 static inline int64_t gram_key(const uint8_t *p, size_t n) { return (int64_t)(xxh64(p, n, 0) - (1ULL << 63)); }
 
@@ -380,6 +410,7 @@ done:
 static PyMethodDef methods[] = {
     {"signatures", signatures, METH_VARARGS, "(texts, shingle, num_perm, seed) -> uint32 signatures as bytes"},
     {"keys", keys, METH_VARARGS, "(texts, shingle, num_perm, seed, bands, rows) -> int64 keys as bytes, 1 + bands a text"},
+    {"normalize_ascii", normalize_ascii, METH_O, "dedup.normalize of an ASCII str"},
     {"grams", grams, METH_VARARGS, "(texts, width, stride) -> (int64 gram keys, int64 offsets) as bytes"},
     {"probe", probe, METH_VARARGS, "(texts, n, k, stride, filter bits) -> a byte a text: 0 clean, 1 short, 2 scan"},
     {NULL, NULL, 0, NULL},

@@ -43,6 +43,9 @@ LOOKUP_SQL = ("SELECT seen.key, prompts.ref FROM seen JOIN prompts ON prompts.id
               f"WHERE seen.key IN ({','.join('?' * LOOKUP)})")
 SHINGLE = 3  # words per shingle
 FLUSH_KEYS = 1 << 18  # keys held in memory (4 MiB with their prompt rows) before they are written
+# Rows an INSERT statement writes: a statement's run costs about what a row does, and a row of
+# executemany is one run (0.83 -> 0.33 us a key row into an empty index, 0.97 -> 0.62 into 2M keys).
+INSERT_ROWS = 100
 
 
 # ASCII text, lowercased with every non-word character made a space: the words `WORD` finds.
@@ -281,13 +284,21 @@ class Deduper:
 
     def _flush(self) -> None:
         """The rows waiting in memory written in key order: each B-tree page is visited once."""
-        self.db.executemany("INSERT INTO prompts VALUES (?, ?)", self._pending_prompts.items())
+        self._insert("INSERT INTO prompts", [v for item in self._pending_prompts.items() for v in item])
         if self._runs:
             keys, rows = self._merged(self._runs)
-            self.db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", zip(keys.tolist(), rows.tolist()))
+            self._insert("INSERT OR IGNORE INTO seen", np.column_stack([keys, rows]).ravel().tolist())
         self._runs.clear()
         self._pending_prompts.clear()
         self._forgotten.clear()
+
+    def _insert(self, head: str, values: list) -> None:
+        """Rows of two values (flat, in order) inserted `INSERT_ROWS` a statement, the rest one a statement."""
+        per = 2 * INSERT_ROWS
+        full = len(values) // per * per
+        many = f"{head} VALUES " + ",".join(["(?, ?)"] * INSERT_ROWS)
+        self.db.executemany(many, (values[i : i + per] for i in range(0, full, per)))
+        self.db.executemany(f"{head} VALUES (?, ?)", (values[i : i + 2] for i in range(full, len(values), 2)))
 
     def _lookup(self, wanted: set[int], known: dict[int, str]) -> None:
         """known[key] = ref for the wanted keys in the index (those the filter may hold)."""

@@ -156,6 +156,35 @@ def test_verdicts_and_rows_are_those_of_a_dict_of_every_kept_key(tmp_path, monke
     assert rows == owner
 
 
+def test_prompts_sharing_keys_within_a_batch_are_decided_in_order(tmp_path):
+    # Keys from a few values a column: most prompts share keys with earlier ones of their batch,
+    # in chains (a prompt kept after sharing a band only with a duplicate, then one near it).
+    # The verdicts and the rows are those of a dict of the keys of every kept prompt.
+    import sqlite3
+
+    rng = np.random.default_rng(3)
+    d, owner, kinds = Deduper(tmp_path / "i.sqlite"), {}, set()
+    bands, _ = d.bands, d.rows
+    for b in range(40):
+        n = int(rng.integers(1, 40))
+        keys = rng.integers(0, 25, size=(n, 1 + bands)) + np.arange(1 + bands) * 1000  # (no key in two columns)
+        keys[:, 0] = rng.integers(0, 200, size=n)  # exact keys repeat less than bands
+        ids = [f"b{b}p{i}" for i in range(n)]
+        want = []
+        for cid, (exact, *bs) in zip(ids, keys.tolist()):
+            near = [owner[k] for k in bs if k in owner]
+            want.append(("exact", owner[exact]) if exact in owner else ("near", near[0]) if near else None)
+            if want[-1] is None:
+                owner.update(dict.fromkeys((exact, *bs), cid))
+        assert d.check(ids, keys) == want
+        kinds.update(v and v[0] for v in want)
+        d.settle()
+    assert kinds == {"exact", "near", None}
+    d.close()
+    with sqlite3.connect(tmp_path / "i.sqlite") as db:
+        assert dict(db.execute("SELECT seen.key, prompts.ref FROM seen JOIN prompts ON prompts.id = seen.prompt")) == owner
+
+
 def test_the_filter_is_read_from_a_closed_index_and_made_from_the_keys_of_one_left_open(tmp_path, monkeypatch):
     # close() stores the filter in the file and the next open reads it (no key is added). An index
     # written to and never closed has none: its filter is made from every key it holds, so the

@@ -177,7 +177,7 @@ class Deduper:
             raise DedupIndexError(f"dedup index was built with {row[0]}; this run hashes with {params} (the config's "
                                   "threshold and num_perm, this drafter's MinHash): "
                                   "ingest into a fresh --out folder")
-        self._added: dict[str, tuple[int, list[int]]] = {}  # kept since the last settle(): may still be forgotten
+        self._added: dict[str, tuple[int, np.ndarray]] = {}  # kept since the last settle(): may still be forgotten
         # Not written yet: the keys of kept prompts, as sorted runs of (keys, prompt rows) (merged
         # as they grow: a few runs to search), and prompt row -> id. A forgotten prompt leaves the
         # latter; its keys are skipped, and left out when their run is merged or written.
@@ -230,35 +230,52 @@ class Deduper:
         prompts kept before it."""
         if len(ids) != len(keys):
             raise ValueError(f"{len(ids)} ids for {len(keys)} rows of keys")
+        n = len(ids)
+        if not n:
+            return []
         known: dict[int, str] = {}  # key -> id of the prompt that holds it
-        rows = keys.tolist()
         # Exact keys first: the bands of a prompt whose exact key is in the index are never read.
-        self._lookup({row[0] for row in rows}, known)
-        self._lookup({b for row in rows if row[0] not in known for b in row[1:]}, known)
-        out: list[tuple[str, str] | None] = []
-        added: list[int] = []
-        added_rows: list[int] = []
-        for cid, row in zip(ids, rows):
-            if row[0] in known:
-                out.append(("exact", known[row[0]]))
+        self._lookup(np.unique(keys[:, 0]), known)
+        exact = np.isin(keys[:, 0], np.fromiter(known, dtype=np.int64, count=len(known)))
+        self._lookup(np.unique(keys[~exact, 1:]), known)
+        near = np.isin(keys[:, 1:], np.fromiter(known, dtype=np.int64, count=len(known)))  # bands in the index
+        # A prompt none of whose keys an earlier prompt of the batch holds is decided by the index
+        # alone, all at once. The others (`later`) are decided one by one, in order, once `known`
+        # has the keys that the first kind's kept prompts share with them (whoever shares a key
+        # with one of the first kind comes after it, so it is of the second kind).
+        flat = keys.ravel()
+        _, first, inverse, holders = np.unique(flat, return_index=True, return_inverse=True, return_counts=True)
+        row = np.arange(n)
+        later = ((first // keys.shape[1])[inverse].reshape(keys.shape) < row[:, None]).any(axis=1)
+        kept = ~later & ~exact & ~near.any(axis=1)
+        shared = kept[:, None] & (holders[inverse].reshape(keys.shape) > 1)
+        known.update(zip(flat[shared.ravel()].tolist(), np.repeat(np.asarray(ids, dtype=object), shared.sum(axis=1))))
+        out: list[tuple[str, str] | None] = [None] * n
+        for i in np.flatnonzero(~later & ~kept).tolist():
+            out[i] = ("exact", known[int(keys[i, 0])]) if exact[i] else \
+                ("near", known[int(keys[i, 1 + np.argmax(near[i])])])
+        for i in np.flatnonzero(later).tolist():
+            head, *bands = keys[i].tolist()
+            if head in known:
+                out[i] = ("exact", known[head])
                 continue
-            for band in row[1:]:
+            for band in bands:
                 if band in known:
-                    out.append(("near", known[band]))
+                    out[i] = ("near", known[band])
                     break
             else:  # kept: its keys are all new (none of them was known)
-                pid, self._next_id = self._next_id, self._next_id + 1
-                self._pending_prompts[pid] = cid
-                for k in row:
-                    known[k] = cid
-                added += row
-                added_rows += [pid] * len(row)
-                self._added[cid] = (pid, row)
-                out.append(None)
-        if added:
-            keys_new = np.array(added, dtype=np.int64)
-            self._filter.add(keys_new)
-            self._add_run(keys_new, np.array(added_rows, dtype=np.int64))
+                known.update(dict.fromkeys((head, *bands), ids[i]))
+                kept[i] = True
+        taken = np.flatnonzero(kept)
+        if len(taken):
+            pids = np.arange(self._next_id, self._next_id + len(taken))
+            self._next_id += len(taken)
+            cids = [ids[i] for i in taken.tolist()]
+            self._pending_prompts.update(zip(pids.tolist(), cids))
+            keys_new = keys[taken]
+            self._added.update(zip(cids, zip(pids.tolist(), keys_new)))
+            self._filter.add(keys_new.ravel())
+            self._add_run(keys_new.ravel(), np.repeat(pids, keys.shape[1]))
         if sum(len(k) for k, _ in self._runs) >= FLUSH_KEYS:
             self._flush()
         return out
@@ -300,12 +317,11 @@ class Deduper:
         self.db.executemany(many, (values[i : i + per] for i in range(0, full, per)))
         self.db.executemany(f"{head} VALUES (?, ?)", (values[i : i + 2] for i in range(full, len(values), 2)))
 
-    def _lookup(self, wanted: set[int], known: dict[int, str]) -> None:
+    def _lookup(self, wanted: np.ndarray, known: dict[int, str]) -> None:
         """known[key] = ref for the wanted keys in the index (those the filter may hold)."""
-        if not wanted:
+        if not len(wanted):
             return
-        arr = np.fromiter(wanted, dtype=np.int64, count=len(wanted))
-        arr = arr[self._filter.may_hold(arr)]
+        arr = wanted[self._filter.may_hold(wanted)]
         prompts = self._pending_prompts
         for keys, rows in self._runs:
             at = np.minimum(np.searchsorted(keys, arr), len(keys) - 1)
@@ -327,7 +343,7 @@ class Deduper:
         if self._pending_prompts.pop(pid, None) is not None:  # not written yet
             self._forgotten.add(pid)
             return
-        self.db.executemany("DELETE FROM seen WHERE key = ? AND prompt = ?", [(k, pid) for k in keys])
+        self.db.executemany("DELETE FROM seen WHERE key = ? AND prompt = ?", [(k, pid) for k in keys.tolist()])
         self.db.execute("DELETE FROM prompts WHERE id = ?", (pid,))
 
     def settle(self) -> None:

@@ -1,8 +1,9 @@
-/* The per-prompt arithmetic of the dedup keys (drafter/traces/dedup.py), in C.
+/* The per-prompt arithmetic of ingestion, in C: the dedup keys (drafter/traces/dedup.py) and the
+   decontamination probes (drafter/traces/decontam.py).
 
-   In Python, a prompt's keys cost ~18 us (~30 words), mostly in making objects: a bytes object for
-   each word shingle handed to rensa, its signature as 128 Python ints, packed again into bytes and
-   sliced into 8 bands for xxhash. Here no object is made for a prompt (~2 us):
+   In Python, a prompt's dedup keys cost ~18 us (~30 words), mostly in making objects: a bytes
+   object for each word shingle handed to rensa, its signature as 128 Python ints, packed again
+   into bytes and sliced into 8 bands for xxhash. Here no object is made for a prompt (~3 us):
 
    signatures(texts, shingle, num_perm, seed) -> bytes
        Per text, rensa's R-MinHash signature (num_perm uint32, native order) of its word shingles:
@@ -14,9 +15,14 @@
        then for each band b the XXH64 (seed 1 + b) of its signature's values b*rows ... as
        little-endian uint32, each minus 2**63 (signed, as SQLite keeps them).
 
+   normalize_ascii(text) -> str: dedup.normalize of an ASCII text.
+
+   grams(texts, width, stride) -> (keys, offsets), probe(texts, n, k, stride, bits) -> bytes:
+       decontam.gram_keys_py and decontam.probe_py.
+
    RMINHASH_VERSION: the rensa RMinHash.ALGORITHM_VERSION whose signatures these are (dedup.py
-   uses this module only under that version). Both functions are checked against rensa and the
-   Python definitions (tests/test_traces_dedup.py). */
+   uses them only under that version). Every function is checked against rensa or the Python
+   definitions (tests/test_traces_dedup.py, tests/test_traces_decontam.py). */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -244,7 +250,7 @@ static Py_ssize_t shingle_hashes(Scratch *s, const uint8_t *text, Py_ssize_t len
 }
 
 /* ----- signatures and keys ---------------------------------------------------------------------------- */
-/* Each text's signature into sigs (or, where keys is set, its keys): the work of both functions. */
+/* Each text's signature (or, where bands is not 0, its keys): the work of both functions. */
 static PyObject *run(PyObject *texts, Py_ssize_t shingle, Py_ssize_t num_perm, unsigned long long seed,
                      Py_ssize_t bands, Py_ssize_t rows) {
     if (shingle < 1) { PyErr_SetString(PyExc_ValueError, "shingle must be at least 1"); return NULL; }

@@ -116,6 +116,17 @@ def test_rows_waiting_in_memory_answer_like_written_ones(tmp_path, monkeypatch):
     assert "b0p7" not in {ref for _, ref in prompts} and len(seen) == 9 * len(prompts)
 
 
+def _dict_verdicts(ids, keys, owner):
+    """The verdicts of a plain dict of the keys of every kept prompt (`owner`: key -> id, updated)."""
+    want = []
+    for cid, (exact, *bands) in zip(ids, keys.tolist()):
+        near = [owner[k] for k in bands if k in owner]
+        want.append(("exact", owner[exact]) if exact in owner else ("near", near[0]) if near else None)
+        if want[-1] is None:
+            owner.update(dict.fromkeys((exact, *bands), cid))
+    return want
+
+
 @pytest.mark.parametrize("flush_keys", [1, 300, 1 << 18])
 def test_verdicts_and_rows_are_those_of_a_dict_of_every_kept_key(tmp_path, monkeypatch, flush_keys):
     # Thirty batches of repeated, extended and new prompts, a fifth of the kept ones forgotten:
@@ -135,12 +146,7 @@ def test_verdicts_and_rows_are_those_of_a_dict_of_every_kept_key(tmp_path, monke
                    for _ in range(rng.randint(1, 20))]
         ids = [f"b{b}p{i}" for i in range(len(prompts))]
         keys = d.keys([normalize(p) for p in prompts])
-        want = []
-        for cid, (exact, *bands) in zip(ids, keys.tolist()):
-            near = [owner[k] for k in bands if k in owner]
-            want.append(("exact", owner[exact]) if exact in owner else ("near", near[0]) if near else None)
-            if want[-1] is None:
-                owner.update(dict.fromkeys((exact, *bands), cid))
+        want = _dict_verdicts(ids, keys, owner)
         assert d.check(ids, keys) == want
         seen.update(v and v[0] for v in want)
         for cid, verdict in zip(ids, want):
@@ -164,18 +170,13 @@ def test_prompts_sharing_keys_within_a_batch_are_decided_in_order(tmp_path):
 
     rng = np.random.default_rng(3)
     d, owner, kinds = Deduper(tmp_path / "i.sqlite"), {}, set()
-    bands, _ = d.bands, d.rows
+    bands = d.bands
     for b in range(40):
         n = int(rng.integers(1, 40))
         keys = rng.integers(0, 25, size=(n, 1 + bands)) + np.arange(1 + bands) * 1000  # (no key in two columns)
         keys[:, 0] = rng.integers(0, 200, size=n)  # exact keys repeat less than bands
         ids = [f"b{b}p{i}" for i in range(n)]
-        want = []
-        for cid, (exact, *bs) in zip(ids, keys.tolist()):
-            near = [owner[k] for k in bs if k in owner]
-            want.append(("exact", owner[exact]) if exact in owner else ("near", near[0]) if near else None)
-            if want[-1] is None:
-                owner.update(dict.fromkeys((exact, *bs), cid))
+        want = _dict_verdicts(ids, keys, owner)
         assert d.check(ids, keys) == want
         kinds.update(v and v[0] for v in want)
         d.settle()

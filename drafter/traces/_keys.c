@@ -250,33 +250,33 @@ static Py_ssize_t shingle_hashes(Scratch *s, const uint8_t *text, Py_ssize_t len
 }
 
 /* ----- signatures and keys ---------------------------------------------------------------------------- */
-/* Each text's signature (or, where bands is not 0, its keys): the work of both functions. */
+/* Each text's signature (or, with_keys, its keys): the work of both functions. */
 static PyObject *run(PyObject *texts, Py_ssize_t shingle, Py_ssize_t num_perm, unsigned long long seed,
-                     Py_ssize_t bands, Py_ssize_t rows) {
+                     int with_keys, Py_ssize_t bands, Py_ssize_t rows) {
     if (shingle < 1) { PyErr_SetString(PyExc_ValueError, "shingle must be at least 1"); return NULL; }
     if (num_perm < 1 || num_perm > MAX_PERM) { PyErr_SetString(PyExc_ValueError, "num_perm must be 1 ... 1024"); return NULL; }
-    if (bands && (bands < 1 || rows < 1 || bands * rows > num_perm)) {
+    if (with_keys && (bands < 1 || rows < 1 || bands * rows > num_perm)) {
         PyErr_SetString(PyExc_ValueError, "bands and rows must be at least 1, bands * rows at most num_perm");
         return NULL;
     }
     PyObject *seq = PySequence_Fast(texts, "texts must be a sequence of str"), *out = NULL;
     if (!seq) return NULL;
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq), width = bands ? 1 + bands : num_perm;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq), width = with_keys ? 1 + bands : num_perm;
     Perms *perms = PyMem_Malloc(sizeof *perms);
     Scratch scratch = {0};
     uint32_t sig[MAX_PERM];
     if (!perms) { PyErr_NoMemory(); goto done; }
     perms_init(perms, (uint32_t)num_perm, (uint64_t)seed);
-    if (!(out = PyBytes_FromStringAndSize(NULL, count * width * (bands ? 8 : 4)))) goto done;
+    if (!(out = PyBytes_FromStringAndSize(NULL, count * width * (with_keys ? 8 : 4)))) goto done;
     int64_t *keys = (int64_t *)PyBytes_AS_STRING(out);
     uint32_t *sigs = (uint32_t *)PyBytes_AS_STRING(out);
     for (Py_ssize_t t = 0; t < count; t++) {
         Py_ssize_t len, n;
         const uint8_t *s = (const uint8_t *)PyUnicode_AsUTF8AndSize(PySequence_Fast_GET_ITEM(seq, t), &len);
         if (!s || (n = shingle_hashes(&scratch, s, len, (size_t)shingle)) < 0) { Py_CLEAR(out); goto done; }
-        uint32_t *dst = bands ? sig : sigs + t * num_perm;
+        uint32_t *dst = with_keys ? sig : sigs + t * num_perm;
         signature(perms, scratch.hashes, (size_t)n, dst);
-        if (!bands) continue;
+        if (!with_keys) continue;
         *keys++ = (int64_t)(xxh64(s, (size_t)len, 0) - (1ULL << 63));
         for (Py_ssize_t b = 0; b < bands; b++)  /* (the values lie little-endian in memory: struct.pack("<I")) */
             *keys++ = (int64_t)(xxh64((const uint8_t *)(sig + b * rows), (size_t)rows * 4, (uint64_t)(1 + b))
@@ -294,7 +294,7 @@ static PyObject *signatures(PyObject *self, PyObject *args) {
     Py_ssize_t shingle, num_perm;
     unsigned long long seed;
     if (!PyArg_ParseTuple(args, "OnnK", &texts, &shingle, &num_perm, &seed)) return NULL;
-    return run(texts, shingle, num_perm, seed, 0, 0);
+    return run(texts, shingle, num_perm, seed, 0, 0, 0);
 }
 
 static PyObject *keys(PyObject *self, PyObject *args) {
@@ -302,8 +302,7 @@ static PyObject *keys(PyObject *self, PyObject *args) {
     Py_ssize_t shingle, num_perm, bands, rows;
     unsigned long long seed;
     if (!PyArg_ParseTuple(args, "OnnKnn", &texts, &shingle, &num_perm, &seed, &bands, &rows)) return NULL;
-    if (bands < 1) { PyErr_SetString(PyExc_ValueError, "bands and rows must be at least 1, bands * rows at most num_perm"); return NULL; }
-    return run(texts, shingle, num_perm, seed, bands, rows);
+    return run(texts, shingle, num_perm, seed, 1, bands, rows);
 }
 
 /* ----- normalize_ascii -------------------------------------------------------------------------------- */

@@ -103,7 +103,7 @@ def prompt_keys(normalized: list[str], num_perm: int, bands: int, rows: int) -> 
     prompt, its exact key then its band keys.
 
     The keys of `prompt_keys_py`, made in C where it was built for this rensa's R-MinHash: no
-    Python object a prompt (~2 against ~18 us a prompt of ~30 words)."""
+    Python object a prompt (~3 against ~20 us a prompt of ~33 words)."""
     if _keys is None or _keys.RMINHASH_VERSION != rensa.RMinHash.ALGORITHM_VERSION:
         return prompt_keys_py(normalized, num_perm, bands, rows)
     keys = _keys.keys(normalized, SHINGLE, num_perm, MINHASH_SEED, bands, rows)
